@@ -1,0 +1,15 @@
+"""A campaign run in a child process so that a test can SIGKILL it midway."""
+
+import sys
+
+import torch
+
+from conftest import make_tiny_model
+from ftcnn.campaign import CampaignConfig, run_campaign
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(64, 1, 8, 8, generator=g)
+y = torch.randint(0, 10, (64,), generator=g)
+config = CampaignConfig(bers=(1e-3, 1e-2), trials=400, seed=7)
+run_campaign(make_tiny_model(), x, y, config, out, progress=False)

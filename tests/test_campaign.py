@@ -1,0 +1,190 @@
+"""Campaigns: metrics, statistics, reproducibility, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ftcnn import campaign as C
+from ftcnn.metrics import Golden, leveugle_sample_size, mean_ci, trial_metrics
+
+HERE = Path(__file__).parent
+
+
+def test_trial_metrics_count_nan_rows_as_due_sdc_and_wrong() -> None:
+    labels = torch.tensor([0, 1, 2, 3])
+    golden = Golden(labels, torch.tensor([0, 1, 2, 0]))  # 3 of 4 right
+    logits = torch.eye(10)[[0, 2, 2, 3]] * 5
+    logits[2, 2] = float("nan")  # argmax picks the NaN's index 2, the right class: must count as wrong
+    assert logits[2].argmax().item() == 2
+    m = trial_metrics(logits, golden)
+    assert m["accuracy"] == 0.5  # inputs 0 and 3 (3 is a lucky fix of a golden mistake)
+    assert m["due"] == 0.25
+    # SDC: input 1 changed (1->2), input 2 NaN, input 3 changed (0->3)
+    assert m["sdc"] == 0.75
+    # critical: golden right and faulty wrong: inputs 1 and 2
+    assert m["critical_sdc"] == 0.5
+
+
+def test_trial_metrics_accuracy_includes_lucky_fixes() -> None:
+    labels = torch.tensor([0, 1])
+    golden = Golden(labels, torch.tensor([1, 1]))
+    m = trial_metrics(torch.eye(10)[[0, 1]], golden)
+    assert m["accuracy"] == 1.0 and m["sdc"] == 0.5 and m["critical_sdc"] == 0.0
+
+
+def test_mean_ci_against_scipy_t_interval() -> None:
+    from scipy import stats
+    x = [0.9, 0.8, 0.85, 0.7, 0.95]
+    mean, std, (low, high) = mean_ci(x)
+    ref = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and std == pytest.approx(np.std(x, ddof=1))
+    assert (low, high) == pytest.approx(ref)
+
+
+def test_leveugle_sample_size() -> None:
+    # large population: the normal approximation t^2 p(1-p)/e^2 = 9604 at 1%/95%
+    assert leveugle_sample_size(10**12, 0.01, 0.95) == 9604
+    # small population: never more than the population
+    assert leveugle_sample_size(100, 0.01, 0.95) <= 100
+
+
+def _run(tiny_model, tiny_data, out, **kw):
+    x, y = tiny_data
+    config = C.CampaignConfig(**{"bers": (1e-3, 1e-2), "trials": 20, "seed": 3, **kw})
+    return C.run_campaign(tiny_model, x, y, config, out, progress=False)
+
+
+def test_campaign_is_reproducible_from_its_seed(tiny_model, tiny_data, tmp_path) -> None:
+    a = _run(tiny_model, tiny_data, tmp_path / "a")
+    b = _run(tiny_model, tiny_data, tmp_path / "b")
+    assert a["results"] == b["results"]
+    c = _run(tiny_model, tiny_data, tmp_path / "c", seed=4)
+    assert a["results"] != c["results"]
+    row = a["results"][1]
+    for key in ("ber", "trials", "accuracy_mean", "accuracy_std", "accuracy_ci95", "sdc_mean",
+                "critical_sdc_mean", "due_mean"):
+        assert key in row
+    assert row["trials"] == 20 and row["accuracy_ci95"][0] <= row["accuracy_mean"] <= row["accuracy_ci95"][1]
+    on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(a["results"]))
+    assert on_disk["seed"] == 3 and "torch" in on_disk["versions"] and on_disk["config"]["bers"] == [1e-3, 1e-2]
+    csv_lines = (tmp_path / "a" / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("ber,")
+
+
+def test_campaign_leaves_model_unchanged(tiny_model, tiny_data, tmp_path) -> None:
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    _run(tiny_model, tiny_data, tmp_path / "a", bers=(0.05,), trials=5)
+    _run(tiny_model, tiny_data, tmp_path / "b", bers=(0.05,), trials=5, dtype="int8")
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.numpy().tobytes() == before[k].numpy().tobytes()
+
+
+def test_trials_match_an_independent_naive_evaluation(tiny_model, tiny_data, tmp_path) -> None:
+    """Re-draw trial 2's faults, inject with a deep copy and evaluate by hand."""
+    import copy
+    from ftcnn import faults as F
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(5e-4,), trials=3, seed=11)
+    C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False)
+    db = sqlite3.connect(tmp_path / C.DB_NAME)
+    acc, n_faults, sites = db.execute("SELECT accuracy, n_faults, sites FROM trials WHERE trial=2").fetchone()
+    faulty = copy.deepcopy(tiny_model)
+    memory = F.parameter_memory(faulty)
+    faults = C.draw_trial_faults(memory, config, 5e-4, 2)
+    assert n_faults > 0
+    assert faults.count == n_faults and json.loads(sites) == [list(s) for s in faults.as_list()]
+    params = dict(faulty.named_parameters())
+    for name, index, bit in faults.as_list():  # independent path: numpy views, one site at a time
+        arr = params[name].data.view(-1).numpy().view(np.uint32)
+        arr[index] ^= np.uint32(1 << bit)
+    with torch.no_grad():
+        logits = faulty(x)
+    finite = torch.isfinite(logits).all(1)
+    right = (logits.argmax(1) == y) & finite
+    assert acc == pytest.approx(right.float().mean().item())
+
+
+def test_resume_skips_finished_trials_and_extends(tiny_model, tiny_data, tmp_path) -> None:
+    first = _run(tiny_model, tiny_data, tmp_path, trials=10)
+    n = sqlite3.connect(tmp_path / C.DB_NAME).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+    assert n == 20
+    again = _run(tiny_model, tiny_data, tmp_path, trials=10)
+    assert again["results"] == first["results"]
+    longer = _run(tiny_model, tiny_data, tmp_path, trials=20)
+    assert longer["results"] == _run(tiny_model, tiny_data, tmp_path / "fresh", trials=20)["results"]
+    with pytest.raises(ValueError, match="different campaign"):
+        _run(tiny_model, tiny_data, tmp_path, seed=99)
+
+
+def test_sigkilled_campaign_resumes_to_the_same_summary(tiny_model, tiny_data, tmp_path) -> None:
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(HERE / "_kill_target.py"), str(killed)], env=env)
+    db_path = killed / C.DB_NAME
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                committed = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+            except sqlite3.OperationalError:
+                committed = 0
+            if committed >= 30:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "campaign finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survived = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+    assert 30 <= survived < 800
+    assert not (killed / "summary.json").exists()
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(1e-3, 1e-2), trials=400, seed=7)
+    resumed = C.run_campaign(tiny_model, x, y, config, killed, progress=False)
+    whole = C.run_campaign(tiny_model, x, y, config, tmp_path / "whole", progress=False)
+    assert resumed["results"] == whole["results"]
+
+
+def test_auto_trials_stop_when_ci_is_narrow(tiny_model, tiny_data, tmp_path) -> None:
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(0.0, 1e-2), trials=None, margin=0.05, seed=0)
+    s = C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False)
+    zero, noisy = s["results"]
+    assert zero["trials"] == config.min_trials  # no fault: zero variance, stops at the minimum
+    half = (noisy["accuracy_ci95"][1] - noisy["accuracy_ci95"][0]) / 2
+    assert half <= 0.05 or noisy["trials"] == leveugle_sample_size(10**9, 0.05)
+    assert noisy["trials"] > config.min_trials
+
+
+def test_fault_free_shortcut_is_exact(tiny_model, tiny_data, tmp_path) -> None:
+    fast = _run(tiny_model, tiny_data, tmp_path / "fast", bers=(1e-4,), trials=30)
+    plain = _run(tiny_model, tiny_data, tmp_path / "plain", bers=(1e-4,), trials=30, skip_fault_free=False)
+    assert fast["results"] == plain["results"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bers": (1.5,)}, "outside"), ({"bers": (-0.1,)}, "outside"), ({"trials": 0}, "trials"),
+    ({"bers": (), "counts": ()}, "fault rates"), ({"dtype": "int4"}, "dtype"),
+])
+def test_bad_config_is_refused(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        C.CampaignConfig(**{"bers": (1e-3,), **kwargs})
+
+
+def test_counts_campaign(tiny_model, tiny_data, tmp_path) -> None:
+    s = _run(tiny_model, tiny_data, tmp_path, bers=(), counts=(1, 3), trials=5)
+    assert [r["count"] for r in s["results"]] == [1.0, 3.0]
+    assert [r["n_faults_mean"] for r in s["results"]] == [1.0, 3.0]
