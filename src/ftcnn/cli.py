@@ -40,7 +40,7 @@ def train(
     model: str = typer.Option(..., help="registry name (lenet5, vgg11, ...) or package.module:builder"),
     data: str = typer.Option("mnist5k", help="mnist5k, digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH"),
     epochs: int = typer.Option(5, min=0),
-    lr: float = typer.Option(1e-3),
+    lr: float = typer.Option(2e-3),
     batch_size: int = typer.Option(64, min=1),
     width: float = typer.Option(1.0, help="channel width multiplier"),
     seed: int = typer.Option(0),
@@ -127,6 +127,41 @@ def inject(
     summary = campaign.run_campaign(model, inputs, labels, config, output, record=record)
     console.print(campaign.format_table(summary))
     console.print(f"results: {output}/summary.json")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for the model and results"),
+    epochs: int = typer.Option(5, min=1),
+    trials: int = typer.Option(30, min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job on built-in data: train LeNet-5 on the MNIST digits, then a fault campaign.
+
+    Example: ftcnn demo -o runs/demo
+    """
+    from ftcnn import campaign, checkpoint, data as data_mod, train as train_mod
+
+    output.mkdir(parents=True, exist_ok=True)
+    model_path = output / "lenet5.pt"
+    if model_path.exists():
+        model = checkpoint.load(model_path)
+        console.print(f"reusing {model_path}")
+    else:
+        info = data_mod.info("mnist5k")
+        train_mod.seed_everything(seed)
+        model = checkpoint.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
+                                 input_size=info.input_size)
+        train_mod.fit(model, _load_data("mnist5k", "train"), epochs=epochs, seed=seed)
+        accuracy = train_mod.evaluate(model, _load_data("mnist5k", "test"))
+        checkpoint.save(model, model_path, data="mnist5k", test_accuracy=accuracy, epochs=epochs, seed=seed)
+        console.print(f"LeNet-5 on mnist5k: test accuracy {accuracy:.2%} -> {model_path}")
+    inputs, labels = campaign.stack_dataset(_load_data("mnist5k", "test"))
+    config = campaign.CampaignConfig(bers=(1e-6, 1e-5, 1e-4), trials=trials, seed=seed)
+    summary = campaign.run_campaign(model, inputs, labels, config, output / "campaign",
+                                    record={"checkpoint": str(model_path), "data": "mnist5k"})
+    console.print(campaign.format_table(summary))
+    console.print(f"results: {output / 'campaign' / 'summary.json'}")
 
 
 def _is_number(token: str) -> bool:

@@ -27,7 +27,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> floa
     return correct / max(total, 1)
 
 
-def fit(model: nn.Module, train: Dataset, *, epochs: int = 5, lr: float = 1e-3,
+def fit(model: nn.Module, train: Dataset, *, epochs: int = 5, lr: float = 2e-3,
         batch_size: int = 64, seed: int = 0, weight_decay: float = 0.0,
         progress: bool = True, desc: str = "train") -> list[float]:
     """Adam with cosine decay; returns the mean training loss per epoch.
