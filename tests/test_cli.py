@@ -14,7 +14,7 @@ import ftcnn
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftcnn.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
 
 

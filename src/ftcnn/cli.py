@@ -205,5 +205,4 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
+# --- commands added by later features are appended below this line ---------

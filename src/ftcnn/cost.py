@@ -1,0 +1,78 @@
+"""What a protection costs: parameters, MACs and latency, measured (design §4).
+
+MACs come from ``torch.utils.flop_counter`` (convolutions and matrix
+products; one MAC = 2 FLOPs) plus the element-wise work of correction and
+range-restriction layers, which declare it through an ``elementwise_ops(output)
+-> int`` method that this module calls from a forward hook.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs of one inference on one input of ``input_shape`` (C, H, W).
+
+    Returns ``{"macs": total, "layer_macs": conv/linear only, "elementwise": correction ops}``.
+    """
+    model.eval()
+    x = torch.zeros((1, *input_shape))
+    elementwise = [0]
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        elementwise[0] += int(module.elementwise_ops(output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "elementwise_ops")]
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    layer = counter.get_total_flops() // 2
+    return {"macs": layer + elementwise[0], "layer_macs": layer, "elementwise": elementwise[0]}
+
+
+@torch.inference_mode()
+def latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repeats: int = 20,
+            warmup: int = 3) -> float:
+    """Median seconds of one forward of ``batch`` inputs on the CPU."""
+    model.eval()
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, input_shape: tuple[int, ...], *, batches: tuple[int, ...] = (1, 128),
+            repeats: int = 20) -> dict[str, float]:
+    """Parameters, MACs and median latency (ms) at each batch size."""
+    out: dict[str, float] = {"params": parameters(model), **macs(model, input_shape)}
+    for b in batches:
+        # fewer repeats for big batches: the median of a few long runs is already stable
+        out[f"latency_b{b}_ms"] = 1e3 * latency(model, input_shape, b, repeats if b < 32 else max(5, repeats // 4))
+    return out
+
+
+def relative(cost: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Each cost as a ratio to the baseline's (1.0 = no overhead)."""
+    return {k: (cost[k] / baseline[k] if baseline.get(k) else float("nan"))
+            for k in cost if isinstance(cost[k], (int, float))}
