@@ -1,0 +1,238 @@
+"""Every protection side by side on the same inputs and seeds (design §6).
+
+A comparison is a run folder: the model, its vulnerability scores, one
+checkpoint per variant, one campaign per variant (resumable, SQLite), single
+bit-flip campaigns per bit position, and a summary from which ``report``
+draws plots and a page. Re-running reuses every finished piece.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftcnn import campaign, checkpoint, cost, data as data_mod, train
+from ftcnn.campaign import CampaignConfig, run_campaign
+
+DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One protection: optional pruning (then fine-tuning and re-scoring), then hardening."""
+
+    name: str
+    description: str
+    harden: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = None
+
+
+def default_variants(harden_ratio: float = 0.1, prune_ratio: float = 0.3,
+                     restrict: str = "zero") -> list[Variant]:
+    r, p = harden_ratio, prune_ratio
+    return [
+        Variant("baseline", "unprotected model"),
+        Variant("restrict", f"range restriction alone ({restrict}, per channel)", {"ratio": 0.0, "restrict": restrict}),
+        Variant("tmr_full", "full TMR: every Conv2d/Linear triplicated, median vote", {"tmr": "full"}),
+        Variant("tmr_selective", f"selective TMR of the top {r:.0%} channels", {"ratio": r, "correction": "tmr"}),
+        Variant("harden_min", f"duplicate top {r:.0%}, min correction (paper)", {"ratio": r, "correction": "min"}),
+        Variant("harden_range", f"duplicate top {r:.0%}, range correction", {"ratio": r, "correction": "range"}),
+        Variant("harden_min_restrict", f"harden_min + range restriction",
+                {"ratio": r, "correction": "min", "restrict": restrict}),
+        Variant("harden_range_restrict", f"harden_range + range restriction",
+                {"ratio": r, "correction": "range", "restrict": restrict}),
+        Variant("pruned_vuln_harden_min", f"prune {p:.0%} least vulnerable, fine-tune, harden_min",
+                {"ratio": r, "correction": "min"}, {"ratio": p, "criterion": "vulnerability"}),
+        Variant("pruned_l1_harden_min", f"prune {p:.0%} smallest L1, fine-tune, harden_min",
+                {"ratio": r, "correction": "min"}, {"ratio": p, "criterion": "l1"}),
+    ]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    bers: tuple[float, ...] = DEFAULT_BERS
+    trials: int = 30
+    seed: int = 0
+    harden_ratio: float = 0.1
+    prune_ratio: float = 0.3
+    restrict: str = "zero"
+    margin: float = 0.1
+    finetune_epochs: int = 2
+    score_method: str = "gain"
+    score_samples: int = 256
+    calibration_size: int = 1000
+    bits: tuple[int, ...] = tuple(range(32))
+    bit_trials: int = 20
+    report_ber: float | None = None
+    variants: tuple[str, ...] | None = None
+    latency_repeats: int = 20
+
+    def __post_init__(self) -> None:
+        for b in self.bers:
+            if not 0 <= b <= 1:
+                raise ValueError(f"bit error rate {b} outside [0, 1]")
+        if self.trials < 1 or self.bit_trials < 0:
+            raise ValueError("trials must be >= 1 and bit trials >= 0")
+        if not 0 <= self.harden_ratio <= 1 or not 0 <= self.prune_ratio < 1:
+            raise ValueError("ratios must lie in [0, 1]")
+
+    @property
+    def chosen_report_ber(self) -> float:
+        if self.report_ber is not None:
+            return self.report_ber
+        positive = [b for b in self.bers if b > 0]
+        # the middle of the sweep's upper half: where protections differ most
+        return sorted(positive)[min(len(positive) - 1, (3 * len(positive)) // 4)]
+
+
+def _log(msg: str) -> None:
+    from rich.console import Console
+    Console(stderr=True).print(f"[bold cyan]compare[/] {msg}")
+
+
+def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    campaign.write_text(path, json.dumps(value, indent=2, default=campaign._json_default))
+    return value
+
+
+def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path) -> dict:
+    from ftcnn import vulnerability
+    if path.is_file():
+        return vulnerability.load_scores(path)
+    scores = vulnerability.analyze(model, x, y, method=config.score_method, samples=config.score_samples,
+                                   seed=config.seed)
+    vulnerability.save_scores(scores, path)
+    return scores
+
+
+def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, config: CompareConfig,
+                  input_shape: tuple[int, ...], folder: Path) -> nn.Module:
+    """The variant's model, from its checkpoint if a previous run saved it."""
+    path = folder / f"{variant.name}.pt"
+    if path.is_file():
+        return checkpoint.load(path)
+    x_train, y_train = train_set.tensors
+    calibration = x_train[: config.calibration_size]
+    net, layer_scores = model, scores["layers"]
+    if variant.prune:
+        from ftcnn import prune
+        net = prune.prune(model, ratio=variant.prune["ratio"], criterion=variant.prune["criterion"],
+                          scores=layer_scores, input_shape=input_shape)
+        prune.finetune(net, train_set, epochs=config.finetune_epochs, seed=config.seed)
+        rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json")
+        layer_scores = rescored["layers"]
+    if variant.harden:
+        from ftcnn import harden
+        settings = dict(variant.harden)
+        needs_scores = settings.get("ratio", 0) > 0 and settings.get("tmr") != "full"
+        net = harden.harden(net, layer_scores if needs_scores else None, margin=config.margin,
+                            calibration=calibration, **settings)
+    checkpoint.save(net, path, variant=asdict(variant))
+    return net
+
+
+def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig,
+                     folder: Path) -> dict[str, float]:
+    """Critical-SDC rate of exactly one flip at each bit position (uniform over the memory)."""
+    out: dict[str, float] = {}
+    if config.bit_trials == 0:
+        return out
+    for bit in config.bits:
+        cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,))
+        s = run_campaign(net, x, y, cfg, folder / f"bit{bit:02d}", progress=False)
+        out[str(bit)] = s["results"][0]["critical_sdc_mean"]
+    return out
+
+
+def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: CompareConfig,
+                record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build, measure and attack every variant; write summary.json/csv, plots and report.html."""
+    from tqdm.auto import tqdm
+
+    from ftcnn import report
+
+    out = Path(out_dir)
+    try:
+        for sub in ("models", "campaigns", "bits"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
+    model.eval()
+    train_set, test_set = data_mod.load(data_spec, "train"), data_mod.load(data_spec, "test")
+    x_test, y_test = campaign.stack_dataset(test_set)
+    x_train, y_train = train_set.tensors
+    campaign.check_input_shape(model, x_test)
+    input_shape = tuple(x_test.shape[1:])
+
+    _log("scoring vulnerability")
+    scores = _scores(model, x_train, y_train, config, out / "scores.json")
+    base_cost = _cached_json(out / "models" / "baseline.cost.json",
+                             lambda: cost.measure(model, input_shape, repeats=config.latency_repeats))
+    variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
+                if config.variants is None or v.name in config.variants]
+    if config.variants:
+        unknown = set(config.variants) - {v.name for v in default_variants()}
+        if unknown:
+            raise ValueError(f"unknown variant {sorted(unknown)[0]!r}; choose from "
+                             + ", ".join(v.name for v in default_variants()))
+    rows = []
+    for variant in tqdm(variants, desc="variants", dynamic_ncols=True):
+        _log(f"{variant.name}: {variant.description}")
+        net = model if variant.name == "baseline" else build_variant(
+            variant, model, scores, train_set, config, input_shape, out / "models")
+        net.eval()
+        measured = _cached_json(out / "models" / f"{variant.name}.cost.json",
+                                lambda: cost.measure(net, input_shape, repeats=config.latency_repeats))
+        clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
+                             lambda: {"accuracy": train.evaluate(net, test_set)})["accuracy"]
+        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed)
+        summary = run_campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+                               record={"variant": variant.name, "data": data_spec})
+        bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name)
+        rows.append({
+            "name": variant.name, "label": variant.name, "description": variant.description,
+            "spec": asdict(variant), "clean_accuracy": clean,
+            "golden_accuracy": summary["golden_accuracy"],
+            "cost": measured, "relative_cost": cost.relative(measured, base_cost),
+            "results": summary["results"], "bit_sensitivity": bits,
+        })
+    result = {
+        "kind": "compare",
+        "model_name": (record or {}).get("model_name", checkpoint.get_spec(model)["builder"]),
+        "data": data_spec, "inputs": len(x_test),
+        "golden_accuracy": rows[0]["golden_accuracy"] if rows else None,
+        "report_ber": config.chosen_report_ber,
+        "config": {**asdict(config), **(record or {})},
+        "versions": campaign.versions(),
+        "variants": rows,
+    }
+    campaign.write_text(out / "summary.json", json.dumps(result, indent=2, default=campaign._json_default))
+    report.build_report(out)
+    return result
+
+
+def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
+    """A short terminal table: clean accuracy, accuracy at the report BER, overheads."""
+    from rich.table import Table
+    ber = summary["report_ber"]
+    table = Table(title=f"{summary['model_name']} on {summary['data']}: protections at BER {ber:g}")
+    for col in ("variant", "clean", f"acc @ {ber:g}", "95% CI", "+params", "+MACs", "+latency b1"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for v in summary["variants"]:
+        r = next((r for r in v["results"] if r["ber"] and math.isclose(r["ber"], ber)), None)
+        rel = v["relative_cost"]
+        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}",
+                      f"{r['accuracy_mean']:.1%}" if r else "-",
+                      f"[{r['accuracy_ci95'][0]:.1%}, {r['accuracy_ci95'][1]:.1%}]" if r else "-",
+                      f"{rel['params'] - 1:+.1%}", f"{rel['macs'] - 1:+.1%}", f"{rel['latency_b1_ms'] - 1:+.1%}")
+    return table
