@@ -5,6 +5,11 @@ own faults drawn from a generator seeded by (seed, fault rate, trial), so the
 same seed gives the same faults whatever order or process runs the trials.
 Every finished trial is committed to SQLite at once: a killed campaign loses
 nothing, and running it again resumes where it stopped.
+
+How trials run does not change what they give (design §7, §9): exact
+shortcuts (``ftcnn.fastpath``), batched trials, worker processes and Ray
+(``ftcnn.distributed``) all reproduce the plain path's numbers, so their
+settings are not part of a campaign's identity.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import math
 import platform
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from ftcnn import faults as F
+from ftcnn import fastpath
 from ftcnn.checkpoint import atomic_write
 from ftcnn.metrics import METRIC_NAMES, Golden, leveugle_sample_size, mean_ci, trial_metrics
 
@@ -52,6 +59,14 @@ class CampaignConfig:
     layers: tuple[str, ...] | None = None
     batch_size: int = 1000
     skip_fault_free: bool = True      # exact: a draw with no fault is the golden result
+    # how trials run (exact: not part of the identity)
+    shortcut: bool = True             # start each trial at its first faulted layer (fastpath)
+    batch_trials: int | None = None   # trials per batched forward; None: automatic (1 on CPU)
+    workers: int = 1                  # worker processes on this machine
+    ray: bool = False                 # run on a local Ray started for the campaign
+    ray_address: str | None = None    # run on an existing Ray cluster
+    device: str | None = None         # move model and data there (None: where they are)
+    cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES  # golden activations kept by the shortcut
 
     def __post_init__(self) -> None:
         if bool(self.bers) == bool(self.counts):
@@ -72,6 +87,12 @@ class CampaignConfig:
             raise ValueError(f"unknown fault mode {self.mode!r}; choose from {', '.join(F.MODES)}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+        if self.batch_trials is not None and self.batch_trials < 1:
+            raise ValueError(f"batch trials must be >= 1 (got {self.batch_trials})")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {self.workers})")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache bytes must be >= 0 (got {self.cache_bytes})")
 
     @property
     def by(self) -> str:
@@ -83,9 +104,18 @@ class CampaignConfig:
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("trials", "margin", "confidence", "min_trials", "batch_size", "skip_fault_free"):
+        for key in ("trials", "margin", "confidence", "min_trials") + EXECUTION_FIELDS:
             d.pop(key)
         return d
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1 or self.ray or self.ray_address is not None
+
+
+# settings that change how fast trials run, never their results
+EXECUTION_FIELDS = ("batch_size", "skip_fault_free", "shortcut", "batch_trials", "workers", "ray",
+                    "ray_address", "device", "cache_bytes")
 
 
 def trial_rng(seed: int, point: float, trial: int) -> np.random.Generator:
@@ -138,7 +168,10 @@ def open_db(folder: Path, config: CampaignConfig, extra_identity: dict[str, Any]
     """Open (or create) the run's SQLite file; refuse a different campaign."""
     db = sqlite3.connect(folder / DB_NAME, timeout=60)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    # WAL + NORMAL: a commit is in the WAL file before commit() returns, so it survives the
+    # process being killed; only a power cut may lose the last ones. FULL adds an fsync per
+    # trial (~20 ms here), longer than a fault-free trial takes.
+    db.execute("PRAGMA synchronous=NORMAL")
     db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     db.execute("""CREATE TABLE IF NOT EXISTS trials (
         point REAL, trial INTEGER, n_faults INTEGER,
@@ -162,12 +195,37 @@ def done_trials(db: sqlite3.Connection, point: float) -> dict[int, dict[str, flo
     return {r[0]: dict(zip(("n_faults",) + METRIC_NAMES, r[1:])) for r in rows}
 
 
+@dataclass(frozen=True)
+class TrialResult:
+    """One finished trial as it travels from a worker to the driver: small and picklable
+    (the fault sites only when few enough to be stored)."""
+
+    point: float
+    trial: int
+    n_faults: int
+    sites: list[tuple[str, int, int]] | None
+    metrics: dict[str, float]
+    seconds: float
+
+    @classmethod
+    def of(cls, point: float, trial: int, faults: F.Faults, metrics: dict[str, float],
+           seconds: float) -> "TrialResult":
+        sites = faults.as_list() if faults.count <= SITES_KEPT else None
+        return cls(point, trial, faults.count, sites, metrics, seconds)
+
+
+def commit_result(db: sqlite3.Connection, result: TrialResult) -> None:
+    """Write one trial and commit at once (the driver is the only writer)."""
+    sites = json.dumps(result.sites) if result.sites is not None else None
+    db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?)",
+               (result.point, result.trial, result.n_faults,
+                *(result.metrics[m] for m in METRIC_NAMES), sites, result.seconds))
+    db.commit()
+
+
 def commit_trial(db: sqlite3.Connection, point: float, trial: int, faults: F.Faults,
                  metrics: dict[str, float], seconds: float) -> None:
-    sites = json.dumps(faults.as_list()) if faults.count <= SITES_KEPT else None
-    db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?)",
-               (point, trial, faults.count, *(metrics[m] for m in METRIC_NAMES), sites, seconds))
-    db.commit()
+    commit_result(db, TrialResult.of(point, trial, faults, metrics, seconds))
 
 
 # --- running ---------------------------------------------------------------
@@ -177,7 +235,9 @@ class TrialRunner:
     """Runs trials on one model: inject, evaluate the whole split, restore.
 
     No copy of the model per trial: faults are applied in place and undone
-    bit-exactly.
+    bit-exactly. ``fast`` (when set) starts trials at their first faulted
+    layer (if ``config.shortcut``) and evaluates ``batch`` trials per forward;
+    both give the plain path's numbers.
     """
 
     model: nn.Module
@@ -185,6 +245,8 @@ class TrialRunner:
     inputs: torch.Tensor
     golden: Golden
     config: CampaignConfig
+    fast: fastpath.Shortcut | None = None
+    batch: int = 1
     golden_metrics: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -193,27 +255,94 @@ class TrialRunner:
     def golden_logits(self) -> torch.Tensor:
         return predict(self.model, self.inputs, self.config.batch_size)
 
+    def faulty_logits(self, faults: F.Faults) -> torch.Tensor:
+        """Logits with ``faults`` present (from the best cut when the shortcut is on)."""
+        with F.injected(self.memory, faults):
+            if self.fast is not None and self.config.shortcut:
+                logits = self.fast.logits(faults)
+                if logits is not None:
+                    return logits
+            return predict(self.model, self.inputs, self.config.batch_size)
+
     def run(self, point: float, trial: int) -> tuple[F.Faults, dict[str, float]]:
         faults = draw_trial_faults(self.memory, self.config, point, trial)
         if faults.count == 0 and self.config.skip_fault_free:
             return faults, dict(self.golden_metrics)
-        with F.injected(self.memory, faults):
-            logits = predict(self.model, self.inputs, self.config.batch_size)
-        return faults, trial_metrics(logits, self.golden)
+        return faults, trial_metrics(self.faulty_logits(faults), self.golden)
+
+    def run_many(self, tasks: Sequence[tuple[float, int]]) -> list[TrialResult]:
+        """Several (point, trial) pairs; faulty ones ``batch`` at a time."""
+        results: list[TrialResult] = []
+        pending: list[tuple[float, int, F.Faults]] = []
+        for point, trial in tasks:
+            start = time.perf_counter()
+            if self.batch == 1:
+                faults, metrics = self.run(point, trial)
+                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start))
+                continue
+            faults = draw_trial_faults(self.memory, self.config, point, trial)
+            if faults.count == 0 and self.config.skip_fault_free:
+                results.append(TrialResult.of(point, trial, faults, dict(self.golden_metrics),
+                                              time.perf_counter() - start))
+                continue
+            pending.append((point, trial, faults))
+            if len(pending) == self.batch:
+                results += self._run_batch(pending)
+                pending = []
+        if pending:
+            results += self._run_batch(pending)
+        return results
+
+    def _run_batch(self, pending: list[tuple[float, int, F.Faults]]) -> list[TrialResult]:
+        start = time.perf_counter()
+        assert self.fast is not None
+        all_logits = self.fast.batched_logits([f for _, _, f in pending], use_cuts=self.config.shortcut)
+        seconds = (time.perf_counter() - start) / len(pending)
+        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds)
+                for (point, trial, faults), logits in zip(pending, all_logits)]
 
 
 def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig
             ) -> TrialRunner:
-    """Model in its storage format, golden predictions, and a trial runner."""
+    """Model in its storage format, golden predictions, and a trial runner.
+
+    With ``config.device`` set, the model (the caller's, for float32) and the
+    data are moved there.
+    """
     model.eval()
     if config.dtype != "float32":
         model = copy.deepcopy(model)  # rounding to the format must not touch the caller's model
+    if config.device is not None:
+        model, inputs, labels = model.to(config.device), inputs.to(config.device), labels.to(config.device)
     memory = F.parameter_memory(model, config.dtype, include_bn=config.include_bn,
                                 layers=config.layers)
     if memory.total_bits() == 0:
         raise ValueError("model has no Conv2d/Linear parameters to inject faults into")
-    golden = Golden(labels, predict(model, inputs, config.batch_size).argmax(dim=1))
-    return TrialRunner(model, memory, inputs, golden, config)
+    golden_logits = predict(model, inputs, config.batch_size)
+    golden = Golden(labels, golden_logits.argmax(dim=1))
+    fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
+    return TrialRunner(model, memory, inputs, golden, config, fast, batch)
+
+
+def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor,
+               golden_logits: torch.Tensor, config: CampaignConfig
+               ) -> tuple[fastpath.Shortcut | None, int]:
+    """The shortcut and the trials per batch, each only where it is exact here."""
+    batch = config.batch_trials or fastpath.auto_batch_trials(model, inputs, config.batch_size)
+    if not config.shortcut and batch == 1:
+        return None, 1
+    cache = config.cache_bytes if config.shortcut else 0
+    fast = fastpath.build(model, memory, inputs, config.batch_size, golden_logits, cache)
+    if batch > 1:
+        if fast is None or not fast.batchable:
+            warnings.warn("batched trials off: the model cannot be run per trial inside a batch "
+                          "(untraceable, or parameters read outside module calls)", stacklevel=3)
+            batch = 1
+        elif not fast.batch_exact(batch, golden_logits):
+            warnings.warn(f"batched trials off: a stack of {batch} input batches does not give the "
+                          "same bits as each batch alone on this device", stacklevel=3)
+            batch = 1
+    return fast, batch
 
 
 def trial_budget(config: CampaignConfig, memory: F.ParameterMemory) -> int:
@@ -246,12 +375,15 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
     if not _writable(out):
         raise ValueError(f"output folder {out} is not writable")
+    if runner is None and config.parallel:  # the driver only needs the memory map and golden
+        runner = prepare(model, inputs, labels, replace(config, shortcut=False, batch_trials=1))
     runner = runner or prepare(model, inputs, labels, config)
     db = open_db(out, config, record)
     budget = trial_budget(config, runner.memory)
+    from ftcnn import distributed
     try:
-        for point in config.points:
-            _run_point(runner, db, point, budget, progress)
+        with distributed.executor(model, inputs, labels, config, runner) as pool:
+            _run_points(pool, db, config, budget, progress)
         summary = summarize(db, config, runner.golden.accuracy, record, budget)
     finally:
         db.close()
@@ -274,21 +406,43 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _run_point(runner: TrialRunner, db: sqlite3.Connection, point: float, budget: int,
-               progress: bool) -> None:
+def _run_points(pool: "distributed.Executor", db: sqlite3.Connection, config: CampaignConfig,  # noqa: F821
+                budget: int, progress: bool) -> None:
+    """Hand out the missing trials and commit each result as it arrives.
+
+    A fixed budget sends all trials at once. ``--trials auto`` goes in rounds
+    of ``pool.round_size`` trials and applies the early stop in trial order,
+    so the trials that count are those of a one-at-a-time run (results of a
+    round past the stop point are stored but not summarised).
+    """
+    if config.trials is not None:
+        done = {p: done_trials(db, p) for p in config.points}
+        todo = [(p, t) for p in config.points for t in range(budget) if t not in done[p]]
+        total = budget * len(config.points)
+        with _progress(total, f"{len(config.points)} {config.by} point(s)", progress) as bar:
+            bar.update(total - len(todo))
+            for result in pool.map(todo):
+                commit_result(db, result)
+                bar.update(1)
+        return
+    for point in config.points:
+        _run_point_auto(pool, db, config, point, budget, progress)
+
+
+def _run_point_auto(pool: "distributed.Executor", db: sqlite3.Connection,  # noqa: F821
+                    config: CampaignConfig, point: float, budget: int, progress: bool) -> None:
     done = done_trials(db, point)
-    config = runner.config
-    label = f"{config.by} {point:g}"
-    with _progress(budget, label, progress) as bar:
-        accuracies: list[float] = []
-        for trial in range(budget):
-            if trial in done:
-                metrics = done[trial]
-            else:
-                start = time.perf_counter()
-                faults, metrics = runner.run(point, trial)
-                commit_trial(db, point, trial, faults, metrics, time.perf_counter() - start)
-            accuracies.append(metrics["accuracy"])
+    accuracies: list[float] = []
+    trial = 0
+    with _progress(budget, f"{config.by} {point:g}", progress) as bar:
+        while trial < budget:
+            if trial not in done:
+                todo = [t for t in range(trial, budget) if t not in done][:pool.round_size]
+                for result in pool.map([(point, t) for t in todo]):
+                    commit_result(db, result)
+                    done[result.trial] = result.metrics
+            accuracies.append(done[trial]["accuracy"])
+            trial += 1
             bar.update(1)
             if ci_narrow_enough(accuracies, config):
                 break

@@ -76,3 +76,38 @@ def relative(cost: dict[str, float], baseline: dict[str, float]) -> dict[str, fl
     """Each cost as a ratio to the baseline's (1.0 = no overhead)."""
     return {k: (cost[k] / baseline[k] if baseline.get(k) else float("nan"))
             for k in cost if isinstance(cost[k], (int, float))}
+
+
+@torch.inference_mode()
+def interleaved_latency(models: "dict[str, nn.Module]", input_shape: tuple[int, ...], batch: int = 1,
+                        rounds: int = 15, inner: int | None = None, threads: int | None = None
+                        ) -> dict[str, float]:
+    """Median ms per forward of each model, timed round by round in rotating order.
+
+    For comparing models on a shared machine: a load change then hits every
+    model alike instead of whichever happened to be measured at the time.
+    ``threads`` sets torch's intra-op threads for the measurement (1 is far
+    less disturbed by other processes); ``inner`` forwards are averaged per
+    timing (default 20 at batch 1, 2 otherwise).
+    """
+    inner = inner or (20 if batch == 1 else 2)
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    names = list(models)
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for m in models.values():
+            m.eval()
+            for _ in range(3):
+                m(x)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                for _ in range(inner):
+                    models[n](x)
+                times[n].append((time.perf_counter() - start) / inner * 1e3)
+    finally:
+        torch.set_num_threads(saved)
+    return {n: statistics.median(t) for n, t in times.items()}

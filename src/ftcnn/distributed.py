@@ -1,0 +1,221 @@
+"""Running a campaign's trials in parallel (design §9).
+
+Trials are independent and each draws its faults from (seed, point, trial),
+so where a trial runs does not change its result. Three executors share one
+interface, ``map(tasks) -> results as they finish``:
+
+- ``LocalExecutor``: this process (the default);
+- ``ProcessExecutor``: ``workers`` spawned processes on this machine, each
+  with its own copy of the model and ``cores // workers`` torch threads;
+- ``RayExecutor``: Ray actors, on a local Ray started for the run
+  (``ray=True``) or an existing cluster (``ray_address``). Ray is optional:
+  ``pip install 'ftcnn[ray]'``.
+
+In every case the driver alone writes SQLite, one commit per finished trial,
+so killing it loses no committed trial and running it again resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import multiprocessing
+import os
+import pickle
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ftcnn.campaign import CampaignConfig, TrialResult, TrialRunner, prepare
+
+Task = tuple[float, int]
+IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver
+ROUNDS_PER_WORKER = 4      # with --trials auto: trials per round = workers * this
+
+
+class Executor(Protocol):
+    round_size: int
+
+    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]: ...
+
+    def close(self) -> None: ...
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker, so that workers do not oversubscribe the cores."""
+    return max(1, cores() // workers)
+
+
+def chunks(tasks: Sequence[Task], size: int) -> list[list[Task]]:
+    return [list(tasks[i:i + size]) for i in range(0, len(tasks), size)]
+
+
+def _worker_config(config: CampaignConfig) -> CampaignConfig:
+    return replace(config, workers=1, ray=False, ray_address=None)
+
+
+class LocalExecutor:
+    """Trials in this process, ``runner.batch`` at a time."""
+
+    def __init__(self, runner: TrialRunner) -> None:
+        self.runner = runner
+        self.round_size = runner.batch
+
+    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
+        for chunk in chunks(tasks, self.runner.batch):
+            yield from self.runner.run_many(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+# --- worker processes ---------------------------------------------------------
+
+_RUNNER: TrialRunner | None = None
+
+
+def _init_worker(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 config: CampaignConfig, threads: int) -> None:
+    """Prepare this worker's runner on private copies: tensors that arrive through
+    multiprocessing or Ray may share memory with other workers, and faults are
+    injected in place."""
+    global _RUNNER
+    torch.set_num_threads(threads)
+    model, inputs, labels = copy.deepcopy(model), inputs.clone(), labels.clone()
+    _RUNNER = prepare(model, inputs, labels, _worker_config(config))
+
+
+def _init_from_bytes(payload: bytes, threads: int) -> None:
+    _init_worker(*pickle.loads(payload), threads)  # our own bytes, made by the driver
+
+
+def _run_chunk(tasks: list[Task]) -> list[TrialResult]:
+    assert _RUNNER is not None, "worker not initialised"
+    return _RUNNER.run_many(tasks)
+
+
+class ProcessExecutor:
+    """``config.workers`` spawned processes (spawn, not fork: a forked OpenMP
+    runtime can hang), each preparing its own runner once."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 config: CampaignConfig) -> None:
+        self.workers = config.workers
+        self.chunk = config.batch_trials or 1
+        self.round_size = self.workers * ROUNDS_PER_WORKER * self.chunk
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_from_bytes,
+            # plain pickle copies the tensors; multiprocessing's own pickler would move
+            # them to shared memory that every worker then writes its faults into
+            initargs=(pickle.dumps((model, inputs, labels, config)), worker_threads(self.workers)))
+
+    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
+        queue = chunks(tasks, self.chunk)[::-1]
+        running: set[Any] = set()
+        limit = self.workers * IN_FLIGHT_PER_WORKER
+        while queue or running:
+            while queue and len(running) < limit:
+                running.add(self.pool.submit(_run_chunk, queue.pop()))
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield from future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)  # results are committed; let them exit
+
+
+# --- Ray --------------------------------------------------------------------------
+
+def import_ray() -> Any:
+    """Ray, or a one-line error saying how to get it."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("Ray is not installed; install it with: pip install 'ftcnn[ray]'") from None
+    return ray
+
+
+def _actor_class(ray: Any) -> Any:
+    @ray.remote(num_cpus=1)
+    class TrialActor:
+        """Holds one prepared runner (model, golden, shortcut cache) for many trials."""
+
+        def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                     config: CampaignConfig, threads: int) -> None:
+            _init_worker(model, inputs, labels, config, threads)
+
+        def run(self, tasks: list[Task]) -> list[TrialResult]:
+            return _run_chunk(tasks)
+
+    return TrialActor
+
+
+class RayExecutor:
+    """Ray actors, one per CPU the run gets (``workers`` on a local Ray, all the
+    cluster's CPUs with an address); results are taken with ``ray.wait`` as they finish."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 config: CampaignConfig) -> None:
+        ray = self.ray = import_ray()
+        self.started = False
+        if not ray.is_initialized():
+            if config.ray_address:
+                ray.init(address=config.ray_address, logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(config.workers, 1) if config.workers > 1 else cores(),
+                         include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                self.started = True
+        n = config.workers if config.workers > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
+        threads = worker_threads(n) if not config.ray_address else 1
+        payload = [ray.put(v) for v in (model, inputs, labels, config)]
+        self.actors = [_actor_class(ray).remote(*payload, threads) for _ in range(n)]
+        self.chunk = config.batch_trials or 1
+        self.round_size = n * ROUNDS_PER_WORKER * self.chunk
+
+    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
+        ray = self.ray
+        queue = chunks(tasks, self.chunk)[::-1]
+        running: dict[Any, Any] = {}  # object ref -> actor
+        free = [a for a in self.actors for _ in range(IN_FLIGHT_PER_WORKER)]
+        while queue or running:
+            while queue and free:
+                actor = free.pop()
+                running[actor.run.remote(queue.pop())] = actor
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                free.append(running.pop(ref))
+                yield from ray.get(ref)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.started:
+            self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def executor(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig,
+             runner: TrialRunner) -> Iterator[Executor]:
+    """The executor ``config`` asks for, closed on exit."""
+    if config.ray or config.ray_address:
+        pool: Executor = RayExecutor(model, inputs, labels, config)
+    elif config.workers > 1:
+        pool = ProcessExecutor(model, inputs, labels, config)
+    else:
+        pool = LocalExecutor(runner)
+    try:
+        yield pool
+    finally:
+        pool.close()

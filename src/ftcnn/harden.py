@@ -1,0 +1,609 @@
+"""Selective hardening: duplicated channels, corrections, range restriction, TMR (design §4).
+
+``harden(model, scores, ratio=0.1)`` returns a new model in which the most
+vulnerable filters (Conv2d) / neurons (Linear) of every layer are computed
+twice and merged back into one channel by a correction rule, so the next layer
+sees the original shape. Module surgery, no model names: every protected layer
+``m`` at attribute path ``p`` is replaced by a :class:`Hardened` wrapper at the
+same path, holding
+
+- ``p.original``: the original module, called untouched on the input, so the
+  original parameters keep their names up to the ``.original`` prefix
+  (``features.0.weight`` becomes ``features.0.original.weight``);
+- ``p.copies``: a SECOND module of the same type (a real ``nn.Conv2d`` /
+  ``nn.Linear``, so :func:`ftcnn.faults.fault_targets` lists it and campaigns
+  hit the copies at the same bit error rate) holding copies of the protected
+  filters/neurons (weights and biases), applied to the same input. For a
+  grouped or depthwise conv each copied filter gets its own group, fed the
+  input channels of the original filter's group (``p.gather``);
+- ``p.correction``: merges original and copies per element (registry
+  ``CORRECTIONS``: ``min``, ``range``, ``tmr``);
+- ``p.restrict`` (optional): Ranger-style per-channel bounds on all channels.
+
+Bit-exactness: a second, smaller conv/linear call can differ from the same
+channel of the original call by float rounding (the CPU kernel blocks its work
+differently; measured up to ~1e-6 relative, see ``experiments/hardening.py``).
+So every correction first tests whether the copies *agree* with the original,
+``|a - b| <= RTOL * min(|a|, |b|) + ATOL``, and outputs the ORIGINAL value
+where they do; the rule applies only where they disagree. Without faults the
+hardened model therefore equals the original bit for bit. A fault that moves
+a value by less than that tolerance is, by construction, not corrected, and
+harmless (it is below float32 noise of a different kernel). ``min`` (not
+``max``) in the tolerance makes an Inf/NaN never agree with anything.
+
+Weakness of ``min`` (the paper's rule), tested and kept: it discards a large
+POSITIVE corruption, but when the corruption is a large NEGATIVE value the
+minimum picks it; the authors rely on the ReLU that follows to zero it, which
+bounds the damage but does not restore the value (and a BatchNorm with a
+negative scale in between turns it positive again). ``range`` picks the copy
+inside the profiled range instead, so it handles both signs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftcnn import checkpoint
+from ftcnn.faults import FAULT_LAYER_TYPES
+
+# Agreement tolerance between the original channel and a copy (see module doc).
+RTOL = 1e-4
+ATOL = 1e-6
+
+RESTRICT_MODES = ("zero", "clamp")
+TMR_MODES = ("full",)
+PROFILE_BATCH = 256
+
+
+# --- element-wise rules -------------------------------------------------------
+
+def agree(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where ``a`` and ``b`` are equal up to float rounding (False for NaN/Inf)."""
+    return (a - b).abs() <= RTOL * torch.minimum(a.abs(), b.abs()) + ATOL
+
+
+def nan_min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum that ignores a NaN operand (NaN only if both are)."""
+    return torch.where(torch.isnan(a), b, torch.where(torch.isnan(b), a, torch.minimum(a, b)))
+
+
+def nan_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(a), b, torch.where(torch.isnan(b), a, torch.maximum(a, b)))
+
+
+def correct_min(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+                high: torch.Tensor | None) -> torch.Tensor:
+    """The paper's rule: element-wise minimum of original and copy (NaN ignored)."""
+    (b,) = copies
+    return torch.where(agree(a, b), a, nan_min(a, b))
+
+
+def correct_range(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+                  high: torch.Tensor | None) -> torch.Tensor:
+    """Keep the value inside the channel's profiled range; the min if both are, 0 if neither."""
+    (b,) = copies
+    a_in = (a >= low) & (a <= high)
+    b_in = (b >= low) & (b <= high)
+    chosen = torch.where(a_in & b_in, torch.minimum(a, b),
+                         torch.where(a_in, a, torch.where(b_in, b, torch.zeros_like(a))))
+    return torch.where(agree(a, b), a, chosen)
+
+
+def correct_tmr(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+                high: torch.Tensor | None) -> torch.Tensor:
+    """Majority vote of three: the original if a copy agrees with it, else the copies
+    if they agree with each other, else the (NaN-ignoring) median."""
+    b, c = copies
+    median = nan_max(nan_min(a, b), nan_min(nan_max(a, b), c))
+    return torch.where(agree(a, b) | agree(a, c), a, torch.where(agree(b, c), b, median))
+
+
+@dataclass(frozen=True)
+class CorrectionRule:
+    """One correction: how many copies it needs, whether it needs profiled
+    ranges, its element-wise function, and its element-wise ops per corrected
+    value (for ``ftcnn.cost.macs``; the agreement test counts 6)."""
+
+    copies: int
+    needs_ranges: bool
+    fn: Callable[..., torch.Tensor]
+    ops: int
+
+
+CORRECTIONS: dict[str, CorrectionRule] = {
+    "min": CorrectionRule(1, False, correct_min, 6 + 5),
+    "range": CorrectionRule(1, True, correct_range, 6 + 12),
+    "tmr": CorrectionRule(2, False, correct_tmr, 18 + 8),
+}
+
+
+# --- modules ---------------------------------------------------------------------
+
+def _channel_dim(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Conv2d) else -1
+
+
+def _bound_shape(layer: nn.Module, n: int) -> tuple[int, ...]:
+    return (n, 1, 1) if isinstance(layer, nn.Conv2d) else (n,)
+
+
+class Correction(nn.Module):
+    """Merges the copies of the protected channels ``index`` back into the
+    layer's output. The index and the ranges are buffers, so the state dict
+    restores them."""
+
+    def __init__(self, rule: str, index: torch.Tensor, dim: int, bound_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rule, self.dim = rule, dim
+        self.register_buffer("index", index.clone().long())
+        if CORRECTIONS[rule].needs_ranges:
+            self.register_buffer("low", torch.full(bound_shape, -math.inf))
+            self.register_buffer("high", torch.full(bound_shape, math.inf))
+        else:
+            self.low = self.high = None
+
+    def forward(self, y: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        rule = CORRECTIONS[self.rule]
+        a = y.index_select(self.dim, self.index)
+        fixed = rule.fn(a, copies.chunk(rule.copies, self.dim), self.low, self.high)
+        # out of place: y may be a value someone else keeps (e.g. a campaign's golden cache)
+        return y.index_copy(self.dim, self.index, fixed)
+
+    def elementwise_ops(self, output: torch.Tensor) -> int:
+        per_channel = output.numel() // output.shape[self.dim]
+        return per_channel * len(self.index) * CORRECTIONS[self.rule].ops
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, channels={self.index.tolist()}"
+
+
+class Restrict(nn.Module):
+    """Ranger-style range restriction: values outside the per-channel
+    [low, high] become 0 (``zero``) or the nearest bound (``clamp``); NaN
+    becomes 0 in both modes (a NaN carries no value to clamp)."""
+
+    def __init__(self, mode: str, bound_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("low", torch.full(bound_shape, -math.inf))
+        self.register_buffer("high", torch.full(bound_shape, math.inf))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(y)
+        if self.mode == "zero":
+            return torch.where((y >= self.low) & (y <= self.high), y, zero)
+        return torch.where(torch.isnan(y), zero, torch.maximum(torch.minimum(y, self.high), self.low))
+
+    def elementwise_ops(self, output: torch.Tensor) -> int:
+        return output.numel() * 3
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+class Hardened(nn.Module):
+    """A protected Conv2d/Linear: ``original`` untouched, ``copies`` of some of
+    its channels computed by a second module of the same type on the same
+    input, merged by ``correction``, then optionally ``restrict``-ed."""
+
+    def __init__(self, original: nn.Module, copies: nn.Module | None = None,
+                 correction: Correction | None = None, gather: torch.Tensor | None = None,
+                 restrict: Restrict | None = None) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = copies
+        self.correction = correction
+        if gather is not None:
+            self.register_buffer("gather", gather.long())
+        else:
+            self.gather = None
+        self.restrict = restrict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.original(x)
+        if self.copies is not None:
+            xc = x if self.gather is None else x.index_select(1, self.gather)
+            y = self.correction(y, self.copies(xc))
+        if self.restrict is not None:
+            y = self.restrict(y)
+        return y
+
+
+def _copies_module(layer: nn.Module, index: torch.Tensor, n: int
+                   ) -> tuple[nn.Module, torch.Tensor | None]:
+    """A new Conv2d/Linear computing ``n`` copies of ``layer``'s channels ``index``
+    (copy-major order), and the input-channel gather a grouped conv needs."""
+    rep = index.repeat(n)
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        mod = nn.Linear(layer.in_features, len(rep), bias=has_bias)
+        gather = None
+    elif isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {layer.padding_mode!r} is not supported for hardening")
+        groups = layer.groups
+        if groups == 1:
+            in_ch, mod_groups, gather = layer.in_channels, 1, None
+        else:
+            # each copied filter becomes its own group, fed the input channels of its original group
+            per_in, per_out = layer.in_channels // groups, layer.out_channels // groups
+            group = rep // per_out
+            gather = (group[:, None] * per_in + torch.arange(per_in)[None, :]).reshape(-1)
+            in_ch, mod_groups = len(gather), len(rep)
+        mod = nn.Conv2d(in_ch, len(rep), layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation, groups=mod_groups, bias=has_bias)
+    else:  # pragma: no cover - guarded by the callers
+        raise ValueError(f"cannot duplicate a {type(layer).__name__}")
+    with torch.no_grad():
+        mod.weight.copy_(layer.weight[rep])
+        if has_bias:
+            mod.bias.copy_(layer.bias[rep])
+    return mod.to(layer.weight.device, layer.weight.dtype), gather
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def _wrap(layer: nn.Module, index: Sequence[int], correction: str | None, restrict: str | None
+          ) -> Hardened:
+    """The Hardened wrapper's structure (values are copies or placeholders)."""
+    copies = corr = gather = None
+    c = _out_channels(layer)
+    if index:
+        idx = torch.as_tensor(sorted(index), dtype=torch.long)
+        copies, gather = _copies_module(layer, idx, CORRECTIONS[correction].copies)
+        corr = Correction(correction, idx, _channel_dim(layer), _bound_shape(layer, len(idx)))
+    rst = Restrict(restrict, _bound_shape(layer, c)) if restrict else None
+    device = layer.weight.device
+    return Hardened(layer, copies, corr, gather, rst).to(device)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# --- choosing channels ------------------------------------------------------------
+
+def target_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Conv2d/Linear by module name: the layers hardening can protect."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FAULT_LAYER_TYPES) and n}
+
+
+def check_scores(layers: Mapping[str, nn.Module], scores: Mapping[str, Sequence[float]]
+                 ) -> dict[str, np.ndarray]:
+    """Scores as arrays, one per layer, checked against the model."""
+    unknown = [n for n in scores if n not in layers]
+    if unknown:
+        raise ValueError(f"scores name unknown layer {unknown[0]!r}; the model's Conv2d/Linear "
+                         f"layers are: {', '.join(layers)}")
+    out = {}
+    for name, layer in layers.items():
+        if name not in scores:
+            raise ValueError(f"no scores for layer {name!r}")
+        s = np.asarray(scores[name], dtype=np.float64).reshape(-1)
+        if len(s) != _out_channels(layer):
+            raise ValueError(f"layer {name!r} has {_out_channels(layer)} output channels but "
+                             f"{len(s)} scores")
+        if np.isnan(s).any():
+            raise ValueError(f"scores for layer {name!r} contain NaN")
+        out[name] = s
+    return out
+
+
+def _ranked(s: np.ndarray) -> np.ndarray:
+    """Channel indices by descending score, ties by lower index."""
+    return np.argsort(-s, kind="stable")
+
+
+def select_by_ratio(scores: Mapping[str, np.ndarray], ratio: float) -> dict[str, list[int]]:
+    """Top ``ceil(ratio * channels)`` channels of each layer (so any ratio > 0
+    protects at least one channel per layer; ratio 0 protects nothing)."""
+    out = {}
+    for name, s in scores.items():
+        k = min(len(s), math.ceil(ratio * len(s) - 1e-9))
+        if k > 0:
+            out[name] = sorted(int(i) for i in _ranked(s)[:k])
+    return out
+
+
+def channel_macs(model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
+                 ) -> dict[str, int]:
+    """MACs of one output channel of each layer for one input (a copy costs that)."""
+    positions: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            positions[name] = output[:1].numel() // _out_channels(module)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            _eval_forward(model, torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in positions]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not used by the model's forward")
+    return {n: positions[n] * (m.weight[0].numel()) for n, m in layers.items()}
+
+
+def select_by_budget(scores: Mapping[str, np.ndarray], cost: Mapping[str, int], budget: float,
+                     copies: int) -> dict[str, list[int]]:
+    """Fill a budget of extra MACs (``budget`` x the conv/linear MACs) greedily by
+    score per extra MAC; a channel that does not fit is skipped, cheaper ones
+    may still fit. Only the copies' conv/linear MACs count, not the correction's."""
+    total = sum(cost[n] * len(s) for n, s in scores.items())
+    allowed = budget * total
+    items = [(float(s[i]) / (cost[n] * copies), n, int(i)) for n, s in scores.items()
+             for i in range(len(s))]
+    items.sort(key=lambda t: -t[0])  # stable: ties keep layer order, then channel order
+    spent, out = 0.0, {}
+    for _, name, i in items:
+        extra = cost[name] * copies
+        if spent + extra <= allowed:
+            spent += extra
+            out.setdefault(name, []).append(i)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+# --- profiling --------------------------------------------------------------------
+
+def _eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    was = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was)
+
+
+@torch.inference_mode()
+def profile_ranges(model: nn.Module, calibration: torch.Tensor, layers: Sequence[str] | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-output-channel (min, max) of each Conv2d/Linear over ``calibration``."""
+    mods = target_layers(model)
+    names = list(mods) if layers is None else list(layers)
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        dim = _channel_dim(mods[name])
+
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            flat = output.movedim(dim, 0).reshape(output.shape[dim], -1)
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+            if name in stats:
+                lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)
+            stats[name] = (lo, hi)
+        return record
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for i in range(0, len(calibration), PROFILE_BATCH):
+            _eval_forward(model, calibration[i:i + PROFILE_BATCH])
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _widen(lo: torch.Tensor, hi: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    width = hi - lo
+    return lo - margin * width, hi + margin * width
+
+
+# --- the API ----------------------------------------------------------------------
+
+def _input_shape(model: nn.Module, calibration: torch.Tensor | None,
+                 input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(input_shape)
+    if calibration is not None:
+        return tuple(calibration.shape[1:])
+    spec = getattr(model, checkpoint.SPEC_ATTR, None)
+    kw = (spec or {}).get("kwargs", {})
+    if "in_channels" in kw and "input_size" in kw:
+        return (kw["in_channels"], kw["input_size"], kw["input_size"])
+    raise ValueError("a MAC budget needs the input shape: give calibration inputs or input_shape")
+
+
+def _validate(ratio: float, budget: float | None, correction: str, tmr: str | None,
+              restrict: str | None, margin: float) -> None:
+    if not (0.0 <= ratio <= 1.0):
+        raise ValueError(f"ratio {ratio} outside [0, 1]")
+    if budget is not None and not (budget >= 0 and math.isfinite(budget)):
+        raise ValueError(f"budget {budget} must be a finite number >= 0")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose from {', '.join(CORRECTIONS)}")
+    if tmr is not None and tmr not in TMR_MODES:
+        raise ValueError(f"unknown tmr mode {tmr!r}; choose from {', '.join(TMR_MODES)} (or none)")
+    if restrict is not None and restrict not in RESTRICT_MODES:
+        raise ValueError(f"unknown restriction {restrict!r}; choose from {', '.join(RESTRICT_MODES)}")
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise ValueError(f"margin {margin} must be a finite number >= 0")
+
+
+def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None, *, ratio: float = 0.1,
+           budget: float | None = None, correction: str = "min", tmr: str | None = None,
+           restrict: str | None = None, margin: float = 0.0, calibration: torch.Tensor | None = None,
+           input_shape: Sequence[int] | None = None) -> nn.Module:
+    """A hardened copy of ``model`` (the input is left untouched).
+
+    Args:
+        model: any model built of Conv2d/Linear layers.
+        scores: module name -> one vulnerability score per output channel, for
+            every Conv2d/Linear (e.g. ``ftcnn.vulnerability.load_scores(p)["layers"]``).
+            Not needed for ``tmr="full"`` or when nothing is duplicated.
+        ratio: share of each layer's channels to duplicate, the top
+            ``ceil(ratio * channels)`` by score (0: none).
+        budget: instead of ``ratio``, extra conv/linear MACs allowed as a share
+            of the model's (0.2 = +20%), filled greedily by score per extra MAC.
+        correction: ``min`` (the paper's), ``range`` (needs ``calibration``) or
+            ``tmr`` (two copies, majority vote).
+        tmr: ``"full"``: every channel of every layer gets two copies and the
+            vote (full TMR baseline; ``scores``, ``ratio``, ``budget`` and
+            ``correction`` are ignored).
+        restrict: ``zero`` or ``clamp``: every Conv2d/Linear output channel is
+            checked against its range profiled on ``calibration``, after the
+            correction; NaN becomes 0 in both modes.
+        margin: widen every profiled range by this share of its width (used by
+            ``restrict`` and by the ``range`` correction).
+        calibration: inputs to profile ranges on (training data).
+        input_shape: (C, H, W) for a ``budget``; default: from ``calibration``
+            or the model's checkpoint spec.
+
+    Returns:
+        The hardened model; with no fault its outputs equal the original's bit
+        for bit. Its checkpoint spec (if the model has one) records a
+        ``{"kind": "harden"}`` transform, so ``ftcnn.save``/``ftcnn.load`` work.
+
+    Example:
+        >>> scores = ftcnn.vulnerability.load_scores("gain.json")["layers"]
+        >>> hard = harden(model, scores, ratio=0.1, correction="min")
+        >>> torch.equal(hard(x), model(x))
+        True
+    """
+    _validate(ratio, budget, correction, tmr, restrict, margin)
+    if any(isinstance(m, Hardened) for m in model.modules()):
+        raise ValueError("model is already hardened")
+    layers = target_layers(model)
+    if not layers:
+        raise ValueError("model has no Conv2d/Linear layers to harden")
+    if tmr == "full":
+        correction = "tmr"
+        selected = {n: list(range(_out_channels(m))) for n, m in layers.items()}
+    else:
+        needs_scores = budget is not None and budget > 0 or budget is None and ratio > 0
+        if scores is None and needs_scores:
+            raise ValueError("scores are needed to choose the channels to protect "
+                             "(or use tmr='full', or ratio=0)")
+        checked = check_scores(layers, scores) if scores is not None else {}
+        if not needs_scores:
+            selected = {}
+        elif budget is not None:
+            cost = channel_macs(model, layers, _input_shape(model, calibration, input_shape))
+            selected = select_by_budget(checked, cost, budget, CORRECTIONS[correction].copies)
+        else:
+            selected = select_by_ratio(checked, ratio)
+    needs_ranges = restrict is not None or (bool(selected) and CORRECTIONS[correction].needs_ranges)
+    if needs_ranges and calibration is None:
+        raise ValueError("range restriction and the 'range' correction need calibration inputs")
+    ranges = profile_ranges(model, calibration) if needs_ranges else {}
+
+    transform = {
+        "kind": "harden", "correction": correction, "tmr": tmr, "restrict": restrict,
+        "margin": margin, "ratio": ratio, "budget": budget,
+        "layers": {n: selected.get(n, []) for n in layers if selected.get(n) or restrict},
+    }
+    hardened = copy.deepcopy(model)
+    _apply(hardened, transform)
+    with torch.no_grad():
+        for name, wrapper in hardened.named_modules():
+            if not isinstance(wrapper, Hardened):
+                continue
+            lo, hi = _widen(*ranges[name], margin) if name in ranges else (None, None)
+            if wrapper.restrict is not None:
+                wrapper.restrict.low.copy_(lo.reshape(wrapper.restrict.low.shape))
+                wrapper.restrict.high.copy_(hi.reshape(wrapper.restrict.high.shape))
+            corr = wrapper.correction
+            if corr is not None and corr.low is not None:
+                corr.low.copy_(lo[corr.index].reshape(corr.low.shape))
+                corr.high.copy_(hi[corr.index].reshape(corr.high.shape))
+    if getattr(model, checkpoint.SPEC_ATTR, None) is not None:
+        checkpoint.with_transform(hardened, transform)
+    hardened.train(model.training)
+    return hardened
+
+
+def _apply(model: nn.Module, transform: Mapping[str, Any]) -> None:
+    """Wrap the layers a transform names, in place (copies hold the current values)."""
+    layers = target_layers(model)
+    for name, index in transform["layers"].items():
+        if name not in layers:
+            raise checkpoint.CheckpointError(f"hardening names unknown layer {name!r}")
+        _set_module(model, name, _wrap(layers[name], index, transform["correction"], transform["restrict"]))
+
+
+def rebuild(model: nn.Module, transform: Mapping[str, Any]) -> nn.Module:
+    """Recreate a hardened structure on a fresh model (for ``checkpoint.load``);
+    the values, ranges included, then come from the state dict."""
+    _apply(model, transform)
+    return model
+
+
+def protected(model: nn.Module) -> dict[str, list[int]]:
+    """Protected channels per (original) layer name of a hardened model."""
+    return {n: m.correction.index.tolist() for n, m in model.named_modules()
+            if isinstance(m, Hardened) and m.correction is not None}
+
+
+def duplicated_parameters(model: nn.Module) -> int:
+    """Number of parameters held by copy modules (the extra memory faults can hit)."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, Hardened) and m.copies is not None
+               for p in m.copies.parameters())
+
+
+def overheads(original: nn.Module, hardened: nn.Module, input_shape: Sequence[int], rounds: int = 3
+              ) -> dict[str, Any]:
+    """Measured cost of both models and the hardened one's relative to the original.
+
+    Latency is measured in ``rounds`` alternating rounds (original, hardened,
+    original, ...) and the smallest median of each is kept: other load on
+    the machine only ever adds time, so the minimum is the fairest estimate.
+    """
+    from ftcnn import cost
+
+    shape = tuple(input_shape)
+    best: list[dict[str, float]] = [{}, {}]
+    for _ in range(max(1, rounds)):
+        for i, net in enumerate((original, hardened)):
+            m = cost.measure(net, shape)
+            best[i] = {k: min(v, best[i].get(k, v)) for k, v in m.items()}
+    return {"original": best[0], "hardened": best[1], "relative": cost.relative(best[1], best[0])}
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int],
+                opset: int = 17) -> None:
+    """Export to ONNX (TorchScript exporter, dynamic batch), written atomically."""
+    import warnings
+
+    model.eval()
+    x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), tmp, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    checkpoint.atomic_write(path, write)
+
+
+def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
+    """The ``layers`` of a scores JSON (via ``ftcnn.vulnerability`` when present)."""
+    try:
+        from ftcnn.vulnerability import load_scores as load
+    except ImportError:
+        load = None
+    if load is not None:
+        return dict(load(path)["layers"])
+    if not os.path.isfile(path):
+        raise ValueError(f"scores file {path} not found")
+    try:
+        with open(path) as f:
+            return dict(json.load(f)["layers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a scores file ({exc})") from None

@@ -1,0 +1,544 @@
+"""Structured channel pruning by vulnerability or L1 norm (design §5).
+
+Removes whole Conv2d filters and Linear neurons: the *least vulnerable* ones
+(``criterion="vulnerability"``, the paper's proposal: they matter least to the
+fault behaviour, so the hardening budget goes to the channels that do) or the
+smallest-L1 ones (``criterion="l1"``, the conventional baseline).
+
+Every structural decision goes through Torch-Pruning's dependency graph, so
+BatchNorm, flatten -> Linear, residual adds and bottlenecks need no special
+case. Channels the graph couples (e.g. all convs feeding the same residual
+add, which must keep the same channel indices) form one *group*: a group is
+ranked by the sum over its coupled layers of each layer's scores normalised
+to sum 1 (so every coupled layer weighs the same whatever its score scale),
+and the same indices are removed from all of them.
+
+Rules, chosen so results are predictable:
+
+- per group, ``floor(ratio * channels)`` channels are removed (round down),
+  and at least one channel always stays;
+- the model's output layer (the classifier: removing a logit would change the
+  task) is never pruned; ``protect`` lists further layers to keep intact, by
+  default the first Conv2d/Linear (it sees the raw input and is tiny). A
+  group is kept whole when any of its coupled layers is protected, so in a
+  ResNet protecting the stem also keeps the first stage's residual width;
+- ties are broken by the lower channel index (stable sort).
+
+Exactness: the kept channels keep their exact weights, so before fine-tuning
+the pruned model computes what the full model computes with the removed
+channels' outputs taken away. In a plain stack (conv/linear -> ReLU), a
+channel whose weights and bias are zero outputs zero, so removing it changes
+nothing (tested to 1e-5). Behind a BatchNorm a zeroed filter still outputs
+BN's shift (beta - mean * scale), so there removal does change the outputs.
+
+The pruned model records the pruned indices (Torch-Pruning's pruning history)
+as a ``{"kind": "prune"}`` transform on its checkpoint spec, and
+:func:`rebuild` replays that history on a fresh model, so ``ftcnn.save`` /
+``ftcnn.load`` round-trip pruned models.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ftcnn import checkpoint
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+CRITERIA = ("vulnerability", "l1")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Output channels that must be pruned together.
+
+    ``layers`` are the coupled Conv2d/Linear layers in execution order (the
+    first is the root the indices refer to); ``index_map[layer]`` lists pairs
+    ``(channel of that layer, channel of the root)``.
+    """
+
+    layers: tuple[str, ...]
+    channels: int
+    index_map: Mapping[str, tuple[tuple[int, int], ...]]
+
+    @property
+    def root(self) -> str:
+        return self.layers[0]
+
+
+# --------------------------------------------------------------------------- structure
+
+def execution_order(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Names of the Conv2d/Linear modules in the order one forward calls them."""
+    order: list[str] = []
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+    def hook(module: nn.Module, *_: Any) -> None:
+        if names[module] not in order:
+            order.append(names[module])
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad(), _eval(model):
+            model(_example(model, input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+class _eval:
+    """Temporarily put a model in eval mode (BatchNorm refuses 1-sample batches in training)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *_: Any) -> None:
+        self.model.train(self.was_training)
+
+
+def _example(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    return torch.zeros((1, *input_shape), device=device)
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3 or \
+            not all(isinstance(v, int) and v > 0 for v in input_shape):
+        raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
+    return tuple(input_shape)
+
+
+def dependency_graph(model: nn.Module, input_shape: Sequence[int]) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced on one zero input."""
+    with _eval(model):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=_example(model, input_shape),
+                                                     verbose=False)
+
+
+def _out_fn(module: nn.Module):
+    return tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int],
+                   graph: tp.DependencyGraph | None = None) -> list[ChannelGroup]:
+    """Every group of coupled output channels of the model's Conv2d/Linear layers,
+    in execution order of their roots (each layer appears in exactly one group)."""
+    input_shape = _check_input_shape(input_shape)
+    graph = graph or dependency_graph(model, input_shape)
+    order = execution_order(model, input_shape)
+    rank = {name: i for i, name in enumerate(order)}
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    seen: set[str] = set()
+    groups = []
+    for name in order:
+        if name in seen:
+            continue
+        module = modules[name]
+        group = graph.get_pruning_group(module, _out_fn(module), list(range(module.out_channels
+                                        if isinstance(module, nn.Conv2d) else module.out_features)))
+        index_map: dict[str, tuple[tuple[int, int], ...]] = {}
+        for item in group.items:
+            target = item.dep.target.module
+            if isinstance(target, PRUNABLE) and graph.is_out_channel_pruning_fn(item.dep.handler) \
+                    and names.get(target) in rank:
+                index_map[names[target]] = tuple((int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)
+                                                 if r is not None)  # None: no root channel (tp)
+        layers = tuple(sorted(index_map, key=rank.__getitem__))
+        if layers[0] != name:  # cannot happen: the earliest layer of a group is reached first
+            raise RuntimeError(f"channel group of {name} starts at {layers[0]}")
+        seen.update(layers)
+        groups.append(ChannelGroup(layers, len(index_map[name]), index_map))
+    return groups
+
+
+# --------------------------------------------------------------------------- scores
+
+def l1_scores(model: nn.Module) -> dict[str, list[float]]:
+    """L1 norm of each output channel's weights (bias excluded), per Conv2d/Linear."""
+    return {name: m.weight.detach().abs().flatten(1).sum(1).tolist()
+            for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def _layer_scores(scores: Mapping[str, Any]) -> Mapping[str, Sequence[float]]:
+    """Accept both a plain ``{layer: [scores]}`` and vulnerability's ``{"layers": {...}, ...}``."""
+    layers = scores.get("layers") if isinstance(scores, Mapping) else None
+    return layers if isinstance(layers, Mapping) else scores
+
+
+def group_score(group: ChannelGroup, scores: Mapping[str, Sequence[float]],
+                channel_counts: Mapping[str, int]) -> np.ndarray:
+    """Score per root channel: the sum over the coupled layers of their scores
+    normalised to sum 1 (a layer with all-zero scores contributes zeros)."""
+    total = np.zeros(group.channels)
+    for layer in group.layers:
+        if layer not in scores:
+            raise ValueError(f"no score for layer {layer!r} (scores cover: {', '.join(sorted(scores)) or 'none'})")
+        values = np.asarray(scores[layer], dtype=np.float64)
+        if values.shape != (channel_counts[layer],):
+            raise ValueError(f"scores for layer {layer!r} have {values.size} values but the layer has "
+                             f"{channel_counts[layer]} output channels")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"scores for layer {layer!r} contain NaN or Inf")
+        norm = values.sum()
+        values = values / norm if norm > 0 else values
+        for idx, root_idx in group.index_map[layer]:
+            total[root_idx] += values[idx]
+    return total
+
+
+def lowest(scores: np.ndarray, ratio: float) -> list[int]:
+    """The ``floor(ratio * n)`` lowest-scored indices (ties: lower index first),
+    at most ``n - 1`` so a layer keeps at least one channel; sorted ascending."""
+    n = len(scores)
+    k = min(math.floor(ratio * n + 1e-9), n - 1)
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:max(k, 0)])
+
+
+# --------------------------------------------------------------------------- planning
+
+def _check_ratio(value: Any, what: str) -> float:
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= ratio <= 1.0:  # also rejects NaN
+        raise ValueError(f"{what} {value} outside [0, 1]")
+    return ratio
+
+
+def _group_ratios(groups: list[ChannelGroup], ratio: float | Mapping[str, float]) -> list[float]:
+    """One ratio per group (arguments already checked); unnamed layers keep all channels."""
+    if not isinstance(ratio, Mapping):
+        return [float(ratio)] * len(groups)
+    ratios = {name: float(v) for name, v in ratio.items()}
+    out = []
+    for group in groups:
+        named = {ratios[l] for l in group.layers if l in ratios}
+        if len(named) > 1:
+            raise ValueError(f"layers {', '.join(group.layers)} share their channels (coupled by the "
+                             f"dependency graph) and must get the same pruning ratio")
+        out.append(named.pop() if named else 0.0)
+    return out
+
+
+def _check_names(names: Any, known: Sequence[str], what: str) -> None:
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown layer {name!r} in {what} (Conv2d/Linear layers: {', '.join(known)})")
+
+
+def check_arguments(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
+                    protect: Sequence[str] | None = None, input_shape: tuple[int, int, int]
+                    ) -> tuple[list[str], set[str]]:
+    """Validate :func:`prune`'s arguments cheaply (before anyone computes scores).
+
+    Returns the Conv2d/Linear names in execution order and the protected set.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    input_shape = _check_input_shape(input_shape)
+    if isinstance(ratio, Mapping):
+        for name, value in ratio.items():
+            _check_ratio(value, f"pruning ratio of layer {name!r}")
+    else:
+        _check_ratio(ratio, "pruning ratio")
+    order = execution_order(model, input_shape)
+    if not order:
+        raise ValueError("model has no Conv2d/Linear layer to prune")
+    if isinstance(protect, str):
+        protect = [protect]
+    protected = set(order[:1] if protect is None else protect)
+    _check_names(protected, order, "protect")
+    if isinstance(ratio, Mapping):
+        _check_names(ratio, order, "the per-layer ratios")
+    protected.add(order[-1])  # the classifier: its outputs are the classes
+    return order, protected
+
+
+def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
+         scores: Mapping[str, Any] | None = None, protect: Sequence[str] | None = None,
+         input_shape: tuple[int, int, int]) -> list[tuple[str, list[int]]]:
+    """Which channels :func:`prune` removes: ``[(root layer, [channel indices]), ...]``.
+
+    Pure (does not change ``model``); see :func:`prune` for the arguments.
+    """
+    order, protected = check_arguments(model, ratio=ratio, criterion=criterion, protect=protect,
+                                       input_shape=input_shape)
+    groups = channel_groups(model, input_shape)
+    ratios = _group_ratios(groups, ratio)
+    if isinstance(ratio, Mapping):
+        for name, r in ratio.items():
+            blocked = [l for g in groups if name in g.layers for l in g.layers if l in protected]
+            if r > 0 and blocked:
+                raise ValueError(f"layer {name!r} cannot be pruned: it is protected or coupled with "
+                                 f"protected layer {blocked[0]!r}")
+    if criterion == "vulnerability":
+        if scores is None:
+            raise ValueError("criterion 'vulnerability' needs scores (ftcnn.vulnerability.analyze)")
+        layer_scores = _layer_scores(scores)
+    else:
+        layer_scores = l1_scores(model)
+    modules = dict(model.named_modules())
+    counts = {n: modules[n].out_channels if isinstance(modules[n], nn.Conv2d) else modules[n].out_features
+              for n in order}
+    result = []
+    for group, r in zip(groups, ratios):
+        if r == 0 or protected.intersection(group.layers):
+            continue
+        idxs = lowest(group_score(group, layer_scores, counts), r)
+        if idxs:
+            result.append((group.root, idxs))
+    return result
+
+
+def apply_plan(model: nn.Module, removals: Sequence[tuple[str, Sequence[int]]],
+               input_shape: Sequence[int]) -> list[list[Any]]:
+    """Prune ``model`` in place; returns Torch-Pruning's history as JSON-able data."""
+    graph = dependency_graph(model, input_shape)
+    modules = dict(model.named_modules())
+    for name, idxs in removals:
+        module = modules[name]
+        graph.get_pruning_group(module, _out_fn(module), [int(i) for i in idxs]).prune()
+    return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()]
+
+
+# --------------------------------------------------------------------------- public API
+
+def prune(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
+          scores: Mapping[str, Any] | None = None, protect: Sequence[str] | None = None,
+          input_shape: tuple[int, int, int]) -> nn.Module:
+    """Structured channel pruning; returns a new, smaller model (``model`` is untouched).
+
+    Args:
+        model: a CNN built from Conv2d/Linear (any topology Torch-Pruning traces).
+        ratio: share of output channels to remove in every prunable layer, or
+            ``{layer: ratio}`` (unnamed layers are not pruned).
+        criterion: ``"vulnerability"`` (remove the lowest-scored channels) or ``"l1"``.
+        scores: ``{layer: [score per output channel]}`` or the dict returned by
+            ``ftcnn.vulnerability.analyze``; required for ``"vulnerability"``.
+        protect: layers never pruned (default: the first Conv2d/Linear); the
+            output layer is always protected.
+        input_shape: ``(C, H, W)`` of one input, to trace the model.
+
+    Returns:
+        The pruned copy, with the transform recorded so ``ftcnn.save``/``load`` round-trip it.
+
+    Example:
+        >>> small = prune(model, ratio=0.3, scores=analyze(model, x, y), input_shape=(1, 28, 28))
+    """
+    spec = getattr(model, checkpoint.SPEC_ATTR, None) or {}
+    if any(t.get("kind") == "harden" for t in spec.get("transforms", [])) or \
+            any(type(m).__name__ == "Hardened" for m in model.modules()):
+        raise ValueError("prune before hardening: this model is already hardened")
+    removals = plan(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
+                    input_shape=input_shape)
+    pruned = copy.deepcopy(model)
+    history = apply_plan(pruned, removals, input_shape)
+    if hasattr(model, checkpoint.SPEC_ATTR):
+        checkpoint.with_transform(pruned, {
+            "kind": "prune", "criterion": criterion,
+            "ratio": dict(ratio) if isinstance(ratio, Mapping) else float(ratio),
+            "input_shape": list(input_shape), "history": history})
+    return pruned
+
+
+def rebuild(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """Replay a recorded pruning on a freshly built model (for ``checkpoint.load``)."""
+    graph = dependency_graph(model, _check_input_shape(tuple(transform["input_shape"])))
+    graph.load_pruning_history([[n, bool(out), list(idxs)] for n, out, idxs in transform["history"]])
+    return model
+
+
+def removed_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels removed per root layer, summed over the model's prune transforms."""
+    out: dict[str, int] = {}
+    for t in getattr(model, checkpoint.SPEC_ATTR, {}).get("transforms", []):
+        if t.get("kind") == "prune":
+            for name, is_out, idxs in t["history"]:
+                if is_out:
+                    out[name] = out.get(name, 0) + len(idxs)
+    return out
+
+
+def finetune(model: nn.Module, train_dataset: torch.utils.data.Dataset, epochs: int, lr: float = 1e-3,
+             seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[float]:
+    """Retrain a pruned model briefly (Adam, cosine decay, in place); mean loss per epoch.
+
+    The lower default learning rate (half of training's) keeps the surviving
+    weights close to where the full model put them.
+    """
+    from ftcnn.train import fit
+
+    return fit(model, train_dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+               progress=progress, desc="finetune")
+
+
+# --------------------------------------------------------------------------- the paper's pipeline
+
+PIPELINE_STAGES = ("original", "pruned", "pruned_finetuned", "hardened_pruned", "hardened_unpruned")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's tensors: ties a run folder to the exact model it started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=1, default=str)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    checkpoint.atomic_write(path, write)
+
+
+def pipeline(model: nn.Module, train_set: torch.utils.data.TensorDataset,
+             test_set: torch.utils.data.TensorDataset, out_dir: str | Path, *, prune_ratio: float,
+             harden_ratio: float = 0.1, correction: str = "min", criterion: str = "vulnerability",
+             finetune_epochs: int = 3, lr: float = 1e-3, samples: int = 256, seed: int = 0,
+             restrict: str | None = None, record: Mapping[str, Any] | None = None,
+             progress: bool = True, log: Any = None) -> dict[str, Any]:
+    """The paper's pipeline: score (gain, training inputs) -> prune -> fine-tune -> re-score
+    -> harden, plus the original hardened at the same ratio for comparison.
+
+    Writes into ``out_dir``: ``scores_original.json``, ``pruned.pt`` (pruned and
+    fine-tuned), ``scores_pruned.json``, ``hardened.pt``, ``hardened_unpruned.pt``
+    and ``summary.json`` (params, MACs, CPU latency at batch 1 and 128 -- one
+    thread, all models timed interleaved, medians -- and clean test accuracy of
+    every stage in ``PIPELINE_STAGES``, plus relative costs).
+    Resumable: a stage whose output exists is loaded, not redone; a folder started
+    with other settings or another model is refused. Returns the summary.
+
+    Example:
+        >>> pipeline(model, train, test, "runs/pipe", prune_ratio=0.3, harden_ratio=0.1)
+    """
+    from ftcnn import cost, harden as harden_mod, train as train_mod, vulnerability
+
+    say = log or (lambda *_: None)
+    out = Path(out_dir)
+    _check_ratio(prune_ratio, "prune ratio")
+    _check_ratio(harden_ratio, "harden ratio")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
+    x_train, y_train = train_set.tensors[0], train_set.tensors[1]
+    input_shape = tuple(x_train.shape[1:])
+    config = {"prune_ratio": prune_ratio, "harden_ratio": harden_ratio, "correction": correction,
+              "criterion": criterion, "finetune_epochs": finetune_epochs, "lr": lr, "samples": samples,
+              "seed": seed, "restrict": restrict, "model_sha256": fingerprint(model),
+              **{k: v for k, v in (record or {}).items() if k in ("data",)}}
+    config_path = out / "pipeline.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a pipeline run with other settings ({', '.join(diff)}); "
+                             f"use another output folder")
+    else:
+        _write_json(config_path, config)
+    if (out / "summary.json").exists():
+        say(f"reusing {out / 'summary.json'} (delete it to measure again)")
+        return json.loads((out / "summary.json").read_text())
+
+    def scores_for(net: nn.Module, name: str) -> dict[str, Any]:
+        path = out / name
+        if path.exists():
+            say(f"reusing {path}")
+            return vulnerability.load_scores(path)
+        say(f"scoring ({name}) ...")
+        scores = vulnerability.analyze(net, x_train, y_train, method="gain", samples=samples, seed=seed)
+        vulnerability.save_scores(scores, path)
+        return scores
+
+    calibration = x_train[torch.from_numpy(np.random.default_rng(seed).permutation(len(x_train))[:1000])]
+
+    def hardened(net: nn.Module, scores: Mapping[str, Any], name: str, **meta: Any) -> nn.Module:
+        path = out / name
+        if path.exists():
+            say(f"reusing {path}")
+            return checkpoint.load(path)
+        hard = harden_mod.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
+                                 restrict=restrict, calibration=calibration)
+        checkpoint.save(hard, path, test_accuracy=train_mod.evaluate(hard, test_set), **meta)
+        return checkpoint.load(path)  # measure what was saved (and prove it loads)
+
+    model.eval()
+    scores_original = scores_for(model, "scores_original.json")
+    pruned_path = out / "pruned.pt"
+    if pruned_path.exists():
+        say(f"reusing {pruned_path}")
+        pruned = checkpoint.load(pruned_path)
+    else:
+        pruned = prune(model, ratio=prune_ratio, criterion=criterion,
+                       scores=scores_original if criterion == "vulnerability" else None,
+                       input_shape=input_shape)
+        before = train_mod.evaluate(pruned, test_set)
+        say(f"pruned ({criterion}, ratio {prune_ratio}): accuracy {before:.2%}; fine-tuning ...")
+        train_mod.seed_everything(seed)
+        losses = finetune(pruned, train_set, finetune_epochs, lr=lr, seed=seed, progress=progress)
+        checkpoint.save(pruned, pruned_path, test_accuracy=train_mod.evaluate(pruned, test_set),
+                        accuracy_before_finetune=before, finetune_losses=losses, stage="pruned_finetuned",
+                        **{k: v for k, v in (record or {}).items() if k == "data"})
+        pruned = checkpoint.load(pruned_path)
+    scores_pruned = scores_for(pruned, "scores_pruned.json")
+    data_meta = {k: v for k, v in (record or {}).items() if k == "data"}
+    hard_pruned = hardened(pruned, scores_pruned, "hardened.pt", stage="hardened_pruned", **data_meta)
+    hard_unpruned = hardened(model, scores_original, "hardened_unpruned.pt", stage="hardened_unpruned",
+                             **data_meta)
+
+    say("measuring costs ...")
+    models = {"original": model, "pruned_finetuned": pruned, "hardened_pruned": hard_pruned,
+              "hardened_unpruned": hard_unpruned}
+    # latency: all models timed interleaved on one thread, so the ratios survive a busy machine
+    lat = {b: cost.interleaved_latency(models, input_shape, batch=b, threads=1) for b in (1, 128)}
+    stages: dict[str, dict[str, Any]] = {}
+    for name, net in models.items():
+        stages[name] = {"params": cost.parameters(net), **cost.macs(net, input_shape),
+                        "latency_b1_ms": lat[1][name], "latency_b128_ms": lat[128][name],
+                        "accuracy": train_mod.evaluate(net, test_set)}
+    # same structure as pruned_finetuned; only the accuracy differs (before fine-tuning)
+    stages["pruned"] = {**stages["pruned_finetuned"],
+                        "accuracy": checkpoint.meta(pruned).get("accuracy_before_finetune")}
+    stages = {name: stages[name] for name in PIPELINE_STAGES}
+    summary = {
+        "config": config, "record": dict(record or {}), "input_shape": list(input_shape),
+        "latency": {"threads": 1, "method": "cost.interleaved_latency (median ms per forward)"},
+        "stages": stages,
+        "relative": {
+            "pruned_vs_original": cost.relative(stages["pruned_finetuned"], stages["original"]),
+            "hardened_pruned_vs_hardened_unpruned": cost.relative(stages["hardened_pruned"],
+                                                                  stages["hardened_unpruned"]),
+            "hardened_pruned_vs_original": cost.relative(stages["hardened_pruned"], stages["original"]),
+        },
+        "removed_channels": removed_channels(pruned),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,406 @@
+"""Hardening: bit-exact without faults, faults in copies/originals masked, restriction, I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import ftcnn
+from ftcnn import checkpoint, cost, faults as F, harden as H
+from ftcnn.models import MODELS
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> dict[str, list[float]]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(H._out_channels(m), generator=g).tolist() for n, m in H.target_layers(model).items()}
+
+
+def grouped_model() -> nn.Module:
+    """A user model with a grouped (4 groups) and a depthwise conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=8), nn.ReLU(),   # depthwise, multiplier 2
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def feed_model() -> nn.Module:
+    """Conv -> ReLU -> conv: the second conv sees non-negative inputs, so a huge
+    positive weight makes huge positive outputs (the case the min rule is for)."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * 8 * 8, 10)).eval()
+
+
+VARIANTS = {
+    "min": dict(correction="min"),
+    "range": dict(correction="range"),
+    "tmr": dict(correction="tmr"),
+    "full_tmr": dict(tmr="full"),
+}
+
+
+# --- no fault: bit for bit -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fault_free_bit_exact_every_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name](num_classes=10, in_channels=3, input_size=8, width=0.25).eval()
+    x = torch.randn(4, 3, 8, 8)
+    calibration = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        golden = model(x)
+        for label, kw in VARIANTS.items():
+            hm = H.harden(model, random_scores(model), ratio=0.5, calibration=calibration, **kw)
+            assert H.protected(hm), label
+            assert torch.equal(hm(x), golden), f"{name} {label}"
+        assert torch.equal(model(x), golden)  # the input model is untouched
+
+
+def test_grouped_and_depthwise_convs() -> None:
+    model = grouped_model()
+    x = torch.randn(5, 3, 12, 12)
+    golden = model(x)
+    for label, kw in VARIANTS.items():
+        hm = H.harden(model, random_scores(model, 3), ratio=0.5, calibration=x, **kw)
+        assert torch.equal(hm(x), golden), label
+    # independent check of the input-channel gather: each copy computes its original filter
+    hm = H.harden(model, random_scores(model, 3), ratio=0.5, correction="tmr")
+    for idx, layer in ((2, hm[2]), (4, hm[4])):
+        inp = model[:idx](x)
+        want = model[idx](inp)[:, layer.correction.index]
+        got = layer.copies(inp.index_select(1, layer.gather)).chunk(2, 1)
+        for c in got:
+            torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-6)
+        assert layer.copies.groups == 2 * len(layer.correction.index)
+
+
+# --- choosing channels --------------------------------------------------------------
+
+def test_ratio_picks_top_scores_per_layer(tiny_model) -> None:
+    scores = random_scores(tiny_model, 7)
+    hm = H.harden(tiny_model, scores, ratio=0.3)
+    for name, s in scores.items():
+        k = math.ceil(0.3 * len(s))
+        expected = sorted(sorted(range(len(s)), key=lambda i: -s[i])[:k])
+        assert H.protected(hm)[name] == expected
+    none = H.harden(tiny_model, scores, ratio=0.0)
+    assert not H.protected(none)
+    assert list(F.fault_targets(none)) == list(F.fault_targets(tiny_model))
+
+
+def test_budget_fills_extra_macs(tiny_model, tiny_data) -> None:
+    x, _ = tiny_data
+    base = cost.macs(tiny_model, (1, 8, 8))["layer_macs"]
+    assert not H.protected(H.harden(tiny_model, random_scores(tiny_model), budget=0.0, input_shape=(1, 8, 8)))
+    for budget in (0.1, 0.3):
+        hm = H.harden(tiny_model, random_scores(tiny_model), budget=budget, calibration=x)
+        extra = cost.macs(hm, (1, 8, 8))["layer_macs"] - base
+        assert 0 < extra <= budget * base
+        assert extra > budget * base - 4 * 9 * 64  # not more unspent than the dearest channel (conv filter)
+
+
+def test_duplicated_parameters_are_fault_targets(tiny_model) -> None:
+    scores = random_scores(tiny_model)
+    for kw, copies in ((dict(correction="min"), 1), (dict(correction="tmr"), 2)):
+        hm = H.harden(tiny_model, scores, ratio=0.5, **kw)
+        # independent count: each protected channel's weight row + bias element, per copy
+        dup = sum(copies * (m.weight[0].numel() + 1) * math.ceil(0.5 * H._out_channels(m))
+                  for m in H.target_layers(tiny_model).values())
+        assert H.duplicated_parameters(hm) == dup
+        bits = F.parameter_memory(hm).total_bits()
+        assert bits == F.parameter_memory(tiny_model).total_bits() + 32 * dup
+        names = list(F.fault_targets(hm))
+        assert "0.original.weight" in names and "0.copies.weight" in names and "0.weight" not in names
+
+
+# --- faults ---------------------------------------------------------------------------
+
+def _flip(model: nn.Module, name: str, index: int, bit: int = 30):
+    memory = F.parameter_memory(model)
+    return F.injected(memory, F.targeted([(name, index, bit)]))
+
+
+def _positive_weight(weight: torch.Tensor, row: int) -> int:
+    """Flat index of the largest weight in [0, 1) of ``row`` (bit 30 -> huge positive)."""
+    w = weight[row].reshape(-1)
+    cand = torch.where((w > 0) & (w < 1), w, torch.zeros_like(w))
+    assert cand.max() > 0
+    return row * w.numel() + int(cand.argmax())
+
+
+@pytest.mark.parametrize("rule", ["min", "range"])
+def test_bit30_in_duplicated_filter_is_masked(rule: str) -> None:
+    model = feed_model()
+    x = torch.randn(32, 1, 8, 8)
+    golden = model(x)
+    hm = H.harden(model, random_scores(model), ratio=0.5, correction=rule, calibration=torch.randn(64, 1, 8, 8))
+    layer = hm[2]
+    ch = int(layer.correction.index[0])
+    # fault in the copy: the original value is kept, exactly
+    with _flip(hm, "2.copies.weight", _positive_weight(layer.copies.weight, 0)):
+        assert torch.equal(hm(x), golden)
+    # the same fault in the original's protected filter: the copy's value replaces it, which can
+    # differ from the golden value by float rounding of the second conv call (~1e-6), no more
+    idx = _positive_weight(layer.original.weight, ch)
+    with _flip(hm, "2.original.weight", idx):
+        out = hm(x)
+        torch.testing.assert_close(out, golden, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.argmax(1), golden.argmax(1))
+    # the same flip in an unprotected filter (or the unhardened model) is not masked
+    free = next(c for c in range(6) if c not in layer.correction.index.tolist())
+    with _flip(hm, "2.original.weight", _positive_weight(layer.original.weight, free)):
+        assert not torch.allclose(hm(x), golden, atol=1e-3)
+    with _flip(model, "2.weight", idx):
+        assert not torch.allclose(model(x), golden, atol=1e-3)
+
+
+def _negative_weight(weight: torch.Tensor, row: int) -> int:
+    w = weight[row].reshape(-1)
+    cand = torch.where((w < 0) & (w > -1), w, torch.zeros_like(w))
+    return row * w.numel() + int(cand.argmin())
+
+
+def test_min_weakness_huge_negative_in_original() -> None:
+    """min keeps a huge NEGATIVE corruption of the original (the paper relies on the next
+    ReLU to zero it, which bounds the damage but loses the value); range corrects it."""
+    model = feed_model()
+    x = torch.randn(32, 1, 8, 8)
+    calib = torch.randn(64, 1, 8, 8)
+    inp = model[:2](x)
+    golden_layer = model[2](inp)
+    for rule in ("min", "range"):
+        # a margin, so that test values just beyond the 64 calibration inputs' range still count
+        # as in range (else range outputs 0 there: neither copy inside)
+        hm = H.harden(model, random_scores(model), ratio=0.5, correction=rule, calibration=calib, margin=0.5)
+        ch = int(hm[2].correction.index[0])
+        with _flip(hm, "2.original.weight", _negative_weight(hm[2].original.weight, ch)):
+            out = hm[2](inp)[:, ch]
+        if rule == "min":
+            assert out.min() < -1e30  # the minimum picked the corrupted value
+        else:
+            torch.testing.assert_close(out, golden_layer[:, ch], rtol=1e-5, atol=1e-5)
+
+
+def test_tmr_masks_one_faulty_copy() -> None:
+    model = feed_model()
+    x = torch.randn(32, 1, 8, 8)
+    golden = model(x)
+    for kw in (dict(correction="tmr", ratio=0.5), dict(tmr="full")):
+        hm = H.harden(model, random_scores(model), **kw)
+        layer = hm[2]
+        k = len(layer.correction.index)
+        for row in (0, k):  # first and second copy of the first protected channel
+            for bit in (30, 31, 22):
+                w = layer.copies.weight
+                with _flip(hm, "2.copies.weight", row * w[0].numel() + 3, bit):
+                    assert torch.equal(hm(x), golden)
+        ch = int(layer.correction.index[0])
+        with _flip(hm, "2.original.weight", _negative_weight(layer.original.weight, ch)):
+            torch.testing.assert_close(hm(x), golden, rtol=1e-5, atol=1e-5)
+
+
+def test_tmr_nan_in_copy() -> None:
+    a = torch.tensor([1.0, 2.0, -3.0])
+    b = torch.tensor([float("nan"), float("inf"), -3.0])
+    c = a.clone()
+    assert torch.equal(H.correct_tmr(a, (b, c), None, None), a)
+    assert torch.equal(H.correct_tmr(b, (a, c), None, None), a)  # faulty original: copies agree
+    assert torch.equal(H.correct_min(a, (b,), None, None), a)
+
+
+# --- range restriction ------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["zero", "clamp"])
+def test_restriction(mode: str) -> None:
+    model = feed_model()
+    x = torch.randn(32, 1, 8, 8)
+    calib = torch.randn(256, 1, 8, 8)
+    golden = model(x)
+    hm = H.harden(model, ratio=0.0, restrict=mode, margin=1.0, calibration=calib)
+    assert torch.equal(hm(x), golden)  # fault-free, wide margin: exact on unseen inputs
+    layer = hm[2]
+    inp = model[:2](x)
+    ch = 1
+    with _flip(hm, "2.original.weight", _positive_weight(layer.original.weight, ch)):
+        raw = layer.original(inp)[:, ch]
+        out = layer(inp)[:, ch]
+    huge = raw > 1e30
+    assert huge.any()
+    high = layer.restrict.high[ch].reshape(())
+    assert torch.all(out <= high)
+    expected = torch.zeros_like(out[huge]) if mode == "zero" else high.expand_as(out[huge])
+    assert torch.equal(out[huge], expected)
+    # NaN -> 0 in both modes
+    nan = layer.restrict(torch.full((1, 6, 2, 2), float("nan")))
+    assert torch.equal(nan, torch.zeros_like(nan))
+
+
+def test_restriction_with_duplication_and_profiled_ranges(tiny_model, tiny_data) -> None:
+    x, _ = tiny_data
+    hm = H.harden(tiny_model, random_scores(tiny_model), ratio=0.5, correction="range", restrict="clamp",
+                  calibration=x)
+    # independent profile of layer "4" (the first Linear): min/max over the calibration inputs
+    act = tiny_model[:5](x)
+    torch.testing.assert_close(hm[4].restrict.low, act.amin(0))
+    torch.testing.assert_close(hm[4].restrict.high, act.amax(0))
+    idx = hm[4].correction.index
+    torch.testing.assert_close(hm[4].correction.low, act.amin(0)[idx])
+    assert torch.equal(hm(x), tiny_model(x))  # calibration inputs are inside their own ranges
+    assert cost.macs(hm, (1, 8, 8))["elementwise"] > 0
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratio=1.5), r"ratio 1.5 outside \[0, 1\]"),
+    (dict(ratio=-0.1), "outside"),
+    (dict(correction="max"), "unknown correction 'max'"),
+    (dict(tmr="half"), "unknown tmr mode"),
+    (dict(restrict="drop"), "unknown restriction"),
+    (dict(restrict="zero"), "calibration"),
+    (dict(correction="range"), "calibration"),
+    (dict(budget=-1.0), "budget"),
+])
+def test_bad_arguments(tiny_model, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        H.harden(tiny_model, random_scores(tiny_model), **kwargs)
+
+
+def test_bad_scores(tiny_model) -> None:
+    scores = random_scores(tiny_model)
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        H.harden(tiny_model, {**scores, "nope": [1.0]})
+    del scores["4"]
+    with pytest.raises(ValueError, match="no scores for layer '4'"):
+        H.harden(tiny_model, scores)
+    with pytest.raises(ValueError, match="scores are needed"):
+        H.harden(tiny_model, None, ratio=0.1)
+    with pytest.raises(ValueError, match="16 output channels but 3"):
+        H.harden(tiny_model, {**random_scores(tiny_model), "4": [1, 2, 3]})
+    with pytest.raises(ValueError, match="already hardened"):
+        H.harden(H.harden(tiny_model, tmr="full"), tmr="full")
+
+
+# --- checkpoints and ONNX -----------------------------------------------------------------
+
+SAVE_VARIANTS = {
+    "min": dict(correction="min", ratio=0.3),
+    "range": dict(correction="range", ratio=0.3),
+    "tmr": dict(correction="tmr", ratio=0.3),
+    "full_tmr": dict(tmr="full"),
+    "restrict": dict(ratio=0.0, restrict="zero", margin=0.1),
+    "range_clamp": dict(correction="range", ratio=0.3, restrict="clamp"),
+}
+
+
+def _built(name: str = "lenet5") -> nn.Module:
+    torch.manual_seed(0)
+    return checkpoint.build(name, num_classes=10, in_channels=1, input_size=8, width=0.5).eval()
+
+
+@pytest.mark.parametrize("variant", sorted(SAVE_VARIANTS))
+def test_save_load_round_trip(variant: str, tmp_path: Path) -> None:
+    model = _built()
+    calib, x = torch.randn(64, 1, 8, 8), torch.randn(16, 1, 8, 8) * 1.5
+    hm = H.harden(model, random_scores(model), calibration=calib, **SAVE_VARIANTS[variant])
+    assert checkpoint.get_spec(hm)["transforms"][-1]["kind"] == "harden"
+    assert checkpoint.get_spec(model)["transforms"] == []
+    ftcnn.save(hm, tmp_path / "h.pt")
+    back = ftcnn.load(tmp_path / "h.pt")
+    assert torch.equal(back(x), hm(x))
+    assert list(F.fault_targets(back)) == list(F.fault_targets(hm))
+
+
+def test_save_load_resnet_budget(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = checkpoint.build("resnet20", num_classes=10, in_channels=3, input_size=8, width=0.25).eval()
+    x = torch.randn(4, 3, 8, 8)
+    hm = H.harden(model, random_scores(model), budget=0.2, correction="tmr")
+    assert H.protected(hm)
+    ftcnn.save(hm, tmp_path / "r.pt")
+    assert torch.equal(ftcnn.load(tmp_path / "r.pt")(x), model(x))
+
+
+@pytest.mark.parametrize("variant", ["range_clamp", "full_tmr"])
+def test_onnx_matches(variant: str, tmp_path: Path) -> None:
+    model = grouped_model() if variant == "full_tmr" else _built()
+    shape = (3, 12, 12) if variant == "full_tmr" else (1, 8, 8)
+    calib, x = torch.randn(64, *shape), torch.randn(16, *shape)
+    hm = H.harden(model, random_scores(model), calibration=calib, **SAVE_VARIANTS[variant])
+    H.export_onnx(hm, tmp_path / "h.onnx", shape)
+    out = ort.InferenceSession(str(tmp_path / "h.onnx")).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, hm(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+# --- command line -------------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_harden_then_inject(tmp_path: Path) -> None:
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
+    ftcnn.save(model, tmp_path / "m.pt", data="digits")
+    scores = {"format": "ftcnn-scores/1", "method": "hand", "settings": {}, "layers": random_scores(model)}
+    (tmp_path / "s.json").write_text(json.dumps(scores))
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--scores", str(tmp_path / "s.json"), "--ratio", "0.2",
+                "--correction", "range", "--restrict", "clamp", "--margin", "0.1", "--calibration-size", "200",
+                "--onnx", str(tmp_path / "h.onnx"), "-o", str(tmp_path / "h.pt"))
+    assert r.returncode == 0, r.stderr
+    assert "MACs x" in r.stdout and "clean test accuracy" in r.stdout
+    hm = ftcnn.load(tmp_path / "h.pt")
+    meta = checkpoint.meta(hm)["hardening"]
+    assert meta["overheads"]["relative"]["macs"] > 1 and meta["calibration_size"] == 200
+    assert (tmp_path / "h.onnx").is_file()
+    assert F.parameter_memory(hm).total_bits() == (F.parameter_memory(model).total_bits()
+                                                   + 32 * H.duplicated_parameters(hm))
+    r = run_cli("inject", str(tmp_path / "h.pt"), "--ber", "1e-4", "--trials", "2", "-o", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["data"] == "digits"
+
+
+def test_cli_harden_errors(tmp_path: Path) -> None:
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
+    ftcnn.save(model, tmp_path / "m.pt", data="digits")
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0.1", "-o", str(tmp_path / "h.pt"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "scores" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_campaign_on_hardened_model_matches_plain_injection(tmp_path: Path, tiny_model, tiny_data) -> None:
+    """Whatever shortcuts the campaign takes, its trials on a hardened model equal a plain
+    inject -> predict -> restore of the same faults (copies included)."""
+    import sqlite3
+
+    from ftcnn import campaign
+    from ftcnn.metrics import Golden, trial_metrics
+
+    x, y = tiny_data
+    hm = H.harden(tiny_model, random_scores(tiny_model), ratio=0.5, correction="min")
+    config = campaign.CampaignConfig(bers=(3e-3,), trials=6, seed=1)
+    campaign.run_campaign(hm, x, y, config, tmp_path / "run", progress=False)
+    db = sqlite3.connect(tmp_path / "run" / campaign.DB_NAME)
+    rows = dict(db.execute("SELECT trial, accuracy FROM trials").fetchall())
+    db.close()
+    memory = F.parameter_memory(hm)
+    golden = Golden(y, hm(x).argmax(1))
+    hit_copies = False
+    for trial in range(6):
+        faults = campaign.draw_trial_faults(memory, config, 3e-3, trial)
+        hit_copies |= any(".copies." in n for n in faults.sites)
+        with torch.no_grad(), F.injected(memory, faults):
+            want = trial_metrics(hm(x), golden)["accuracy"]
+        assert rows[trial] == pytest.approx(want, abs=1e-12)
+    assert hit_copies
