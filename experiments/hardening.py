@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -124,12 +123,13 @@ def copy_discrepancy(hardened: torch.nn.Module, x: torch.Tensor) -> dict[str, fl
 
 
 def bit_sensitivity(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, folder: Path,
-                    bits: tuple[int, ...], trials: int, seed: int) -> dict[int, float]:
+                    bits: tuple[int, ...], trials: int, seed: int, record: dict[str, Any]) -> dict[int, float]:
     """Critical-SDC rate of one flip at each bit position (a campaign per bit)."""
     out = {}
     for b in bits:
         config = campaign.CampaignConfig(counts=(1,), bits=(b,), trials=trials, seed=seed)
-        s = campaign.run_campaign(model, x, y, config, folder / f"bit{b:02d}", progress=False)
+        s = campaign.run_campaign(model, x, y, config, folder / f"bit{b:02d}", progress=False,
+                                  record=record or None)
         out[b] = s["results"][0]["critical_sdc_mean"]
     return out
 
@@ -148,6 +148,7 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
     method, scores = get_scores(model, folder, train_x, train_y, args.seed)
     input_shape = tuple(x.shape[1:])
     config = campaign.CampaignConfig(bers=tuple(args.ber), trials=args.trials, seed=args.seed)
+    subset = {"inputs": len(x)} if args.limit else {}  # a --limit run is another campaign
     with torch.inference_mode():
         golden_logits = campaign.predict(model, x)
     results: dict[str, Any] = {"model": name, "clean_accuracy": clean, "scores": method, "variants": {}}
@@ -174,13 +175,13 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
         row["cost"] = cost["hardened"]
         row["relative"] = cost["relative"]
         summary = campaign.run_campaign(net, x, y, config, folder / label, progress=False,
-                                        record={"model": name, "variant": label, "data": "mnist5k"})
+                                        record={"model": name, "variant": label, "data": "mnist5k", **subset})
         row["campaign"] = [{k: r[k] for k in ("ber", "trials", "accuracy_mean", "accuracy_ci95", "sdc_mean",
                                               "critical_sdc_mean", "due_mean", "n_faults_mean")}
                            for r in summary["results"]]
         if args.bit_trials:
             row["critical_sdc_by_bit"] = bit_sensitivity(net, x, y, folder / label / "bits", tuple(args.bits),
-                                                         args.bit_trials, args.seed)
+                                                         args.bit_trials, args.seed, subset)
         row["seconds"] = time.perf_counter() - start
         results["variants"][label] = row
         accs = " ".join(f"{r['accuracy_mean']:.3f}" for r in row["campaign"])
@@ -193,7 +194,9 @@ def markdown(all_results: list[dict[str, Any]], args: argparse.Namespace) -> str
     lines = ["# Hardening experiment (mnist5k, float32 bit flips in all Conv2d/Linear parameters, "
              "copies included)", "",
              f"Trials per BER: {args.trials}; seed {args.seed}; range margin {args.margin}; "
-             f"calibration: {args.calibration_size} training inputs. Accuracy: mean [95% CI].", ""]
+             f"calibration: {args.calibration_size} training inputs. Accuracy: mean [95% CI]. Latency: "
+             f"CPU, {args.threads} torch thread(s), smallest median of 3 alternating rounds (original, "
+             "variant); on a shared machine treat it as indicative.", ""]
     for res in all_results:
         bers = [r["ber"] for r in next(iter(res["variants"].values()))["campaign"]]
         lines += [f"## {res['model']} (clean {res['clean_accuracy']:.2%}, scores: {res['scores']})", "",
@@ -257,7 +260,11 @@ def main() -> None:
         args.out = args.out / "quick"
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    all_results = [run_model(name, args, args.out) for name in args.models]
+    new = {name: run_model(name, args, args.out) for name in args.models}
+    # keep the other models' results from earlier runs (e.g. LeNet-5 today, VGG-11 later)
+    previous = args.out / "results.json"
+    kept = json.loads(previous.read_text())["results"] if previous.is_file() else []
+    all_results = [r for r in kept if r["model"] not in new] + list(new.values())
     blob = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "tolerance": {"rtol": H.RTOL, "atol": H.ATOL}, "versions": campaign.versions(),
             "results": all_results}
