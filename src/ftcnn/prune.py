@@ -386,6 +386,8 @@ def finetune(model: nn.Module, train_dataset: torch.utils.data.Dataset, epochs: 
     """
     from ftcnn.train import fit
 
+    if epochs == 0:  # skip building an optimizer (its first use imports torch._dynamo, ~3 s)
+        return []
     return fit(model, train_dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                progress=progress, desc="finetune")
 
