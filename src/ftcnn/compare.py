@@ -154,6 +154,18 @@ def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: C
     return out
 
 
+def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], rounds: int
+                 ) -> dict[str, dict[str, float]]:
+    """Parameters, MACs, and CPU latency timed round-robin across all variants
+    (one thread), so that load on a shared machine hits every variant alike."""
+    out = {name: {"params": cost.parameters(net), **cost.macs(net, input_shape)} for name, net in nets.items()}
+    for batch in (1, 128):
+        ms = cost.interleaved_latency(nets, input_shape, batch=batch, rounds=rounds, threads=1)
+        for name, value in ms.items():
+            out[name][f"latency_b{batch}_ms"] = value
+    return out
+
+
 def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: CompareConfig,
                 record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build, measure and attack every variant; write summary.json/csv, plots and report.html."""
@@ -176,8 +188,6 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
 
     _log("scoring vulnerability")
     scores = _scores(model, x_train, y_train, config, out / "scores.json")
-    base_cost = _cached_json(out / "models" / "baseline.cost.json",
-                             lambda: cost.measure(model, input_shape, repeats=config.latency_repeats))
     variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
                 if config.variants is None or v.name in config.variants]
     if config.variants:
@@ -185,14 +195,17 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         if unknown:
             raise ValueError(f"unknown variant {sorted(unknown)[0]!r}; choose from "
                              + ", ".join(v.name for v in default_variants()))
-    rows = []
-    for variant in tqdm(variants, desc="variants", dynamic_ncols=True):
+    nets: dict[str, nn.Module] = {}
+    for variant in tqdm(variants, desc="build variants", dynamic_ncols=True):
         _log(f"{variant.name}: {variant.description}")
-        net = model if variant.name == "baseline" else build_variant(
-            variant, model, scores, train_set, config, input_shape, out / "models")
-        net.eval()
-        measured = _cached_json(out / "models" / f"{variant.name}.cost.json",
-                                lambda: cost.measure(net, input_shape, repeats=config.latency_repeats))
+        nets[variant.name] = (model if variant.name == "baseline" else build_variant(
+            variant, model, scores, train_set, config, input_shape, out / "models")).eval()
+    nets.setdefault("baseline", model)
+    measured = _cached_json(out / "models" / "costs.json",
+                            lambda: _measure_all(nets, input_shape, config.latency_repeats))
+    rows = []
+    for variant in tqdm(variants, desc="attack variants", dynamic_ncols=True):
+        net = nets[variant.name]
         clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
                              lambda: {"accuracy": train.evaluate(net, test_set)})["accuracy"]
         cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed)
@@ -203,7 +216,8 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
             "name": variant.name, "label": variant.name, "description": variant.description,
             "spec": asdict(variant), "clean_accuracy": clean,
             "golden_accuracy": summary["golden_accuracy"],
-            "cost": measured, "relative_cost": cost.relative(measured, base_cost),
+            "cost": measured[variant.name],
+            "relative_cost": cost.relative(measured[variant.name], measured["baseline"]),
             "results": summary["results"], "bit_sensitivity": bits,
         })
     result = {
