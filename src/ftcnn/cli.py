@@ -519,12 +519,12 @@ def pipeline(
 # --- analyze (vulnerability scores, design §3) --------------------------------
 
 def _analyze_settings(method: str, samples: Optional[int], seed: int, margin: Optional[float],
-                      confidence: Optional[float], bits: List[int]) -> dict:
+                      confidence: Optional[float], bits: List[int], pilot: Optional[int]) -> dict:
     """The options the user gave that ``method`` takes (the others keep its defaults)."""
     from ftcnn import vulnerability
 
     given = {"samples": samples, "seed": seed, "margin": margin, "confidence": confidence,
-             "bits": list(bits) or None}
+             "bits": list(bits) or None, "pilot": pilot}
     takes = vulnerability.settings_of(method)
     return {k: v for k, v in given.items() if k in takes and v is not None}
 
@@ -562,6 +562,9 @@ def analyze(
     margin: Optional[float] = typer.Option(None, help="fi: Leveugle error margin (default 0.05)"),
     confidence: Optional[float] = typer.Option(None, help="fi: Leveugle confidence (default 0.95)"),
     bits: List[int] = typer.Option([], help="fi: only these bit positions (default: all 32)"),
+    pilot: Optional[int] = typer.Option(None, min=0, help="fi: pilot faults per bit position that steer "
+                                                          "the sample to the bits that matter (default 16; "
+                                                          "0: equal share per bit)"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N inputs"),
     compare: Optional[str] = typer.Option(None, help="comma-separated methods to rank against --against"),
     against: str = typer.Option("fi", help="with --compare: the reference method"),
@@ -588,7 +591,7 @@ def analyze(
     net = checkpoint.load(checkpoint_path)
     spec = _data_spec(data, checkpoint.meta(net))
     if compare is None:
-        settings = _analyze_settings(method, samples, seed, margin, confidence, bits)
+        settings = _analyze_settings(method, samples, seed, margin, confidence, bits, pilot)
         scores = _analyze_one(net, method, spec, limit, settings, checkpoint_path)
         vulnerability.save_scores(scores, output)
         for name, values in scores["layers"].items():
@@ -613,7 +616,7 @@ def analyze(
                 console.print(f"note: {cached} was computed for {results[m]['checkpoint']}")
             console.print(f"{m}: scores from {cached}")
             continue
-        settings = _analyze_settings(m, samples, seed, margin, confidence, bits)
+        settings = _analyze_settings(m, samples, seed, margin, confidence, bits, pilot)
         results[m] = _analyze_one(net, m, spec, limit, settings, checkpoint_path)
         console.print(f"{m}: computed in {results[m]['seconds']:.1f}s")
         if cached is not None:
