@@ -79,7 +79,7 @@ def main() -> None:
     print(f"{'model':8} {'params':>10} {'clean s':>9} {'trial s':>9} {'ratio':>6}")
     for name in args.models:
         model, x, y = workload(name)
-        config = CampaignConfig(bers=(args.ber,), trials=args.trials, skip_fault_free=False)
+        config = CampaignConfig(bers=(args.ber,), trials=args.trials, **MODES["plain"])
         runner = prepare(model, x, y, config)
         predict(model, x)  # warm-up
         clean = timed(lambda: predict(model, x), 5)

@@ -234,31 +234,37 @@ def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: a
           f"{golden:.2%}, {len(x)} inputs of {'x'.join(map(str, x.shape[1:]))}, "
           f"load average {os.getloadavg()[0]:.1f}")
     times: dict[str, float] = {}
+    load: dict[str, float] = {}  # other jobs on the machine skew timings: shown per tool
     accuracy: dict[str, dict[float, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "ftcnn" in args.tools:
+            load["ftcnn"] = os.getloadavg()[0]
             times["ftcnn"], fast = run_ftcnn(model, x, y, args.trials, Path(tmp) / "fast")
             accuracy["ftcnn"] = rows(fast["results"])
             if not args.no_plain_check:
+                load["ftcnn plain"] = os.getloadavg()[0]
                 plain_s, plain = run_ftcnn(model, x, y, args.trials, Path(tmp) / "plain",
                                            shortcut=False, skip_fault_free=False, batch_trials=1)
                 times["ftcnn plain"] = plain_s
                 print(f"  ftcnn shortcuts == ftcnn plain path: "
                       f"{'yes' if plain['results'] == fast['results'] else 'NO'}")
         if "ftcnn-workers" in args.tools:
+            load["ftcnn 2 workers"] = os.getloadavg()[0]
             times["ftcnn 2 workers"], par = run_ftcnn(model, x, y, args.trials, Path(tmp) / "par", workers=2)
             accuracy["ftcnn 2 workers"] = rows(par["results"])
             if "ftcnn" in accuracy:
                 print(f"  ftcnn 2 workers == ftcnn: {'yes' if par['results'] == fast['results'] else 'NO'}")
     if "pytorchfi" in args.tools:
+        load["pytorchfi"] = os.getloadavg()[0]
         times["pytorchfi"], res = run_pytorchfi(model, x, y, args.trials)
         accuracy["pytorchfi"] = summarize(res)
     if "mrfi" in args.tools:
+        load["mrfi"] = os.getloadavg()[0]
         times["mrfi"], res = run_mrfi(model, x, y, args.trials)
         accuracy["mrfi"] = summarize(res)
-    print(f"  {'tool':16} {'wall s':>9} {'trials/s':>9}")
+    print(f"  {'tool':16} {'wall s':>9} {'trials/s':>9} {'load at start':>14}")
     for tool, t in times.items():
-        print(f"  {tool:16} {t:>9.1f} {n / t:>9.2f}")
+        print(f"  {tool:16} {t:>9.1f} {n / t:>9.2f} {load[tool]:>14.1f}")
     peers = [t for t in ("pytorchfi", "mrfi") if t in times]
     for ours in ("ftcnn", "ftcnn 2 workers"):
         if ours in times:

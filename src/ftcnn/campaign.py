@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from ftcnn import faults as F
 from ftcnn import fastpath
 from ftcnn.checkpoint import atomic_write
 from ftcnn.metrics import METRIC_NAMES, Golden, leveugle_sample_size, mean_ci, trial_metrics
+
+if TYPE_CHECKING:
+    from ftcnn.distributed import Executor
 
 DB_NAME = "results.sqlite"
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
@@ -247,10 +250,12 @@ class TrialRunner:
     config: CampaignConfig
     fast: fastpath.Shortcut | None = None
     batch: int = 1
+    golden_output: torch.Tensor | None = None  # the golden logits, if known (saves an inference)
     golden_metrics: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.golden_metrics = trial_metrics(self.golden_logits(), self.golden)
+        logits = self.golden_output if self.golden_output is not None else self.golden_logits()
+        self.golden_metrics = trial_metrics(logits, self.golden)
 
     def golden_logits(self) -> torch.Tensor:
         return predict(self.model, self.inputs, self.config.batch_size)
@@ -321,7 +326,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
     golden_logits = predict(model, inputs, config.batch_size)
     golden = Golden(labels, golden_logits.argmax(dim=1))
     fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
-    return TrialRunner(model, memory, inputs, golden, config, fast, batch)
+    return TrialRunner(model, memory, inputs, golden, config, fast, batch, golden_logits)
 
 
 def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor,
@@ -406,8 +411,8 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _run_points(pool: "distributed.Executor", db: sqlite3.Connection, config: CampaignConfig,  # noqa: F821
-                budget: int, progress: bool) -> None:
+def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, budget: int,
+                progress: bool) -> None:
     """Hand out the missing trials and commit each result as it arrives.
 
     A fixed budget sends all trials at once. ``--trials auto`` goes in rounds
@@ -429,8 +434,8 @@ def _run_points(pool: "distributed.Executor", db: sqlite3.Connection, config: Ca
         _run_point_auto(pool, db, config, point, budget, progress)
 
 
-def _run_point_auto(pool: "distributed.Executor", db: sqlite3.Connection,  # noqa: F821
-                    config: CampaignConfig, point: float, budget: int, progress: bool) -> None:
+def _run_point_auto(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, point: float,
+                    budget: int, progress: bool) -> None:
     done = done_trials(db, point)
     accuracies: list[float] = []
     trial = 0
