@@ -472,6 +472,8 @@ def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: f
         if config.by == "count":
             row["ber"] = None
         acc_mean, acc_std, acc_ci = mean_ci([t["accuracy"] for t in trials], config.confidence)
+        # accuracy is a share: clip the t-interval to [0, 1] rather than report 104%
+        acc_ci = (max(0.0, acc_ci[0]), min(1.0, acc_ci[1]))
         row.update(accuracy_mean=acc_mean, accuracy_std=acc_std, accuracy_ci95=list(acc_ci))
         for name in ("top5", "sdc", "critical_sdc", "due", "n_faults"):
             values = [t[name] for t in trials if t[name] is not None and not _isnan(t[name])]

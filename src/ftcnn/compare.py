@@ -240,13 +240,14 @@ def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
     from rich.table import Table
     ber = summary["report_ber"]
     table = Table(title=f"{summary['model_name']} on {summary['data']}: protections at BER {ber:g}")
-    for col in ("variant", "clean", f"acc @ {ber:g}", "95% CI", "+params", "+MACs", "+latency b1"):
-        table.add_column(col, justify="right" if col != "variant" else "left")
+    table.add_column("variant", no_wrap=True)
+    for col in ("clean", f"acc@{ber:g} ±CI", "+params", "+MACs", "+lat b1"):
+        table.add_column(col, justify="right", no_wrap=True)
     for v in summary["variants"]:
         r = next((r for r in v["results"] if r["ber"] and math.isclose(r["ber"], ber)), None)
         rel = v["relative_cost"]
-        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}",
-                      f"{r['accuracy_mean']:.1%}" if r else "-",
-                      f"[{r['accuracy_ci95'][0]:.1%}, {r['accuracy_ci95'][1]:.1%}]" if r else "-",
-                      f"{rel['params'] - 1:+.1%}", f"{rel['macs'] - 1:+.1%}", f"{rel['latency_b1_ms'] - 1:+.1%}")
+        acc = "-" if r is None else \
+            f"{r['accuracy_mean']:.1%} ±{(r['accuracy_ci95'][1] - r['accuracy_ci95'][0]) / 2:.1%}"
+        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, f"{rel['params'] - 1:+.0%}",
+                      f"{rel['macs'] - 1:+.0%}", f"{rel['latency_b1_ms'] - 1:+.0%}")
     return table
