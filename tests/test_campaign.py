@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import wait_for_trials
 from ftcnn import campaign as C
 from ftcnn.metrics import Golden, leveugle_sample_size, mean_ci, trial_metrics
 
@@ -134,17 +133,7 @@ def test_sigkilled_campaign_resumes_to_the_same_summary(tiny_model, tiny_data, t
     env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, str(HERE / "_kill_target.py"), str(killed)], env=env)
     db_path = killed / C.DB_NAME
-    deadline = time.time() + 120
-    committed = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db_path.exists():
-            try:
-                committed = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
-            except sqlite3.OperationalError:
-                committed = 0
-            if committed >= 30:
-                break
-        time.sleep(0.05)
+    wait_for_trials(proc, db_path, at_least=30)
     assert proc.poll() is None, "campaign finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

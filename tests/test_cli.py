@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import ftcnn
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+from _helpers import run_cli, train_digits_model
 
 
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "lenet.pt"
-    r = run_cli("train", "--model", "lenet5", "--data", "digits", "--epochs", "2", "-o", str(path))
-    assert r.returncode == 0, r.stderr
+    r = train_digits_model(path, epochs=2)
     assert "test accuracy" in r.stdout
     return path
 

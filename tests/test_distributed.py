@@ -7,11 +7,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from _helpers import wait_for_trials
 from ftcnn import campaign as C
 from ftcnn import distributed
 
@@ -64,17 +64,8 @@ def test_killed_campaign_with_workers_resumes(tiny_model, tiny_data, tmp_path) -
     proc = subprocess.Popen([sys.executable, str(HERE / "_kill_workers_target.py"), str(killed)],
                             env=env, start_new_session=True)
     db_path = killed / C.DB_NAME
-    deadline = time.time() + 120
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if db_path.exists():
-                try:
-                    n = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
-                except sqlite3.OperationalError:
-                    n = 0
-                if n >= 30:
-                    break
-            time.sleep(0.05)
+        wait_for_trials(proc, db_path, at_least=30)
         assert proc.poll() is None, "campaign finished before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a ^C'd job would go

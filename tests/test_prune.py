@@ -4,8 +4,6 @@ residual networks stay consistent, and pruned checkpoints round-trip."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from torch import nn
 
 import ftcnn
+from _helpers import run_cli, train_digits_model
 from ftcnn import checkpoint
 from ftcnn.prune import channel_groups, l1_scores, plan, prune
 
@@ -214,16 +213,10 @@ def test_coupled_layers_need_one_ratio() -> None:
 
 # --------------------------------------------------------------------------- CLI
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "lenet.pt"
-    r = run_cli("train", "--model", "lenet5", "--data", "digits", "--epochs", "1", "-o", str(path))
-    assert r.returncode == 0, r.stderr
+    train_digits_model(path, epochs=1)
     return path
 
 
