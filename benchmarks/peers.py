@@ -81,7 +81,7 @@ def workload(name: str, cache: Path) -> tuple[nn.Module, torch.Tensor, torch.Ten
 
 
 def rows(results: list[dict]) -> dict[float, list[float]]:
-    return {r["ber"]: [r["accuracy_mean"], *r["accuracy_ci95"]] for r in results}
+    return {r["ber"]: [r["accuracy_mean"], *r["accuracy_ci"]] for r in results}
 
 
 # --- ftcnn ------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
         row["relative"] = cost["relative"]
         summary = campaign.run_campaign(net, x, y, config, folder / label, progress=False,
                                         record={"model": name, "variant": label, "data": "mnist5k", **subset})
-        row["campaign"] = [{k: r[k] for k in ("ber", "trials", "accuracy_mean", "accuracy_ci95", "sdc_mean",
+        row["campaign"] = [{k: r[k] for k in ("ber", "trials", "accuracy_mean", "accuracy_ci", "sdc_mean",
                                               "critical_sdc_mean", "due_mean", "n_faults_mean")}
                            for r in summary["results"]]
         if args.bit_trials:
@@ -204,8 +204,9 @@ def markdown(all_results: list[dict[str, Any]], args: argparse.Namespace) -> str
                   + " | params x | MACs x | latency b1 x | latency b128 x | exact |",
                   "|---" * (len(bers) + 7) + "|"]
         for label, row in res["variants"].items():
-            cells = [f"{r['accuracy_mean']:.3f} [{r['accuracy_ci95'][0]:.3f}, {r['accuracy_ci95'][1]:.3f}]"
-                     for r in row["campaign"]]
+            cis = [r.get("accuracy_ci", r.get("accuracy_ci95")) for r in row["campaign"]]  # older: ci95
+            cells = [f"{r['accuracy_mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+                     for r, ci in zip(row["campaign"], cis)]
             rel = row["relative"]
             lines.append(f"| {label} | {row['clean_accuracy']:.4f} | " + " | ".join(cells)
                          + f" | {rel['params']:.3f} | {rel['macs']:.3f} | {rel['latency_b1_ms']:.2f} | "

@@ -107,7 +107,7 @@ def fault_campaign(model: torch.nn.Module, folder: Path, args: argparse.Namespac
     config = campaign.CampaignConfig(bers=tuple(args.bers), trials=args.trials, seed=args.seed)
     summary = campaign.run_campaign(model, inputs, labels, config, folder, record={"data": DATA},
                                     progress=False)
-    return [{"ber": r["ber"], "mean": r["accuracy_mean"], "ci95": r["accuracy_ci95"], "trials": r["trials"],
+    return [{"ber": r["ber"], "mean": r["accuracy_mean"], "ci95": r["accuracy_ci"], "trials": r["trials"],
              "due": r["due_mean"]} for r in summary["results"]]
 
 

@@ -72,10 +72,11 @@ def test_campaign_is_reproducible_from_its_seed(tiny_model, tiny_data, tmp_path)
     c = _run(tiny_model, tiny_data, tmp_path / "c", seed=4)
     assert a["results"] != c["results"]
     row = a["results"][1]
-    for key in ("ber", "trials", "accuracy_mean", "accuracy_std", "accuracy_ci95", "sdc_mean",
-                "critical_sdc_mean", "due_mean"):
+    for key in ("ber", "trials", "accuracy_mean", "accuracy_std", "accuracy_ci", "sdc_mean", "sdc_ci",
+                "critical_sdc_mean", "due_mean", "confidence", "ci_method"):
         assert key in row
-    assert row["trials"] == 20 and row["accuracy_ci95"][0] <= row["accuracy_mean"] <= row["accuracy_ci95"][1]
+    assert row["trials"] == 20 and row["accuracy_ci"][0] <= row["accuracy_mean"] <= row["accuracy_ci"][1]
+    assert a["confidence"] == 0.95 and a["ci_method"] == row["ci_method"] == "student-t"
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(a["results"]))
     assert on_disk["seed"] == 3 and "torch" in on_disk["versions"] and on_disk["config"]["bers"] == [1e-3, 1e-2]
@@ -152,8 +153,11 @@ def test_auto_trials_stop_when_ci_is_narrow(tiny_model, tiny_data, tmp_path) -> 
     config = C.CampaignConfig(bers=(0.0, 1e-2), trials=None, margin=0.05, seed=0)
     s = C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False)
     zero, noisy = s["results"]
-    assert zero["trials"] == config.min_trials  # no fault: zero variance, stops at the minimum
-    half = (noisy["accuracy_ci95"][1] - noisy["accuracy_ci95"][0]) / 2
+    # no fault: identical trials (std 0) must not stop the run at the minimum (the old t-rule did)
+    assert config.min_trials < zero["trials"] < 1000
+    assert zero["accuracy_ci"][0] <= zero["accuracy_mean"] <= zero["accuracy_ci"][1]
+    assert s["ci_method"] == zero["ci_method"] == "betting confidence sequence"
+    half = (noisy["accuracy_ci"][1] - noisy["accuracy_ci"][0]) / 2
     assert half <= 0.05 or noisy["trials"] == leveugle_sample_size(10**9, 0.05)
     assert noisy["trials"] > config.min_trials
 

@@ -88,5 +88,7 @@ def test_user_builder_round_trip(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     model = ftcnn.build("my_nets:tiny", num_classes=3)
     ftcnn.save(model, tmp_path / "u.pt")
-    loaded = ftcnn.load(tmp_path / "u.pt")
+    with pytest.raises(CheckpointError, match="allow_builder='my_nets:tiny'"):
+        ftcnn.load(tmp_path / "u.pt")  # importing a user module runs its code: only by name
+    loaded = ftcnn.load(tmp_path / "u.pt", allow_builder="my_nets:tiny")
     assert torch.equal(loaded[1].weight, model[1].weight)

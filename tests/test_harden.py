@@ -181,7 +181,8 @@ def test_min_weakness_huge_negative_in_original() -> None:
     golden_layer = model[2](inp)
     for rule in ("min", "range"):
         # a margin, so that test values just beyond the 64 calibration inputs' range still count
-        # as in range (else range outputs 0 there: neither copy inside)
+        # as in range (without one, range keeps the copy there as the one nearer the range;
+        # tests/test_honest_memory.py checks margin 0)
         hm = H.harden(model, random_scores(model), ratio=0.5, correction=rule, calibration=calib, margin=0.5)
         ch = int(hm[2].correction.index[0])
         with _flip(hm, "2.original.weight", _negative_weight(hm[2].original.weight, ch)):
@@ -363,8 +364,11 @@ def test_cli_harden_then_inject(tmp_path: Path) -> None:
     meta = checkpoint.meta(hm)["hardening"]
     assert meta["overheads"]["relative"]["macs"] > 1 and meta["calibration_size"] == 200
     assert (tmp_path / "h.onnx").is_file()
+    # the copies and the correction/restriction bounds are memory faults hit (design §4)
     assert F.parameter_memory(hm).total_bits() == (F.parameter_memory(model).total_bits()
-                                                   + 32 * H.duplicated_parameters(hm))
+                                                   + 32 * (H.duplicated_parameters(hm) + cost.protection_values(hm)))
+    assert F.parameter_memory(hm, include_protection=False).total_bits() == (
+        F.parameter_memory(model).total_bits() + 32 * H.duplicated_parameters(hm))
     r = run_cli("inject", str(tmp_path / "h.pt"), "--ber", "1e-4", "--trials", "2", "-o", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["data"] == "digits"

@@ -4,18 +4,41 @@ A checkpoint holds the tensors plus a JSON description of the architecture:
 the builder and its arguments, then every structural transform applied since
 (hardening, pruning). Loading rebuilds the architecture from that description
 and reads the tensors with ``torch.load(weights_only=True)``, which refuses to
-unpickle arbitrary objects, so an untrusted checkpoint cannot run code.
+unpickle arbitrary objects.
+
+The description is untrusted input too, because a checkpoint is something
+people download and pass around:
+
+- the builder is looked up in ftcnn's own registry (``models.MODELS``); a
+  user's ``package.module:fn`` is imported only when the caller names that
+  exact string for the call (``load(path, allow_builder=...)``, the CLI's
+  ``--model``), since importing it runs its code;
+- every field is type- and range-checked before anything is built, so a
+  malformed file is one ``CheckpointError`` line, never a traceback;
+- the architecture is built on the ``meta`` device (no memory) and every
+  parameter/buffer name and shape is compared with the stored tensors, whose
+  total the file bounds, before real memory is allocated: a few-KB file cannot
+  make ftcnn allocate more than the tensors it actually holds.
+
+Transforms (hardening, pruning) register their rebuild function here
+(``register_transform``); this module imports their ftcnn module lazily, by a
+fixed table, only when a checkpoint needs one, so it never reaches upward at
+import time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import importlib
+import inspect
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -27,11 +50,30 @@ SPEC_ATTR = "ftcnn_spec"
 META_ATTR = "ftcnn_meta"
 
 # transform kind -> "module:function" that rebuilds the transform's structure
-# on a model (values are then overwritten by the state dict).
+# on a model (values are then overwritten by the state dict). A fixed table of
+# ftcnn's own modules: a checkpoint can only pick a kind, never a module.
 TRANSFORMS: dict[str, str] = {
     "harden": "ftcnn.harden:rebuild",
     "prune": "ftcnn.prune:rebuild",
 }
+# kind -> rebuild function, filled by register_transform (harden.py and prune.py
+# register themselves when imported)
+_REBUILDERS: dict[str, Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = {}
+_LOAD_CHECKS: dict[str, Callable[[nn.Module, Mapping[str, Any]], None]] = {}
+# the user builder this context trusts (see ``allowing``)
+_ALLOWED: contextvars.ContextVar[str | None] = contextvars.ContextVar("ftcnn_allowed_builder", default=None)
+
+# bounds on the description's fields: generous for real networks, and small
+# enough that building them on the meta device stays cheap
+BUILDER_KWARGS: dict[str, tuple[type, float, float]] = {
+    "num_classes": (int, 1, 1_000_000),
+    "in_channels": (int, 1, 10_000),
+    "input_size": (int, 1, 100_000),
+    "width": (float, 0.0, 1_000.0),  # > 0
+}
+SPEC_KEYS = ("builder", "kwargs", "transforms")
+MAX_TRANSFORMS = 64
+MAX_NAME = 300
 
 
 class CheckpointError(ValueError):
@@ -99,21 +141,238 @@ def save(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
         raise ValueError(f"cannot write {path}: permission denied") from exc
 
 
-def rebuild(spec: dict[str, Any]) -> nn.Module:
-    """The architecture a spec describes, with freshly initialised values."""
-    model = models.load_builder(spec["builder"])(**spec.get("kwargs", {}))
-    done: dict[str, Any] = {"builder": spec["builder"], "kwargs": spec.get("kwargs", {}), "transforms": []}
-    set_spec(model, done)
-    for transform in spec.get("transforms", []):
-        kind = transform.get("kind")
-        if kind not in TRANSFORMS:
-            raise CheckpointError(f"unknown transform {kind!r} in checkpoint")
+def register_transform(kind: str, rebuild: Callable[[nn.Module, Mapping[str, Any]], nn.Module],
+                       check_loaded: Callable[[nn.Module, Mapping[str, Any]], None] | None = None) -> None:
+    """Let ``load`` replay transforms of ``kind`` with ``rebuild(model, transform)``.
+
+    Called by the module that defines the transform (harden.py, prune.py) when
+    it is imported. ``rebuild`` must check its transform dict (types, ranges,
+    indices) and raise a one-line ``ValueError`` on anything malformed: the dict
+    comes from an untrusted file. It is called on a ``meta``-device model first.
+    ``check_loaded(model, transform)``, if given, checks the loaded values the
+    transform's structure depends on (e.g. integer index buffers) after loading.
+    """
+    _REBUILDERS[kind] = rebuild
+    if check_loaded is not None:
+        _LOAD_CHECKS[kind] = check_loaded
+
+
+def _rebuilder(kind: str) -> Callable[[nn.Module, Mapping[str, Any]], nn.Module]:
+    if kind not in _REBUILDERS:
+        # ftcnn's own module from the fixed table (importing it registers the kind)
         module_name, func = TRANSFORMS[kind].split(":")
-        model = getattr(importlib.import_module(module_name), func)(model, transform)
+        module = importlib.import_module(module_name)
+        _REBUILDERS.setdefault(kind, getattr(module, func))
+    return _REBUILDERS[kind]
+
+
+@contextlib.contextmanager
+def allowing(builder: str | None) -> Iterator[None]:
+    """Within this block every ``load`` trusts the user builder ``builder`` (that
+    exact ``package.module:fn``) as if called with ``allow_builder=builder``.
+
+    For code that reloads checkpoints it wrote itself from a model the caller
+    already trusted (``ftcnn compare``, ``ftcnn pipeline`` resuming a run).
+    """
+    token = _ALLOWED.set(builder)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:200]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _check_kwarg(name: str, value: Any, user: bool) -> None:
+    """One builder keyword: a JSON scalar, in range for the common keywords."""
+    if name in BUILDER_KWARGS:
+        kind, low, high = BUILDER_KWARGS[name]
+        if kind is int:
+            if type(value) is not int or not low <= value <= high:
+                raise CheckpointError(f"builder argument {name!r} must be an integer in [{low:,}, {high:,}], "
+                                      f"got {value!r:.60}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not (math.isfinite(value) and low < value <= high):
+            raise CheckpointError(f"builder argument {name!r} must be a number in ({low:g}, {high:g}], "
+                                  f"got {value!r:.60}")
+        return
+    if not user:
+        raise CheckpointError(f"unknown builder argument {name!r}; ftcnn's builders take "
+                              f"{', '.join(BUILDER_KWARGS)}")
+    ok = value is None or isinstance(value, (bool, int)) or \
+        isinstance(value, float) and math.isfinite(value) or isinstance(value, str) and len(value) <= MAX_NAME
+    if not ok:
+        raise CheckpointError(f"builder argument {name!r} must be a JSON scalar (finite number, "
+                              f"short string, boolean or null), got {_json_type(value)}")
+
+
+def check_spec(spec: Any) -> dict[str, Any]:
+    """The architecture description, every field type- and range-checked (one-line
+    ``CheckpointError`` otherwise); the builder's own keywords and each
+    transform's fields are checked by ``resolve_builder`` and the transform."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"the architecture description must be a JSON object, not {_json_type(spec)}")
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise CheckpointError(f"unknown field {str(unknown[0])[:60]!r} in the architecture description "
+                              f"(known: {', '.join(SPEC_KEYS)})")
+    builder = spec.get("builder")
+    if not isinstance(builder, str) or not builder or len(builder) > MAX_NAME:
+        raise CheckpointError(f"the architecture's builder must be a name of at most {MAX_NAME} characters, "
+                              f"got {_json_type(builder)}")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"the builder's arguments must be a JSON object, not {_json_type(kwargs)}")
+    user = builder not in models.MODELS
+    for name, value in kwargs.items():
+        _check_kwarg(name, value, user)
+    transforms = spec.get("transforms", [])
+    if not isinstance(transforms, list):
+        raise CheckpointError(f"the architecture's transforms must be a list, not {_json_type(transforms)}")
+    if len(transforms) > MAX_TRANSFORMS:
+        raise CheckpointError(f"{len(transforms)} transforms in the architecture (at most {MAX_TRANSFORMS})")
+    known = sorted(set(TRANSFORMS) | set(_REBUILDERS))
+    for i, transform in enumerate(transforms):
+        if not isinstance(transform, dict):
+            raise CheckpointError(f"transform #{i} must be a JSON object, not {_json_type(transform)}")
+        kind = transform.get("kind")
+        if not isinstance(kind, str) or kind not in known:
+            raise CheckpointError(f"transform #{i} has unknown kind {str(kind)[:60]!r}; "
+                                  f"known: {', '.join(known)}")
+    return {"builder": builder, "kwargs": dict(kwargs), "transforms": list(transforms)}
+
+
+def resolve_builder(name: str, allow_builder: str | None = None) -> models.Builder:
+    """The builder a checkpoint names: ftcnn's registry, or the user builder the
+    caller allowed by that exact name; nothing else is ever imported."""
+    if allow_builder is not None and allow_builder != name:
+        raise CheckpointError(f"the checkpoint's builder is {name!r}, not {allow_builder!r} as named "
+                              "(--model / allow_builder); refusing to load it")
+    if name in models.MODELS:
+        return models.MODELS[name]
+    if allow_builder is None:
+        raise CheckpointError(f"the checkpoint's builder {name!r} is not one of ftcnn's models; importing it "
+                              f"would run its code, so name it to trust it: allow_builder={name!r} "
+                              f"(CLI: --model {name})")
+    try:
+        return models.load_builder(name)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's builder: {_one_line(exc)}") from exc
+
+
+def _check_signature(builder: models.Builder, name: str, kwargs: Mapping[str, Any]) -> None:
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # some callables have none: let the call decide
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"builder {name!r} does not take the stored arguments ({_one_line(exc)})") from None
+
+
+def _checked(spec: Any, allow_builder: str | None) -> tuple[dict[str, Any], models.Builder]:
+    """The checked spec and its builder; an untrusted builder is refused first,
+    whatever else is wrong with the description."""
+    allowed = allow_builder if allow_builder is not None else _ALLOWED.get()
+    if isinstance(spec, dict) and isinstance(spec.get("builder"), str) and len(spec["builder"]) <= MAX_NAME:
+        resolve_builder(spec["builder"], allowed)
+    spec = check_spec(spec)
+    builder = resolve_builder(spec["builder"], allowed)
+    _check_signature(builder, spec["builder"], spec["kwargs"])
+    return spec, builder
+
+
+def _build(builder: models.Builder, spec: Mapping[str, Any], device: str | None) -> nn.Module:
+    """Run the builder and replay the transforms (on ``device``'s default, e.g. meta)."""
+    rebuilders = [_rebuilder(t["kind"]) for t in spec["transforms"]]  # imports outside the device context
+    place = torch.device(device) if device is not None else contextlib.nullcontext()
+    done: dict[str, Any] = {"builder": spec["builder"], "kwargs": spec["kwargs"], "transforms": []}
+    try:
+        with place:
+            model = builder(**spec["kwargs"])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the stored arguments, not ftcnn: one line
+        raise CheckpointError(f"cannot build {spec['builder']!r} with the stored arguments "
+                              f"({_one_line(exc)})") from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"builder {spec['builder']!r} returned {type(model).__name__}, not nn.Module")
+    set_spec(model, done)
+    for i, (transform, rebuild_fn) in enumerate(zip(spec["transforms"], rebuilders)):
+        try:
+            with place:
+                model = rebuild_fn(model, transform)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # malformed fields the transform did not name
+            raise CheckpointError(f"transform #{i} ({transform['kind']}) cannot be replayed: "
+                                  f"{_one_line(exc)}") from exc
         done = copy.deepcopy(done)
         done["transforms"].append(transform)
         set_spec(model, done)
     return model
+
+
+def rebuild(spec: Any, *, allow_builder: str | None = None, device: str | None = None) -> nn.Module:
+    """The architecture a spec describes, with freshly initialised values (on
+    ``device``, e.g. ``"meta"`` to check shapes without memory); the spec is
+    checked first and a user builder must be allowed by name."""
+    spec, builder = _checked(spec, allow_builder)
+    return _build(builder, spec, device)
+
+
+def _check_fit(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Every stored tensor matches the architecture's by name, shape and kind, and
+    the architecture needs no more values than the file holds."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {str(extra[0])[:80]!r}"
+        raise CheckpointError(f"{path}: tensors do not fit the stored architecture ({what}, "
+                              f"{len(missing)} missing, {len(extra)} unexpected)")
+    for name, want in expected.items():
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} is {list(got.shape)} in the file but "
+                                  f"{list(want.shape)} in the stored architecture")
+        if got.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} is {got.dtype} in the file, "
+                                  f"but the architecture holds {want.dtype}")
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    need = sum(t.numel() for t in tensors.values())
+    storages: dict[tuple[int, int], int] = {}
+    for t in state.values():
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), s.nbytes())] = s.nbytes() // max(1, t.element_size())
+    held = sum(storages.values())
+    if need > held:
+        raise CheckpointError(f"{path}: the architecture needs {need:,} values but the file holds {held:,}")
+
+
+def _check_tensors(path: Path, state: Any) -> dict[str, torch.Tensor]:
+    """The stored state dict: names to plain dense real tensors, each backed by its
+    own bytes in the file (an expanded view could claim more values than stored)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has no tensor table (state_dict is {_json_type(state)})")
+    for name, t in state.items():
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            raise CheckpointError(f"{path}: tensor names must be strings of at most {MAX_NAME} characters")
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_complex() or \
+                t.is_quantized or t.device.type != "cpu":
+            raise CheckpointError(f"{path}: entry {name!r} of the tensor table is not a plain dense tensor")
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise CheckpointError(f"{path}: tensor {name!r} claims more values than the file stores for it")
+    return state
 
 
 def read(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,25 +386,67 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a loadable ftcnn checkpoint "
                               f"(refused by the safe loader: {reason[:160]})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or not isinstance(blob.get("format"), str) or blob["format"] != FORMAT:
         raise CheckpointError(f"{path} is not an ftcnn checkpoint (no '{FORMAT}' format tag)")
-    try:
-        blob["spec"] = json.loads(blob["spec"])
-        blob["meta"] = json.loads(blob["meta"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} has a corrupt architecture description") from exc
+    for field in ("spec", "meta"):
+        if not isinstance(blob.get(field), str):
+            raise CheckpointError(f"{path} has a corrupt architecture description ({field!r} is not JSON text)")
+        try:
+            blob[field] = json.loads(blob[field])
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; deep nesting recurses
+            raise CheckpointError(f"{path} has a corrupt architecture description "
+                                  f"({field!r}: {_one_line(exc)[:100]})") from None
+    if not isinstance(blob["meta"], dict):
+        raise CheckpointError(f"{path}: its metadata must be a JSON object, not {_json_type(blob['meta'])}")
+    blob["state_dict"] = _check_tensors(path, blob.get("state_dict"))
     return blob
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a model saved by ``save``, without the user rebuilding it."""
+def load(path: str | os.PathLike, *, allow_builder: str | None = None) -> nn.Module:
+    """Load a model saved by ``save``, without the user rebuilding it.
+
+    Only ftcnn's own builders are used, unless ``allow_builder`` names the exact
+    ``package.module:fn`` the checkpoint stores (importing it runs its code, so
+    name only builders you trust); a different stored builder is refused. The
+    architecture is checked against the stored tensors on the ``meta`` device
+    before any memory is allocated. Every problem is a one-line ``CheckpointError``.
+    """
     blob = read(path)
-    model = rebuild(blob["spec"])
+    path = Path(path)
     try:
-        model.load_state_dict(blob["state_dict"], strict=True)
+        spec, builder = _checked(blob["spec"], allow_builder)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    state = blob["state_dict"]
+    user = spec["builder"] not in models.MODELS
+    try:
+        skeleton: nn.Module | None = _build(builder, spec, "meta")
+    except CheckpointError as exc:
+        if not user:
+            raise CheckpointError(f"{path}: {exc}") from exc.__cause__
+        skeleton = None  # a trusted user builder that cannot build on meta: checked after building
+    if skeleton is not None:
+        _check_fit(path, skeleton, state)
+    if user:  # the caller trusts this code; rebuild it for real (it may keep state outside its tensors)
+        try:
+            model = _build(builder, spec, None)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc.__cause__
+        _check_fit(path, model, state)
+    else:  # ftcnn's models keep all their state in the state dict: allocate the checked skeleton
+        model = skeleton.to_empty(device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: tensors do not fit the stored architecture "
                               f"({str(exc).splitlines()[0][:160]})") from None
+    for i, transform in enumerate(spec["transforms"]):
+        check = _LOAD_CHECKS.get(transform["kind"])
+        try:
+            if check is not None:
+                check(model, transform)
+        except Exception as exc:  # a ValueError names the problem; anything else is still the file's
+            raise CheckpointError(f"{path}: transform #{i} ({transform['kind']}): {_one_line(exc)}") from exc
     object.__setattr__(model, META_ATTR, blob["meta"])
     model.eval()
     return model

@@ -30,10 +30,25 @@ def _load_data(spec: str, split: str, seed: int = 0):
     return data.load(spec, split, seed=seed)
 
 
+# `--model` on the commands that load a checkpoint: the opt-in to a user builder
+MODEL_TRUST_HELP = ("trust the checkpoint's user builder package.module:fn (importing it runs its code); "
+                    "must equal the name the checkpoint stores")
+
+
 def _data_spec(data: Optional[str], model_meta: dict) -> str:
-    spec = data or model_meta.get("data")
-    if not spec:
+    """--data, else the checkpoint's data set if it is a built-in one: a spec with a
+    path comes from the file, and reading it (CIFAR batches are pickles) can run code."""
+    from ftcnn import data as data_mod
+
+    if data:
+        return data
+    spec = model_meta.get("data")
+    if spec is None or spec == "":
         raise ValueError("no --data given and the checkpoint does not record its data set")
+    if not isinstance(spec, str) or spec not in data_mod.BUILTINS:
+        raise ValueError(f"the checkpoint records the data set {str(spec)[:80]!r}, which is read from files: "
+                         f"give --data explicitly to use it (only {', '.join(data_mod.BUILTINS)} are taken "
+                         "from a checkpoint)")
     return spec
 
 
@@ -91,17 +106,22 @@ def _parse_trials(trials: str) -> Optional[int]:
 @app.command()
 def inject(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the one the model was trained on)"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4"),
     count: List[int] = typer.Option([], help="exact fault counts per trial instead of --ber"),
-    trials: str = typer.Option("100", help="trials per point, or 'auto' (Leveugle sizing + early stop)"),
+    trials: str = typer.Option("100", help="trials per point, or 'auto' (stop when the accuracy CI, a "
+                               "betting confidence sequence valid under early stopping, is narrow enough; "
+                               "at most Leveugle's size)"),
     margin: float = typer.Option(0.01, help="with --trials auto: target half-width of the accuracy CI"),
-    confidence: float = typer.Option(0.95),
+    confidence: float = typer.Option(0.95, help="level of every reported CI"),
     seed: int = typer.Option(0),
     dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8"),
     bits: List[int] = typer.Option([], help="only these bit positions (default: all)"),
     mode: str = typer.Option("flip", help="flip, stuck0 or stuck1"),
     include_bn: bool = typer.Option(False, help="also inject into BatchNorm affine parameters"),
+    attack_protection: bool = typer.Option(True, help="also inject into the float values protections add "
+                                           "(correction and restriction bounds); reported in the summary"),
     layers: List[str] = typer.Option([], help="only these layers (module names)"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N test inputs"),
     batch_size: int = typer.Option(1000, min=1),
@@ -127,10 +147,11 @@ def inject(
     config = campaign.CampaignConfig(
         bers=tuple(ber), counts=tuple(count), trials=_parse_trials(trials), margin=margin,
         confidence=confidence, seed=seed, dtype=dtype, bits=tuple(bits) or None, mode=mode,
-        include_bn=include_bn, layers=tuple(layers) or None, batch_size=batch_size,
+        include_bn=include_bn, attack_protection=attack_protection, layers=tuple(layers) or None,
+        batch_size=batch_size,
         shortcut=shortcut, batch_trials=batch_trials, workers=workers, ray=ray,
         ray_address=ray_address, device=device)
-    model = checkpoint.load(checkpoint_path).to(device)
+    model = checkpoint.load(checkpoint_path, allow_builder=model_spec).to(device)
     spec = _data_spec(data, checkpoint.meta(model))
     inputs, labels = campaign.stack_dataset(_load_data(spec, "test"), device)
     if limit:
@@ -165,14 +186,18 @@ def demo(
 
     Example: ftcnn demo -o runs/demo
     """
-    from ftcnn import checkpoint, compare as compare_mod, data as data_mod, train as train_mod
+    from ftcnn import checkpoint, compare as compare_mod, data as data_mod, fingerprint, train as train_mod
 
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create output folder {output}: {exc.strerror}") from None
     model_path = output / "model.pt"
-    if model_path.exists():
+    train_set = _load_data("mnist5k", "train")
+    # reused only if trained from the same settings and training data (content, not names)
+    trained_from = {"model": "lenet5", "epochs": epochs, "seed": seed, "data": "mnist5k",
+                    "train data": fingerprint.data_digest(*train_set.tensors)}
+    if compare_mod.is_current(model_path, trained_from, "model.pt"):
         model = checkpoint.load(model_path)
         console.print(f"reusing {model_path}")
     else:
@@ -180,9 +205,10 @@ def demo(
         train_mod.seed_everything(seed)
         model = checkpoint.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
                                  input_size=info.input_size)
-        train_mod.fit(model, _load_data("mnist5k", "train"), epochs=epochs, seed=seed, desc="train lenet5")
+        train_mod.fit(model, train_set, epochs=epochs, seed=seed, desc="train lenet5")
         accuracy = train_mod.evaluate(model, _load_data("mnist5k", "test"))
         checkpoint.save(model, model_path, data="mnist5k", test_accuracy=accuracy, epochs=epochs, seed=seed)
+        compare_mod.store_key(model_path, trained_from)
         console.print(f"LeNet-5 on mnist5k: test accuracy {accuracy:.2%} -> {model_path}")
     config = compare_mod.CompareConfig(bers=(1e-6, 1e-5, 3e-5, 1e-4, 3e-4), trials=trials, seed=seed,
                                        bit_trials=5, bits=tuple(range(20, 32)), report_ber=1e-4)
@@ -240,8 +266,9 @@ def main() -> None:
 def compare(
     checkpoint_path: Optional[Path] = typer.Argument(None, metavar="[CHECKPOINT]",
                                                      help="model to protect (or use --model to train one)"),
-    model: Optional[str] = typer.Option(None, help="train this registry model first (instead of CHECKPOINT)"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's)"),
+    model: Optional[str] = typer.Option(None, help="without CHECKPOINT: train this model first (registry name "
+                                        "or package.module:fn); with CHECKPOINT: " + MODEL_TRUST_HELP),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
     epochs: int = typer.Option(5, min=1, help="with --model: training epochs"),
     width: float = typer.Option(1.0, help="with --model: width multiplier"),
     ber: List[float] = typer.Option([], help="BER sweep (default: 9 log-spaced points 1e-7 ... 1e-3)"),
@@ -268,38 +295,44 @@ def compare(
 
       ftcnn compare --model vgg11 --width 0.25 --data mnist5k --trials 20 -o runs/cmp_vgg
     """
-    from ftcnn import checkpoint, compare as compare_mod, data as data_mod, train as train_mod
+    from ftcnn import checkpoint, compare as compare_mod, data as data_mod, fingerprint, train as train_mod
 
-    if (checkpoint_path is None) == (model is None):
-        raise ValueError("give a CHECKPOINT or --model (to train one first), not both")
+    if checkpoint_path is None and model is None:
+        raise ValueError("give a CHECKPOINT, or --model to train one first")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create output folder {output}: {exc.strerror}") from None
     if checkpoint_path is not None:
-        net = checkpoint.load(checkpoint_path)
+        net = checkpoint.load(checkpoint_path, allow_builder=model)
         spec = _data_spec(data, checkpoint.meta(net))
     else:
         spec = data or "mnist5k"
         path = output / "model.pt"
-        if path.is_file():
-            net = checkpoint.load(path)
+        train_set = _load_data(spec, "train")
+        # reused only if trained from the same settings and training data (content, not names)
+        trained_from = {"model": model, "width": width, "epochs": epochs, "seed": seed, "data": spec,
+                        "train data": fingerprint.data_digest(*train_set.tensors)}
+        if compare_mod.is_current(path, trained_from, "model.pt"):
+            net = checkpoint.load(path, allow_builder=model)
         else:
             info = data_mod.info(spec)
             train_mod.seed_everything(seed)
             net = checkpoint.build(model, num_classes=info.num_classes, in_channels=info.in_channels,
                                    input_size=info.input_size, width=width)
-            train_mod.fit(net, _load_data(spec, "train"), epochs=epochs, seed=seed, desc=f"train {model}")
+            train_mod.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {model}")
             checkpoint.save(net, path, data=spec, epochs=epochs, seed=seed,
                             test_accuracy=train_mod.evaluate(net, _load_data(spec, "test")))
+            compare_mod.store_key(path, trained_from)
     config = compare_mod.CompareConfig(
         **({"bers": tuple(ber)} if ber else {}), trials=trials, seed=seed, harden_ratio=harden_ratio,
         prune_ratio=prune_ratio, restrict=restrict, margin=margin, finetune_epochs=finetune_epochs,
         bit_trials=bit_trials, **({"bits": tuple(bits)} if bits else {}), report_ber=report_ber,
         variants=tuple(v.strip() for v in variants.split(",")) if variants else None)
-    summary = compare_mod.run_compare(net, spec, output, config,
-                                      record={"checkpoint": str(checkpoint_path or output / "model.pt"),
-                                              "model_name": checkpoint.get_spec(net)["builder"]})
+    with checkpoint.allowing(model):  # the variants it saved and reloads share the trusted builder
+        summary = compare_mod.run_compare(net, spec, output, config,
+                                          record={"checkpoint": str(checkpoint_path or output / "model.pt"),
+                                                  "model_name": checkpoint.get_spec(net)["builder"]})
     console.print(compare_mod.headline(summary))
     console.print(f"report: {output / 'report.html'}")
 
@@ -326,7 +359,8 @@ def harden(
     tmr: Optional[str] = typer.Option(None, help="'full': full TMR of every layer (baseline)"),
     restrict: Optional[str] = typer.Option(None, help="range restriction of every layer: zero or clamp"),
     margin: float = typer.Option(0.0, help="widen profiled ranges by this share of their width"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the one the model was trained on)"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
     seed: int = typer.Option(0, help="seed of the calibration subset"),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
@@ -350,7 +384,7 @@ def harden(
     _check_output_file(output)
     if onnx is not None:
         _check_output_file(onnx)
-    net = checkpoint.load(checkpoint_path)
+    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
     spec = _data_spec(data, checkpoint.meta(net))
     layer_scores = harden_mod.load_scores(scores) if scores is not None else None
     train_x, _ = campaign.stack_dataset(_load_data(spec, "train"))
@@ -403,7 +437,8 @@ def _parse_layer_ratios(items: List[str]) -> dict:
 @app.command("prune")
 def prune_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the one the model was trained on)"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     scores: Optional[Path] = typer.Option(None, help="vulnerability scores JSON (`ftcnn analyze`); "
                                           "default: gain scores on training inputs"),
     ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove (rounded down)"),
@@ -429,7 +464,7 @@ def prune_command(
     _check_output_file(output)
     if criterion not in prune_mod.CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
-    net = checkpoint.load(checkpoint_path)
+    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
     spec = _data_spec(data, checkpoint.meta(net))
     train_set, test_set = _load_data(spec, "train"), _load_data(spec, "test")
     from ftcnn import campaign
@@ -470,7 +505,8 @@ def prune_command(
 @app.command()
 def pipeline(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the one the model was trained on)"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     prune_ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove"),
     harden_ratio: float = typer.Option(0.1, help="share of each layer's channels to duplicate"),
     correction: str = typer.Option("min", help="hardening correction: min, range or tmr"),
@@ -493,15 +529,16 @@ def pipeline(
 
     from ftcnn import campaign, checkpoint, prune as prune_mod
 
-    net = checkpoint.load(checkpoint_path)
+    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
     spec = _data_spec(data, checkpoint.meta(net))
     train_set, test_set = _load_data(spec, "train"), _load_data(spec, "test")
     campaign.check_input_shape(net, test_set.tensors[0][:1])
-    summary = prune_mod.pipeline(net, train_set, test_set, output, prune_ratio=prune_ratio,
-                                 harden_ratio=harden_ratio, correction=correction, criterion=criterion,
-                                 finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
-                                 restrict=restrict, record={"data": spec, "checkpoint": str(checkpoint_path)},
-                                 log=console.print)
+    with checkpoint.allowing(model_spec):  # the stages it saved and reloads share the trusted builder
+        summary = prune_mod.pipeline(net, train_set, test_set, output, prune_ratio=prune_ratio,
+                                     harden_ratio=harden_ratio, correction=correction, criterion=criterion,
+                                     finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
+                                     restrict=restrict, record={"data": spec, "checkpoint": str(checkpoint_path)},
+                                     log=console.print)
     table = Table(title=f"pipeline ({criterion} pruning {prune_ratio}, hardening {harden_ratio} {correction})")
     for col in ("stage", "accuracy", "params", "MACs", "latency b1 (ms)", "latency b128 (ms)"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -553,7 +590,8 @@ def _analyze_one(net, method: str, spec: str, limit: Optional[int], settings: di
 @app.command()
 def analyze(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
-    data: Optional[str] = typer.Option(None, help="data set (default: the one the model was trained on)"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     method: str = typer.Option("gain", help="gain (gradient, training inputs), fi (fault injection, "
                                             "test inputs) or l1 (weight norm)"),
     samples: Optional[int] = typer.Option(None, min=1, help="gain: inputs used (default 256); "
@@ -588,7 +626,7 @@ def analyze(
         raise ValueError("give -o/--output for the scores file (or --compare to rank methods)")
     if output is not None:
         _check_output_file(output)
-    net = checkpoint.load(checkpoint_path)
+    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
     spec = _data_spec(data, checkpoint.meta(net))
     if compare is None:
         settings = _analyze_settings(method, samples, seed, margin, confidence, bits, pilot)

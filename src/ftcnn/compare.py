@@ -3,7 +3,12 @@
 A comparison is a run folder: the model, its vulnerability scores, one
 checkpoint per variant, one campaign per variant (resumable, SQLite), single
 bit-flip campaigns per bit position, and a summary from which ``report``
-draws plots and a page. Re-running reuses every finished piece.
+draws plots and a page. Re-running reuses every finished piece whose inputs
+are unchanged: each piece stores a key beside it (``NAME.key.json``: digests
+of the model and data it was computed from, and the settings it depends on;
+campaigns hold theirs in their database), and a piece whose key differs is
+recomputed, with one log line saying why. Nothing is reused by file name
+alone (design §8: a run's identity is its content).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, train
+from ftcnn import campaign, checkpoint, cost, data as data_mod, fingerprint, train
 from ftcnn.campaign import CampaignConfig, run_campaign
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
@@ -94,34 +99,115 @@ class CompareConfig:
 
 def _log(msg: str) -> None:
     from rich.console import Console
-    Console(stderr=True).print(f"[bold cyan]compare[/] {msg}")
+    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]compare[/] {msg}")  # one line, never wrapped
 
 
-def _cached_json(path: Path, compute: Callable[[], Any]) -> Any:
-    if path.is_file():
+# --- cached pieces, keyed by their inputs ------------------------------------
+
+KEY_SUFFIX = ".key.json"
+
+
+def key_path(path: Path) -> Path:
+    """Where the key of the piece at ``path`` is stored."""
+    return path.with_name(path.name + KEY_SUFFIX)
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=campaign._json_default))
+
+
+def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
+    """Whether ``path`` holds a piece computed from the inputs ``key`` describes.
+
+    When a piece exists but its inputs changed (or were not recorded), say in
+    one line which, and drop its key so that a crash before the new piece is
+    written cannot make the old piece look current.
+    """
+    if not path.exists():
+        return False
+    key = _as_json(key)
+    try:
+        stored = json.loads(key_path(path).read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored == key:
+        return True
+    if not isinstance(stored, dict):
+        reason = "its inputs were not recorded (an older ftcnn made it)"
+    else:
+        changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
+        reason = f"{', '.join(changed)} changed"
+    _log(f"recomputing {piece}: {reason}")
+    key_path(path).unlink(missing_ok=True)
+    return False
+
+
+def store_key(path: Path, key: dict[str, Any]) -> None:
+    """Record the inputs of the piece just written at ``path`` (after the piece:
+    a piece without its key is recomputed, never trusted)."""
+    campaign.write_text(key_path(path), json.dumps(_as_json(key), indent=1, sort_keys=True))
+
+
+def _cached_json(path: Path, key: dict[str, Any], piece: str, compute: Callable[[], Any]) -> Any:
+    if is_current(path, key, piece):
         return json.loads(path.read_text())
     value = compute()
     campaign.write_text(path, json.dumps(value, indent=2, default=campaign._json_default))
+    store_key(path, key)
     return value
 
 
-def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path) -> dict:
+def scores_key(model_digest: str, train_digest: str, config: CompareConfig) -> dict[str, Any]:
+    """What vulnerability scores depend on."""
+    return {"model": model_digest, "train data": train_digest, "score_method": config.score_method,
+            "score_samples": config.score_samples, "seed": config.seed}
+
+
+def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path,
+            piece: str = "scores") -> dict:
     from ftcnn import vulnerability
-    if path.is_file():
+    key = scores_key(fingerprint.model_digest(model), fingerprint.data_digest(x, y), config)
+    if is_current(path, key, piece):
         return vulnerability.load_scores(path)
     scores = vulnerability.analyze(model, x, y, method=config.score_method, samples=config.score_samples,
                                    seed=config.seed)
     vulnerability.save_scores(scores, path)
+    store_key(path, key)
     return scores
 
 
+def variant_key(variant: Variant, config: CompareConfig, model_digest: str, train_digest: str
+                ) -> dict[str, Any]:
+    """What a variant's model depends on: the source model and training data,
+    the variant's own settings, and only those comparison settings it uses (a
+    new --harden-ratio rebuilds the hardened variants, not range restriction)."""
+    from ftcnn import harden
+    h, p = variant.harden or {}, variant.prune or {}
+    key: dict[str, Any] = {"model": model_digest, "train data": train_digest, "seed": config.seed}
+    key.update({("harden_ratio" if k == "ratio" else k): v for k, v in h.items()})
+    key.update({("prune_ratio" if k == "ratio" else f"prune_{k}"): v for k, v in p.items()})
+    if p or (h.get("ratio", 0) > 0 and h.get("tmr") != "full"):  # pruning re-scores
+        key.update(score_method=config.score_method, score_samples=config.score_samples)
+    if p:
+        key["finetune_epochs"] = config.finetune_epochs
+    correction = h.get("correction", "min")
+    if h.get("restrict") or (correction in harden.CORRECTIONS and harden.CORRECTIONS[correction].needs_ranges):
+        key.update(margin=config.margin, calibration_size=config.calibration_size)
+    return key
+
+
 def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, config: CompareConfig,
-                  input_shape: tuple[int, ...], folder: Path) -> nn.Module:
-    """The variant's model, from its checkpoint if a previous run saved it."""
+                  input_shape: tuple[int, ...], folder: Path, key: dict[str, Any] | None = None
+                  ) -> nn.Module:
+    """The variant's model, from its checkpoint if a previous run built it from
+    the same inputs (``key``, by default ``variant_key``), else built anew."""
     path = folder / f"{variant.name}.pt"
-    if path.is_file():
-        return checkpoint.load(path)
     x_train, y_train = train_set.tensors
+    if key is None:
+        key = variant_key(variant, config, fingerprint.model_digest(model),
+                          fingerprint.data_digest(x_train, y_train))
+    if is_current(path, key, variant.name):
+        return checkpoint.load(path)
     calibration = x_train[: config.calibration_size]
     net, layer_scores = model, scores["layers"]
     if variant.prune:
@@ -129,7 +215,8 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
         net = prune.prune(model, ratio=variant.prune["ratio"], criterion=variant.prune["criterion"],
                           scores=layer_scores, input_shape=input_shape)
         prune.finetune(net, train_set, epochs=config.finetune_epochs, seed=config.seed)
-        rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json")
+        rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json",
+                           f"scores of {variant.name}")
         layer_scores = rescored["layers"]
     if variant.harden:
         from ftcnn import harden
@@ -138,18 +225,49 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
         net = harden.harden(net, layer_scores if needs_scores else None, margin=config.margin,
                             calibration=calibration, **settings)
     checkpoint.save(net, path, variant=asdict(variant))
+    store_key(path, key)
     return net
 
 
+def _discard_stale_run(folder: Path, identity: dict[str, Any]) -> list[str]:
+    """Remove a campaign in ``folder`` that another model, data or setting made
+    (the differences, in words; empty when it is current or absent)."""
+    stored = campaign.stored_identity(folder)
+    if stored is None:
+        return []
+    differences = campaign.identity_differences(stored, identity)
+    if differences:
+        for name in (campaign.DB_NAME, campaign.DB_NAME + "-wal", campaign.DB_NAME + "-shm",
+                     "summary.json", "summary.csv"):
+            (folder / name).unlink(missing_ok=True)
+    return differences
+
+
+def _campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignConfig, folder: Path,
+              digests: tuple[str, str], piece: str | None, **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
+    """``run_campaign``, first discarding a stale campaign in ``folder`` (said in one
+    line when ``piece`` names it); returns the summary and the differences."""
+    identity = campaign.run_identity(net, x, y, cfg, model_digest=digests[0], data_digest=digests[1])
+    differences = _discard_stale_run(folder, identity)
+    if differences and piece is not None:
+        _log(f"recomputing {piece}: {'; '.join(differences)}")
+    return run_campaign(net, x, y, cfg, folder, digests=digests, **kwargs), differences
+
+
 def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig,
-                     folder: Path) -> dict[str, float]:
+                     folder: Path, digests: tuple[str, str] | None = None, name: str = "") -> dict[str, float]:
     """Critical-SDC rate of exactly one flip at each bit position (uniform over the memory)."""
     out: dict[str, float] = {}
     if config.bit_trials == 0:
         return out
+    digests = digests or (fingerprint.model_digest(net), fingerprint.data_digest(x, y))
+    said = False
     for bit in config.bits:
         cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,))
-        s = run_campaign(net, x, y, cfg, folder / f"bit{bit:02d}", progress=False)
+        s, differences = _campaign(net, x, y, cfg, folder / f"bit{bit:02d}", digests, None, progress=False)
+        if differences and not said:  # one line per variant, not one per bit
+            _log(f"recomputing bit sensitivity of {name or folder.name}: {'; '.join(differences)}")
+            said = True
         out[str(bit)] = s["results"][0]["critical_sdc_mean"]
     return out
 
@@ -158,7 +276,8 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
                  ) -> dict[str, dict[str, float]]:
     """Parameters, MACs, and CPU latency timed round-robin across all variants
     (one thread), so that load on a shared machine hits every variant alike."""
-    out = {name: {"params": cost.parameters(net), **cost.macs(net, input_shape)} for name, net in nets.items()}
+    out = {name: {"params": cost.parameters(net), "protection_values": cost.protection_values(net),
+                  **cost.macs(net, input_shape)} for name, net in nets.items()}
     for batch in (1, 128):
         ms = cost.interleaved_latency(nets, input_shape, batch=batch, rounds=rounds, threads=1)
         for name, value in ms.items():
@@ -186,6 +305,10 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     campaign.check_input_shape(model, x_test)
     input_shape = tuple(x_test.shape[1:])
 
+    model_digest = fingerprint.model_digest(model)
+    train_digest = fingerprint.data_digest(x_train, y_train)
+    test_digest = fingerprint.data_digest(x_test, y_test)
+
     _log("scoring vulnerability")
     scores = _scores(model, x_train, y_train, config, out / "scores.json")
     variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
@@ -199,19 +322,28 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     for variant in tqdm(variants, desc="build variants", dynamic_ncols=True):
         _log(f"{variant.name}: {variant.description}")
         nets[variant.name] = (model if variant.name == "baseline" else build_variant(
-            variant, model, scores, train_set, config, input_shape, out / "models")).eval()
+            variant, model, scores, train_set, config, input_shape, out / "models",
+            key=variant_key(variant, config, model_digest, train_digest))).eval()
     nets.setdefault("baseline", model)
-    measured = _cached_json(out / "models" / "costs.json",
+    digests = {name: model_digest if net is model else fingerprint.model_digest(net) for name, net in nets.items()}
+    # latencies are timed round-robin across all variants: any changed model re-times them all
+    costs_key = {**{f"model {name}": d for name, d in sorted(digests.items())},
+                 "input_shape": input_shape, "latency_repeats": config.latency_repeats}
+    measured = _cached_json(out / "models" / "costs.json", costs_key, "costs",
                             lambda: _measure_all(nets, input_shape, config.latency_repeats))
     rows = []
     for variant in tqdm(variants, desc="attack variants", dynamic_ncols=True):
         net = nets[variant.name]
         clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
+                             {"model": digests[variant.name], "test data": test_digest},
+                             f"clean accuracy of {variant.name}",
                              lambda: {"accuracy": train.evaluate(net, test_set)})["accuracy"]
         cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed)
-        summary = run_campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+        summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+                               (digests[variant.name], test_digest), f"campaign of {variant.name}",
                                record={"variant": variant.name, "data": data_spec})
-        bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name)
+        bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,
+                                (digests[variant.name], test_digest), variant.name)
         rows.append({
             "name": variant.name, "label": variant.name, "description": variant.description,
             "spec": asdict(variant), "clean_accuracy": clean,
@@ -227,6 +359,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         "golden_accuracy": rows[0]["golden_accuracy"] if rows else None,
         "report_ber": config.chosen_report_ber,
         "config": {**asdict(config), **(record or {})},
+        "digests": {"model": model_digest, "train data": train_digest, "test data": test_digest},
         "versions": campaign.versions(),
         "variants": rows,
     }
@@ -247,7 +380,7 @@ def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
         r = next((r for r in v["results"] if r["ber"] and math.isclose(r["ber"], ber)), None)
         rel = v["relative_cost"]
         acc = "-" if r is None else \
-            f"{r['accuracy_mean']:.1%} ±{(r['accuracy_ci95'][1] - r['accuracy_ci95'][0]) / 2:.1%}"
+            f"{r['accuracy_mean']:.1%} ±{(r['accuracy_ci'][1] - r['accuracy_ci'][0]) / 2:.1%}"
         table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, f"{rel['params'] - 1:+.0%}",
                       f"{rel['macs'] - 1:+.0%}", f"{rel['latency_b1_ms'] - 1:+.0%}")
     return table

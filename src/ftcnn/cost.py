@@ -4,6 +4,13 @@ MACs come from ``torch.utils.flop_counter`` (convolutions and matrix
 products; one MAC = 2 FLOPs) plus the element-wise work of correction and
 range-restriction layers, which declare it through an ``elementwise_ops(output)
 -> int`` method that this module calls from a forward hook.
+
+Parameters count every stored float value the model computes with: its
+parameters plus the values protections add (correction and restriction
+bounds, declared through ``faults.protection_buffers``), which are memory
+faults hit too. On a LeNet-5 with every layer range-restricted these are
+2 x 236 bounds = 472 values (+0.8% of its 61,706 parameters). The int64
+index buffers of corrections are counted apart (``index_values``).
 """
 
 from __future__ import annotations
@@ -16,9 +23,32 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ftcnn import faults as F
+
+
+def protection_values(model: nn.Module) -> int:
+    """Float values protections add to the model (range bounds, thresholds)."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        for b in F.protection_buffers(m).values():
+            seen[b.data_ptr()] = b.numel()
+    return sum(seen.values())
+
+
+def index_values(model: nn.Module) -> int:
+    """Integer buffers of protection modules (channel indices): memory, not attacked."""
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        if hasattr(m, F.PROTECTION_ATTR):
+            for b in m.buffers(recurse=False):
+                if not b.is_floating_point():
+                    seen[b.data_ptr()] = b.numel()
+    return sum(seen.values())
+
 
 def parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters plus the protections' float values (see the module doc)."""
+    return sum(p.numel() for p in model.parameters()) + protection_values(model)
 
 
 @torch.inference_mode()
@@ -64,8 +94,10 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, repe
 
 def measure(model: nn.Module, input_shape: tuple[int, ...], *, batches: tuple[int, ...] = (1, 128),
             repeats: int = 20) -> dict[str, float]:
-    """Parameters, MACs and median latency (ms) at each batch size."""
-    out: dict[str, float] = {"params": parameters(model), **macs(model, input_shape)}
+    """Parameters (protection values included, and apart), MACs and median latency (ms)
+    at each batch size."""
+    out: dict[str, float] = {"params": parameters(model), "protection_values": protection_values(model),
+                             "index_values": index_values(model), **macs(model, input_shape)}
     for b in batches:
         # fewer repeats for big batches: the median of a few long runs is already stable
         out[f"latency_b{b}_ms"] = 1e3 * latency(model, input_shape, b, repeats if b < 32 else max(5, repeats // 4))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -100,16 +100,28 @@ class ParameterMemory:
     ``params`` are the float parameters the model computes with; ``stored`` is
     the memory faults hit (the parameter itself for float32). ``scales`` holds
     the int8 dequantisation scale per tensor (broadcastable to the tensor).
+    ``aliases`` maps the other names of a tied tensor (a weight shared by two
+    modules is one piece of memory, listed once under its first name) to that
+    name, so faults may name either.
     """
 
     dtype: str
     params: dict[str, torch.Tensor]
     stored: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def bits_per_element(self) -> int:
         return bit_width(_storage_torch_dtype(self.dtype))
+
+    def canonical(self, name: str) -> str:
+        """The name ``stored`` holds ``name``'s memory under; a ValueError if it is no fault target."""
+        if name in self.stored:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise ValueError(f"unknown fault target {name!r}")
 
     def numel(self, name: str) -> int:
         return self.stored[name].numel()
@@ -135,17 +147,48 @@ def _storage_torch_dtype(name: str) -> torch.dtype:
             "bfloat16": torch.bfloat16, "int8": torch.int8}[name]
 
 
+PROTECTION_ATTR = "fault_buffers"
+
+
+def protection_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The float buffers ``module`` declares as attackable protection memory.
+
+    A protection module (``ftcnn.harden.Correction``, ``Restrict``) lists in a
+    class attribute ``fault_buffers`` the names of the float values it adds
+    to the model (range bounds, thresholds): they sit in the same memory as
+    the weights, so faults hit them like any parameter. Unset names (None)
+    are skipped; a declared buffer that is not floating point is a bug.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in getattr(module, PROTECTION_ATTR, ()):
+        buf = module._buffers.get(name)
+        if buf is None:
+            continue
+        if not buf.is_floating_point():
+            raise TypeError(f"{type(module).__name__}.{name} is declared a fault buffer but is {buf.dtype}")
+        out[name] = buf
+    return out
+
+
 def fault_targets(model: nn.Module, *, include_bn: bool = False,
-                  layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                  layers: Sequence[str] | None = None,
+                  include_protection: bool = True) -> dict[str, torch.Tensor]:
     """Name -> parameter tensor of every fault target, in module order.
 
     This is the one place that decides what memory faults can hit: weights and
     biases of every Conv2d and Linear (duplicated copies in hardened models are
     such modules too, so they are hit at the same rate), optionally BatchNorm
-    affine parameters. ``layers`` restricts to modules with those names.
+    affine parameters, and (``include_protection``, the default) the float
+    values a protection adds, as its modules declare them (see
+    :func:`protection_buffers`; e.g. ``features.0.restrict.low``, listed
+    where the module sits in module order). ``layers`` restricts to modules
+    with those names (protection modules can be named too). A tensor that
+    several modules share (tied weights) is one piece of memory, listed once
+    under its first name in module order (``tied_names`` gives the others).
     """
     kinds = FAULT_LAYER_TYPES + (BN_LAYER_TYPES if include_bn else ())
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    modules = {name: m for name, m in model.named_modules()
+               if isinstance(m, kinds) or include_protection and protection_buffers(m)}
     if layers is not None:
         unknown = [name for name in layers if name not in modules]
         if unknown:
@@ -153,11 +196,80 @@ def fault_targets(model: nn.Module, *, include_bn: bool = False,
                              + ", ".join(modules))
         modules = {name: modules[name] for name in layers}
     targets: dict[str, torch.Tensor] = {}
+    seen: set[tuple[Any, ...]] = set()
+
+    def add(full: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        # a tensor shared by several modules (tied weights) is one piece of
+        # memory: listed once, under its first name, or it would take twice the BER
+        key = storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            targets[full] = value
+
     for name, module in modules.items():
         for pname, param in module.named_parameters(recurse=False):
             if param is not None:
-                targets[f"{name}.{pname}" if name else pname] = param.data
+                add(f"{name}.{pname}" if name else pname, param, param.data)
+        if include_protection:
+            for bname, buf in protection_buffers(module).items():
+                add(f"{name}.{bname}" if name else bname, buf, buf)
     return targets
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies ``tensor``'s memory: two tensors with equal keys are one piece of memory.
+
+    The storage, byte offset, shape, strides and dtype: tied parameters (one
+    Parameter registered in two modules) and their ``.data`` share all of it.
+    Tensors without real memory (the ``meta`` device, zero elements) have no
+    address to compare, so there the tensor object stands for itself.
+    """
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return ("object", id(tensor))
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), storage.data_ptr(), tensor.storage_offset() * tensor.element_size(),
+            tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def tied_names(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Per tensor of ``tensors``: every parameter/buffer name of ``module`` that holds its memory.
+
+    A weight tied between two modules is read by both; whatever follows a
+    tensor through the model (the first layer that uses it, the modules a
+    fault in it reaches) must follow all its names. The tensor's own name
+    comes first.
+    """
+    by_key: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        by_key.setdefault(storage_key(t), []).append(name)
+    return {name: [name] + [n for n in by_key.get(storage_key(t), []) if n != name]
+            for name, t in tensors.items()}
+
+
+def protection_memory(model: nn.Module, targets: Iterable[str]) -> dict[str, Any]:
+    """What the protection modules add to memory, split by whether faults hit it.
+
+    A protection module is one that declares ``fault_buffers`` (even empty,
+    like ``harden.Hardened``). ``targets`` are the attacked tensor names (a
+    ``ParameterMemory``'s). Returns ``protection_values``: attacked float
+    elements; ``unattacked_memory``: buffer name -> elements of protection
+    memory faults do not hit (int64 indices always; the float bounds too when
+    excluded); ``unattacked_bits``: their size in bits.
+    """
+    attacked = set(targets)
+    values, unattacked, bits = 0, {}, 0
+    for name, module in model.named_modules():
+        if not hasattr(module, PROTECTION_ATTR):
+            continue
+        for bname, buf in module.named_buffers(recurse=False):
+            full = f"{name}.{bname}" if name else bname
+            if full in attacked:
+                values += buf.numel()
+            else:
+                unattacked[full] = buf.numel()
+                bits += buf.numel() * buf.element_size() * 8
+    return {"protection_values": values, "unattacked_memory": unattacked, "unattacked_bits": bits}
 
 
 def _int8_scale(tensor: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -170,28 +282,45 @@ def _int8_scale(tensor: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 
 def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bool = False,
-                     layers: Sequence[str] | None = None, per_channel: bool = True) -> ParameterMemory:
+                     layers: Sequence[str] | None = None, per_channel: bool = True,
+                     include_protection: bool = True) -> ParameterMemory:
     """Map ``model``'s fault targets to a storage format (design §1).
 
     For any format but float32 this rounds the model's parameters in place to
     the values the format stores, so the fault-free model is the one deployed
     in that format; the golden reference must be computed after this call.
+    Protection values (``include_protection``) are stored in the same format;
+    in int8 each gets its own scale (a bound shares no range with its
+    neighbours: a shared scale would move small bounds by up to half a step
+    and change the fault-free model), and an infinite (unprofiled) bound,
+    which int8 cannot hold, is refused.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
-    params = fault_targets(model, include_bn=include_bn, layers=layers)
+    params = fault_targets(model, include_bn=include_bn, layers=layers,
+                           include_protection=include_protection)
+    protection = {b.data_ptr() for m in model.modules() for b in protection_buffers(m).values()}
     for name, p in params.items():
         if p.dtype != torch.float32:
             raise ValueError(f"parameter {name} is {p.dtype}; ftcnn computes in float32")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous")
+        if dtype == "int8" and p.data_ptr() in protection and not torch.isfinite(p).all():
+            raise ValueError(f"protection value {name} is not finite, which int8 cannot store; "
+                             "profile the ranges or leave protection values unattacked")
+    aliases = {other: name for name, names in tied_names(model, params).items() for other in names[1:]}
     if dtype == "float32":
-        return ParameterMemory(dtype, params, params)
+        return ParameterMemory(dtype, params, params, aliases=aliases)
     stored: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, p in params.items():
-            if dtype == "int8":
+            if dtype == "int8" and p.data_ptr() in protection:
+                scale = _int8_scale(p.reshape(-1, 1), True).reshape(p.shape)
+                q = torch.clamp(torch.round(p / scale), -127, 127).to(torch.int8)
+                p.copy_(q.to(p.dtype) * scale)
+                stored[name], scales[name] = q.contiguous(), scale
+            elif dtype == "int8":
                 scale = _int8_scale(p, per_channel)
                 q = torch.clamp(torch.round(p / scale), -127, 127).to(torch.int8)
                 p.copy_(q.to(p.dtype) * scale)
@@ -200,7 +329,7 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
                 s = p.to(_storage_torch_dtype(dtype)).contiguous()
                 p.copy_(s.to(p.dtype))
                 stored[name] = s
-    return ParameterMemory(dtype, params, stored, scales)
+    return ParameterMemory(dtype, params, stored, scales, aliases)
 
 
 @dataclass(frozen=True)
@@ -280,27 +409,67 @@ def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float
     return Faults(sites, mode)
 
 
-Undo = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Undo = list[tuple[str, torch.Tensor, torch.Tensor]]
+"""What ``restore`` needs: per faulted tensor, in the order of injection, its
+canonical name, the flat indices touched and their integer bits before."""
+
+
+def _checked_sites(memory: ParameterMemory, faults: Faults) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Every site of ``faults`` resolved and validated, before any bit is touched."""
+    if faults.mode not in MODES:
+        raise ValueError(f"unknown fault mode {faults.mode!r}; choose from {', '.join(MODES)}")
+    width = memory.bits_per_element
+    plan = []
+    for name, (index, bits) in faults.sites.items():
+        target = memory.canonical(name)
+        index, bits = np.asarray(index), np.asarray(bits)
+        if index.shape != bits.shape or index.ndim != 1:
+            raise ValueError(f"fault sites of {name!r}: indices and bits must be two 1-d arrays of one length")
+        if index.size == 0:
+            continue
+        if not (np.issubdtype(index.dtype, np.integer) and np.issubdtype(bits.dtype, np.integer)):
+            raise ValueError(f"fault sites of {name!r}: indices and bits must be integers")
+        numel = memory.numel(target)
+        if index.min() < 0 or index.max() >= numel:
+            raise ValueError(f"fault index out of range [0, {numel}) for {name!r}")
+        if bits.min() < 0 or bits.max() >= width:
+            raise ValueError(f"bit position out of range [0, {width}) for {name!r} ({memory.dtype})")
+        plan.append((target, index.astype(np.int64), bits.astype(np.int64)))
+    return plan
 
 
 def inject(memory: ParameterMemory, faults: Faults) -> Undo:
-    """Apply ``faults`` to the memory in place; returns what ``restore`` needs."""
-    undo: Undo = {}
-    for name, (index, bits) in faults.sites.items():
-        if name not in memory.stored:
-            raise ValueError(f"unknown fault target {name!r}")
-        if len(index) == 0:
-            continue
-        before = flip_bits(memory.stored[name], index, bits, faults.mode)
-        where = torch.from_numpy(np.unique(index)).to(memory.stored[name].device)
-        memory.decode(name, where)
-        undo[name] = (where, before)
+    """Apply ``faults`` to the memory in place; returns what ``restore`` needs.
+
+    All or nothing: every site is validated before the first flip, and any
+    exception on the way (a KeyboardInterrupt included) restores what was
+    already flipped before it propagates, so a failed call never leaves a
+    weight at 3e37. Each tensor's old bits are saved *before* it is touched,
+    so an interrupt in the middle of one tensor's flips is undone too.
+    """
+    plan = _checked_sites(memory, faults)
+    undo: Undo = []
+    try:
+        for name, index, bits in plan:
+            stored = memory.stored[name]
+            where = torch.from_numpy(np.unique(index)).to(stored.device)
+            undo.append((name, where, stored.view(-1).view(_INT_VIEW[stored.dtype])[where].clone()))
+            flip_bits(stored, index, bits, faults.mode)
+            memory.decode(name, where)
+    except BaseException:
+        restore(memory, undo)
+        raise
     return undo
 
 
 def restore(memory: ParameterMemory, undo: Undo) -> None:
-    """Put back the exact bits saved by ``inject``."""
-    for name, (where, before) in undo.items():
+    """Put back the exact bits saved by ``inject``, last record first.
+
+    Reverse order matters when two records touch one word (two undo lists
+    joined, or one tensor reached through two names): the first record holds
+    the original bits, the later one bits that were already faulty.
+    """
+    for name, where, before in reversed(undo):
         stored = memory.stored[name]
         stored.view(-1).view(_INT_VIEW[stored.dtype])[where] = before
         memory.decode(name, where)
@@ -318,8 +487,5 @@ def injected(memory: ParameterMemory, faults: Faults) -> Iterator[Undo]:
 
 def first_faulted_target(memory: ParameterMemory, faults: Faults) -> str | None:
     """The earliest (in module order) tensor the faults touch, or None."""
-    for name in memory.stored:
-        site = faults.sites.get(name)
-        if site is not None and len(site[0]):
-            return name
-    return None
+    touched = {memory.aliases.get(name, name) for name, (index, _) in faults.sites.items() if len(index)}
+    return next((name for name in memory.stored if name in touched), None)

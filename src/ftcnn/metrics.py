@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -61,15 +61,25 @@ def trial_metrics(logits: torch.Tensor, golden: Golden) -> dict[str, float]:
     }
 
 
+CI_STUDENT_T = "student-t"
+CI_BETTING = "betting confidence sequence"
+
+
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, tuple[float, float]]:
-    """Mean, sample std and Student-t confidence interval of the mean."""
+    """Mean, sample std and Student-t confidence interval of the mean.
+
+    With one value the std and the t-interval are undefined: both come back
+    NaN (they used to be 0 and a zero-width interval, which claims certainty
+    from a single trial). Callers that need an interval at any size use
+    :func:`betting_ci` instead.
+    """
     x = np.asarray(values, dtype=np.float64)
     n = len(x)
     if n == 0:
         return float("nan"), float("nan"), (float("nan"), float("nan"))
     mean = float(x.mean())
     if n == 1:
-        return mean, 0.0, (mean, mean)
+        return mean, float("nan"), (float("nan"), float("nan"))
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
     return mean, std, (mean - half, mean + half)
@@ -86,3 +96,174 @@ def leveugle_sample_size(population: int, margin: float = 0.01, confidence: floa
     t = float(stats.norm.ppf(0.5 + confidence / 2))
     n = population / (1 + margin ** 2 * (population - 1) / (t ** 2 * p * (1 - p)))
     return max(1, math.ceil(n))
+
+
+# --- sequential estimation (design §2) ---------------------------------------------------------
+
+class BettingCS:
+    """Always-valid confidence sequence for the mean of outcomes in [0, 1].
+
+    Why: ``--trials auto`` looks at the data after every trial and stops when
+    the interval is narrow. A Student-t interval is not valid under such
+    optional stopping, and it collapses when the first trials happen to be
+    identical (most flips are benign): measured on LeNet-5/digits at BER
+    3e-6, 40 runs of the old "t half-width <= margin after 10 trials" rule
+    covered a 2,000-trial reference mean 28% of the time (nominal 95%) and
+    averaged 92.12% against 90.80%. A confidence sequence holds the mean at
+    *every* trial count simultaneously with probability >= ``confidence``,
+    so the interval at any data-dependent stop is valid, and its width comes
+    from bets that cannot win on a few identical values.
+
+    Method: the hedged capital process with predictable plug-in bets of
+    Waudby-Smith & Ramdas, "Estimating means of bounded random variables by
+    betting" (JRSS-B 86(1), 2024, online 2023; arXiv 2010.09686; the
+    ``betting_cs`` of the ``confseq`` package). For a candidate mean m, two gamblers bet that the mean is above
+    or below m with capital K+(m) = prod(1 + l+_i(m)(x_i - m)) and
+    K-(m) = prod(1 - l-_i(m)(x_i - m)), where l_i = sqrt(2 log(2/alpha) /
+    (s2_{i-1} i log(1 + i))) uses only the values before trial i
+    (s2 a regularised running variance, prior 1/4 from one pseudo-trial at
+    1/2), truncated at c/m and c/(1 - m) with c = 1/2. m is rejected once
+    max(K+, K-) / 2 >= 1/alpha (Ville's inequality makes that a level-alpha
+    test at every time at once). K+ falls and K- rises with m, so the
+    candidates left form an interval; running intersection keeps it the
+    intersection over all trials (still valid, never wider).
+
+    With ``target_half_width`` (what ``--trials auto`` asks for) the bets are
+    the same paper's fixed-size plug-in sqrt(2 log(2/alpha) / (n s2_{i-1}))
+    with n = 2 s2_{i-1} log(2/alpha) / target^2, the size at which a
+    half-width of ``target`` is expected, i.e. l_i = target / s2_{i-1}: tightest
+    where the run will stop. Any predictable bets keep the guarantee. Measured
+    on 4,000 real LeNet-5/digits trials at BER 3e-6 (std 0.12), target 0.01,
+    200 runs: 98.5% coverage, ~980 trials to stop on average against ~1,360
+    with the all-time bets; a fixed-size t-interval of that precision needs
+    566 trials but is not valid when the size is chosen on the data
+    (``pytest -s tests/test_sequential.py`` prints the numbers).
+
+    The candidates are a grid of step ``resolution``; only those inside the
+    current interval are tracked, so the cost per trial shrinks with the
+    interval. The reported bounds are widened by one grid step, so the
+    exact interval always lies inside them (conservative by at most
+    ``resolution``).
+    """
+
+    def __init__(self, confidence: float = 0.95, *, target_half_width: float | None = None,
+                 resolution: float = 1e-4, truncation: float = 0.5) -> None:
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence {confidence} must lie in (0, 1)")
+        if target_half_width is not None and not 0 < target_half_width < 1:
+            raise ValueError(f"target half-width {target_half_width} must lie in (0, 1)")
+        if not 0 < resolution <= 0.1:
+            raise ValueError(f"resolution {resolution} must lie in (0, 0.1]")
+        if not 0 < truncation < 1:
+            raise ValueError(f"truncation {truncation} must lie in (0, 1)")
+        self.confidence = confidence
+        self.target_half_width = target_half_width
+        self.resolution = resolution
+        alpha = 1.0 - confidence
+        self._log_threshold = math.log(2.0 / alpha)  # hedged, theta = 1/2: max(K+, K-)/2 >= 1/alpha
+        self._bet_scale = 2.0 * math.log(2.0 / alpha)
+        steps = int(round(1.0 / resolution))
+        self._m = np.linspace(0.0, 1.0, steps + 1)
+        with np.errstate(divide="ignore"):
+            self._cap_pos = truncation / self._m            # inf at m = 0: no cap needed there
+            self._cap_neg = truncation / (1.0 - self._m)    # inf at m = 1
+        self._log_pos = np.zeros_like(self._m)
+        self._log_neg = np.zeros_like(self._m)
+        self.n = 0
+        self._sum = 0.0
+        self._sq = 0.0          # sum over trials of (x_i - regularised mean after i)^2
+        self.low, self.high = 0.0, 1.0
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def mean(self) -> float:
+        return self._sum / self.n if self.n else float("nan")
+
+    def update(self, x: float) -> None:
+        """Add the next trial's outcome (in trial order)."""
+        x = float(x)
+        if not 0.0 <= x <= 1.0:  # also refuses NaN
+            raise ValueError(f"outcome {x} outside [0, 1]")
+        t = self.n + 1
+        var_before = (0.25 + self._sq) / t           # s2_{t-1}: the values before this trial only
+        if self.target_half_width is not None:
+            bet = self.target_half_width / var_before
+        else:
+            bet = math.sqrt(self._bet_scale / (var_before * t * math.log1p(t)))
+        if self._m.size:
+            diff = x - self._m
+            self._log_pos += np.log1p(np.minimum(bet, self._cap_pos) * diff)
+            self._log_neg += np.log1p(-np.minimum(bet, self._cap_neg) * diff)
+            kept = np.flatnonzero(np.maximum(self._log_pos, self._log_neg) < self._log_threshold)
+            if not kept.size:  # the interval fell between two grid points: keep the last one (still valid)
+                self._m = self._m[:0]
+            elif kept[0] > 0 or kept[-1] < self._m.size - 1:
+                keep = slice(kept[0], kept[-1] + 1)
+                for name in ("_m", "_cap_pos", "_cap_neg", "_log_pos", "_log_neg"):
+                    setattr(self, name, getattr(self, name)[keep])
+                self.low = max(self.low, float(self._m[0]) - self.resolution)
+                self.high = min(self.high, float(self._m[-1]) + self.resolution)
+        self.n = t
+        self._sum += x
+        self._sq += (x - (0.5 + self._sum) / (t + 1)) ** 2
+
+    def extend(self, values: Iterable[float]) -> "BettingCS":
+        for x in values:
+            self.update(x)
+        return self
+
+
+def betting_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The betting confidence sequence's interval after ``values`` (see :class:`BettingCS`).
+
+    Valid at any number of values, including one (where a t-interval does not
+    exist), and at a data-dependent stop; always inside [0, 1].
+    """
+    cs = BettingCS(confidence).extend(values)
+    return cs.low, cs.high
+
+
+@dataclass(frozen=True)
+class SequentialEstimate:
+    """Where a sequential run stopped and what it reports there."""
+
+    trials: int            # values used (the stop)
+    mean: float
+    low: float             # the confidence sequence's interval at the stop
+    high: float
+    narrow: bool           # half-width <= margin reached (False: stopped by the budget or the data ran out)
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def sequential_mean(values: Iterable[float], margin: float, confidence: float = 0.95, *,
+                    min_trials: int = 1, max_trials: int | None = None) -> SequentialEstimate:
+    """Consume ``values`` in order until the betting CS half-width is <= ``margin``.
+
+    The stop is a pure function of the values in order (a resumed campaign
+    recomputes it from its committed trials and gets the same one), and
+    ``values`` is read lazily: nothing past the stop is requested. Stops
+    at ``max_trials`` at the latest; the interval reported there is still
+    valid, only wider than asked. ``min_trials`` is only a floor: the CS
+    needs none for validity, and identical outcomes do not stop it early
+    (measured: 384 trials all at 0.85 before a half-width of 0.01 at 95%,
+    the evidence needed to rule out a ~1% share of catastrophic trials).
+    """
+    if not 0 < margin < 1:
+        raise ValueError(f"margin {margin} must lie in (0, 1)")
+    cs = BettingCS(confidence, target_half_width=margin)
+    narrow = False
+    if max_trials is None or max_trials > 0:
+        for x in values:
+            cs.update(x)
+            if cs.n >= min_trials and cs.half_width <= margin:
+                narrow = True
+                break
+            if max_trials is not None and cs.n >= max_trials:
+                break
+    return SequentialEstimate(cs.n, cs.mean, cs.low, cs.high, narrow)

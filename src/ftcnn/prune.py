@@ -359,11 +359,80 @@ def prune(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: st
     return pruned
 
 
+# the fields of a {"kind": "prune"} transform (a checkpoint naming any other is refused)
+TRANSFORM_FIELDS = ("kind", "criterion", "ratio", "input_shape", "history")
+# the traced example input is allocated for real when a model is rebuilt off the meta device
+MAX_INPUT_VALUES = 2 ** 26
+MAX_HISTORY = 10_000
+
+
+def check_transform(model: nn.Module, transform: Any) -> tuple[tuple[int, ...], list[list[Any]]]:
+    """A stored pruning transform's fields, checked (one-line ``CheckpointError``):
+    it comes from a file. Returns the input shape and the history entries, whose
+    channel indices :func:`rebuild` checks against each layer as it replays them."""
+    error = checkpoint.CheckpointError
+    if not isinstance(transform, Mapping):
+        raise error(f"prune transform must be a JSON object, not {type(transform).__name__}")
+    unknown = [k for k in transform if k not in TRANSFORM_FIELDS]
+    if unknown:
+        raise error(f"unknown field {str(unknown[0])[:60]!r} in prune transform "
+                    f"(known: {', '.join(TRANSFORM_FIELDS)})")
+    if transform.get("criterion") not in CRITERIA:
+        raise error(f"prune transform: criterion must be one of {', '.join(CRITERIA)}, "
+                    f"got {str(transform.get('criterion'))[:60]!r}")
+
+    def share(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
+
+    ratio = transform.get("ratio")
+    if not (share(ratio) or isinstance(ratio, Mapping) and
+            all(isinstance(k, str) and share(v) for k, v in ratio.items())):
+        raise error("prune transform: ratio must be a number in [0, 1] or an object of layer -> number in [0, 1]")
+    shape = transform.get("input_shape")
+    if not isinstance(shape, list) or len(shape) != 3 or \
+            not all(type(v) is int and 0 < v <= MAX_INPUT_VALUES for v in shape) or \
+            math.prod(shape) > MAX_INPUT_VALUES:
+        raise error(f"prune transform: input_shape must be [channels, height, width] of positive ints "
+                    f"with at most {MAX_INPUT_VALUES:,} values, got {str(shape)[:80]}")
+    history = transform.get("history")
+    if not isinstance(history, list) or len(history) > MAX_HISTORY:
+        raise error(f"prune transform: history must be a list of at most {MAX_HISTORY:,} entries")
+    for i, entry in enumerate(history):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and type(entry[1]) is bool and isinstance(entry[2], list)
+                and all(type(j) is int for j in entry[2])):
+            raise error(f"prune transform: history entry #{i} must be [layer name, true/false, [indices]]")
+    if any(type(m).__name__ == "Hardened" for m in model.modules()):
+        raise error("prune transform on a hardened model (prune before hardening)")
+    return tuple(shape), history
+
+
 def rebuild(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
-    """Replay a recorded pruning on a freshly built model (for ``checkpoint.load``)."""
-    graph = dependency_graph(model, _check_input_shape(tuple(transform["input_shape"])))
-    graph.load_pruning_history([[n, bool(out), list(idxs)] for n, out, idxs in transform["history"]])
+    """Replay a recorded pruning on a freshly built model (for ``checkpoint.load``,
+    which runs it on the ``meta`` device first, where indices are not checked by
+    torch: so each entry's indices are checked here against the layer's current size)."""
+    input_shape, history = check_transform(model, transform)
+    graph = dependency_graph(model, input_shape)
+    modules = dict(model.named_modules())
+    for i, (name, out, idxs) in enumerate(history):
+        layer = modules.get(name)
+        if not isinstance(layer, PRUNABLE):
+            raise checkpoint.CheckpointError(f"prune transform: history entry #{i} names "
+                                             f"{str(name)[:80]!r}, not a Conv2d/Linear of the model")
+        if isinstance(layer, nn.Conv2d):
+            size = layer.out_channels if out else layer.in_channels
+        else:
+            size = layer.out_features if out else layer.in_features
+        if not idxs or len(set(idxs)) != len(idxs) or len(idxs) >= size or \
+                not all(0 <= j < size for j in idxs):
+            raise checkpoint.CheckpointError(
+                f"prune transform: history entry #{i} must remove distinct {'output' if out else 'input'} "
+                f"channels of {name!r} in [0, {size}), and not all of them")
+        graph.load_pruning_history([[name, out, list(idxs)]])
     return model
+
+
+checkpoint.register_transform("prune", rebuild)
 
 
 def removed_channels(model: nn.Module) -> dict[str, int]:

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ftcnn.checkpoint import atomic_write  # noqa: E402
 
 PLOTS = ("accuracy_vs_ber", "overhead_vs_resilience", "vulnerability", "bit_sensitivity")
-CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci95_low", "accuracy_ci95_high",
-              "sdc_mean", "critical_sdc_mean", "due_mean", "clean_accuracy", "params", "macs",
+CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high",
+              "confidence", "sdc_mean", "critical_sdc_mean", "due_mean", "clean_accuracy", "params", "macs",
               "latency_b1_ms", "latency_b128_ms", "relative_params", "relative_macs",
               "relative_latency_b1_ms", "relative_latency_b128_ms")
 
@@ -38,14 +38,22 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         for r in v["results"]:
             rows.append({
                 "variant": v["name"], "ber": r["ber"], "trials": r["trials"],
-                "accuracy_mean": r["accuracy_mean"], "accuracy_ci95_low": r["accuracy_ci95"][0],
-                "accuracy_ci95_high": r["accuracy_ci95"][1], "sdc_mean": r["sdc_mean"],
+                "accuracy_mean": r["accuracy_mean"], "accuracy_ci_low": r["accuracy_ci"][0],
+                "accuracy_ci_high": r["accuracy_ci"][1], "confidence": r.get("confidence"),
+                "sdc_mean": r["sdc_mean"],
                 "critical_sdc_mean": r["critical_sdc_mean"], "due_mean": r["due_mean"],
                 "clean_accuracy": v.get("clean_accuracy"),
                 **{k: cost.get(k) for k in ("params", "macs", "latency_b1_ms", "latency_b128_ms")},
                 **{f"relative_{k}": rel.get(k) for k in ("params", "macs", "latency_b1_ms", "latency_b128_ms")},
             })
     return rows
+
+
+def ci_header(summary: dict[str, Any]) -> str:
+    """"95% CI" with the level the variants' campaigns actually used (just "CI" if they differ)."""
+    levels = {r.get("confidence") for v in summary["variants"] for r in v["results"]}
+    level = levels.pop() if len(levels) == 1 else None
+    return f"{100 * level:.4g}% CI" if isinstance(level, float) else "CI"
 
 
 def write_csv(summary: dict[str, Any], path: Path) -> None:
@@ -77,7 +85,7 @@ def _style(index: int) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_ber(summary: dict[str, Any], stem: Path) -> None:
-    """Accuracy under faults vs BER, one line per variant with its 95% CI band."""
+    """Accuracy under faults vs BER, one line per variant with its CI band."""
     fig, ax = plt.subplots(figsize=(8.5, 5))
     for i, v in enumerate(summary["variants"]):
         res = [r for r in v["results"] if r["ber"] and r["ber"] > 0]
@@ -85,7 +93,7 @@ def plot_accuracy_vs_ber(summary: dict[str, Any], stem: Path) -> None:
             continue
         bers = [r["ber"] for r in res]
         ax.plot(bers, [r["accuracy_mean"] for r in res], label=v.get("label", v["name"]), **_style(i))
-        ax.fill_between(bers, [r["accuracy_ci95"][0] for r in res], [r["accuracy_ci95"][1] for r in res],
+        ax.fill_between(bers, [r["accuracy_ci"][0] for r in res], [r["accuracy_ci"][1] for r in res],
                         alpha=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("bit error rate (parameter memory)")
@@ -116,7 +124,7 @@ def plot_overhead_vs_resilience(summary: dict[str, Any], stem: Path) -> None:
             continue
         x = 100 * (rel - 1)
         ax.errorbar([x], [r["accuracy_mean"]],
-                    yerr=[[r["accuracy_mean"] - r["accuracy_ci95"][0]], [r["accuracy_ci95"][1] - r["accuracy_mean"]]],
+                    yerr=[[r["accuracy_mean"] - r["accuracy_ci"][0]], [r["accuracy_ci"][1] - r["accuracy_mean"]]],
                     fmt=_style(i)["marker"], capsize=3, label=v.get("label", v["name"]))
         ax.annotate(v["name"], (x, r["accuracy_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("extra MACs vs baseline (%)")
@@ -207,7 +215,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path]) -> str:
             f"<b>{html.escape(v['name'])}</b>", html.escape(v.get("description", "")),
             _fmt(v.get("clean_accuracy"), pct=True),
             _fmt(r["accuracy_mean"], pct=True) if r else "–",
-            f"[{_fmt(r['accuracy_ci95'][0], pct=True)}, {_fmt(r['accuracy_ci95'][1], pct=True)}]" if r else "–",
+            f"[{_fmt(r['accuracy_ci'][0], pct=True)}, {_fmt(r['accuracy_ci'][1], pct=True)}]" if r else "–",
             _fmt(r["critical_sdc_mean"], pct=True) if r else "–",
             _fmt(r["due_mean"], pct=True) if r else "–",
             _fmt(v.get("cost", {}).get("params")), _fmt((rel.get("params", 1) - 1), pct=True),
@@ -215,18 +223,19 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path]) -> str:
             _fmt((rel.get("latency_b1_ms", 1) - 1), pct=True), _fmt((rel.get("latency_b128_ms", 1) - 1), pct=True),
         ])
     overview_table = _table(
-        ["variant", "what it is", "clean acc.", f"acc. @ BER {ber:g}", "95% CI", "crit. SDC", "DUE",
+        ["variant", "what it is", "clean acc.", f"acc. @ BER {ber:g}", ci_header(summary), "crit. SDC", "DUE",
          "params", "+params", "+MACs", "+latency b1", "+latency b128"], overview, "overview")
     detail = [[html.escape(r["variant"]), f"{r['ber']:g}", str(r["trials"]), _fmt(r["accuracy_mean"], pct=True),
-               f"[{_fmt(r['accuracy_ci95_low'], pct=True)}, {_fmt(r['accuracy_ci95_high'], pct=True)}]",
+               f"[{_fmt(r['accuracy_ci_low'], pct=True)}, {_fmt(r['accuracy_ci_high'], pct=True)}]",
                _fmt(r["sdc_mean"], pct=True), _fmt(r["critical_sdc_mean"], pct=True), _fmt(r["due_mean"], pct=True)]
               for r in summary_rows(summary)]
-    detail_table = _table(["variant", "BER", "trials", "accuracy", "95% CI", "SDC", "critical SDC", "DUE"],
+    detail_table = _table(["variant", "BER", "trials", "accuracy", ci_header(summary), "SDC", "critical SDC",
+                           "DUE"],
                           detail, "detail")
     config = html.escape(json.dumps(summary.get("config", {}), indent=2))
     versions = html.escape(", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()))
     figures = "".join(_img(plots[name], caption) for name, caption in (
-        ("accuracy_vs_ber", "Accuracy under faults vs bit error rate (bands: 95% CI)"),
+        ("accuracy_vs_ber", f"Accuracy under faults vs bit error rate (bands: {ci_header(summary)})"),
         ("overhead_vs_resilience", f"Overhead vs resilience at BER {ber:g}"),
         ("bit_sensitivity", "Critical SDC rate of a single flip per float32 bit"),
         ("vulnerability", "Per-layer vulnerability of the filters/neurons"),
