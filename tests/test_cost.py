@@ -32,4 +32,9 @@ def test_measure_and_relative() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     c = cost.measure(model, (1, 4, 4), repeats=3)
     assert c["params"] == 68 and c["latency_b1_ms"] > 0 and c["latency_b128_ms"] > 0
-    assert cost.relative(c, c)["params"] == 1.0
+    doubled = {**c, "params": 2 * c["params"], "macs": 0}
+    rel = cost.relative(doubled, c)
+    assert rel["params"] == 2.0 and rel["macs"] == 0.0
+    # a zero baseline has no ratio: NaN, never a division error or a fake 1.0
+    zero = cost.relative(c, {**c, "params": 0})
+    assert zero["params"] != zero["params"]

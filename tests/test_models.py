@@ -92,7 +92,7 @@ def test_resnet_blocks_have_named_parts() -> None:
 
 
 def test_torch_pruning_dependency_graph() -> None:
-    tp = pytest.importorskip("torch_pruning")
+    import torch_pruning as tp  # a hard dependency: a broken import must fail, not skip
     for name in ("resnet20", "vgg11"):
         model = build(name, in_channels=3, input_size=32, width=0.25).eval()
         before = n_params(model)

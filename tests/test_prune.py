@@ -168,7 +168,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_pruned_then_hardened_round_trip(tmp_path: Path) -> None:
-    harden_mod = pytest.importorskip("ftcnn.harden")
+    from ftcnn import harden as harden_mod
     model = ftcnn.build("lenet5", in_channels=1, input_size=8)
     pruned = prune(model, ratio=0.4, criterion="l1", input_shape=(1, 8, 8))
     hardened = harden_mod.harden(pruned, l1_scores(pruned), ratio=0.2, correction="min")
@@ -262,7 +262,6 @@ def test_prune_cli_bad_input(digits_model: Path, tmp_path: Path, args, match) ->
 
 
 def test_pipeline_cli(digits_model: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ftcnn.harden")
     from ftcnn import data, train
 
     out = tmp_path / "pipe"

@@ -341,11 +341,6 @@ def commit_result(db: sqlite3.Connection, result: TrialResult) -> None:
     db.commit()
 
 
-def commit_trial(db: sqlite3.Connection, point: float, trial: int, faults: F.Faults,
-                 metrics: dict[str, float], seconds: float) -> None:
-    commit_result(db, TrialResult.of(point, trial, faults, metrics, seconds))
-
-
 # --- running ---------------------------------------------------------------
 
 @dataclass
