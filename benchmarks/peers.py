@@ -6,6 +6,7 @@ for this benchmark only, then run it from there:
     python3 -m venv /tmp/peers-venv
     /tmp/peers-venv/bin/pip install torch==2.13.0 pytorchfi==0.6.0 mrfi==2.1.0 -e /path/to/ftcnn
     /tmp/peers-venv/bin/python benchmarks/peers.py [--trials 200] [--models lenet5 vgg11]
+    /tmp/peers-venv/bin/python benchmarks/peers.py --precision 0.01 --threads 1   # time to +-1 point
 
 Workload: bit error rates 1e-7, 1e-6, 1e-5, 1e-4, ``--trials`` trials each,
 LeNet-5 and VGG-11 (width 1/4), 1,000 mnist5k test inputs (VGG at 3x32x32,
@@ -195,6 +196,97 @@ def run_mrfi(model, x, y, trials: int) -> tuple[float, dict[float, list[dict]]]:
     return time.perf_counter() - start, results
 
 
+# --- time to precision (issue 13) ---------------------------------------------------------
+
+MIN_PLAIN = 30  # a peer's plain run checks its t-interval from this many trials on
+
+
+def _pytorchfi_trials(model, x, y, ber: float):
+    """PyTorchFI trials at ``ber`` one after the other, with ftcnn's fault draws (seed SEED)."""
+    from pytorchfi.core import fault_injection
+
+    model = copy.deepcopy(model).eval()
+    golden = Golden(y, predict(model, x).argmax(1))
+    fi = fault_injection(model, len(x), input_shape=list(x.shape[1:]),
+                         layer_types=[nn.Conv2d, nn.Linear], use_cuda=False)
+    memory = F.parameter_memory(copy.deepcopy(model))
+    layer_of = {name: i for i, name in enumerate(
+        n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))}
+    config = CampaignConfig(bers=(ber,), trials=1, seed=SEED)
+    trial = 0
+    while True:
+        corrupted = _pytorchfi_trial(fi, model, draw_trial_faults(memory, config, ber, trial), layer_of)
+        with torch.no_grad():
+            yield trial_metrics(corrupted(x), golden)["accuracy"]
+        trial += 1
+
+
+def _mrfi_trials(model, x, y, ber: float):
+    import logging
+
+    from mrfi import MRFI, EasyConfig
+
+    logging.getLogger().setLevel(logging.ERROR)
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+    golden = Golden(y, predict(model, x).argmax(1))
+    fi_model = MRFI(copy.deepcopy(model).eval(), EasyConfig.load_string(MRFI_CONFIG.format(rate=32 * ber)))
+    while True:
+        yield trial_metrics(fi_model(x), golden)["accuracy"]
+
+
+def plain_until_precise(trials, precision: float, max_trials: int) -> tuple[int, float]:
+    """Plain Monte Carlo as a peer user would run it: trials until the Student-t half-width
+    is <= ``precision`` (checked after every trial from ``MIN_PLAIN`` on; generous to the
+    peer: a t-interval checked on the data is not valid at its stop, ftcnn's are).
+    Returns (trials, CPU seconds of this process)."""
+    start = time.process_time()
+    values: list[float] = []
+    for value in trials:
+        values.append(value)
+        if len(values) >= MIN_PLAIN:
+            _, _, (low, high) = mean_ci(values)
+            if (high - low) / 2 <= precision or len(values) >= max_trials:
+                break
+    return len(values), time.process_time() - start
+
+
+def bench_precision(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    args: argparse.Namespace) -> None:
+    """CPU seconds (this process; 1 thread recommended) to +-``args.precision`` at each BER:
+    ftcnn --precision (stratified, exact shortcuts), ftcnn --trials auto, and the peers'
+    plain Monte Carlo until their t-interval is that narrow. Peers not installed are skipped."""
+    print(f"\n{name}: time to +-{args.precision:g} at 95%, CPU seconds (trials), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    table: dict[str, dict[float, tuple[int, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tool, settings in (("ftcnn --precision", {"precision": args.precision}),
+                               ("ftcnn --trials auto", {"margin": args.precision})):
+            if tool == "ftcnn --trials auto" and "ftcnn-auto" not in args.tools:
+                continue
+            table[tool] = {}
+            for ber in BERS:
+                config = CampaignConfig(bers=(ber,), trials=None, seed=SEED, **settings)
+                start = time.process_time()
+                summary = run_campaign(model, x, y, config, Path(tmp) / f"{tool[8:10]}{ber:g}", progress=False)
+                table[tool][ber] = (summary["results"][0]["trials"], time.process_time() - start)
+    for tool, trials in (("pytorchfi", _pytorchfi_trials), ("mrfi", _mrfi_trials)):
+        if tool not in args.tools:
+            continue
+        try:
+            table[tool] = {ber: plain_until_precise(trials(model, x, y, ber), args.precision, args.max_trials)
+                           for ber in BERS}
+        except ImportError as exc:
+            print(f"  {tool}: skipped ({exc})")
+    print(f"  {'tool':22}" + "".join(f"{b:>16g}" for b in BERS) + f"{'total CPU s':>14}")
+    for tool, cells in table.items():
+        print(f"  {tool:22}" + "".join(f"{s:>9.1f} ({n:>4})" for n, s in (cells[b] for b in BERS))
+              + f"{sum(s for _, s in cells.values()):>14.1f}")
+    ours = sum(s for _, s in table["ftcnn --precision"].values())
+    for tool in [t for t in table if t != "ftcnn --precision"]:
+        print(f"  ftcnn --precision uses {sum(s for _, s in table[tool].values()) / ours:.1f}x less CPU than {tool}")
+
+
 def summarize(per_trial: dict[float, list[dict]]) -> dict[float, list[float]]:
     out = {}
     for ber, ms in per_trial.items():
@@ -209,8 +301,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200, help="trials per BER (200: the full workload)")
     parser.add_argument("--models", nargs="+", default=["lenet5", "vgg11"], choices=["lenet5", "vgg11"])
-    parser.add_argument("--tools", nargs="+", default=["ftcnn", "ftcnn-workers", "pytorchfi", "mrfi"],
-                        choices=["ftcnn", "ftcnn-workers", "pytorchfi", "mrfi"])
+    parser.add_argument("--tools", nargs="+", default=["ftcnn", "ftcnn-workers", "ftcnn-auto", "pytorchfi", "mrfi"],
+                        choices=["ftcnn", "ftcnn-workers", "ftcnn-auto", "pytorchfi", "mrfi"])
+    parser.add_argument("--precision", type=float, default=None,
+                        help="time-to-precision mode: CPU time of each tool to this CI half-width per BER "
+                             "(e.g. 0.01); --trials is then ignored")
+    parser.add_argument("--max-trials", type=int, default=20_000,
+                        help="time-to-precision mode: a peer's plain run stops here at the latest")
     parser.add_argument("--no-plain-check", action="store_true",
                         help="skip re-running ftcnn's plain path to check the numbers are identical")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftcnn-peers-models")
@@ -224,7 +321,7 @@ def main() -> None:
           f"BERs {', '.join(f'{b:g}' for b in BERS)}, {args.trials} trials each")
     for name in args.models:
         model, x, y = workload(name, args.cache)
-        bench(name, model, x, y, args)
+        (bench_precision if args.precision else bench)(name, model, x, y, args)
 
 
 def bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ class _Counted(nn.Module):
 def test_elementwise_ops_are_added() -> None:
     model = nn.Sequential(nn.Linear(3, 5), _Counted())
     m = cost.macs(model, (3,))
-    assert m == {"macs": 15 + 5, "layer_macs": 15, "elementwise": 5}
+    assert m == {"macs": 15 + 5, "layer_macs": 15, "elementwise": 5, "weight_checks": 0}
 
 
 def test_measure_and_relative() -> None:

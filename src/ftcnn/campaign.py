@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ftcnn import faults as F
-from ftcnn import fastpath, fingerprint
-from ftcnn.checkpoint import atomic_write
+from ftcnn import fastpath, fingerprint, strata
+from ftcnn import files
 from ftcnn.metrics import (CI_BETTING, CI_STUDENT_T, METRIC_NAMES, Golden, SequentialEstimate, betting_ci,
                            leveugle_sample_size, mean_ci, sequential_mean, trial_metrics)
 
@@ -56,6 +56,8 @@ class CampaignConfig:
     margin: float = 0.01              # auto: requested half-width of the accuracy CI
     confidence: float = 0.95          # of every reported CI (and of Leveugle's size)
     min_trials: int = 10              # auto: a floor only; the CS needs none to be valid
+    # time to precision: stratified trials until the accuracy CI half-width <= this (ftcnn.strata)
+    precision: float | None = None
     seed: int = 0
     dtype: str = "float32"
     bits: tuple[int, ...] | None = None
@@ -74,6 +76,8 @@ class CampaignConfig:
     ray_address: str | None = None    # run on an existing Ray cluster
     device: str | None = None         # move model and data there (None: where they are)
     cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES  # golden activations kept by the shortcut
+    # torch intra-op threads of the whole run, split among workers (None: distributed.default_threads)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if bool(self.bers) == bool(self.counts):
@@ -102,6 +106,13 @@ class CampaignConfig:
             raise ValueError(f"workers must be >= 1 (got {self.workers})")
         if self.cache_bytes < 0:
             raise ValueError(f"cache bytes must be >= 0 (got {self.cache_bytes})")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (got {self.threads})")
+        if self.precision is not None:
+            if not 0 < self.precision < 1:
+                raise ValueError(f"precision must lie in (0, 1) (got {self.precision})")
+            if not self.bers:
+                raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
 
     @property
     def by(self) -> str:
@@ -115,7 +126,7 @@ class CampaignConfig:
         """The settings trial results depend on: all but the trial budget (which a
         resumed run may extend) and the execution settings (exact, see above)."""
         d = asdict(self)
-        for key in ("trials", "margin", "confidence", "min_trials") + EXECUTION_FIELDS:
+        for key in ("trials", "margin", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
             d.pop(key)
         return d
 
@@ -126,7 +137,7 @@ class CampaignConfig:
 
 # settings that change how fast trials run, never their results
 EXECUTION_FIELDS = ("batch_size", "skip_fault_free", "shortcut", "batch_trials", "workers", "ray",
-                    "ray_address", "device", "cache_bytes")
+                    "ray_address", "device", "cache_bytes", "threads")
 
 
 def trial_rng(seed: int, point: float, trial: int) -> np.random.Generator:
@@ -136,7 +147,11 @@ def trial_rng(seed: int, point: float, trial: int) -> np.random.Generator:
 
 
 def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: float,
-                      trial: int) -> F.Faults:
+                      trial: int, stratum: int | None = None) -> F.Faults:
+    """The faults of a plain trial, or (``stratum`` set) of the stratum's ``trial``-th trial."""
+    if stratum is not None:
+        return strata.draw_faults(memory, strata.trial_rng(config.seed, point, stratum, trial), point,
+                                  stratum, bits=config.bits, mode=config.mode)
     rng = trial_rng(config.seed, point, trial)
     if config.by == "ber":
         return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode)
@@ -275,6 +290,12 @@ def open_db(folder: Path, identity: dict[str, Any]) -> sqlite3.Connection:
             point REAL, trial INTEGER, n_faults INTEGER,
             accuracy REAL, top5 REAL, sdc REAL, critical_sdc REAL, due REAL,
             sites TEXT, seconds REAL, PRIMARY KEY (point, trial))""")
+        # time-to-precision trials (ftcnn.strata): their own table, so folders of older
+        # versions (without it) stay readable and plain trials never mix with them
+        db.execute("""CREATE TABLE IF NOT EXISTS strata_trials (
+            stratum INTEGER, point REAL, trial INTEGER, n_faults INTEGER,
+            accuracy REAL, top5 REAL, sdc REAL, critical_sdc REAL, due REAL,
+            sites TEXT, seconds REAL, PRIMARY KEY (point, stratum, trial))""")
         row = db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
         if row is None:
             db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(identity, sort_keys=True),))
@@ -313,6 +334,13 @@ def done_trials(db: sqlite3.Connection, point: float) -> dict[int, dict[str, flo
     return {r[0]: dict(zip(("n_faults",) + METRIC_NAMES, r[1:])) for r in rows}
 
 
+def done_strata_trials(db: sqlite3.Connection, point: float) -> dict[tuple[int, int], dict[str, float]]:
+    """The committed stratified trials of a point, by (stratum, index)."""
+    rows = db.execute(f"SELECT stratum, trial, n_faults, {', '.join(METRIC_NAMES)} FROM strata_trials "
+                      "WHERE point=?", (point,)).fetchall()
+    return {(r[0], r[1]): dict(zip(("n_faults",) + METRIC_NAMES, r[2:])) for r in rows}
+
+
 @dataclass(frozen=True)
 class TrialResult:
     """One finished trial as it travels from a worker to the driver: small and picklable
@@ -324,20 +352,25 @@ class TrialResult:
     sites: list[tuple[str, int, int]] | None
     metrics: dict[str, float]
     seconds: float
+    stratum: int | None = None   # a stratified trial (``--precision``): trial is its index in the stratum
 
     @classmethod
     def of(cls, point: float, trial: int, faults: F.Faults, metrics: dict[str, float],
-           seconds: float) -> "TrialResult":
+           seconds: float, stratum: int | None = None) -> "TrialResult":
         sites = faults.as_list() if faults.count <= SITES_KEPT else None
-        return cls(point, trial, faults.count, sites, metrics, seconds)
+        return cls(point, trial, faults.count, sites, metrics, seconds, stratum)
 
 
 def commit_result(db: sqlite3.Connection, result: TrialResult) -> None:
     """Write one trial and commit at once (the driver is the only writer)."""
     sites = json.dumps(result.sites) if result.sites is not None else None
-    db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?)",
-               (result.point, result.trial, result.n_faults,
-                *(result.metrics[m] for m in METRIC_NAMES), sites, result.seconds))
+    values = (result.point, result.trial, result.n_faults, *(result.metrics[m] for m in METRIC_NAMES), sites,
+              result.seconds)
+    if result.stratum is None:
+        db.execute("INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?)", values)
+    else:
+        db.execute("INSERT OR REPLACE INTO strata_trials VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                   (result.stratum, *values))
     db.commit()
 
 
@@ -379,28 +412,31 @@ class TrialRunner:
                     return logits
             return predict(self.model, self.inputs, self.config.batch_size)
 
-    def run(self, point: float, trial: int) -> tuple[F.Faults, dict[str, float]]:
-        faults = draw_trial_faults(self.memory, self.config, point, trial)
+    def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
+        faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
         if faults.count == 0 and self.config.skip_fault_free:
             return faults, dict(self.golden_metrics)
         return faults, trial_metrics(self.faulty_logits(faults), self.golden)
 
-    def run_many(self, tasks: Sequence[tuple[float, int]]) -> list[TrialResult]:
-        """Several (point, trial) pairs; faulty ones ``batch`` at a time."""
+    def run_many(self, tasks: Sequence[tuple[float, int] | tuple[float, int, int]]) -> list[TrialResult]:
+        """Several (point, trial) pairs, or (point, index, stratum) triples of stratified
+        trials (``--precision``); faulty ones ``batch`` at a time."""
         results: list[TrialResult] = []
-        pending: list[tuple[float, int, F.Faults]] = []
-        for point, trial in tasks:
+        pending: list[tuple[float, int, F.Faults, int | None]] = []
+        for point, trial, *rest in tasks:
+            stratum = rest[0] if rest else None
             start = time.perf_counter()
             if self.batch == 1:
-                faults, metrics = self.run(point, trial)
-                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start))
+                faults, metrics = self.run(point, trial, stratum)
+                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start,
+                                              stratum))
                 continue
-            faults = draw_trial_faults(self.memory, self.config, point, trial)
+            faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
             if faults.count == 0 and self.config.skip_fault_free:
                 results.append(TrialResult.of(point, trial, faults, dict(self.golden_metrics),
-                                              time.perf_counter() - start))
+                                              time.perf_counter() - start, stratum))
                 continue
-            pending.append((point, trial, faults))
+            pending.append((point, trial, faults, stratum))
             if len(pending) == self.batch:
                 results += self._run_batch(pending)
                 pending = []
@@ -408,13 +444,13 @@ class TrialRunner:
             results += self._run_batch(pending)
         return results
 
-    def _run_batch(self, pending: list[tuple[float, int, F.Faults]]) -> list[TrialResult]:
+    def _run_batch(self, pending: list[tuple[float, int, F.Faults, int | None]]) -> list[TrialResult]:
         start = time.perf_counter()
         assert self.fast is not None
-        all_logits = self.fast.batched_logits([f for _, _, f in pending], use_cuts=self.config.shortcut)
+        all_logits = self.fast.batched_logits([f for _, _, f, _ in pending], use_cuts=self.config.shortcut)
         seconds = (time.perf_counter() - start) / len(pending)
-        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds)
-                for (point, trial, faults), logits in zip(pending, all_logits)]
+        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds, stratum)
+                for (point, trial, faults, stratum), logits in zip(pending, all_logits)]
 
 
 def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig
@@ -463,6 +499,8 @@ def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor
 def trial_budget(config: CampaignConfig, memory: F.ParameterMemory) -> int:
     """Trials per point: fixed, or (auto) the cap of the sequential stop: Leveugle's size
     for the fault space (the worst case, p = 1/2, under a normal approximation)."""
+    if config.precision is not None:  # time to precision: the same cap, at the precision asked
+        return leveugle_sample_size(memory.total_bits(), config.precision, config.confidence)
     if config.trials is not None:
         return config.trials
     return leveugle_sample_size(memory.total_bits(), config.margin, config.confidence)
@@ -511,12 +549,17 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     try:
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
             runner = prepare(model, inputs, labels, replace(config, shortcut=False, batch_trials=1))
-        runner = runner or prepare(model, inputs, labels, config)
-        budget = trial_budget(config, runner.memory)
-        with distributed.executor(model, inputs, labels, config, runner) as pool:
-            _run_points(pool, db, config, budget, progress)
-        summary = summarize(db, config, runner.golden.accuracy, record, budget)
+        with distributed.using_threads(config.threads if not config.parallel else None):
+            runner = runner or prepare(model, inputs, labels, config)
+            budget = trial_budget(config, runner.memory)
+            threads = torch.get_num_threads()
+            with distributed.executor(model, inputs, labels, config, runner) as pool:
+                _run_points(pool, db, config, budget, progress, runner)
+        summary = summarize(db, config, runner.golden.accuracy, record, budget, runner=runner)
         summary["memory"] = memory_report(runner.model, runner.memory, config)
+        # how it ran (not identity): the torch threads trials ran with, per process
+        summary["execution"] = {"workers": config.workers, "threads": threads if not config.parallel else
+                                distributed.worker_threads(config.workers, config.threads)}
     finally:
         db.close()
     summary["digests"] = {"model": identity["model"], "data": identity["data"]}
@@ -546,12 +589,12 @@ def _writable(folder: Path) -> bool:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    from ftcnn import progress as progress_mod  # plain periodic lines when not a terminal
+    return progress_mod.bar(total=total, desc=desc, enabled=enabled)
 
 
 def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, budget: int,
-                progress: bool) -> None:
+                progress: bool, runner: TrialRunner | None = None) -> None:
     """Hand out the missing trials and commit each result as it arrives.
 
     A fixed budget sends all trials at once. ``--trials auto`` goes in rounds
@@ -559,6 +602,11 @@ def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, 
     so the trials that count are those of a one-at-a-time run (results of a
     round past the stop point are stored but not summarised).
     """
+    if config.precision is not None:
+        for point in config.points:
+            assert runner is not None, "a --precision campaign needs the trial runner"
+            _run_point_precision(pool, db, config, point, budget, progress, runner)
+        return
     if config.trials is not None:
         done = {p: done_trials(db, p) for p in config.points}
         todo = [(p, t) for p in config.points for t in range(budget) if t not in done[p]]
@@ -591,8 +639,78 @@ def _run_point_auto(pool: Executor, db: sqlite3.Connection, config: CampaignConf
         auto_stop(accuracies(), config, budget)
 
 
+def precision_stop(config: CampaignConfig, memory: F.ParameterMemory, point: float, budget: int,
+                   fetch: strata.Fetch, golden_accuracy: float) -> strata.StratifiedEstimate:
+    """The ``--precision`` design at one BER point (``strata.precision_run``): one function for
+    running and for summarising, so a resumed run recomputes the same sizes from its trials.
+    The fault-free stratum is known exactly (the golden accuracy; ``skip_fault_free`` is the
+    same fact) and takes no trial."""
+    weights = strata.weights(strata.Layout.of(memory, config.bits), point)
+    return strata.precision_run(weights, fetch, config.precision, config.confidence,
+                                known={strata.KNOWN: golden_accuracy}, max_trials=budget)
+
+
+def _run_point_precision(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, point: float,
+                         budget: int, progress: bool, runner: TrialRunner) -> None:
+    """Run the stratified trials ``precision_stop`` asks for, committing each as it arrives."""
+    done = done_strata_trials(db, point)
+    with _progress(budget, f"{config.by} {point:g} (+-{config.precision:g})", progress) as bar:
+        def fetch(asked: list[tuple[int, int]]) -> list[float]:
+            missing = [(point, i, h) for h, i in asked if (h, i) not in done]
+            for result in pool.map(missing):
+                commit_result(db, result)
+                done[(result.stratum, result.trial)] = result.metrics
+            bar.update(len(asked))
+            return [done[key]["accuracy"] for key in asked]
+
+        precision_stop(config, runner.memory, point, budget, fetch, runner.golden_metrics["accuracy"])
+
+
+def _precision_row(db: sqlite3.Connection, config: CampaignConfig, runner: TrialRunner, point: float,
+                   budget: int) -> dict[str, Any]:
+    """A ``--precision`` point's row: stratified means (sum_h W_h mean_h) of every metric over the
+    final sample (the fault-free stratum: the golden metrics), the stratified t-intervals of
+    accuracy and SDC, and per-stratum details. ``trials`` counts every trial run, pilot included."""
+    done = done_strata_trials(db, point)
+
+    def fetch(asked: list[tuple[int, int]]) -> list[float]:
+        missing = [key for key in asked if key not in done]
+        if missing:
+            raise ValueError(f"the run folder lacks stratified trials {missing[:3]} at ber {point:g}; run it again")
+        return [done[key]["accuracy"] for key in asked]
+
+    golden = {**runner.golden_metrics, "n_faults": 0.0}
+    stop = precision_stop(config, runner.memory, point, budget, fetch, golden["accuracy"])
+    weights = stop.weights
+    live = [h for h, w in enumerate(weights) if w > 0 and h != strata.KNOWN]
+    used = {h: [done[(h, stop.pilot[h] + i)] for i in range(stop.trials[h])] for h in live}
+
+    def stratified(name: str) -> float | None:
+        means = {h: [t[name] for t in used[h] if t[name] is not None and not _isnan(t[name])] for h in live}
+        if any(not v for v in means.values()) or _isnan(golden[name]):
+            return None
+        return float(weights[strata.KNOWN] * golden[name] + sum(weights[h] * np.mean(means[h]) for h in live))
+
+    known = {strata.KNOWN: golden["sdc"]} if weights[strata.KNOWN] > 0 else {}
+    _, sdc_low, sdc_high, _ = strata.stratified_t(weights, {h: [t["sdc"] for t in used[h]] for h in live},
+                                                  known, config.confidence)
+    row: dict[str, Any] = {"ber": point, "trials": stop.total, "accuracy_mean": stop.mean, "accuracy_std": None,
+                           "accuracy_ci": _clip01((stop.low, stop.high)), "confidence": config.confidence,
+                           "ci_method": strata.CI_STRATIFIED, "precision": config.precision,
+                           "narrow": stop.narrow}
+    for name in ("top5", "sdc", "critical_sdc", "due", "n_faults"):
+        row[f"{name}_mean"] = stratified(name)
+    row["sdc_ci"] = _clip01((sdc_low, sdc_high))
+    row["strata"] = [{"stratum": strata.STRATUM_NAMES[h], "weight": weights[h], "pilot_trials": stop.pilot[h],
+                      "trials": stop.trials[h], "accuracy_mean": None if _isnan(stop.means[h]) else stop.means[h],
+                      "accuracy_std": None if _isnan(stop.stds[h]) else stop.stds[h]}
+                     for h in range(len(weights))]
+    return row
+
+
 def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: float,
-              record: dict[str, Any] | None, budget: int) -> dict[str, Any]:
+              record: dict[str, Any] | None, budget: int, *,
+              runner: TrialRunner | None = None) -> dict[str, Any]:
     """Per-point statistics from the committed trials (the same whatever the
     order in which they were computed).
 
@@ -605,6 +723,11 @@ def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: f
     """
     rows = []
     for point in config.points:
+        if config.precision is not None:
+            if runner is None:
+                raise ValueError("summarising a --precision campaign needs its trial runner")
+            rows.append(_precision_row(db, config, runner, point, budget))
+            continue
         done = done_trials(db, point)
         stop: SequentialEstimate | None = None
         if config.trials is None:  # auto: the sequential stop, recomputed from the trials in order
@@ -676,14 +799,11 @@ def summary_csv(summary: dict[str, Any]) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
+    files.write_text(path, text)
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    files.write_json(out / "summary.json", summary)  # strict: an undefined rate is null, never NaN
     write_text(out / "summary.csv", summary_csv(summary))
 
 

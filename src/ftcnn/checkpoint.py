@@ -36,7 +36,7 @@ import inspect
 import json
 import math
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ftcnn import models
+from ftcnn.files import atomic_write, dumps_json  # noqa: F401  (atomic_write: kept importable from here)
 
 FORMAT = "ftcnn/1"
 SPEC_ATTR = "ftcnn_spec"
@@ -80,6 +81,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or not ftcnn's."""
 
 
+class NotACheckpoint(CheckpointError):
+    """A file the safe loader reads that is not an ftcnn checkpoint (e.g. a plain
+    state dict: ``from_state_dict`` loads those when the caller names a builder)."""
+
+
 def build(builder: str, **kwargs: Any) -> nn.Module:
     """Build a model and remember how, so ``save``/``load`` can round-trip it."""
     model = models.load_builder(builder)(**kwargs)
@@ -107,32 +113,101 @@ def with_transform(model: nn.Module, transform: dict[str, Any]) -> None:
     set_spec(model, spec)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder and rename it into place,
-    so a crash never leaves a half-written result."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+def _class_builder(model: nn.Module) -> str:
+    """``package.module:Class`` of the model's class, when ``load`` can import it by that name."""
+    cls = type(model)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise ValueError(f"cannot name the builder of {cls.__qualname__} (defined in "
+                         f"{'a function' if '<locals>' in cls.__qualname__ else 'the running script'}, "
+                         "which load cannot import by name): move it to a module file, or give "
+                         "builder='package.module:fn'")
+    return name
+
+
+def _fits(model: nn.Module, spec: Mapping[str, Any]) -> None:
+    """The named builder rebuilds ``model``'s tensors (names and shapes), checked
+    on the ``meta`` device when the builder allows it, so a wrong builder or
+    argument fails at save time, not when someone loads the file."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        spec, builder = _checked(spec, spec["builder"])
+    except CheckpointError as exc:
+        raise ValueError(f"cannot save with builder {spec['builder']!r}: {exc}") from None
+    for device in ("meta", None):  # a builder that needs real values (e.g. .item()) fails on meta
+        try:
+            skeleton = _build(builder, spec, device)
+            break
+        except CheckpointError as exc:
+            error = exc
+    else:
+        raise ValueError(f"cannot save with builder {spec['builder']!r}: {error}") from None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise ValueError(f"builder {spec['builder']!r} with kwargs {spec['kwargs']} does not rebuild this "
+                         f"model (first difference: tensor {diff[0]!r}); give the builder and kwargs that "
+                         "made it, and name it before hardening or pruning (ftcnn.checkpoint.describe)")
 
 
-def save(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
-    """Save ``model`` (tensors + architecture spec + JSON metadata) atomically."""
-    spec = get_spec(model)
+def describe(model: nn.Module, builder: str | None = None, kwargs: Mapping[str, Any] | None = None
+             ) -> nn.Module:
+    """Attach the description ``save`` stores to a model of your own, and return it.
+
+    ``builder`` is the ``package.module:fn`` (or ``:Class``) that builds the
+    architecture when called with ``kwargs`` (JSON scalars); default: the
+    model's own class, called with ``kwargs``. Call it before ``harden`` or
+    ``prune`` so their transforms are recorded too (``save`` calls it for an
+    untransformed model). Loading such a file imports ``builder``, so it needs
+    ``load(path, allow_builder=builder)`` (CLI: ``--model builder``).
+
+    Example:
+        >>> net = ftcnn.checkpoint.describe(TinyResNet(num_classes=10), kwargs={"num_classes": 10})
+    """
+    name = builder if builder is not None else _class_builder(model)
+    spec = {"builder": name, "kwargs": dict(kwargs or {}), "transforms": []}
+    try:
+        spec = check_spec(spec)
+        json.dumps(spec, allow_nan=False)
+    except (CheckpointError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot describe the model: {_one_line(exc)}") from None
+    if any(type(m).__module__.startswith(("ftcnn.harden", "ftcnn.prune")) for m in model.modules()):
+        raise ValueError("this model was hardened or pruned before it was described: describe the original "
+                         "(ftcnn.checkpoint.describe(model, builder, kwargs)), then harden/prune it")
+    _fits(model, spec)
+    set_spec(model, spec)
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, builder: str | None = None,
+         kwargs: Mapping[str, Any] | None = None, **meta: Any) -> None:
+    """Save ``model`` (tensors + architecture description + JSON metadata) atomically.
+
+    Models from ``ftcnn.build``/``load`` carry their description. For a model
+    of your own, ``builder="package.module:fn"`` with ``kwargs`` names how to
+    rebuild it (default: its class, called with ``kwargs``); see ``describe``.
+    The model keeps that description, so a later ``harden``/``prune`` of it is
+    recorded and its result saves without naming the builder again.
+
+    Example:
+        >>> ftcnn.save(net, "my.pt", builder="mymodels:tiny_resnet", kwargs={"num_classes": 10})
+    """
+    spec = getattr(model, SPEC_ATTR, None)
+    if spec is None:
+        if builder is None and kwargs is None:
+            raise ValueError(f"cannot save a {type(model).__name__} without knowing how to rebuild it: give "
+                             "builder='package.module:fn' (or kwargs= for its own class) and kwargs={...}")
+        describe(model, builder, kwargs)
+        spec = get_spec(model)
+    elif builder is not None and builder != spec["builder"] or \
+            kwargs is not None and dict(kwargs) != spec["kwargs"]:
+        raise ValueError(f"this model already records builder {spec['builder']!r} with kwargs "
+                         f"{spec['kwargs']}; save it without builder=/kwargs=")
     merged = {**getattr(model, META_ATTR, {}), **meta}
     blob = {
         "format": FORMAT,
-        "spec": json.dumps(spec),
-        "meta": json.dumps(merged, default=str),
+        "spec": dumps_json(spec, indent=None, note=False),
+        "meta": dumps_json(merged, indent=None, note=False),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     try:
@@ -383,11 +458,13 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip()  # torch colours some messages
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"{path} is not a loadable ftcnn checkpoint "
                               f"(refused by the safe loader: {reason[:160]})") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("format"), str) or blob["format"] != FORMAT:
-        raise CheckpointError(f"{path} is not an ftcnn checkpoint (no '{FORMAT}' format tag)")
+        raise NotACheckpoint(f"{path} is not an ftcnn checkpoint (no '{FORMAT}' format tag; a plain state dict "
+                             "loads with --model package.module:fn and --data)")
     for field in ("spec", "meta"):
         if not isinstance(blob.get(field), str):
             raise CheckpointError(f"{path} has a corrupt architecture description ({field!r} is not JSON text)")
@@ -448,6 +525,53 @@ def load(path: str | os.PathLike, *, allow_builder: str | None = None) -> nn.Mod
         except Exception as exc:  # a ValueError names the problem; anything else is still the file's
             raise CheckpointError(f"{path}: transform #{i} ({transform['kind']}): {_one_line(exc)}") from exc
     object.__setattr__(model, META_ATTR, blob["meta"])
+    model.eval()
+    return model
+
+
+def from_state_dict(path: str | os.PathLike, builder: str, **kwargs: Any) -> nn.Module:
+    """A model of your own from a plain state dict file (``torch.save(model.state_dict(), path)``).
+
+    ``builder`` (``package.module:fn`` or ``:Class``) is imported because the
+    caller names it; it is called with those of ``kwargs`` it accepts (e.g. the
+    data's ``num_classes``, ``in_channels``, ``input_size``), and the file's
+    tensors, read with ``weights_only=True``, must fit it exactly (strict).
+    The model carries its description, so ``save`` round-trips it. Every
+    problem is a one-line ``CheckpointError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state dict file {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip()
+        raise CheckpointError(f"{path} is not a loadable state dict (refused by the safe loader: "
+                              f"{(text.splitlines() or [type(exc).__name__])[0][:160]})") from None
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return load(path, allow_builder=builder)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training script's {"state_dict": ..., "epoch": ...}
+    state = _check_tensors(path, state)
+    try:
+        fn = models.load_builder(builder)
+    except ValueError as exc:
+        raise CheckpointError(_one_line(exc)) from None
+    try:
+        params = inspect.signature(fn).parameters.values()
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        names = {p.name for p in params}
+    except (TypeError, ValueError):
+        takes_any, names = True, set()
+    used = {k: v for k, v in kwargs.items() if takes_any or k in names}
+    spec = check_spec({"builder": builder, "kwargs": used, "transforms": []})
+    model = _build(fn, spec, None)
+    _check_fit(path, model, state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: tensors do not fit {builder!r} "
+                              f"({str(exc).splitlines()[0][:160]})") from None
     model.eval()
     return model
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+
+from ftcnn import progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
-console = Console()
+console = progress.console()  # full-width tables, no escape codes, when not a terminal
 
 # options that take several values after one flag, as in `--ber 1e-6 1e-5`
 MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers"}
@@ -33,6 +34,17 @@ def _load_data(spec: str, split: str, seed: int = 0):
 # `--model` on the commands that load a checkpoint: the opt-in to a user builder
 MODEL_TRUST_HELP = ("trust the checkpoint's user builder package.module:fn (importing it runs its code); "
                     "must equal the name the checkpoint stores")
+
+
+# `--threads` on every long command (issue 13)
+THREADS_HELP = ("torch threads of this job (default: 1 for a model under 1M parameters, all cores for a "
+                "bigger one; worker processes split the cores)")
+
+
+def _threads(threads: Optional[int], model=None, workers: int = 1) -> int:
+    """Fit torch's intra-op threads to the machine (``distributed.apply_threads``) before the work."""
+    from ftcnn import distributed
+    return distributed.apply_threads(threads, model, workers)
 
 
 def _data_spec(data: Optional[str], model_meta: dict) -> str:
@@ -61,6 +73,7 @@ def train(
     batch_size: int = typer.Option(64, min=1),
     width: float = typer.Option(1.0, help="channel width multiplier"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
     """Train a model on a data set and save a checkpoint.
@@ -76,6 +89,7 @@ def train(
     train_mod.seed_everything(seed)
     net = checkpoint.build(model, num_classes=info.num_classes, in_channels=info.in_channels,
                            input_size=info.input_size, width=width)
+    _threads(threads, net)
     losses = train_mod.fit(net, train_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     accuracy = train_mod.evaluate(net, test_set)
     checkpoint.save(net, output, data=data, test_accuracy=accuracy, epochs=epochs, seed=seed,
@@ -133,6 +147,10 @@ def inject(
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray started for the campaign "
                              "(needs the optional Ray extra of ftcnn)"),
     ray_address: Optional[str] = typer.Option(None, help="run on an existing Ray cluster at this address"),
+    precision: Optional[float] = typer.Option(None, help="time to precision: stratified trials until the "
+                                              "accuracy CI half-width is at most this (e.g. 0.01), per BER point; "
+                                              "replaces --trials"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
     """Run (or resume) a statistical fault-injection campaign.
@@ -145,13 +163,15 @@ def inject(
 
     _check_device(device)
     config = campaign.CampaignConfig(
-        bers=tuple(ber), counts=tuple(count), trials=_parse_trials(trials), margin=margin,
+        bers=tuple(ber), counts=tuple(count), trials=None if precision else _parse_trials(trials),
+        margin=margin, precision=precision, threads=threads,
         confidence=confidence, seed=seed, dtype=dtype, bits=tuple(bits) or None, mode=mode,
         include_bn=include_bn, attack_protection=attack_protection, layers=tuple(layers) or None,
         batch_size=batch_size,
         shortcut=shortcut, batch_trials=batch_trials, workers=workers, ray=ray,
         ray_address=ray_address, device=device)
-    model = checkpoint.load(checkpoint_path, allow_builder=model_spec).to(device)
+    model = _load_model(checkpoint_path, model_spec, data).to(device)
+    _threads(threads, model, workers)
     spec = _data_spec(data, checkpoint.meta(model))
     inputs, labels = campaign.stack_dataset(_load_data(spec, "test"), device)
     if limit:
@@ -180,6 +200,7 @@ def demo(
     epochs: int = typer.Option(5, min=1),
     trials: int = typer.Option(10, min=1, help="trials per variant and BER"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
     """The main job on built-in data: train LeNet-5 on the MNIST digits, then compare every protection
     (a small `ftcnn compare`), ending with the report's path and a short table. A few minutes on 2 cores.
@@ -188,6 +209,7 @@ def demo(
     """
     from ftcnn import checkpoint, compare as compare_mod, data as data_mod, fingerprint, train as train_mod
 
+    _threads(threads)  # LeNet-5: a small model
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -247,8 +269,39 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _user_module_importable(argv: list[str]) -> None:
+    """Make the current folder importable when, and only when, the user names a
+    ``package.module:fn`` with ``--model`` (as ``python script.py`` would see
+    ``mymodels.py`` beside it); otherwise no file of the folder is ever imported."""
+    for i, token in enumerate(argv):
+        value = token.partition("=")[2] if token.startswith("--model=") else \
+            argv[i + 1] if token == "--model" and i + 1 < len(argv) else ""
+        if ":" in value and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+            return
+
+
+def _load_model(path: Path, model_spec: Optional[str], data: Optional[str]):
+    """An ftcnn checkpoint, or, with ``--model package.module:fn``, a plain state
+    dict (``torch.save(model.state_dict())``) built for --data's shapes."""
+    from ftcnn import checkpoint, data as data_mod
+
+    try:
+        return checkpoint.load(path, allow_builder=model_spec)
+    except checkpoint.NotACheckpoint:
+        if not model_spec or ":" not in model_spec:
+            raise
+    if not data:
+        raise ValueError(f"{path} is not an ftcnn checkpoint and records no data set: give --data, whose "
+                         f"shapes {model_spec} is built with, to load it as a plain state dict")
+    info = data_mod.info(data)
+    return checkpoint.from_state_dict(path, model_spec, num_classes=info.num_classes,
+                                      in_channels=info.in_channels, input_size=info.input_size)
+
+
 def main() -> None:
     argv = _expand_multi_values(sys.argv[1:])
+    _user_module_importable(argv)
     try:
         app(args=argv, prog_name="ftcnn")
     except (ValueError, FileNotFoundError, PermissionError, OSError, KeyError) as exc:
@@ -283,6 +336,7 @@ def compare(
     report_ber: Optional[float] = typer.Option(None, help="BER of the overview table and overhead plot"),
     variants: Optional[str] = typer.Option(None, help="comma-separated subset of variants"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
     """Compare every protection side by side: baseline, range restriction, full and selective TMR,
@@ -304,7 +358,7 @@ def compare(
     except OSError as exc:
         raise ValueError(f"cannot create output folder {output}: {exc.strerror}") from None
     if checkpoint_path is not None:
-        net = checkpoint.load(checkpoint_path, allow_builder=model)
+        net = _load_model(checkpoint_path, model, data)
         spec = _data_spec(data, checkpoint.meta(net))
     else:
         spec = data or "mnist5k"
@@ -320,10 +374,12 @@ def compare(
             train_mod.seed_everything(seed)
             net = checkpoint.build(model, num_classes=info.num_classes, in_channels=info.in_channels,
                                    input_size=info.input_size, width=width)
+            _threads(threads, net)
             train_mod.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {model}")
             checkpoint.save(net, path, data=spec, epochs=epochs, seed=seed,
                             test_accuracy=train_mod.evaluate(net, _load_data(spec, "test")))
             compare_mod.store_key(path, trained_from)
+    _threads(threads, net)
     config = compare_mod.CompareConfig(
         **({"bers": tuple(ber)} if ber else {}), trials=trials, seed=seed, harden_ratio=harden_ratio,
         prune_ratio=prune_ratio, restrict=restrict, margin=margin, finetune_epochs=finetune_epochs,
@@ -364,6 +420,7 @@ def harden(
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
     seed: int = typer.Option(0, help="seed of the calibration subset"),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="hardened checkpoint to write"),
 ) -> None:
     """Duplicate the most vulnerable filters/neurons (or TMR, or range restriction) and save the model.
@@ -377,19 +434,18 @@ def harden(
 
       ftcnn harden lenet5.pt --ratio 0 --restrict zero --margin 0.1 -o ranger.pt
     """
-    import torch
-
     from ftcnn import campaign, checkpoint, harden as harden_mod, train as train_mod
+    from ftcnn.splits import calibration_subset
 
     _check_output_file(output)
     if onnx is not None:
         _check_output_file(onnx)
-    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
+    net = _load_model(checkpoint_path, model_spec, data)
+    _threads(threads, net)
     spec = _data_spec(data, checkpoint.meta(net))
     layer_scores = harden_mod.load_scores(scores) if scores is not None else None
     train_x, _ = campaign.stack_dataset(_load_data(spec, "train"))
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:calibration_size]
-    calibration = train_x[pick]
+    calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
     hardened = harden_mod.harden(net, layer_scores, ratio=ratio, budget=budget, correction=correction,
                                  tmr=tmr, restrict=restrict, margin=margin, calibration=calibration)
     test_set = _load_data(spec, "test")
@@ -414,6 +470,61 @@ def harden(
     console.print(f"clean test accuracy: original {acc_original:.2%}, hardened {acc_hardened:.2%} -> {output}")
     if onnx is not None:
         console.print(f"ONNX: {onnx}")
+
+
+def _print_protection(result, title: str) -> None:
+    """The candidates of a protection search: costs, validation accuracy, front, choice."""
+    from rich.table import Table
+
+    ber = result.config["ber"]
+    table = Table(title=title)
+    for col in ("candidate", "MACs x", "latency x", f"val acc @{ber:g}", "95% CI", "front", "fits"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in result.records:
+        v = r["validation"]
+        lat = r.get("latency_ratio")
+        table.add_row(("* " if r["chosen"] else "") + r["name"], f"{r['macs_ratio']:.3f}" if r.get("built") else "-",
+                      "-" if lat is None else f"{lat:.2f}", "-" if v is None else f"{v['accuracy']:.2%}",
+                      "-" if v is None else f"[{v['accuracy_ci'][0]:.2%}, {v['accuracy_ci'][1]:.2%}]",
+                      "yes" if r["pareto"] else "", "yes" if r["within_budget"] else "no")
+    console.print(table)
+    console.print(f"chosen: {result.chosen} ({result.reason})")
+    for name, t in (result.test or {}).items():
+        at = ", ".join(f"{p['accuracy']:.2%} [{p['accuracy_ci'][0]:.2%}, {p['accuracy_ci'][1]:.2%}] at BER {b}"
+                       for b, p in t["bers"].items())
+        console.print(f"test split, {name}: clean {t['clean']:.2%}; {at}")
+
+
+@app.command()
+def protect(
+    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
+    data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
+    model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    ber: float = typer.Option(1e-4, help="bit error rate the protection is chosen for"),
+    max_macs: float = typer.Option(1.15, help="MACs allowed relative to the model's (checks included)"),
+    max_latency: Optional[float] = typer.Option(None, help="latency allowed relative to the model's "
+                                                "(batch 128, 1 thread, CPU)"),
+    trials: int = typer.Option(100, help="fault-injection trials per candidate"),
+    seed: int = typer.Option(0),
+    output: Path = typer.Option(..., "-o", "--output", help="output folder"),
+) -> None:
+    """Search the protections within a cost budget; choose on a validation split, report on test.
+
+    Writes protected.pt, front.json (every candidate, the Pareto front, the choice and why) and front.png.
+
+    Example: ftcnn protect lenet5.pt --data mnist5k --ber 1e-4 --max-macs 1.15 --max-latency 1.2 -o runs/protect
+    """
+    from ftcnn import checkpoint, protect as protect_mod
+
+    protect_mod.check_budget(max_macs, max_latency, ber, trials)
+    net = _load_model(checkpoint_path, model_spec, data)
+    spec = _data_spec(data, checkpoint.meta(net))
+    result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
+                                     trials=trials, seed=seed, allow_builder=model_spec,
+                                     source=str(checkpoint_path), log=console.print)
+    _print_protection(result, f"protections within x{max_macs:g} MACs"
+                      + (f", x{max_latency:g} latency" if max_latency else "") + f" (BER {ber:g})")
+    console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
 
 
 # `ftcnn prune ... --protect a b --layer-ratio a=0.5 b=0.2`
@@ -450,6 +561,7 @@ def prune_command(
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for gain scores (without --scores)"),
     seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
     """Structured channel pruning (least vulnerable or smallest-L1 filters), then a short fine-tune.
@@ -464,7 +576,8 @@ def prune_command(
     _check_output_file(output)
     if criterion not in prune_mod.CRITERIA:
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
-    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
+    net = _load_model(checkpoint_path, model_spec, data)
+    _threads(threads, net)
     spec = _data_spec(data, checkpoint.meta(net))
     train_set, test_set = _load_data(spec, "train"), _load_data(spec, "test")
     from ftcnn import campaign
@@ -516,23 +629,53 @@ def pipeline(
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for the gain scores"),
     seed: int = typer.Option(0),
+    max_macs: Optional[float] = typer.Option(None, help="end-to-end mode: prune -> fine-tune -> protect "
+                                             "within this many MACs relative to the ORIGINAL model (e.g. 1.0)"),
+    max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed relative to "
+                                                "the original (batch 128, 1 thread)"),
+    ber: float = typer.Option(1e-4, help="end-to-end mode: bit error rate the protection is chosen for"),
+    trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
     """The paper's pipeline: score -> prune -> fine-tune -> re-score -> harden, vs hardening unpruned.
 
     Writes scores_original.json, pruned.pt, scores_pruned.json, hardened.pt, hardened_unpruned.pt
     and summary.json (params, MACs, CPU latency, clean accuracy per stage); re-running resumes.
+    With --max-macs (end-to-end mode): prune -> fine-tune -> protect (``ftcnn protect``'s search)
+    within a budget relative to the original model; writes pruned.pt, protected.pt, front.json, front.png.
 
     Example: ftcnn pipeline lenet5.pt --data mnist5k --prune-ratio 0.3 --harden-ratio 0.1 --correction min -o runs/pipe
+
+    Example: ftcnn pipeline lenet5.pt --data mnist5k --prune-ratio 0.3 --max-macs 1.0 --ber 1e-4 -o runs/e2e
     """
     from rich.table import Table
 
     from ftcnn import campaign, checkpoint, prune as prune_mod
 
-    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
+    if max_macs is not None:
+        from ftcnn import protect as protect_mod
+        protect_mod.check_budget(max_macs, max_latency, ber, trials)
+    net = _load_model(checkpoint_path, model_spec, data)
+    _threads(threads, net)
     spec = _data_spec(data, checkpoint.meta(net))
     train_set, test_set = _load_data(spec, "train"), _load_data(spec, "test")
     campaign.check_input_shape(net, test_set.tensors[0][:1])
+    if max_macs is not None:
+        from ftcnn import pipeline as pipeline_mod
+        with checkpoint.allowing(model_spec):
+            result = pipeline_mod.prune_and_protect(
+                net, train_set, test_set, output, prune_ratio=prune_ratio, criterion=criterion,
+                finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs, max_latency=max_latency, ber=ber,
+                trials=trials, seed=seed, samples=samples,
+                record={"data": spec, "checkpoint": str(checkpoint_path)}, log=console.print)
+        _print_protection(result, f"{criterion} pruning {prune_ratio}, then protections within x{max_macs:g} "
+                          f"of the ORIGINAL's MACs (BER {ber:g})")
+        e2e = result.extra["end_to_end"]
+        console.print(f"clean test accuracy: original {e2e['clean_test']['original']:.2%}, pruned "
+                      f"{e2e['clean_test']['pruned']:.2%}, protected {e2e['clean_test']['protected']:.2%}")
+        console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
+        return
     with checkpoint.allowing(model_spec):  # the stages it saved and reloads share the trusted builder
         summary = prune_mod.pipeline(net, train_set, test_set, output, prune_ratio=prune_ratio,
                                      harden_ratio=harden_ratio, correction=correction, criterion=criterion,
@@ -608,6 +751,7 @@ def analyze(
     against: str = typer.Option("fi", help="with --compare: the reference method"),
     scores_dir: Optional[Path] = typer.Option(None, help="with --compare: take METHOD.json from here "
                                                          "if present, and store computed scores here"),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="scores JSON (plot beside it as .png); "
                                                                         "with --compare: the agreement JSON"),
 ) -> None:
@@ -626,7 +770,8 @@ def analyze(
         raise ValueError("give -o/--output for the scores file (or --compare to rank methods)")
     if output is not None:
         _check_output_file(output)
-    net = checkpoint.load(checkpoint_path, allow_builder=model_spec)
+    net = _load_model(checkpoint_path, model_spec, data)
+    _threads(threads, net)
     spec = _data_spec(data, checkpoint.meta(net))
     if compare is None:
         settings = _analyze_settings(method, samples, seed, margin, confidence, bits, pilot)
@@ -665,13 +810,8 @@ def analyze(
         blob = {"against": against, "checkpoint": str(checkpoint_path), "data": spec,
                 "agreement": agreement,
                 "settings": {m: results[m].get("settings", {}) for m in results}}
-        text = json.dumps(blob, indent=1)
-        from ftcnn.checkpoint import atomic_write
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-        atomic_write(output, write)
+        from ftcnn import files
+        files.write_json(output, blob, indent=1)  # strict: an undefined rho is null, never NaN
         console.print(f"rank agreement -> {output}")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, fingerprint, train
+from ftcnn import campaign, checkpoint, cost, data as data_mod, files, fingerprint, progress, train
 from ftcnn.campaign import CampaignConfig, run_campaign
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
@@ -113,7 +113,7 @@ def key_path(path: Path) -> Path:
 
 
 def _as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=campaign._json_default))
+    return files.jsonable(value)
 
 
 def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
@@ -145,14 +145,14 @@ def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
 def store_key(path: Path, key: dict[str, Any]) -> None:
     """Record the inputs of the piece just written at ``path`` (after the piece:
     a piece without its key is recomputed, never trusted)."""
-    campaign.write_text(key_path(path), json.dumps(_as_json(key), indent=1, sort_keys=True))
+    files.write_json(key_path(path), _as_json(key), indent=1, sort_keys=True, note=False)
 
 
 def _cached_json(path: Path, key: dict[str, Any], piece: str, compute: Callable[[], Any]) -> Any:
     if is_current(path, key, piece):
         return json.loads(path.read_text())
     value = compute()
-    campaign.write_text(path, json.dumps(value, indent=2, default=campaign._json_default))
+    files.write_json(path, value)
     store_key(path, key)
     return value
 
@@ -288,8 +288,6 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
 def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: CompareConfig,
                 record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build, measure and attack every variant; write summary.json/csv, plots and report.html."""
-    from tqdm.auto import tqdm
-
     from ftcnn import report
 
     out = Path(out_dir)
@@ -319,7 +317,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
             raise ValueError(f"unknown variant {sorted(unknown)[0]!r}; choose from "
                              + ", ".join(v.name for v in default_variants()))
     nets: dict[str, nn.Module] = {}
-    for variant in tqdm(variants, desc="build variants", dynamic_ncols=True):
+    for variant in progress.bar(variants, desc="build variants"):
         _log(f"{variant.name}: {variant.description}")
         nets[variant.name] = (model if variant.name == "baseline" else build_variant(
             variant, model, scores, train_set, config, input_shape, out / "models",
@@ -332,7 +330,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     measured = _cached_json(out / "models" / "costs.json", costs_key, "costs",
                             lambda: _measure_all(nets, input_shape, config.latency_repeats))
     rows = []
-    for variant in tqdm(variants, desc="attack variants", dynamic_ncols=True):
+    for variant in progress.bar(variants, desc="attack variants"):
         net = nets[variant.name]
         clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
                              {"model": digests[variant.name], "test data": test_digest},
@@ -363,7 +361,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         "versions": campaign.versions(),
         "variants": rows,
     }
-    campaign.write_text(out / "summary.json", json.dumps(result, indent=2, default=campaign._json_default))
+    files.write_json(out / "summary.json", result)  # strict JSON: browsers read it (NaN -> null)
     report.build_report(out)
     return result
 

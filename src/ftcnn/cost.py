@@ -11,6 +11,11 @@ bounds, declared through ``faults.protection_buffers``), which are memory
 faults hit too. On a LeNet-5 with every layer range-restricted these are
 2 x 236 bounds = 472 values (+0.8% of its 61,706 parameters). The int64
 index buffers of corrections are counted apart (``index_values``).
+
+Parameter-side weight checks (``harden(..., check_weights=...)``) cost one
+pass over every checked weight and bias per forward, whatever the batch:
+``macs`` reports their number as ``weight_checks`` beside the MACs and
+counts their ops (5 per value) in ``elementwise`` at batch 1.
 """
 
 from __future__ import annotations
@@ -55,14 +60,19 @@ def parameters(model: nn.Module) -> int:
 def macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """MACs of one inference on one input of ``input_shape`` (C, H, W).
 
-    Returns ``{"macs": total, "layer_macs": conv/linear only, "elementwise": correction ops}``.
+    Returns ``{"macs": total, "layer_macs": conv/linear only, "elementwise": correction,
+    restriction and check ops, "weight_checks": parameter values checked per forward}``.
+    Weight checks run once per forward whatever the batch, so at batch B they
+    cost ``weight_checks / B`` per input; ``elementwise`` counts them at batch 1.
     """
     model.eval()
     x = torch.zeros((1, *input_shape))
-    elementwise = [0]
+    elementwise, checks = [0], [0]
 
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         elementwise[0] += int(module.elementwise_ops(output))
+        if hasattr(module, "weight_checks"):
+            checks[0] += int(module.weight_checks())
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if hasattr(m, "elementwise_ops")]
     try:
@@ -73,7 +83,8 @@ def macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
         for h in handles:
             h.remove()
     layer = counter.get_total_flops() // 2
-    return {"macs": layer + elementwise[0], "layer_macs": layer, "elementwise": elementwise[0]}
+    return {"macs": layer + elementwise[0], "layer_macs": layer, "elementwise": elementwise[0],
+            "weight_checks": checks[0]}
 
 
 @torch.inference_mode()

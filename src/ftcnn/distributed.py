@@ -6,7 +6,8 @@ interface, ``map(tasks) -> results as they finish``:
 
 - ``LocalExecutor``: this process (the default);
 - ``ProcessExecutor``: ``workers`` spawned processes on this machine, each
-  with its own copy of the model and ``cores // workers`` torch threads;
+  with its own copy of the model and ``threads // workers`` torch threads
+  (``threads``: the campaign's, else every core);
 - ``RayExecutor``: Ray actors, on a local Ray started for the run
   (``ray=True``) or an existing cluster (``ray_address``). Ray is optional:
   ``pip install 'ftcnn[ray]'``.
@@ -52,9 +53,54 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_threads(workers: int) -> int:
-    """Torch threads per worker, so that workers do not oversubscribe the cores."""
-    return max(1, cores() // workers)
+def worker_threads(workers: int, threads: int | None = None) -> int:
+    """Torch threads per worker: the run's cores (``threads``, else all this process
+    may use) split among the workers, so that they do not oversubscribe the cores."""
+    return max(1, (threads or cores()) // workers)
+
+
+# Models below this many parameters get 1 intra-op thread by default: a job that takes every
+# core slows every other job on the machine many times over (issue 13: `ftcnn demo`, LeNet-5,
+# took ~2 min alone and over 12 CPU-min next to another ftcnn job, both at torch's default of
+# all cores), and a small model's forwards gain little from a second thread. Bigger models
+# (VGG-11 w0.5 and up, ResNet-18) get every core: one such job is the common case.
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def default_threads(model: nn.Module | None = None, workers: int = 1) -> int:
+    """The torch intra-op threads of one process when ``--threads`` is not given.
+
+    The rule: worker processes split the cores (``worker_threads``); one process
+    gets 1 thread for a small model (under ``SMALL_MODEL_PARAMS`` parameters, or
+    when the model is not known yet) and all cores for a big one.
+    """
+    if workers > 1:
+        return worker_threads(workers)
+    if model is None or sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        return 1
+    return cores()
+
+
+def apply_threads(threads: int | None, model: nn.Module | None = None, workers: int = 1) -> int:
+    """Set this process's torch intra-op threads (``threads``, else ``default_threads``)
+    and return the number set. The CLI calls it at the start of every long command."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (got {threads})")
+    n = threads if threads is not None else default_threads(model, workers)
+    torch.set_num_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """``threads`` torch threads inside the block (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def chunks(tasks: Sequence[Task], size: int) -> list[list[Task]]:
@@ -119,7 +165,8 @@ class ProcessExecutor:
             initializer=_init_from_bytes,
             # plain pickle copies the tensors; multiprocessing's own pickler would move
             # them to shared memory that every worker then writes its faults into
-            initargs=(pickle.dumps((model, inputs, labels, config)), worker_threads(self.workers)))
+            initargs=(pickle.dumps((model, inputs, labels, config)),
+                      worker_threads(self.workers, config.threads)))
 
     def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
         queue = chunks(tasks, self.chunk)[::-1]
@@ -178,7 +225,7 @@ class RayExecutor:
                          include_dashboard=False, logging_level="ERROR", log_to_driver=False)
                 self.started = True
         n = config.workers if config.workers > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
-        threads = worker_threads(n) if not config.ray_address else 1
+        threads = worker_threads(n, config.threads) if not config.ray_address else 1
         payload = [ray.put(v) for v in (model, inputs, labels, config)]
         self.actors = [_actor_class(ray).remote(*payload, threads) for _ in range(n)]
         self.chunk = config.batch_trials or 1

@@ -20,6 +20,36 @@ same path, holding
   ``CORRECTIONS``: ``min``, ``range``, ``tmr``);
 - ``p.restrict`` (optional): Ranger-style per-channel bounds on all channels.
 
+Parameter-side checks (``check_weights="zero"``/``"clamp"``): the fault sits
+in a stored weight, so it is caught there, before any MAC uses it. Every
+Conv2d/Linear (copies included) becomes a :class:`ProtectedConv2d` /
+:class:`ProtectedLinear` that keeps its ``weight``/``bias`` (same fault-target
+names) and adds per-output-channel weight bounds and per-layer bias bounds,
+the exact fault-free min/max (no data needed; attacked like the weights).
+Measured on a trained LeNet-5/mnist5k (clean 96.70%), 100 trials, bounds
+attacked, no other protection, 1.00x layer MACs: 96.48% [96.34, 96.62] at
+BER 1e-4 and 91.0% [88.1, 93.9] at 1e-3 (``clamp``: 96.24% / 84.0%;
+unprotected: 17.1% / 0.7%).
+
+Speed (latency should track MACs): full duplication (``tmr="full"``, or
+ratio 1) computes each copy by a call of the layer's own shape, which gives
+the original's bits exactly (every layer of LeNet-5, VGG-11 w0.25, ResNet-20
+at batch 128), so the correction is a median (or min) of float ops with no
+tolerance test and no index_select/index_copy. Restriction and checks use
+float masks only: on this CPU (1 thread) ``torch.where``, ``masked_fill``,
+bool comparisons and ``fmin``/``fmax`` are 2-15x slower per element than a
+float ``maximum``/``mul``. Not solved: a partial copy of 1-2 channels costs
+oneDNN about as much as the whole layer (LeNet-5's first conv at batch 128:
+3.4 ms for 1 channel, 3.5 ms for all 6); NNPACK does it in 0.8 ms but
+differs from oneDNN by up to 3e-5, beyond the agreement tolerance, so
+outputs near 0 would lose bit-exactness (tried, measured, removed).
+Measured with ``benchmarks/protection_latency.py`` (batch 128, 1 thread,
+interleaved, on 2 CPUs shared with other jobs, so +-20% run to run): full
+TMR on LeNet-5 2.0-2.2x the unprotected latency for 3.1x its MACs (5.9x
+before this change on the same machine, 16.75x in issue 12), on VGG-11
+w0.25 2.9-3.1x for 3.0x; ResNet-20 4.2-4.4x for 3.0x; restriction
+1.2-1.3x for 1.02-1.08x; weight checks 1.0-1.1x for 1.00x.
+
 Bit-exactness: a second, smaller conv/linear call can differ from the same
 channel of the original call by float rounding (the CPU kernel blocks its work
 differently). Measured on CPU: trained LeNet-5 and VGG-11 (w0.25) on mnist5k,
@@ -72,8 +102,59 @@ RTOL = 1e-4
 ATOL = 1e-6
 
 RESTRICT_MODES = ("zero", "clamp")
+CHECK_MODES = ("zero", "clamp")
 TMR_MODES = ("full",)
 PROFILE_BATCH = 256
+RESTRICT_OPS = 5      # per output value: max, min, compare, multiply, NaN to 0 (``check_values``)
+CHECK_OPS = 5         # per checked weight/bias value, the same five
+
+
+def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` with NaN replaced by ``value`` (infinities kept), as a new tensor. One
+    float pass in PyTorch; in an ONNX export ``IsNaN`` + ``Where`` (``nan_to_num``
+    would export as ~8 nodes: Cast, IsInf, IsNaN, Where, ...)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.where(torch.isnan(t), value, t)
+    return t.nan_to_num(value, math.inf, -math.inf)
+
+
+def open_nan_bounds(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds with a NaN replaced by -inf (low) / +inf (high): a faulted-to-NaN
+    bound bounds nothing on its side instead of failing every value."""
+    return nan_to(low, -math.inf), nan_to(high, math.inf)
+
+
+def within(v: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``low <= v <= high`` (broadcast), else 0.0 (NaN: 0.0), as a new
+    float tensor: max, min and compare written into one fresh buffer.
+
+    Float masks, not bool: on this CPU (1 thread, 602k floats) a float
+    max/min/compare pass takes ~0.5 ms, while a bool comparison takes
+    1.3 ms, ``torch.where`` 7 ms, ``masked_fill`` 8 ms and ``torch.fmin``
+    3 ms (they are not vectorised for these shapes)."""
+    m = torch.maximum(v, low)
+    m.clamp_max_(high)
+    return m.eq_(v)
+
+
+def check_values(v: torch.Tensor, low: torch.Tensor, high: torch.Tensor, mode: str) -> torch.Tensor:
+    """``v`` with every value outside [low, high] (broadcast) set to 0 (``zero``) or
+    to the nearest bound (``clamp``); NaN becomes 0 in both modes; values inside
+    come back bit for bit (``1.0 * v``, and ``clamp`` returns its input there).
+    A NaN bound bounds nothing on its side. Five float passes for ``zero``
+    (``within``, multiply, NaN to 0: an infinite ``v`` outside gives
+    ``0 * inf = NaN``), three for ``clamp``."""
+    low, high = open_nan_bounds(low, high)
+    if torch.onnx.is_in_onnx_export():  # the same values in 4-5 ONNX nodes (Where is fast in ONNX Runtime)
+        if mode == "zero":
+            return torch.where((v >= low) & (v <= high), v, 0.0)
+        return torch.where(torch.isnan(v), 0.0, torch.minimum(torch.maximum(v, low), high))
+    if mode == "zero":
+        out = within(v, low, high).mul_(v)  # the mask is this call's own buffer: one allocation
+    else:
+        out = torch.maximum(v, low)
+        out.clamp_max_(high)
+    return out.nan_to_num_(0.0, math.inf, -math.inf)  # out is this call's own tensor
 
 
 # --- element-wise rules -------------------------------------------------------
@@ -148,22 +229,54 @@ def correct_tmr(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tens
     return torch.where(agree(a, b) | agree(a, c), a, torch.where(agree(b, c), b, median))
 
 
+def exact_min(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+              high: torch.Tensor | None) -> torch.Tensor:
+    """``min`` for a copy computed by a call of the original's shape (bit-identical
+    without faults, so no tolerance test): the minimum after NaN -> +inf."""
+    (b,) = copies
+    return torch.minimum(nan_to(a, math.inf), nan_to(b, math.inf))
+
+
+def exact_tmr(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+              high: torch.Tensor | None) -> torch.Tensor:
+    """Median of three bit-identical (fault-free) values, ``max(min(a, b),
+    min(max(a, b), c))``, after NaN -> +inf (so a NaN operand is outvoted).
+    Where two agree bit for bit the median is that value, so this is the
+    majority vote. Seven float passes: 3.4-4.5 ms on a LeNet-5 first-conv
+    output at batch 128 (1 thread) against 11 ms for the same median with the
+    NaN-ignoring ``fmin``/``fmax``, which are not vectorised. The last three
+    write into the two tensors this function allocated (an in-place pass
+    costs 0.5 ms where an allocating one costs 0.75 ms, 1.6M floats), never
+    into ``a``, ``b``, ``c``, which others may hold (a campaign's golden cache)."""
+    b, c = copies
+    a, b, c = (nan_to(t, math.inf) for t in (a, b, c))
+    if torch.is_grad_enabled():  # autograd needs the inputs of each pass unchanged
+        return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+    low = torch.minimum(a, b)
+    high = a.clamp_min_(b).clamp_max_(c)  # min(max(a, b), c), in a's sanitised copy
+    return low.clamp_min_(high)
+
+
 @dataclass(frozen=True)
 class CorrectionRule:
     """One correction: how many copies it needs, whether it needs profiled
     ranges, its element-wise function, and its element-wise ops per corrected
-    value (for ``ftcnn.cost.macs``; the agreement test counts 6)."""
+    value (for ``ftcnn.cost.macs``; the agreement test counts 6). ``exact_fn``
+    (with ``exact_ops``) replaces ``fn`` where every channel is copied and the
+    copies come from calls of the original's own shape (see ``Correction``)."""
 
     copies: int
     needs_ranges: bool
     fn: Callable[..., torch.Tensor]
     ops: int
+    exact_fn: Callable[..., torch.Tensor] | None = None
+    exact_ops: int | None = None
 
 
 CORRECTIONS: dict[str, CorrectionRule] = {
-    "min": CorrectionRule(1, False, correct_min, 6 + 5),
+    "min": CorrectionRule(1, False, correct_min, 6 + 5, exact_min, 3),
     "range": CorrectionRule(1, True, correct_range, 6 + 2 * 8 + 3),
-    "tmr": CorrectionRule(2, False, correct_tmr, 18 + 8),
+    "tmr": CorrectionRule(2, False, correct_tmr, 18 + 8, exact_tmr, 7),
 }
 
 
@@ -186,9 +299,12 @@ class Correction(nn.Module):
 
     fault_buffers: tuple[str, ...] = ("low", "high")
 
-    def __init__(self, rule: str, index: torch.Tensor, dim: int, bound_shape: tuple[int, ...]) -> None:
+    def __init__(self, rule: str, index: torch.Tensor, dim: int, bound_shape: tuple[int, ...],
+                 exact: bool = False) -> None:
         super().__init__()
         self.rule, self.dim = rule, dim
+        # every channel copied, each copy by a call of the original's shape: no index, no tolerance
+        self.exact = bool(exact)
         self.register_buffer("index", index.clone().long())
         if CORRECTIONS[rule].needs_ranges:
             self.register_buffer("low", torch.full(bound_shape, -math.inf))
@@ -196,16 +312,22 @@ class Correction(nn.Module):
         else:
             self.low = self.high = None
 
-    def forward(self, y: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, copies: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         rule = CORRECTIONS[self.rule]
+        # a tuple from same-shape calls, or one tensor of stacked copies (fx unpacks it in rule.fn)
+        parts = copies if isinstance(copies, (tuple, list)) else copies.chunk(rule.copies, self.dim)
+        if self.exact:
+            return (rule.exact_fn or rule.fn)(y, parts, self.low, self.high)
         a = y.index_select(self.dim, self.index)
-        fixed = rule.fn(a, copies.chunk(rule.copies, self.dim), self.low, self.high)
+        fixed = rule.fn(a, parts, self.low, self.high)
         # out of place: y may be a value someone else keeps (e.g. a campaign's golden cache)
         return y.index_copy(self.dim, self.index, fixed)
 
     def elementwise_ops(self, output: torch.Tensor) -> int:
         per_channel = output.numel() // output.shape[self.dim]
-        return per_channel * len(self.index) * CORRECTIONS[self.rule].ops
+        rule = CORRECTIONS[self.rule]
+        ops = (rule.exact_ops or rule.ops) if self.exact else rule.ops
+        return per_channel * len(self.index) * ops
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, channels={self.index.tolist()}"
@@ -243,18 +365,148 @@ class Restrict(nn.Module):
         self.register_buffer("high", torch.full(bound_shape, math.inf))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros_like(y)
-        below, above = y < self.low, y > self.high
-        if self.mode == "zero":
-            return torch.where(below | above | torch.isnan(y), zero, y)
-        clamped = torch.where(above, self.high, torch.where(below, self.low, y))
-        return torch.where(torch.isnan(y), zero, clamped)
+        # float passes only (see ``within``): 5 (zero) or 3 (clamp) instead of
+        # 7 with bool masks and torch.where; measured on LeNet-5's first conv
+        # output at batch 128, 1 thread: 1.3-1.7 ms instead of 8.4-9.4 ms
+        return check_values(y, self.low, self.high, self.mode)
 
     def elementwise_ops(self, output: torch.Tensor) -> int:
-        return output.numel() * 6
+        return output.numel() * RESTRICT_OPS
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}"
+
+
+class _ProtectedLayer:
+    """What :class:`ProtectedConv2d` / :class:`ProtectedLinear` add to their layer type.
+
+    - ``check`` (parameter-side check): per output channel [min, max] of the
+      weights (``weight_low``/``weight_high``) and per-layer [min, max] of the
+      bias (``bias_low``/``bias_high``), profiled once from the fault-free
+      values (:meth:`profile_bounds`, no data). Every forward passes weight
+      and bias through :func:`check_values` before any MAC uses them, so a
+      flipped exponent bit never reaches the MACs. Fault-free every stored
+      value lies within its bounds and comes back bit for bit. The bounds
+      are attacked memory (``fault_buffers``). Per-layer bias bounds: a
+      per-channel one would be the bias itself, zeroing it for a harmless
+      mantissa flip.
+    - ``parts`` > 1: the layer holds ``parts`` stacked copies of one layer
+      (output channels copy-major) and computes each by a call of that
+      layer's own shape, whose result is bit-identical to the original's
+      (measured: every conv/linear of LeNet-5, VGG-11 w0.25 and ResNet-20,
+      batch 128), unlike one wider call.
+
+    Stays a Conv2d/Linear, so ``faults.fault_targets`` lists its ``weight``
+    and ``bias`` under the same names, plus the bounds.
+    """
+
+    fault_buffers: tuple[str, ...] = ("weight_low", "weight_high", "bias_low", "bias_high")
+
+    def _setup(self, check: str | None, parts: int) -> None:
+        self.check, self.parts = check, int(parts)
+        w = self.weight
+        for name in self.fault_buffers:
+            self.register_buffer(name, None)
+        if check is not None:
+            shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+            self.register_buffer("weight_low", torch.full(shape, -math.inf, dtype=w.dtype, device=w.device))
+            self.register_buffer("weight_high", torch.full(shape, math.inf, dtype=w.dtype, device=w.device))
+            if self.bias is not None:
+                self.register_buffer("bias_low", torch.full((1,), -math.inf, dtype=w.dtype, device=w.device))
+                self.register_buffer("bias_high", torch.full((1,), math.inf, dtype=w.dtype, device=w.device))
+
+    @torch.no_grad()
+    def profile_bounds(self) -> None:
+        """Set the check's bounds to the exact min/max of the current (fault-free) values."""
+        if self.check is None:
+            return
+        flat = self.weight.reshape(self.weight.shape[0], -1)
+        self.weight_low.copy_(flat.amin(dim=1).reshape(self.weight_low.shape))
+        self.weight_high.copy_(flat.amax(dim=1).reshape(self.weight_high.shape))
+        if self.bias is not None:
+            self.bias_low.fill_(float(self.bias.min()))
+            self.bias_high.fill_(float(self.bias.max()))
+
+    def checked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.weight, self.bias
+        if self.check is not None:
+            w = check_values(w, self.weight_low, self.weight_high, self.check)
+            if b is not None:
+                b = check_values(b, self.bias_low, self.bias_high, self.check)
+        return w, b
+
+    def weight_checks(self) -> int:
+        """Values checked per forward (0 without a check)."""
+        if self.check is None:
+            return 0
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def elementwise_ops(self, output: Any) -> int:
+        return self.weight_checks() * CHECK_OPS
+
+    def _call(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Any:
+        w, b = self.checked()
+        if self.parts == 1:
+            return self._call(x, w, b)
+        n = w.shape[0] // self.parts
+        return tuple(self._call(x, w[i * n:(i + 1) * n], None if b is None else b[i * n:(i + 1) * n])
+                     for i in range(self.parts))
+
+
+class ProtectedConv2d(_ProtectedLayer, nn.Conv2d):
+    """A Conv2d with a parameter-side check and/or same-shape copies (see ``_ProtectedLayer``)."""
+
+    def _call(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, check={self.check}, parts={self.parts}"
+
+
+class ProtectedLinear(_ProtectedLayer, nn.Linear):
+    """A Linear with a parameter-side check and/or same-shape copies (see ``_ProtectedLayer``)."""
+
+    def _call(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return nn.functional.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, check={self.check}, parts={self.parts}"
+
+
+def _protected_layer(layer: nn.Module, check: str | None, parts: int = 1, out: int | None = None,
+                     take_over: bool = True) -> nn.Module:
+    """A ``Protected*`` version of ``layer`` (``out`` output channels, default its own)
+    taking over its parameters (``take_over`` and ``out`` unchanged), else with
+    placeholders; ``layer`` itself when nothing is added and it takes over."""
+    w = layer.weight
+    same = (out is None or out == w.shape[0]) and take_over
+    out = w.shape[0] if out is None else out
+    plain = check is None and parts == 1
+    if isinstance(layer, nn.Conv2d):
+        cls = nn.Conv2d if plain else ProtectedConv2d
+        new = cls(layer.in_channels, out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                  dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+                  padding_mode=layer.padding_mode, device="meta")
+    elif isinstance(layer, nn.Linear):
+        cls = nn.Linear if plain else ProtectedLinear
+        new = cls(layer.in_features, out, bias=layer.bias is not None, device="meta")
+    else:  # pragma: no cover - guarded by the callers
+        raise ValueError(f"cannot protect a {type(layer).__name__}")
+    if plain and same:
+        return layer
+    if same:
+        new.weight, new.bias = layer.weight, layer.bias
+    else:
+        new.weight = nn.Parameter(torch.empty((out, *w.shape[1:]), dtype=w.dtype, device=w.device))
+        if layer.bias is not None:
+            new.bias = nn.Parameter(torch.empty(out, dtype=w.dtype, device=w.device))
+    if not plain:
+        new._setup(check, parts)
+    new.train(layer.training)
+    return new
 
 
 class Hardened(nn.Module):
@@ -283,18 +535,34 @@ class Hardened(nn.Module):
         y = self.original(x)
         if self.copies is not None:
             xc = x if self.gather is None else x.index_select(1, self.gather)
-            y = self.correction(y, self.copies(xc))
+            copies = self.copies(xc)
+            parts = getattr(self.copies, "parts", 1)
+            if parts > 1:  # a tuple of same-shape calls; indexed, so torch.fx sees its items
+                copies = tuple(copies[i] for i in range(parts))
+            y = self.correction(y, copies)
         if self.restrict is not None:
             y = self.restrict(y)
         return y
 
 
-def _copies_module(layer: nn.Module, index: torch.Tensor, n: int
+def _copies_module(layer: nn.Module, index: torch.Tensor, n: int, check: str | None = None
                    ) -> tuple[nn.Module, torch.Tensor | None]:
     """A new Conv2d/Linear computing ``n`` copies of ``layer``'s channels ``index``
-    (copy-major order), and the input-channel gather a grouped conv needs."""
+    (copy-major order), and the input-channel gather a grouped conv needs.
+
+    When ``index`` is every channel, the module holds ``n`` stacked copies of
+    the layer and computes each by a call of the layer's own shape
+    (``parts=n``, any groups, no gather): bit-identical to the original
+    without faults, so the correction needs no tolerance and no index."""
     rep = index.repeat(n)
     has_bias = layer.bias is not None
+    if len(index) == _out_channels(layer) and (isinstance(layer, nn.Linear) or layer.padding_mode == "zeros"):
+        mod = _protected_layer(layer, check, parts=n, out=len(rep), take_over=False)
+        with torch.no_grad():
+            mod.weight.copy_(layer.weight[rep])
+            if has_bias:
+                mod.bias.copy_(layer.bias[rep])
+        return mod, None
     if isinstance(layer, nn.Linear):
         mod = nn.Linear(layer.in_features, len(rep), bias=has_bias)
         gather = None
@@ -318,25 +586,29 @@ def _copies_module(layer: nn.Module, index: torch.Tensor, n: int
         mod.weight.copy_(layer.weight[rep])
         if has_bias:
             mod.bias.copy_(layer.bias[rep])
-    return mod.to(layer.weight.device, layer.weight.dtype), gather
+    mod = mod.to(layer.weight.device, layer.weight.dtype)
+    return (mod if check is None else _protected_layer(mod, check)), gather
 
 
 def _out_channels(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
-def _wrap(layer: nn.Module, index: Sequence[int], correction: str | None, restrict: str | None
-          ) -> Hardened:
+def _wrap(layer: nn.Module, index: Sequence[int], correction: str | None, restrict: str | None,
+          check: str | None = None) -> Hardened:
     """The Hardened wrapper's structure (values are copies or placeholders)."""
     copies = corr = gather = None
     c = _out_channels(layer)
     if index:
         idx = torch.as_tensor(sorted(index), dtype=torch.long)
-        copies, gather = _copies_module(layer, idx, CORRECTIONS[correction].copies)
-        corr = Correction(correction, idx, _channel_dim(layer), _bound_shape(layer, len(idx)))
+        copies, gather = _copies_module(layer, idx, CORRECTIONS[correction].copies, check)
+        # every channel copied: the copies come from calls of the layer's own shape (_copies_module)
+        corr = Correction(correction, idx, _channel_dim(layer), _bound_shape(layer, len(idx)),
+                          exact=len(idx) == c)
     rst = Restrict(restrict, _bound_shape(layer, c)) if restrict else None
     device = layer.weight.device
-    return Hardened(layer, copies, corr, gather, rst).to(device)
+    original = _protected_layer(layer, check) if check is not None else layer
+    return Hardened(original, copies, corr, gather, rst).to(device)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -353,7 +625,13 @@ def target_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def check_scores(layers: Mapping[str, nn.Module], scores: Mapping[str, Sequence[float]]
                  ) -> dict[str, np.ndarray]:
-    """Scores as arrays, one per layer, checked against the model."""
+    """Scores as arrays, one per layer, checked against the model.
+
+    Takes the layer map or the whole result of ``vulnerability.analyze`` (its
+    ``"layers"``), so ``harden(model, analyze(model, x, y))`` composes.
+    """
+    if isinstance(scores, Mapping) and isinstance(scores.get("layers"), Mapping):
+        scores = scores["layers"]
     unknown = [n for n in scores if n not in layers]
     if unknown:
         raise ValueError(f"scores name unknown layer {unknown[0]!r}; the model's Conv2d/Linear "
@@ -492,7 +770,7 @@ def _input_shape(model: nn.Module, calibration: torch.Tensor | None,
 
 
 def _validate(ratio: float, budget: float | None, correction: str, tmr: str | None,
-              restrict: str | None, margin: float) -> None:
+              restrict: str | None, margin: float, check_weights: str | None = None) -> None:
     if not (0.0 <= ratio <= 1.0):
         raise ValueError(f"ratio {ratio} outside [0, 1]")
     if budget is not None and not (budget >= 0 and math.isfinite(budget)):
@@ -505,12 +783,14 @@ def _validate(ratio: float, budget: float | None, correction: str, tmr: str | No
         raise ValueError(f"unknown restriction {restrict!r}; choose from {', '.join(RESTRICT_MODES)}")
     if not (margin >= 0 and math.isfinite(margin)):
         raise ValueError(f"margin {margin} must be a finite number >= 0")
+    if check_weights is not None and check_weights not in CHECK_MODES:
+        raise ValueError(f"unknown weight check {check_weights!r}; choose from {', '.join(CHECK_MODES)} (or none)")
 
 
 def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None, *, ratio: float = 0.1,
            budget: float | None = None, correction: str = "min", tmr: str | None = None,
            restrict: str | None = None, margin: float = 0.0, calibration: torch.Tensor | None = None,
-           input_shape: Sequence[int] | None = None) -> nn.Module:
+           input_shape: Sequence[int] | None = None, check_weights: str | None = None) -> nn.Module:
     """A hardened copy of ``model`` (the input is left untouched).
 
     Args:
@@ -535,6 +815,11 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         calibration: inputs to profile ranges on (training data).
         input_shape: (C, H, W) for a ``budget``; default: from ``calibration``
             or the model's checkpoint spec.
+        check_weights: ``zero`` or ``clamp``: parameter-side checks on every
+            Conv2d/Linear (copies included): each weight outside its output
+            channel's fault-free [min, max], and each bias outside the layer's,
+            is zeroed (or clamped) at use, before any MAC (NaN: 0). The bounds
+            come from the weights (no data) and are attacked like them.
 
     Returns:
         The hardened model; with no fault its outputs equal the original's bit
@@ -547,7 +832,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         >>> torch.equal(hard(x), model(x))
         True
     """
-    _validate(ratio, budget, correction, tmr, restrict, margin)
+    _validate(ratio, budget, correction, tmr, restrict, margin, check_weights)
     if any(isinstance(m, Hardened) for m in model.modules()):
         raise ValueError("model is already hardened")
     layers = target_layers(model)
@@ -576,8 +861,8 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
 
     transform = {
         "kind": "harden", "correction": correction, "tmr": tmr, "restrict": restrict,
-        "margin": margin, "ratio": ratio, "budget": budget,
-        "layers": {n: selected.get(n, []) for n in layers if selected.get(n) or restrict},
+        "margin": margin, "ratio": ratio, "budget": budget, "check_weights": check_weights,
+        "layers": {n: selected.get(n, []) for n in layers if selected.get(n) or restrict or check_weights},
     }
     hardened = copy.deepcopy(model)
     _apply(hardened, transform)
@@ -593,6 +878,9 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
             if corr is not None and corr.low is not None:
                 corr.low.copy_(lo[corr.index].reshape(corr.low.shape))
                 corr.high.copy_(hi[corr.index].reshape(corr.high.shape))
+            for layer in (wrapper.original, wrapper.copies):
+                if isinstance(layer, _ProtectedLayer):
+                    layer.profile_bounds()
     if getattr(model, checkpoint.SPEC_ATTR, None) is not None:
         checkpoint.with_transform(hardened, transform)
     hardened.train(model.training)
@@ -605,11 +893,13 @@ def _apply(model: nn.Module, transform: Mapping[str, Any]) -> None:
     for name, index in transform["layers"].items():
         if name not in layers:
             raise checkpoint.CheckpointError(f"hardening names unknown layer {name!r}")
-        _set_module(model, name, _wrap(layers[name], index, transform["correction"], transform["restrict"]))
+        _set_module(model, name, _wrap(layers[name], index, transform["correction"], transform["restrict"],
+                                       transform.get("check_weights")))
 
 
 # the fields of a {"kind": "harden"} transform (a checkpoint naming any other is refused)
-TRANSFORM_FIELDS = ("kind", "correction", "tmr", "restrict", "margin", "ratio", "budget", "layers")
+TRANSFORM_FIELDS = ("kind", "correction", "tmr", "restrict", "margin", "ratio", "budget", "layers",
+                    "check_weights")
 
 
 def check_transform(model: nn.Module, transform: Any) -> None:
@@ -640,6 +930,7 @@ def check_transform(model: nn.Module, transform: Any) -> None:
     choice("correction", tuple(CORRECTIONS), optional=False)
     choice("tmr", TMR_MODES, optional=True)
     choice("restrict", RESTRICT_MODES, optional=True)
+    choice("check_weights", CHECK_MODES, optional=True)
     number("margin", 0.0, math.inf, optional=True)
     number("ratio", 0.0, 1.0, optional=True)
     number("budget", 0.0, math.inf, optional=True)

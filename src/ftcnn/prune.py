@@ -51,7 +51,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ftcnn import checkpoint
+from ftcnn import checkpoint, files
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 CRITERIA = ("vulnerability", "l1")
@@ -478,12 +478,7 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=1, default=str)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    checkpoint.atomic_write(path, write)
+    files.write_json(path, data, indent=1)
 
 
 def pipeline(model: nn.Module, train_set: torch.utils.data.TensorDataset,

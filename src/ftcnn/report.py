@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ftcnn.checkpoint import atomic_write  # noqa: E402
+from ftcnn.files import atomic_write  # noqa: E402
 
 PLOTS = ("accuracy_vs_ber", "overhead_vs_resilience", "vulnerability", "bit_sensitivity")
 CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high",

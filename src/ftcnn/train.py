@@ -35,7 +35,7 @@ def fit(model: nn.Module, train: Dataset, *, epochs: int = 5, lr: float = 2e-3,
     Seeded (initialisation of the data order), so a run is reproducible on
     one machine.
     """
-    from tqdm.auto import tqdm
+    from ftcnn import progress as progress_mod
 
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
@@ -48,8 +48,8 @@ def fit(model: nn.Module, train: Dataset, *, epochs: int = 5, lr: float = 2e-3,
     for epoch in range(epochs):
         model.train()
         total, n = 0.0, 0
-        with tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress,
-                  leave=False, dynamic_ncols=True) as bar:
+        # a bar in a terminal; in a log file a plain line every few seconds at most
+        with progress_mod.bar(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", enabled=progress) as bar:
             for x, y in bar:
                 opt.zero_grad()
                 loss = loss_fn(model(x), y)

@@ -1,0 +1,206 @@
+"""The protection search (issue 12): budgets hold, selection never sees test data, strict JSON.
+
+A LeNet-5 trained for a few epochs on the built-in 8x8 digits; campaigns of a
+few trials at BER 1e-3 (where the candidates differ clearly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ftcnn import campaign, checkpoint, data, pipeline, protect as P, splits, train
+from tests._helpers import run_cli
+
+BER = 1e-3
+TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train"), data.load("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def lenet(digits, tmp_path_factory):
+    info = data.info("digits")
+    train.seed_everything(0)
+    net = checkpoint.build("lenet5", num_classes=10, in_channels=info.in_channels, input_size=info.input_size)
+    train.fit(net, digits[0], epochs=5, progress=False)
+    path = tmp_path_factory.mktemp("protect") / "lenet5.pt"
+    checkpoint.save(net, path, data="digits")
+    return checkpoint.load(path), path
+
+
+def _strict(text: str):
+    def refuse(name: str):
+        raise ValueError(f"bare {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    y = torch.arange(100) % 4
+    x = torch.arange(100.0).reshape(100, 1)
+    (xf, yf), (xv, yv) = splits.validation_split(x, y, 0.2, seed=1)
+    assert len(xv) == 20 and len(xf) == 80
+    assert torch.bincount(yv).tolist() == [5, 5, 5, 5]
+    assert set(xf.flatten().tolist()).isdisjoint(xv.flatten().tolist())
+    again = splits.validation_split(x, y, 0.2, seed=1)[1][0]
+    assert torch.equal(again, xv)
+    with pytest.raises(ValueError, match="fraction"):
+        splits.validation_split(x, y, 1.0)
+
+
+def test_calibration_subset_is_the_cli_rule():
+    x = torch.randn(50, 1, 4, 4)
+    expected = x[torch.randperm(50, generator=torch.Generator().manual_seed(3))[:7]]
+    assert torch.equal(pipeline.calibration_subset(x, 7, seed=3), expected)
+
+
+def test_pareto_flags_on_a_hand_made_example():
+    points = [(1.00, 0.20),   # cheapest: on the front
+              (1.05, 0.90),   # on the front
+              (1.05, 0.85),   # dominated by the previous (same cost, less accurate)
+              (1.10, 0.90),   # dominated (costlier, same accuracy)
+              (1.20, 0.95),   # on the front
+              (3.00, 0.93)]   # dominated
+    assert P.pareto_front(points) == [True, True, False, False, True, False]
+    assert P.pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [True, True]  # equal points dominate nothing
+
+
+def test_exposure_weights_scores_by_stored_values():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 3, bias=False))
+    e = P.exposure(net, {"0": [1.0, 2.0], "2": [1.0, 1.0, 0.5]})
+    assert e["0"].tolist() == [10.0, 20.0] and e["2"].tolist() == [8.0, 8.0, 4.0]
+
+
+def test_candidates_include_weight_checks_only_when_offered():
+    without = [c.name for c in P.candidates(weight_checks=False)]
+    assert not any("weights" in n for n in without) and without[0] == "none" and without[-1] == "full_tmr"
+    with_checks = P.candidates(weight_checks=True)
+    assert any(c.settings and c.settings.get("check_weights") == "zero" for c in with_checks)
+
+
+def test_protect_fits_the_budget_and_never_reads_test(lenet, digits, monkeypatch, tmp_path):
+    net, _ = lenet
+    (train_set, test_set) = digits
+    x, y = train_set.tensors
+    (_, _), (x_val, y_val) = splits.validation_split(x, y, 0.2, seed=0)
+    seen = []
+    real = campaign.run_campaign
+
+    def spy(model, inputs, labels, *args, **kwargs):
+        seen.append((inputs, labels))
+        return real(model, inputs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(campaign, "run_campaign", spy)
+    space = P.candidates(restricts=[("zero", 0.1)], corrections=["min"], weight_checks=False)
+    result = P.protect(net, x, y, ber=BER, max_macs=1.1, max_latency=50.0, trials=TRIALS, space=space,
+                       work_dir=tmp_path / "work")
+    assert len(seen) == sum(r["validation"] is not None for r in result.records) >= 3
+    for inputs, labels in seen:  # every selection campaign ran on the validation split, nothing else
+        assert torch.equal(inputs, x_val) and torch.equal(labels, y_val)
+    test_rows = {tuple(r.tolist()) for r in test_set.tensors[0].flatten(1)}
+    assert not any(tuple(r.tolist()) in test_rows for r in x_val.flatten(1))
+    chosen = result.record(result.chosen)
+    assert chosen["within_budget"] and chosen["macs_ratio"] <= 1.1 and chosen["latency_ratio"] <= 50.0
+    assert result.record("full_tmr")["macs_ratio"] > 3 and not result.record("full_tmr")["within_budget"]
+    assert result.chosen != "full_tmr"
+    best = max(r["validation"]["accuracy"] for r in result.records if r["within_budget"] and r["validation"])
+    assert chosen["validation"]["accuracy"] >= best - result.config["tie"]
+    dup = result.record("dup_min+restrict_zero_m0.1")
+    assert (dup["validation"] is None) or dup["macs_ratio"] <= 1.1  # budget-filled duplication fits too
+
+    seen.clear()
+    test = P.evaluate_test(result, *test_set.tensors)
+    assert all(torch.equal(i, test_set.tensors[0]) for i, _ in seen) and len(seen) == 1
+    assert set(test[result.chosen]["bers"]) == {f"{BER:g}", f"{10 * BER:g}"}
+
+    paths = P.write_result(result, tmp_path / "out", data="digits")
+    blob = _strict(paths["front"].read_text())
+    assert blob["chosen"] == result.chosen and blob["reason"]
+    assert {c["name"] for c in blob["candidates"]} == {c.name for c in space}
+    assert paths["plot"].stat().st_size > 10_000
+    reloaded = checkpoint.load(paths["model"])
+    xt = test_set.tensors[0][:64]
+    assert torch.equal(reloaded(xt), result.model(xt))
+
+
+@pytest.mark.skipif(not P.weight_checks_available(), reason="harden has no check_weights yet")
+def test_weight_checks_count_once_per_forward(lenet, digits):
+    """A weight check runs once per forward: the budgeted MACs share it over the batch,
+    the batch-1 figure counts it whole; both are recorded."""
+    net, _ = lenet
+    x, y = digits[0].tensors
+    space = [c for c in P.candidates(restricts=[], corrections=[], weight_checks=True)
+             if c.name in ("none", "weights_zero")]
+    result = P.protect(net, x, y, ber=BER, max_macs=1.15, trials=2, space=space, measure_latency=False)
+    rec = result.record("weights_zero")
+    assert rec["weight_checks"] > 0
+    assert 1.0 < rec["macs_ratio"] < rec["macs_ratio_b1"]
+    assert rec["macs_ratio"] <= 1.15 and rec["within_budget"]
+
+
+def test_front_json_is_strict_even_with_nan():
+    result = P.ProtectResult("a", "why", [{"name": "a", "x": float("nan"), "y": np.float32(1.5),
+                                          "z": float("inf")}], {}, {"ber": 1e-4})
+    blob = _strict(P.front_json(result))
+    assert blob["candidates"][0]["x"] is None and blob["candidates"][0]["y"] == 1.5
+    assert blob["candidates"][0]["z"] is None
+
+
+def test_budget_errors_are_one_line_before_any_work():
+    with pytest.raises(ValueError, match="max MACs ratio"):
+        P.check_budget(float("nan"), None, 1e-4, 10)
+    with pytest.raises(ValueError, match="max latency"):
+        P.check_budget(1.15, 0.0, 1e-4, 10)
+    with pytest.raises(ValueError, match="bit error rate"):
+        P.check_budget(1.15, None, 0.0, 10)
+
+
+def test_no_candidate_fits_is_a_clear_error(lenet, digits):
+    net, _ = lenet
+    x, y = digits[0].tensors
+    space = P.candidates(restricts=[("zero", 0.1)], corrections=[], weight_checks=False)
+    with pytest.raises(ValueError, match="no candidate fits the budget"):
+        P.protect(net, x, y, ber=BER, max_macs=0.5, trials=2, space=space, measure_latency=False)
+
+
+def test_prune_and_protect_stays_within_the_original_cost(lenet, digits, tmp_path):
+    net, _ = lenet
+    train_set, test_set = digits
+    result = pipeline.prune_and_protect(net, train_set, test_set, tmp_path / "e2e", prune_ratio=0.3,
+                                        finetune_epochs=1, max_macs=1.0, ber=BER, trials=TRIALS,
+                                        measure_latency=False)
+    chosen = result.record(result.chosen)
+    assert chosen["macs_ratio"] <= 1.0  # relative to the ORIGINAL, unpruned model
+    assert result.record("none")["macs_ratio"] < 0.9
+    blob = _strict((tmp_path / "e2e" / "front.json").read_text())
+    e2e = blob["end_to_end"]
+    assert set(e2e["clean_test"]) == {"original", "pruned", "protected"}
+    assert math.isfinite(e2e["original_test"]["bers"][f"{BER:g}"]["accuracy"])
+    assert (tmp_path / "e2e" / "pruned.pt").is_file() and (tmp_path / "e2e" / "protected.pt").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-macs", "-1"], "max MACs ratio"),
+    (["--max-macs", "nan"], "max MACs ratio"),
+    (["--max-latency", "0"], "max latency ratio"),
+])
+def test_cli_protect_bad_budgets_are_one_line_errors(lenet, tmp_path, args, message):
+    _, path = lenet
+    r = run_cli("protect", str(path), *args, "-o", str(tmp_path / "out"), threads=1)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_pipeline_end_to_end_rejects_a_bad_budget(lenet, tmp_path):
+    _, path = lenet
+    r = run_cli("pipeline", str(path), "--max-macs", "0", "-o", str(tmp_path / "e2e"), threads=1)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: max MACs ratio"), r.stderr

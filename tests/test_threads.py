@@ -1,0 +1,82 @@
+"""Threads that fit the machine (issue 13): ``--threads``, the default rule, the worker split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _helpers import run_cli, train_digits_model
+from ftcnn import campaign as C
+from ftcnn import distributed, models
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_rule_and_worker_split(monkeypatch, keep_threads) -> None:
+    monkeypatch.setattr(distributed, "cores", lambda: 8)
+    small, big = models.build("lenet5"), models.build("vgg11", width=0.5)
+    assert sum(p.numel() for p in big.parameters()) >= distributed.SMALL_MODEL_PARAMS
+    assert distributed.default_threads(small) == 1          # small model: leave the other cores alone
+    assert distributed.default_threads(None) == 1
+    assert distributed.default_threads(big) == 8            # one big job: every core
+    assert distributed.default_threads(big, workers=4) == 2  # workers split the cores
+    assert distributed.worker_threads(4) == 2
+    assert distributed.worker_threads(2, 6) == 3             # a run given 6 threads, 2 workers
+    assert distributed.worker_threads(4, 2) == 1
+    assert distributed.apply_threads(3) == 3 and torch.get_num_threads() == 3
+    assert distributed.apply_threads(None, small) == 1 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="threads"):
+        distributed.apply_threads(0)
+
+
+def test_threads_is_execution_not_identity(tiny_model, tiny_data, tmp_path, keep_threads) -> None:
+    a = C.CampaignConfig(bers=(1e-3,), trials=2, threads=1)
+    assert a.identity() == C.CampaignConfig(bers=(1e-3,), trials=2, threads=2).identity()
+    with pytest.raises(ValueError, match="threads"):
+        C.CampaignConfig(bers=(1e-3,), threads=0)
+    torch.set_num_threads(1)
+    x, y = tiny_data
+    s = C.run_campaign(tiny_model, x, y, C.CampaignConfig(bers=(1e-3,), trials=2, threads=2), tmp_path,
+                       progress=False)
+    assert s["execution"] == {"workers": 1, "threads": 2}
+    assert torch.get_num_threads() == 1  # the API restores the caller's setting
+
+
+def test_workers_split_the_threads(tiny_model, tiny_data, keep_threads) -> None:
+    """Each spawned worker runs with the run's threads divided among the workers."""
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(1e-3,), trials=2, workers=2, threads=2)
+    pool = distributed.ProcessExecutor(tiny_model, x, y, config)
+    try:
+        assert [pool.pool.submit(torch.get_num_threads).result(timeout=300) for _ in range(2)] == [1, 1]
+    finally:
+        pool.close()
+
+
+def test_cli_threads_reach_torch(tmp_path: Path) -> None:
+    """`--threads` (and the default) as a user runs it: the summary says what torch ran with."""
+    model = tmp_path / "m.pt"
+    train_digits_model(model, 1)
+    args = ["inject", str(model), "--data", "digits", "--ber", "1e-4", "--trials", "3", "--limit", "50"]
+    r = run_cli(*args, "--threads", "2", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["execution"]["threads"] == 2
+    r = run_cli(*args, "-o", str(tmp_path / "b"))  # default: LeNet-5 is small -> 1 thread
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["execution"]["threads"] == 1
+    r = run_cli(*args, "--threads", "0", "-o", str(tmp_path / "c"))
+    assert r.returncode == 2 and "threads" in r.stderr.lower()
+
+
+@pytest.mark.parametrize("command", ["train", "inject", "analyze", "harden", "prune", "pipeline", "compare", "demo"])
+def test_every_long_command_takes_threads(command: str) -> None:
+    r = run_cli(command, "--help")
+    assert r.returncode == 0 and "--threads" in r.stdout
