@@ -408,3 +408,28 @@ def test_campaign_on_hardened_model_matches_plain_injection(tmp_path: Path, tiny
             want = trial_metrics(hm(x), golden)["accuracy"]
         assert rows[trial] == pytest.approx(want, abs=1e-12)
     assert hit_copies
+
+
+def test_cli_harden_check_weights(tmp_path: Path) -> None:
+    """`--check-weights zero` reaches harden(): the saved model checks its weights at use, so a
+    bit-30 flip in a stored weight gives the output of that weight zeroed."""
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
+    ftcnn.save(model, tmp_path / "m.pt", data="digits")
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "zero",
+                "-o", str(tmp_path / "c.pt"))
+    assert r.returncode == 0, r.stderr
+    checked = ftcnn.load(tmp_path / "c.pt")
+    assert checkpoint.meta(checked)["hardening"]["check_weights"] == "zero"
+    x = torch.randn(4, 1, 8, 8)
+    zeroed = ftcnn.load(tmp_path / "m.pt")
+    name = next(n for n in F.fault_targets(zeroed) if n.endswith("weight"))
+    with torch.no_grad():
+        F.fault_targets(zeroed)[name].view(-1)[0] = 0.0
+        memory = F.parameter_memory(checked)
+        stored = next(n for n in memory.stored if n.endswith("weight"))  # the same tensor, wrapped
+        assert torch.equal(memory.stored[stored], F.fault_targets(ftcnn.load(tmp_path / "m.pt"))[name])
+        with F.injected(memory, F.targeted([(stored, 0, 30)])):
+            assert torch.equal(checked(x), zeroed(x))
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "bogus",
+                "-o", str(tmp_path / "d.pt"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.pt").exists()

@@ -415,6 +415,9 @@ def harden(
     tmr: Optional[str] = typer.Option(None, help="'full': full TMR of every layer (baseline)"),
     restrict: Optional[str] = typer.Option(None, help="range restriction of every layer: zero or clamp"),
     margin: float = typer.Option(0.0, help="widen profiled ranges by this share of their width"),
+    check_weights: Optional[str] = typer.Option(None, help="parameter-side check of every layer's weights "
+                                                "against their fault-free per-channel bounds, at use: "
+                                                "zero or clamp out-of-bound values"),
     data: Optional[str] = typer.Option(None, help="data set (default: the checkpoint's, if built-in)"),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
@@ -433,6 +436,8 @@ def harden(
       ftcnn harden lenet5.pt --tmr full -o tmr.pt
 
       ftcnn harden lenet5.pt --ratio 0 --restrict zero --margin 0.1 -o ranger.pt
+
+      ftcnn harden lenet5.pt --ratio 0 --check-weights zero -o checked.pt
     """
     from ftcnn import campaign, checkpoint, harden as harden_mod, train as train_mod
     from ftcnn.splits import calibration_subset
@@ -447,7 +452,8 @@ def harden(
     train_x, _ = campaign.stack_dataset(_load_data(spec, "train"))
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
     hardened = harden_mod.harden(net, layer_scores, ratio=ratio, budget=budget, correction=correction,
-                                 tmr=tmr, restrict=restrict, margin=margin, calibration=calibration)
+                                 tmr=tmr, restrict=restrict, margin=margin, calibration=calibration,
+                                 check_weights=check_weights)
     test_set = _load_data(spec, "test")
     input_shape = tuple(train_x.shape[1:])
     acc_original = train_mod.evaluate(net, test_set)
@@ -455,7 +461,8 @@ def harden(
     cost = harden_mod.overheads(net, hardened, input_shape)
     record = {"scores": str(scores) if scores else None, "ratio": ratio, "budget": budget,
               "correction": "tmr" if tmr == "full" else correction, "tmr": tmr, "restrict": restrict,
-              "margin": margin, "calibration_size": len(calibration), "seed": seed,
+              "margin": margin, "check_weights": check_weights,
+              "calibration_size": len(calibration), "seed": seed,
               "protected": harden_mod.protected(hardened),
               "original_test_accuracy": acc_original, "overheads": cost}
     checkpoint.save(hardened, output, data=spec, test_accuracy=acc_hardened, hardening=record)
