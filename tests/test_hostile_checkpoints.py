@@ -625,8 +625,10 @@ def test_cli_on_os_system_checkpoint_runs_nothing(seeds, tmp_path, marker, comma
     forge(tmp_path / "model.pt", raw(seeds[0]),
           spec={"builder": "os:system", "kwargs": {"command": f"touch {marker}"}, "transforms": []})
     args = [a.format(ckpt=tmp_path / "model.pt", out=tmp_path) for a in CLI_COMMANDS[command]]
+    before = set(tmp_path.iterdir())
     r = _cli(monkeypatch, capsys, *args)
     _assert_cli_refusal(r, "holds no summary.json" if command == "report" else "not one of ftcnn's models")
+    assert set(tmp_path.iterdir()) == before  # refused before writing anything, folders included
 
 
 def test_cli_model_option_is_the_opt_in(tmp_path, monkeypatch, capsys) -> None:

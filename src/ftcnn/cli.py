@@ -353,14 +353,14 @@ def compare(
 
     if checkpoint_path is None and model is None:
         raise ValueError("give a CHECKPOINT, or --model to train one first")
+    if checkpoint_path is not None:  # refuse a bad checkpoint before creating anything
+        net = _load_model(checkpoint_path, model, data)
+        spec = _data_spec(data, checkpoint.meta(net))
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create output folder {output}: {exc.strerror}") from None
-    if checkpoint_path is not None:
-        net = _load_model(checkpoint_path, model, data)
-        spec = _data_spec(data, checkpoint.meta(net))
-    else:
+    if checkpoint_path is None:
         spec = data or "mnist5k"
         path = output / "model.pt"
         train_set = _load_data(spec, "train")
