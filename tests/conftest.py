@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import pytest
 from torch import nn
 
+from ftcnn.distributed import using_threads
+
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny forwards on a shared 2-core machine: one torch thread is fastest and leaves the other
+    core to the rest. Files use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with using_threads(1):
+        yield
 
 
 def make_tiny_model(seed: int = 0) -> nn.Module:

@@ -18,15 +18,7 @@ from ftcnn import distributed
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Sequential references on one thread: tiny convs on 2 threads crawl when
-    other jobs share the cores."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model, data, out, **kw):

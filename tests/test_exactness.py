@@ -26,13 +26,7 @@ PLAIN = dict(shortcut=False, batch_trials=1)
 TRIALS = 200
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny layers on a shared machine: one thread keeps this file fast (see test_fastpath)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

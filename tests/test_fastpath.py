@@ -16,14 +16,7 @@ from ftcnn import faults as F
 PLAIN = dict(shortcut=False, batch_trials=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on 2 threads crawl when other jobs share the cores (OpenMP
-    barriers wait on descheduled threads); one thread keeps this file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, **kw) -> nn.Module:

@@ -16,13 +16,7 @@ from ftcnn import models
 from ftcnn import vulnerability as V
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models and batches: one thread is faster, and far faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fast(model: nn.Module, x: torch.Tensor, **settings) -> dict[str, list[float]]:

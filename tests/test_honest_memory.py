@@ -13,23 +13,17 @@ import copy
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ftcnn import campaign as C
-from ftcnn import checkpoint, cost, data, fastpath
+from ftcnn import checkpoint, cost, data
 from ftcnn import faults as F
 from ftcnn import harden as H
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scores(model: nn.Module, seed: int = 0) -> dict[str, list[float]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -31,13 +30,6 @@ POOL = 600            # real trials per sampled stratum
 PLAIN = 3000          # real plain trials of the reference
 RUNS = 200
 
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trained(name: str, spec: str, epochs: int, **kwargs) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

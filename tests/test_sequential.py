@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from ftcnn import campaign as C
@@ -28,14 +27,6 @@ POOL = 4000          # real trials of the reference run
 RUNS = 200           # auto runs measured by the default test
 CONFIDENCE = 0.95
 
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny forwards: one thread is fastest and leaves the other core to the rest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
