@@ -38,7 +38,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -289,16 +289,24 @@ def _check_kwarg(name: str, value: Any, user: bool) -> None:
                               f"short string, boolean or null), got {_json_type(value)}")
 
 
+def check_fields(obj: Any, known: Sequence[str], where: str) -> Mapping[str, Any]:
+    """``obj`` if it is a JSON object holding only ``known`` fields, else a one-line
+    ``CheckpointError`` naming ``where`` (the spec, a harden or prune transform)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} must be a JSON object, not {_json_type(obj)}")
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise CheckpointError(f"unknown field {str(unknown[0])[:60]!r} in {where} (known: {', '.join(known)})")
+    return obj
+
+
 def check_spec(spec: Any) -> dict[str, Any]:
     """The architecture description, every field type- and range-checked (one-line
     ``CheckpointError`` otherwise); the builder's own keywords and each
     transform's fields are checked by ``resolve_builder`` and the transform."""
-    if not isinstance(spec, dict):
+    if not isinstance(spec, dict):  # a dict exactly: it is copied below
         raise CheckpointError(f"the architecture description must be a JSON object, not {_json_type(spec)}")
-    unknown = [k for k in spec if k not in SPEC_KEYS]
-    if unknown:
-        raise CheckpointError(f"unknown field {str(unknown[0])[:60]!r} in the architecture description "
-                              f"(known: {', '.join(SPEC_KEYS)})")
+    check_fields(spec, SPEC_KEYS, "the architecture description")
     builder = spec.get("builder")
     if not isinstance(builder, str) or not builder or len(builder) > MAX_NAME:
         raise CheckpointError(f"the architecture's builder must be a name of at most {MAX_NAME} characters, "

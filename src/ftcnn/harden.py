@@ -906,12 +906,7 @@ def check_transform(model: nn.Module, transform: Any) -> None:
     """A stored hardening transform, checked against ``model`` before anything is
     built: it comes from a file, so every field gets a one-line ``CheckpointError``."""
     error = checkpoint.CheckpointError
-    if not isinstance(transform, Mapping):
-        raise error(f"harden transform must be a JSON object, not {type(transform).__name__}")
-    unknown = [k for k in transform if k not in TRANSFORM_FIELDS]
-    if unknown:
-        raise error(f"unknown field {str(unknown[0])[:60]!r} in harden transform "
-                    f"(known: {', '.join(TRANSFORM_FIELDS)})")
+    checkpoint.check_fields(transform, TRANSFORM_FIELDS, "harden transform")
 
     def choice(key: str, options: Sequence[str], optional: bool) -> None:
         value = transform.get(key)

@@ -371,12 +371,7 @@ def check_transform(model: nn.Module, transform: Any) -> tuple[tuple[int, ...], 
     it comes from a file. Returns the input shape and the history entries, whose
     channel indices :func:`rebuild` checks against each layer as it replays them."""
     error = checkpoint.CheckpointError
-    if not isinstance(transform, Mapping):
-        raise error(f"prune transform must be a JSON object, not {type(transform).__name__}")
-    unknown = [k for k in transform if k not in TRANSFORM_FIELDS]
-    if unknown:
-        raise error(f"unknown field {str(unknown[0])[:60]!r} in prune transform "
-                    f"(known: {', '.join(TRANSFORM_FIELDS)})")
+    checkpoint.check_fields(transform, TRANSFORM_FIELDS, "prune transform")
     if transform.get("criterion") not in CRITERIA:
         raise error(f"prune transform: criterion must be one of {', '.join(CRITERIA)}, "
                     f"got {str(transform.get('criterion'))[:60]!r}")
