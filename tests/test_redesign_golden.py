@@ -47,6 +47,8 @@ def numbers(blob, prefix: str = "") -> dict[str, object]:
     elif isinstance(blob, list):
         for i, value in enumerate(blob):
             out.update(numbers(value, f"{prefix}[{i}]"))
+    elif isinstance(blob, str) and "/" in blob and Path(blob).is_absolute():
+        out[prefix] = Path(blob).name  # a run folder's file: its name, not where pytest put it
     else:
         out[prefix] = blob
     return out
