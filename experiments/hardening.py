@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ftcnn import campaign, checkpoint, data, harden as H, train
+from ftcnn.splits import calibration_subset
 
 MODEL_SETUP = {  # name -> (width, epochs)
     "lenet5": (1.0, 5),
@@ -143,8 +144,7 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
     x, y = campaign.stack_dataset(data.load("mnist5k", "test"))
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))
-    calibration = train_x[pick[:args.calibration_size]]
+    calibration = calibration_subset(train_x, args.calibration_size, args.seed)  # the one rule (same numbers)
     method, scores = get_scores(model, folder, train_x, train_y, args.seed)
     input_shape = tuple(x.shape[1:])
     config = campaign.CampaignConfig(bers=tuple(args.ber), trials=args.trials, seed=args.seed)
@@ -157,7 +157,7 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
         chosen = {k: v for k, v in chosen.items() if k in args.variants}
     for label, kw in chosen.items():
         start = time.perf_counter()
-        net = model if kw is None else H.harden(model, scores, margin=args.margin, calibration=calibration, **kw)
+        net = model if kw is None else H.harden(model, scores, range_margin=args.margin, calibration=calibration, **kw)
         net.eval()
         with torch.inference_mode():
             logits = campaign.predict(net, x)

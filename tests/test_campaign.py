@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 
 from _helpers import wait_for_trials
 from ftcnn import campaign as C
+from ftcnn import faults as F
+from ftcnn import trials
 from ftcnn.metrics import Golden, leveugle_sample_size, mean_ci, trial_metrics
 
 HERE = Path(__file__).parent
@@ -181,3 +185,32 @@ def test_counts_campaign(tiny_model, tiny_data, tmp_path) -> None:
     s = _run(tiny_model, tiny_data, tmp_path, bers=(), counts=(1, 3), trials=5)
     assert [r["count"] for r in s["results"]] == [1.0, 3.0]
     assert [r["n_faults_mean"] for r in s["results"]] == [1.0, 3.0]
+
+
+def test_random_value_trials_are_exact_on_every_path(tiny_model, tiny_data, tmp_path) -> None:
+    """A fault mode that draws numbers (faults.FAULT_MODES["random-value"]): one trial recomputed
+    by hand (its generator, the sites, one uniform per site, the weights set by hand on a copy),
+    and the shortcut and batched trials equal to the plain path."""
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(0.02,), trials=6, seed=1, batch_size=64, mode="random-value",
+                              shortcut=False, batch_trials=1)
+    runner = trials.prepare(tiny_model, x, y, config)
+    faults, metrics = runner.run(0.02, 4)
+    rng = np.random.default_rng(np.random.SeedSequence([1, int(np.float64(0.02).view(np.uint64)), 4]))
+    sites = F.draw_faults(runner.memory, rng, ber=0.02, mode="flip").sites
+    by_hand = copy.deepcopy(tiny_model)
+    params = dict(by_hand.named_parameters())
+    with torch.no_grad():
+        for name, (index, _) in sites.items():
+            values = rng.uniform(-1.0, 1.0, size=len(index))
+            for i, v in reversed(list(zip(index.tolist(), values.tolist()))):  # the first site wins
+                params[name].view(-1)[i] = float(np.float32(v))
+    assert faults.count == sum(len(i) for i, _ in sites.values()) > 0
+    assert metrics == trial_metrics(by_hand(x), runner.golden)
+    runs = {}
+    for label, extra in {"plain": {}, "shortcut": {"shortcut": True},
+                         "batched": {"shortcut": True, "batch_trials": 3}}.items():
+        runs[label] = C.run_campaign(tiny_model, x, y, replace(config, **extra), tmp_path / label,
+                                     progress=False)["results"]
+    assert runs["shortcut"] == runs["plain"] == runs["batched"]
+    assert runs["plain"][0]["sdc_mean"] > 0  # the faults did bite

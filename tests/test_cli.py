@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -96,3 +97,148 @@ def test_multi_value_expansion() -> None:
         ["inject", "m.pt", "--ber", "1e-6", "--ber", "1e-5", "-o", "x"]
     assert _expand_multi_values(["inject", "--layers", "a.b", "c", "m.pt"]) == \
         ["inject", "--layers", "a.b", "--layers", "c", "m.pt"]
+
+
+# --- a thin CLI (issue 11): it parses, calls one library function per command, prints -------------
+
+# what only a library may do: train, evaluate, calibrate, score, prune, harden, measure, run campaigns
+LOGIC_CALLS = {"fit", "evaluate", "seed_everything", "calibration_subset", "validation_split", "analyze",
+               "rank_agreement", "load_scores", "save_scores", "harden", "prune", "finetune", "overheads",
+               "macs", "parameters", "measure", "interleaved_latency", "relative", "stack_dataset",
+               "check_input_shape", "run_campaign", "run_compare", "protect", "build", "save", "load",
+               "mkdir", "data_digest", "model_digest", "train_or_load"}
+LOGIC_MODULES = {"train", "cost", "data", "splits", "harden", "prune", "fingerprint", "faults", "fastpath",
+                 "graph", "files", "metrics", "strata", "trials", "store"}
+# the library modules whose functions run a command's flow; their checks and config types do not count
+FLOW_MODULES = {"flows", "compare_mod", "protect_mod", "report_mod"}
+NOT_FLOWS = {"check_budget", "check_output_file", "CompareConfig", "headline"}
+
+
+def logic_in(source: str) -> list[str]:
+    """What a CLI source does that belongs in the library: logic calls, logic modules imported,
+    and commands that call more than one flow function."""
+    tree = ast.parse(source)
+    found = [f"imports ftcnn.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.module == "ftcnn" for a in node.names if a.name in LOGIC_MODULES]
+    found += [f"imports {node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+              and (node.module or "").removeprefix("ftcnn.") in LOGIC_MODULES]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name in LOGIC_CALLS:
+                found.append(f"calls {name} (line {node.lineno})")
+    for fn in tree.body:
+        if isinstance(fn, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command" for d in fn.decorator_list):
+            most = _flows_on_a_path(fn.body)
+            if most > 1:
+                found.append(f"command {fn.name} runs {most} flows")
+    return found
+
+
+def _flows_on_a_path(statements: list) -> int:
+    """The most flow calls one run of ``statements`` can make (an if's branches are alternatives)."""
+    total = 0
+    for i, st in enumerate(statements):
+        if isinstance(st, ast.If) and st.body and isinstance(st.body[-1], ast.Return):  # early return
+            return total + max(_flows_on_a_path(st.body), _flows_on_a_path(st.orelse + statements[i + 1:]))
+        if isinstance(st, ast.If):
+            total += max(_flows_on_a_path(st.body), _flows_on_a_path(st.orelse))
+            continue
+        total += sum(1 for c in ast.walk(st) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                     and isinstance(c.func.value, ast.Name) and c.func.value.id in FLOW_MODULES
+                     and c.func.attr not in NOT_FLOWS)
+    return total
+
+
+def test_the_cli_holds_no_logic() -> None:
+    import ftcnn.cli
+
+    assert logic_in(Path(ftcnn.cli.__file__).read_text()) == []
+
+
+def test_the_logic_check_finds_logic() -> None:
+    source = '''
+from ftcnn import train, pipeline as flows
+
+@app.command()
+def go(x):
+    net = flows.load_model(x)
+    train.fit(net, x)
+    flows.harden_checkpoint(net, x)
+    if x:
+        return
+    flows.prune_checkpoint(net, x)
+'''
+    found = logic_in(source)
+    assert "imports ftcnn.train" in found
+    assert any(f.startswith("calls fit") for f in found)
+    assert "command go runs 3 flows" in found
+
+
+def test_the_commands_follow_the_data_flow() -> None:
+    import ftcnn.cli
+
+    names = [c.name or c.callback.__name__ for c in ftcnn.cli.app.registered_commands]
+    assert names == ["train", "analyze", "harden", "prune", "pipeline", "inject", "compare", "report", "demo",
+                     "protect"]
+
+
+# --- one name per idea: --margin is now three options; the old spelling works for one release ------
+
+@pytest.mark.parametrize("command, new", [("inject", "--ci-half-width"), ("analyze", "--sample-margin"),
+                                          ("harden", "--range-margin"), ("compare", "--range-margin")])
+def test_old_margin_spelling_is_mapped(command, new, capsys) -> None:
+    from ftcnn.cli import _renamed_options
+
+    assert _renamed_options([command, "m.pt", "--margin", "0.1", "-o", "x"]) == [command, "m.pt", new, "0.1", "-o", "x"]
+    assert _renamed_options([command, "m.pt", "--margin=0.2"]) == [command, "m.pt", f"{new}=0.2"]
+    assert capsys.readouterr().err.splitlines() == [f"note: --margin is deprecated; use {new}"] * 2
+    assert _renamed_options([command, "m.pt", new, "0.1"]) == [command, "m.pt", new, "0.1"]
+    assert capsys.readouterr().err == ""
+
+
+def test_margin_is_not_an_option_where_it_never_was(capsys) -> None:
+    from ftcnn.cli import _renamed_options
+
+    assert _renamed_options(["prune", "m.pt", "--margin", "0.1"]) == ["prune", "m.pt", "--margin", "0.1"]
+    assert capsys.readouterr().err == ""
+
+
+def test_deprecated_margin_gives_the_same_model(digits_model, tmp_path) -> None:
+    old = run_cli("harden", str(digits_model), "--ratio", "0", "--restrict", "zero", "--margin", "0.1",
+                  "-o", str(tmp_path / "old.pt"))
+    new = run_cli("harden", str(digits_model), "--ratio", "0", "--restrict", "zero", "--range-margin", "0.1",
+                  "-o", str(tmp_path / "new.pt"))
+    assert old.returncode == 0 and new.returncode == 0, old.stderr + new.stderr
+    assert old.stderr.splitlines().count("note: --margin is deprecated; use --range-margin") == 1
+    assert "deprecated" not in new.stderr
+    from ftcnn import checkpoint, fingerprint
+
+    a, b = checkpoint.load(tmp_path / "old.pt"), checkpoint.load(tmp_path / "new.pt")
+    assert fingerprint.model_digest(a) == fingerprint.model_digest(b)
+    assert checkpoint.meta(a)["hardening"]["range_margin"] == 0.1
+    assert checkpoint.get_spec(a)["transforms"][-1]["margin"] == 0.1  # the checkpoint format keeps its field
+    helps = {c: run_cli(c, "--help").stdout for c in ("inject", "analyze", "harden")}
+    assert "--ci-half-width" in helps["inject"] and "--sample-margin" in helps["analyze"]
+    assert "--range-margin" in helps["harden"] and not any("--margin " in h for h in helps.values())
+
+
+def test_compare_trains_once_then_reuses_its_model(tmp_path, capsys) -> None:
+    """`compare --model` and `demo`: the model is trained into the run folder, then reused while its
+    settings and training data are the same (pipeline.train_or_reuse), retrained when they change."""
+    from ftcnn import checkpoint, compare, fingerprint
+
+    config = compare.CompareConfig(bers=(1e-3,), trials=1, bit_trials=0, score_samples=8, latency_repeats=1,
+                                   variants=("baseline",))
+    first = compare.compare_run(None, "digits", tmp_path, config, builder="lenet5", epochs=1, log=print)
+    assert "lenet5 on digits: test accuracy" in capsys.readouterr().out
+    digest = fingerprint.model_digest(checkpoint.load(tmp_path / "model.pt"))
+    again = compare.compare_run(None, "digits", tmp_path, config, builder="lenet5", epochs=1, log=print)
+    assert f"reusing {tmp_path / 'model.pt'}" in capsys.readouterr().out
+    assert again["digests"]["model"] == first["digests"]["model"]
+    assert fingerprint.model_digest(checkpoint.load(tmp_path / "model.pt")) == digest
+    compare.compare_run(None, "digits", tmp_path, config, builder="lenet5", epochs=1, seed=1, log=print)
+    assert "recomputing model.pt: seed changed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CHECKPOINT"):
+        compare.compare_run(None, "digits", tmp_path, config)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ftcnn import campaign as C
-from ftcnn import fastpath
+from ftcnn import graph
 from ftcnn import faults as F
 from ftcnn import vulnerability as V
 
@@ -163,14 +163,14 @@ def test_write_analysis_sees_the_usual_patterns() -> None:
             return e
 
     gm = torch.fx.symbolic_trace(Patterns())
-    effects = fastpath.memory_effects(gm)
+    effects = graph.memory_effects(gm)
     written = {m.name: sorted(r.name for r in roots) for m, roots in effects.writes.items()}
     assert written == {"add_": ["mul"], "act": ["mul_1"], "relu": ["add_2"], "mul_2": ["sigmoid"]}
     assert not effects.state_writers
     clean = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten()))
-    assert not fastpath.memory_effects(clean).writes
+    assert not graph.memory_effects(clean).writes
     stateful = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2).train()))
-    assert fastpath.memory_effects(stateful).state_writers  # running statistics are model state
+    assert graph.memory_effects(stateful).state_writers  # running statistics are model state
 
 
 class Block(nn.Module):
@@ -206,7 +206,7 @@ def test_usual_in_place_ops_keep_every_cut(data) -> None:
         runner = C.prepare(model, x, y, config)
     start = runner.fast._first_compute()
     assert len(runner.fast.cuts) == len({p for p in runner.fast.first_use.values() if p > start})
-    assert fastpath.memory_effects(runner.fast.traced).writes  # the in-place ReLUs are seen...
+    assert graph.memory_effects(runner.fast.traced).writes  # the in-place ReLUs are seen...
     differ, late = _trials_equal_plain(model, x, y, config)
     assert differ == 0 and late > TRIALS // 2  # ...and judged harmless
 
@@ -329,9 +329,9 @@ def test_an_interrupt_mid_inject_restores_what_was_flipped(monkeypatch) -> None:
     before = _bits(model)
     real, calls = F.flip_bits, []
 
-    def flaky(tensor, index, bits, mode="flip"):
+    def flaky(tensor, index, bits, mode="flip", values=None):
         calls.append(1)
-        out = real(tensor, index, bits, mode)
+        out = real(tensor, index, bits, mode, values)
         if len(calls) == 2:  # the second tensor is already flipped: the worst moment
             raise KeyboardInterrupt
         return out

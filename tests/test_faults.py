@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ftcnn import faults as F
+from ftcnn import strata
 
 VALUES = [1.0, -2.5, 3.14159, 1e-30, -7.0e12, 0.0]
 
@@ -189,3 +190,88 @@ def test_draw_sites_are_distinct_and_respect_bit_filter() -> None:
         F.draw_faults(memory, np.random.default_rng(0), ber=1.5)
     with pytest.raises(ValueError, match="outside"):
         F.draw_faults(memory, np.random.default_rng(0), count=21, bits=[30, 31])
+
+
+# --- fault modes: the registry and random-value ------------------------------------------------
+
+def test_modes_are_one_registry() -> None:
+    assert F.MODES == tuple(F.FAULT_MODES) == ("flip", "stuck0", "stuck1", "random-value")
+    assert all(F.fault_mode(m) is F.FAULT_MODES[m] for m in F.MODES)
+    with pytest.raises(ValueError, match="unknown fault mode 'nope'; choose from flip, stuck0, stuck1, random-value"):
+        F.fault_mode("nope")
+    with pytest.raises(ValueError, match="unknown fault mode"):
+        F.flip_bits(torch.zeros(2), [0], [0], mode="nope")
+
+
+def test_random_value_replaces_the_element_with_its_drawn_number() -> None:
+    t = torch.tensor(VALUES, dtype=torch.float32)
+    # element 1 hit at two sites: it takes its first site's number; the bits say nothing
+    before = F.flip_bits(t, [4, 1, 1], [3, 30, 0], mode="random-value", values=[0.3, -0.7, 0.9])
+    want = np.array(VALUES, dtype=np.float32)
+    want[4], want[1] = np.float32(0.3), np.float32(-0.7)
+    assert t.numpy().tobytes() == want.tobytes()
+    assert before.numpy().view(np.float32).tolist() == [np.float32(-2.5), np.float32(-7.0e12)]
+
+
+def test_random_value_needs_its_numbers_and_others_take_none() -> None:
+    t = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match="needs one drawn value per site"):
+        F.flip_bits(t, [0], [0], mode="random-value")
+    with pytest.raises(ValueError, match="2 drawn values for 1 sites"):
+        F.flip_bits(t, [0], [0], mode="random-value", values=[0.1, 0.2])
+    with pytest.raises(ValueError, match="takes no drawn values"):
+        F.flip_bits(t, [0], [0], mode="flip", values=[0.1])
+    assert t.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_random_value_in_every_storage_format_and_exact_restore(small_model: nn.Module, dtype: str) -> None:
+    memory = F.parameter_memory(small_model, dtype)
+    before = _bits_of(small_model)
+    faults = F.targeted([("0.weight", 5, 7), ("4.bias", 2, 0)], mode="random-value", values=[0.6, -0.25])
+    with F.injected(memory, faults):
+        w, b = small_model[0].weight.view(-1)[5].item(), small_model[4].bias[2].item()
+        if dtype == "int8":  # the code round(127 v), decoded with the element's scale
+            scale_w = memory.scales["0.weight"].expand_as(small_model[0].weight).reshape(-1)[5].item()
+            assert memory.stored["0.weight"].view(-1)[5].item() == int(np.rint(127 * 0.6)) == 76
+            assert w == np.float32(76 * np.float32(scale_w))
+            assert memory.stored["4.bias"][2].item() == int(np.rint(127 * -0.25)) == -32
+        elif dtype == "bfloat16":  # bfloat16 is float32's top 16 bits, rounded to nearest even
+            assert w == float(torch.tensor(0.6, dtype=torch.float64).to(torch.bfloat16))
+        else:
+            rounded = {"float32": np.float32, "float16": np.float16}[dtype]
+            assert (w, b) == (float(rounded(0.6)), float(rounded(-0.25)))
+    assert _bits_of(small_model) == before
+
+
+def test_random_value_draws_after_the_sites_from_the_trials_generator(small_model: nn.Module) -> None:
+    """The same sites as a bit flip of that seed, then one uniform number per site, tensor by
+    tensor, from the same generator: recomputed here by hand from a fresh generator."""
+    memory = F.parameter_memory(small_model)
+    for kw in ({"ber": 0.01}, {"count": 7}):
+        faults = F.draw_faults(memory, np.random.default_rng(11), mode="random-value", **kw)
+        flips = F.draw_faults(memory, np.random.default_rng(11), mode="flip", **kw)
+        assert faults.as_list() == flips.as_list() and faults.count > 0 and flips.values is None
+        rng = np.random.default_rng(11)
+        F.draw_faults(memory, rng, mode="flip", **kw)  # the same draws of the sites
+        want = {name: rng.uniform(-1.0, 1.0, size=len(index)) for name, (index, _) in faults.sites.items()}
+        assert faults.values.keys() == want.keys()
+        assert all(np.array_equal(faults.values[n], want[n]) for n in want)
+        before = _bits_of(small_model)
+        with F.injected(memory, faults):
+            for name, (index, _) in faults.sites.items():
+                flat = memory.params[name].view(-1)
+                first = {}
+                for i, v in zip(index.tolist(), want[name].tolist()):
+                    first.setdefault(i, v)
+                assert all(flat[i].item() == np.float32(v) for i, v in first.items())
+                assert all(abs(v) <= 1 for v in first.values())
+        assert _bits_of(small_model) == before
+
+
+def test_random_value_in_a_stratified_trial(small_model: nn.Module) -> None:
+    memory = F.parameter_memory(small_model)
+    faults = strata.draw_faults(memory, np.random.default_rng(3), 0.01, 3, mode="random-value")
+    assert faults.count > 0 and {n: len(v) for n, v in faults.values.items()} == \
+        {n: len(i) for n, (i, _) in faults.sites.items()}
+    assert strata.draw_faults(memory, np.random.default_rng(3), 0.01, 0, mode="random-value").count == 0

@@ -61,6 +61,42 @@ def test_calibration_subset_is_the_cli_rule():
     assert torch.equal(pipeline.calibration_subset(x, 7, seed=3), expected)
 
 
+def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
+    """One calibration rule (issue 11): `ftcnn harden` reproduces `compare`'s restricted variant bit for bit."""
+    from ftcnn import compare, fingerprint, harden
+
+    info = data.info("digits")
+    torch.manual_seed(0)
+    net = checkpoint.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
+                           input_size=info.input_size)
+    train_set = data.load("digits", "train")
+    config = compare.CompareConfig(seed=2, margin=0.1, calibration_size=300)
+    variant = next(v for v in compare.default_variants() if v.name == "restrict")
+    built = compare.build_variant(variant, net, {"layers": {}}, train_set, config,
+                                  tuple(train_set.tensors[0].shape[1:]), tmp_path)
+    pipeline.harden_checkpoint(net, "digits", tmp_path / "h.pt", ratio=0.0, restrict="zero", range_margin=0.1,
+                               calibration_size=300, seed=2)
+    hardened = checkpoint.load(tmp_path / "h.pt")
+    assert fingerprint.model_digest(built) == fingerprint.model_digest(hardened)
+    other_seed = pipeline.calibration_subset(train_set.tensors[0], 300, seed=3)
+    assert fingerprint.model_digest(harden.harden(net, ratio=0.0, restrict="zero", range_margin=0.1,
+                                                  calibration=other_seed)) != fingerprint.model_digest(built)
+
+
+def test_harden_keeps_the_old_margin_keyword_for_one_release():
+    from ftcnn import fingerprint, harden
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    x = torch.randn(20, 1, 4, 4)
+    new = harden.harden(net, ratio=0.0, restrict="clamp", range_margin=0.3, calibration=x)
+    with pytest.warns(DeprecationWarning, match="range_margin"):
+        old = harden.harden(net, ratio=0.0, restrict="clamp", margin=0.3, calibration=x)
+    assert fingerprint.model_digest(old) == fingerprint.model_digest(new)
+    assert fingerprint.model_digest(new) != fingerprint.model_digest(
+        harden.harden(net, ratio=0.0, restrict="clamp", calibration=x))
+
+
 def test_pareto_flags_on_a_hand_made_example():
     points = [(1.00, 0.20),   # cheapest: on the front
               (1.05, 0.90),   # on the front

@@ -287,17 +287,17 @@ def test_pipeline_cli(digits_model: Path, tmp_path: Path) -> None:
     assert stages["hardened_pruned"]["macs"] < stages["hardened_unpruned"]["macs"]
     assert [t["kind"] for t in checkpoint.get_spec(loaded["hardened_pruned"])["transforms"]] == ["prune", "harden"]
     # resumable (in-process, to save a start-up): nothing is redone; other settings are refused
-    from ftcnn.prune import pipeline
+    from ftcnn.pipeline import prune_and_harden
 
     mtimes = {f: (out / f).stat().st_mtime_ns for f in files}
     train_set = data.load("digits", "train")
-    again = pipeline(loaded["original"], train_set, test_set, out, prune_ratio=0.5, harden_ratio=0.1,
-                     finetune_epochs=1, samples=32, record={"data": "digits"})
+    again = prune_and_harden(loaded["original"], train_set, test_set, out, prune_ratio=0.5, harden_ratio=0.1,
+                             finetune_epochs=1, samples=32, record={"data": "digits"})
     assert again["stages"]["pruned"] == stages["pruned"]
     assert mtimes == {f: (out / f).stat().st_mtime_ns for f in files}
     with pytest.raises(ValueError, match=r"other settings \(prune_ratio\)"):
-        pipeline(loaded["original"], train_set, test_set, out, prune_ratio=0.4, harden_ratio=0.1,
-                 finetune_epochs=1, samples=32, record={"data": "digits"})
+        prune_and_harden(loaded["original"], train_set, test_set, out, prune_ratio=0.4, harden_ratio=0.1,
+                         finetune_epochs=1, samples=32, record={"data": "digits"})
 
 
 def test_interleaved_latency_orders_models() -> None:

@@ -3,7 +3,7 @@
 The public API is a handful of plain functions; see the README for a tour.
 """
 
-__version__ = "0.1.0"
+from ftcnn._version import __version__  # one place: ftcnn.store records it in summaries
 
 from ftcnn.checkpoint import build, load, save  # noqa: E402
 from ftcnn.faults import (  # noqa: E402

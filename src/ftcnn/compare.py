@@ -23,10 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, files, fingerprint, progress, train
+from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, harden, pipeline,
+                   progress, report, train)
 from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.pipeline import KEY_SUFFIX, is_current, key_path, store_key  # noqa: F401  (kept importable from here)
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
+# how the calibration inputs are picked (``splits.calibration_subset``), recorded in variant keys
+CALIBRATION_RULE = "randperm(seed)[:calibration_size]"
 
 
 @dataclass(frozen=True)
@@ -102,55 +106,10 @@ class CompareConfig:
 
 
 def _log(msg: str) -> None:
-    from rich.console import Console
-    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]compare[/] {msg}")  # one line, never wrapped
+    pipeline.note(msg, "compare")  # one line on stderr, never wrapped
 
 
-# --- cached pieces, keyed by their inputs ------------------------------------
-
-KEY_SUFFIX = ".key.json"
-
-
-def key_path(path: Path) -> Path:
-    """Where the key of the piece at ``path`` is stored."""
-    return path.with_name(path.name + KEY_SUFFIX)
-
-
-def _as_json(value: Any) -> Any:
-    return files.jsonable(value)
-
-
-def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
-    """Whether ``path`` holds a piece computed from the inputs ``key`` describes.
-
-    When a piece exists but its inputs changed (or were not recorded), say in
-    one line which, and drop its key so that a crash before the new piece is
-    written cannot make the old piece look current.
-    """
-    if not path.exists():
-        return False
-    key = _as_json(key)
-    try:
-        stored = json.loads(key_path(path).read_text())
-    except (OSError, ValueError):
-        stored = None
-    if stored == key:
-        return True
-    if not isinstance(stored, dict):
-        reason = "its inputs were not recorded (an older ftcnn made it)"
-    else:
-        changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
-        reason = f"{', '.join(changed)} changed"
-    _log(f"recomputing {piece}: {reason}")
-    key_path(path).unlink(missing_ok=True)
-    return False
-
-
-def store_key(path: Path, key: dict[str, Any]) -> None:
-    """Record the inputs of the piece just written at ``path`` (after the piece:
-    a piece without its key is recomputed, never trusted)."""
-    files.write_json(key_path(path), _as_json(key), indent=1, sort_keys=True, note=False)
-
+# --- cached pieces, keyed by their inputs (``pipeline.is_current``/``store_key``) ----
 
 def _cached_json(path: Path, key: dict[str, Any], piece: str, compute: Callable[[], Any]) -> Any:
     if is_current(path, key, piece):
@@ -169,15 +128,9 @@ def scores_key(model_digest: str, train_digest: str, config: CompareConfig) -> d
 
 def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path,
             piece: str = "scores") -> dict:
-    from ftcnn import vulnerability
     key = scores_key(fingerprint.model_digest(model), fingerprint.data_digest(x, y), config)
-    if is_current(path, key, piece):
-        return vulnerability.load_scores(path)
-    scores = vulnerability.analyze(model, x, y, method=config.score_method, samples=config.score_samples,
-                                   seed=config.seed)
-    vulnerability.save_scores(scores, path)
-    store_key(path, key)
-    return scores
+    return pipeline.cached_scores(model, x, y, path, key, piece, method=config.score_method,
+                                  samples=config.score_samples, seed=config.seed)
 
 
 def variant_key(variant: Variant, config: CompareConfig, model_digest: str, train_digest: str
@@ -185,7 +138,6 @@ def variant_key(variant: Variant, config: CompareConfig, model_digest: str, trai
     """What a variant's model depends on: the source model and training data,
     the variant's own settings, and only those comparison settings it uses (a
     new --harden-ratio rebuilds the hardened variants, not range restriction)."""
-    from ftcnn import harden
     h, p = variant.harden or {}, variant.prune or {}
     key: dict[str, Any] = {"model": model_digest, "train data": train_digest, "seed": config.seed}
     key.update({("harden_ratio" if k == "ratio" else k): v for k, v in h.items()})
@@ -196,7 +148,10 @@ def variant_key(variant: Variant, config: CompareConfig, model_digest: str, trai
         key["finetune_epochs"] = config.finetune_epochs
     correction = h.get("correction", "min")
     if h.get("restrict") or (correction in harden.CORRECTIONS and harden.CORRECTIONS[correction].needs_ranges):
-        key.update(margin=config.margin, calibration_size=config.calibration_size)
+        # the rule that picks the calibration inputs is part of the key: variants profiled with the
+        # first N inputs (before issue 11) are rebuilt with ``splits.calibration_subset``
+        key.update(margin=config.margin, calibration_size=config.calibration_size,
+                   calibration=CALIBRATION_RULE)
     return key
 
 
@@ -212,21 +167,21 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
                           fingerprint.data_digest(x_train, y_train))
     if is_current(path, key, variant.name):
         return checkpoint.load(path)
-    calibration = x_train[: config.calibration_size]
+    calibration = pipeline.calibration_subset(x_train, config.calibration_size, config.seed)  # the one rule
     net, layer_scores = model, scores["layers"]
     if variant.prune:
-        from ftcnn import prune
-        net = prune.prune(model, ratio=variant.prune["ratio"], criterion=variant.prune["criterion"],
-                          scores=layer_scores, input_shape=input_shape)
-        prune.finetune(net, train_set, epochs=config.finetune_epochs, seed=config.seed)
+        # reseed=False: compare's pruned variants have always fine-tuned without reseeding (same numbers)
+        net, _, _ = pipeline.prune_finetune(model, train_set, ratio=variant.prune["ratio"],
+                                            criterion=variant.prune["criterion"], scores=layer_scores,
+                                            input_shape=input_shape, epochs=config.finetune_epochs,
+                                            seed=config.seed, reseed=False)
         rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json",
                            f"scores of {variant.name}")
         layer_scores = rescored["layers"]
     if variant.harden:
-        from ftcnn import harden
         settings = dict(variant.harden)
         needs_scores = settings.get("ratio", 0) > 0 and settings.get("tmr") != "full"
-        net = harden.harden(net, layer_scores if needs_scores else None, margin=config.margin,
+        net = harden.harden(net, layer_scores if needs_scores else None, range_margin=config.margin,
                             calibration=calibration, **settings)
     checkpoint.save(net, path, variant=asdict(variant))
     store_key(path, key)
@@ -292,8 +247,6 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
 def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: CompareConfig,
                 record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build, measure and attack every variant; write summary.json/csv, plots and report.html."""
-    from ftcnn import report
-
     out = Path(out_dir)
     try:
         for sub in ("models", "campaigns", "bits"):
@@ -368,6 +321,26 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     files.write_json(out / "summary.json", result)  # strict JSON: browsers read it (NaN -> null)
     report.build_report(out)
     return result
+
+
+def compare_run(model: nn.Module | None, data_spec: str, out_dir: str | Path, config: CompareConfig, *,
+                builder: str | None = None, epochs: int = 5, width: float | None = None, seed: int = 0,
+                threads: int | None = None, allow_builder: str | None = None, source: str | None = None,
+                log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """``ftcnn compare`` and ``ftcnn demo``: :func:`run_compare` on ``model``, or, when ``model`` is
+    None, on ``builder`` trained first into ``out_dir/model.pt`` (reused when trained from the
+    same settings and data: ``pipeline.train_or_reuse``)."""
+    out = Path(out_dir)
+    if model is None:
+        if builder is None:
+            raise ValueError("give a CHECKPOINT, or --model to train one first")
+        model = pipeline.train_or_reuse(out / "model.pt", builder, data_spec, epochs=epochs, width=width,
+                                        seed=seed, threads=threads, allow_builder=allow_builder, log=log)
+        source = str(out / "model.pt")
+    distributed.apply_threads(threads, model)
+    with checkpoint.allowing(allow_builder):  # the variants it saved and reloads share the trusted builder
+        return run_compare(model, data_spec, out, config,
+                           record={"checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]})
 
 
 def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from ftcnn.campaign import CampaignConfig, TrialResult, TrialRunner, prepare
+from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner, prepare
 
 Task = tuple[float, int]
 IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver

@@ -11,22 +11,33 @@ symmetric per-tensor or per-channel scale), the stored copy is what faults hit,
 and each faulted element is decoded back into the float32 parameter the model
 computes with. Compute therefore stays float32 on any hardware, while the
 faults are exactly those of the stored format.
+
+What a fault does to an element is its *mode*, one entry of ``FAULT_MODES``:
+a function ``(old values, bit masks, drawn numbers) -> new values`` (PyTorchFI
+users know the shape: a custom error model is one plain function), and, for a
+mode that needs random numbers, how it draws them with the faults, from the
+trial's seeded generator. ``flip``, ``stuck0`` and ``stuck1`` act on the bits
+of each site; ``random-value`` replaces the element with a uniform number in
+``RANDOM_VALUE_RANGE``. Adding a mode is one entry there: campaigns, the
+CLI's ``--mode``, the shortcut and the stratified design all take it from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-FAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-BN_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+# What memory faults hit (fault targets, de-duplicated by storage) is the model map's to say;
+# these names stay here too, as the public API (``ftcnn.fault_targets``) has always had them.
+from ftcnn.graph import (BN_LAYER_TYPES, FAULT_LAYER_TYPES, PROTECTION_ATTR,  # noqa: F401
+                         fault_targets, protection_buffers, storage_key, tied_names)
+
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
-MODES = ("flip", "stuck0", "stuck1")
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -57,16 +68,93 @@ def bit_masks(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(masks.copy())
 
 
+# --- fault modes ---------------------------------------------------------------
+
+def _words(values: torch.Tensor) -> torch.Tensor:
+    """The same bits as signed integers (a view, no copy)."""
+    return values.view(_INT_VIEW[values.dtype])
+
+
+def _flip(values: torch.Tensor, masks: torch.Tensor, drawn: torch.Tensor | None) -> torch.Tensor:
+    return (_words(values) ^ masks).view(values.dtype)
+
+
+def _stuck0(values: torch.Tensor, masks: torch.Tensor, drawn: torch.Tensor | None) -> torch.Tensor:
+    return (_words(values) & ~masks).view(values.dtype)
+
+
+def _stuck1(values: torch.Tensor, masks: torch.Tensor, drawn: torch.Tensor | None) -> torch.Tensor:
+    return (_words(values) | masks).view(values.dtype)
+
+
+RANDOM_VALUE_RANGE = (-1.0, 1.0)
+"""Where ``random-value`` draws from (uniform, lower bound included), as PyTorchFI's
+``random_value`` does by default."""
+
+
+def _draw_uniform(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.uniform(*RANDOM_VALUE_RANGE, size=n)
+
+
+def _random_value(values: torch.Tensor, masks: torch.Tensor, drawn: torch.Tensor | None) -> torch.Tensor:
+    """The element replaced by its drawn number: in a float format the number rounded to
+    the format; in int8 the code ``round(127 * v)``, i.e. ``v`` times the largest
+    magnitude of the element's tensor (or channel), so the range is the format's."""
+    assert drawn is not None, "random-value faults carry their drawn numbers"
+    if values.dtype == torch.int8:
+        return torch.round(drawn * 127).to(torch.int8).to(values.device)
+    return drawn.to(values.dtype).to(values.device)
+
+
+@dataclass(frozen=True)
+class FaultMode:
+    """One fault mode.
+
+    ``apply(values, masks, drawn) -> new values``: ``values`` are the faulted
+    elements of one tensor in its storage dtype (one per element, however many of
+    its bits are hit), ``masks`` their hit bits combined into one signed-integer
+    mask each, ``drawn`` (a CPU float64 tensor) the numbers ``draw`` drew for them,
+    else None. It returns the elements' new values, same dtype; the caller writes
+    them and keeps the old bits for an exact restore. ``draw(rng, n)``: ``n``
+    numbers, one per fault site, drawn with the faults from the trial's generator
+    (after the sites, so the sites of a seed are those of every mode).
+    """
+
+    apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    draw: Callable[[np.random.Generator, int], np.ndarray] | None = None
+    description: str = ""
+
+
+FAULT_MODES: dict[str, FaultMode] = {
+    "flip": FaultMode(_flip, description="the bit inverted"),
+    "stuck0": FaultMode(_stuck0, description="the bit set to 0 (unchanged if it is 0)"),
+    "stuck1": FaultMode(_stuck1, description="the bit set to 1 (unchanged if it is 1)"),
+    "random-value": FaultMode(_random_value, _draw_uniform,
+                              "the whole element replaced by a uniform random number in [-1, 1) "
+                              "(PyTorchFI's random_value; the site's bit only sets the rate)"),
+}
+MODES = tuple(FAULT_MODES)  # the modes ftcnn ships, in the order help texts list them
+
+
+def fault_mode(mode: str) -> FaultMode:
+    """The registered mode called ``mode``, or a one-line error naming the choices."""
+    try:
+        return FAULT_MODES[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown fault mode {mode!r}; choose from {', '.join(FAULT_MODES)}") from None
+
+
 def flip_bits(tensor: torch.Tensor, index: np.ndarray | Sequence[int], bits: np.ndarray | Sequence[int],
-              mode: str = "flip") -> torch.Tensor:
-    """Apply bit faults in place to ``tensor`` at flat ``index``/``bits`` pairs.
+              mode: str = "flip", values: np.ndarray | Sequence[float] | None = None) -> torch.Tensor:
+    """Apply faults in place to ``tensor`` at flat ``index``/``bits`` pairs, as ``mode`` says.
 
     Several bits of one element are combined into one mask first, because an
-    indexed XOR with repeated indices would apply only one of them. Returns the
-    previous integer values of the touched elements (for an exact restore).
+    indexed XOR with repeated indices would apply only one of them. ``values``:
+    for a mode that draws numbers (``random-value``), one per site; an element
+    faulted at several sites takes its first site's. Returns the previous integer
+    values of the touched elements (for an exact restore).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown fault mode {mode!r}; choose from {', '.join(MODES)}")
+    how = fault_mode(mode)
     index = np.asarray(index, dtype=np.int64)
     bits = np.asarray(bits, dtype=np.int64)
     if not tensor.is_contiguous():
@@ -76,6 +164,7 @@ def flip_bits(tensor: torch.Tensor, index: np.ndarray | Sequence[int], bits: np.
         raise ValueError(f"bit position out of range [0, {width}) for {tensor.dtype}")
     if index.size and (index.min() < 0 or index.max() >= tensor.numel()):
         raise ValueError(f"element index out of range [0, {tensor.numel()})")
+    drawn = _site_values(how, mode, values, index.shape)
     view = tensor.view(-1).view(_INT_VIEW[tensor.dtype])
     elements, inverse = np.unique(index, return_inverse=True)
     masks = bit_masks(bits, tensor.dtype).numpy()
@@ -84,13 +173,24 @@ def flip_bits(tensor: torch.Tensor, index: np.ndarray | Sequence[int], bits: np.
     where = torch.from_numpy(elements).to(tensor.device)
     mask = torch.from_numpy(combined).to(tensor.device)
     before = view[where].clone()
-    if mode == "flip":
-        view[where] = before ^ mask
-    elif mode == "stuck0":
-        view[where] = before & ~mask
-    else:
-        view[where] = before | mask
+    if drawn is not None:
+        drawn = torch.from_numpy(drawn[np.unique(index, return_index=True)[1]])  # each element's first site
+    view[where] = _words(how.apply(before.view(tensor.dtype), mask, drawn))
     return before
+
+
+def _site_values(how: FaultMode, mode: str, values: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``values`` checked against ``mode``: one float per site where the mode draws, else none."""
+    if how.draw is None:
+        if values is not None:
+            raise ValueError(f"fault mode {mode!r} takes no drawn values")
+        return None
+    if values is None:
+        raise ValueError(f"fault mode {mode!r} needs one drawn value per site (draw_faults draws them)")
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != shape:
+        raise ValueError(f"fault mode {mode!r}: {values.size} drawn values for {int(np.prod(shape))} sites")
+    return values
 
 
 @dataclass
@@ -147,104 +247,6 @@ def _storage_torch_dtype(name: str) -> torch.dtype:
             "bfloat16": torch.bfloat16, "int8": torch.int8}[name]
 
 
-PROTECTION_ATTR = "fault_buffers"
-
-
-def protection_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The float buffers ``module`` declares as attackable protection memory.
-
-    A protection module (``ftcnn.harden.Correction``, ``Restrict``) lists in a
-    class attribute ``fault_buffers`` the names of the float values it adds
-    to the model (range bounds, thresholds): they sit in the same memory as
-    the weights, so faults hit them like any parameter. Unset names (None)
-    are skipped; a declared buffer that is not floating point is a bug.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name in getattr(module, PROTECTION_ATTR, ()):
-        buf = module._buffers.get(name)
-        if buf is None:
-            continue
-        if not buf.is_floating_point():
-            raise TypeError(f"{type(module).__name__}.{name} is declared a fault buffer but is {buf.dtype}")
-        out[name] = buf
-    return out
-
-
-def fault_targets(model: nn.Module, *, include_bn: bool = False,
-                  layers: Sequence[str] | None = None,
-                  include_protection: bool = True) -> dict[str, torch.Tensor]:
-    """Name -> parameter tensor of every fault target, in module order.
-
-    This is the one place that decides what memory faults can hit: weights and
-    biases of every Conv2d and Linear (duplicated copies in hardened models are
-    such modules too, so they are hit at the same rate), optionally BatchNorm
-    affine parameters, and (``include_protection``, the default) the float
-    values a protection adds, as its modules declare them (see
-    :func:`protection_buffers`; e.g. ``features.0.restrict.low``, listed
-    where the module sits in module order). ``layers`` restricts to modules
-    with those names (protection modules can be named too). A tensor that
-    several modules share (tied weights) is one piece of memory, listed once
-    under its first name in module order (``tied_names`` gives the others).
-    """
-    kinds = FAULT_LAYER_TYPES + (BN_LAYER_TYPES if include_bn else ())
-    modules = {name: m for name, m in model.named_modules()
-               if isinstance(m, kinds) or include_protection and protection_buffers(m)}
-    if layers is not None:
-        unknown = [name for name in layers if name not in modules]
-        if unknown:
-            raise ValueError(f"unknown layer {unknown[0]!r}; fault-target layers are: "
-                             + ", ".join(modules))
-        modules = {name: modules[name] for name in layers}
-    targets: dict[str, torch.Tensor] = {}
-    seen: set[tuple[Any, ...]] = set()
-
-    def add(full: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
-        # a tensor shared by several modules (tied weights) is one piece of
-        # memory: listed once, under its first name, or it would take twice the BER
-        key = storage_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            targets[full] = value
-
-    for name, module in modules.items():
-        for pname, param in module.named_parameters(recurse=False):
-            if param is not None:
-                add(f"{name}.{pname}" if name else pname, param, param.data)
-        if include_protection:
-            for bname, buf in protection_buffers(module).items():
-                add(f"{name}.{bname}" if name else bname, buf, buf)
-    return targets
-
-
-def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """What identifies ``tensor``'s memory: two tensors with equal keys are one piece of memory.
-
-    The storage, byte offset, shape, strides and dtype: tied parameters (one
-    Parameter registered in two modules) and their ``.data`` share all of it.
-    Tensors without real memory (the ``meta`` device, zero elements) have no
-    address to compare, so there the tensor object stands for itself.
-    """
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return ("object", id(tensor))
-    storage = tensor.untyped_storage()
-    return (str(tensor.device), storage.data_ptr(), tensor.storage_offset() * tensor.element_size(),
-            tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-
-
-def tied_names(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Per tensor of ``tensors``: every parameter/buffer name of ``module`` that holds its memory.
-
-    A weight tied between two modules is read by both; whatever follows a
-    tensor through the model (the first layer that uses it, the modules a
-    fault in it reaches) must follow all its names. The tensor's own name
-    comes first.
-    """
-    by_key: dict[tuple[Any, ...], list[str]] = {}
-    for name, t in [*module.named_parameters(remove_duplicate=False),
-                    *module.named_buffers(remove_duplicate=False)]:
-        by_key.setdefault(storage_key(t), []).append(name)
-    return {name: [name] + [n for n in by_key.get(storage_key(t), []) if n != name]
-            for name, t in tensors.items()}
 
 
 def protection_memory(model: nn.Module, targets: Iterable[str]) -> dict[str, Any]:
@@ -334,10 +336,12 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
 
 @dataclass(frozen=True)
 class Faults:
-    """Fault positions: per tensor name, flat element indices and bit numbers."""
+    """Fault positions: per tensor name, flat element indices and bit numbers; for a
+    mode that draws numbers (``FaultMode.draw``), ``values``: per tensor name, one per site."""
 
     sites: Mapping[str, tuple[np.ndarray, np.ndarray]]
     mode: str = "flip"
+    values: Mapping[str, np.ndarray] | None = None
 
     @property
     def count(self) -> int:
@@ -348,18 +352,40 @@ class Faults:
                 for i, b in zip(idx, bits)]
 
 
-def targeted(faults: Sequence[tuple[str, int, int]], mode: str = "flip") -> Faults:
-    """Faults at given (tensor name, flat index, bit) sites."""
+def targeted(faults: Sequence[tuple[str, int, int]], mode: str = "flip",
+             values: Sequence[float] | None = None) -> Faults:
+    """Faults at given (tensor name, flat index, bit) sites; ``values``: one per site,
+    for a mode that draws numbers (``random-value``)."""
     sites: dict[str, tuple[list[int], list[int]]] = {}
-    for name, index, bit in faults:
+    drawn: dict[str, list[float]] = {}
+    for k, (name, index, bit) in enumerate(faults):
         sites.setdefault(name, ([], []))
         sites[name][0].append(index)
         sites[name][1].append(bit)
+        if values is not None:
+            drawn.setdefault(name, []).append(values[k])
+    if values is not None and len(values) != len(faults):
+        raise ValueError(f"{len(values)} values for {len(faults)} fault sites")
     return Faults({n: (np.asarray(i, dtype=np.int64), np.asarray(b, dtype=np.int64))
-                   for n, (i, b) in sites.items()}, mode)
+                   for n, (i, b) in sites.items()}, mode,
+                  None if values is None else {n: np.asarray(v, dtype=np.float64) for n, v in drawn.items()})
 
 
-def _allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.ndarray:
+def drawn_faults(sites: Mapping[str, tuple[np.ndarray, np.ndarray]], mode: str,
+                 rng: np.random.Generator) -> Faults:
+    """Faults at drawn ``sites``, with the numbers ``mode`` draws (if it draws any) taken
+    from ``rng`` after the sites, one per site, tensor by tensor: every sampler of fault
+    sites (this module's, ``ftcnn.strata``'s) ends here, so each mode works with all."""
+    how = fault_mode(mode)
+    if how.draw is None:
+        return Faults(sites, mode)
+    return Faults(sites, mode, {name: np.asarray(how.draw(rng, len(index)), dtype=np.float64)
+                                for name, (index, _) in sites.items()})
+
+
+def allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.ndarray:
+    """The bit positions faults may hit: ``bits`` (sorted, checked against the format's
+    width), or every bit of the storage format when None."""
     width = memory.bits_per_element
     if bits is None:
         return np.arange(width, dtype=np.int64)
@@ -367,6 +393,9 @@ def _allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.nda
     if allowed.size == 0 or allowed.min() < 0 or allowed.max() >= width:
         raise ValueError(f"bit positions must lie in [0, {width}) for {memory.dtype}")
     return allowed
+
+
+_allowed_bits = allowed_bits  # the old private name, until its last caller (vulnerability) moves
 
 
 def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float | None = None,
@@ -381,9 +410,8 @@ def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float
     """
     if (ber is None) == (count is None):
         raise ValueError("give exactly one of ber or count")
-    if mode not in MODES:
-        raise ValueError(f"unknown fault mode {mode!r}; choose from {', '.join(MODES)}")
-    allowed = _allowed_bits(memory, bits)
+    fault_mode(mode)
+    allowed = allowed_bits(memory, bits)
     nb = len(allowed)
     names = list(memory.stored)
     sizes = np.array([memory.numel(n) * nb for n in names], dtype=np.int64)
@@ -396,7 +424,7 @@ def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float
             if k:
                 pos = rng.choice(size, size=k, replace=False)
                 sites[name] = (pos // nb, allowed[pos % nb])
-        return Faults(sites, mode)
+        return drawn_faults(sites, mode, rng)
     total = int(sizes.sum())
     if not 0 <= count <= total:
         raise ValueError(f"fault count {count} outside [0, {total}]")
@@ -406,7 +434,7 @@ def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float
     for t in np.unique(which):
         local = pos[which == t] - starts[t]
         sites[names[t]] = (local // nb, allowed[local % nb])
-    return Faults(sites, mode)
+    return drawn_faults(sites, mode, rng)
 
 
 Undo = list[tuple[str, torch.Tensor, torch.Tensor]]
@@ -414,10 +442,10 @@ Undo = list[tuple[str, torch.Tensor, torch.Tensor]]
 canonical name, the flat indices touched and their integer bits before."""
 
 
-def _checked_sites(memory: ParameterMemory, faults: Faults) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _checked_sites(memory: ParameterMemory, faults: Faults
+                   ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """Every site of ``faults`` resolved and validated, before any bit is touched."""
-    if faults.mode not in MODES:
-        raise ValueError(f"unknown fault mode {faults.mode!r}; choose from {', '.join(MODES)}")
+    how = fault_mode(faults.mode)
     width = memory.bits_per_element
     plan = []
     for name, (index, bits) in faults.sites.items():
@@ -434,7 +462,9 @@ def _checked_sites(memory: ParameterMemory, faults: Faults) -> list[tuple[str, n
             raise ValueError(f"fault index out of range [0, {numel}) for {name!r}")
         if bits.min() < 0 or bits.max() >= width:
             raise ValueError(f"bit position out of range [0, {width}) for {name!r} ({memory.dtype})")
-        plan.append((target, index.astype(np.int64), bits.astype(np.int64)))
+        drawn = (faults.values or {}).get(name)
+        plan.append((target, index.astype(np.int64), bits.astype(np.int64),
+                     _site_values(how, faults.mode, drawn, index.shape)))
     return plan
 
 
@@ -450,11 +480,11 @@ def inject(memory: ParameterMemory, faults: Faults) -> Undo:
     plan = _checked_sites(memory, faults)
     undo: Undo = []
     try:
-        for name, index, bits in plan:
+        for name, index, bits, drawn in plan:
             stored = memory.stored[name]
             where = torch.from_numpy(np.unique(index)).to(stored.device)
             undo.append((name, where, stored.view(-1).view(_INT_VIEW[stored.dtype])[where].clone()))
-            flip_bits(stored, index, bits, faults.mode)
+            flip_bits(stored, index, bits, faults.mode, drawn)
             memory.decode(name, where)
     except BaseException:
         restore(memory, undo)

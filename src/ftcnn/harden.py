@@ -84,9 +84,9 @@ default, and ``ftcnn.cost`` counts them as parameters. The int64 buffers
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -94,8 +94,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import checkpoint
-from ftcnn.faults import FAULT_LAYER_TYPES
+from ftcnn import checkpoint, cost as cost_mod
+from ftcnn import graph
+from ftcnn.vulnerability import Scores, layer_scores
 
 # Agreement tolerance between the original channel and a copy (see module doc).
 RTOL = 1e-4
@@ -619,8 +620,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 # --- choosing channels ------------------------------------------------------------
 
 def target_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d/Linear by module name: the layers hardening can protect."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FAULT_LAYER_TYPES) and n}
+    """Every Conv2d/Linear by module name (the model map's ``graph.layers``): the layers
+    hardening can protect."""
+    return {layer.name: layer.module for layer in graph.layers(model) if layer.name}
 
 
 def check_scores(layers: Mapping[str, nn.Module], scores: Mapping[str, Sequence[float]]
@@ -630,8 +632,7 @@ def check_scores(layers: Mapping[str, nn.Module], scores: Mapping[str, Sequence[
     Takes the layer map or the whole result of ``vulnerability.analyze`` (its
     ``"layers"``), so ``harden(model, analyze(model, x, y))`` composes.
     """
-    if isinstance(scores, Mapping) and isinstance(scores.get("layers"), Mapping):
-        scores = scores["layers"]
+    scores = layer_scores(scores)
     unknown = [n for n in scores if n not in layers]
     if unknown:
         raise ValueError(f"scores name unknown layer {unknown[0]!r}; the model's Conv2d/Linear "
@@ -789,15 +790,17 @@ def _validate(ratio: float, budget: float | None, correction: str, tmr: str | No
 
 def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None, *, ratio: float = 0.1,
            budget: float | None = None, correction: str = "min", tmr: str | None = None,
-           restrict: str | None = None, margin: float = 0.0, calibration: torch.Tensor | None = None,
-           input_shape: Sequence[int] | None = None, check_weights: str | None = None) -> nn.Module:
+           restrict: str | None = None, range_margin: float = 0.0, calibration: torch.Tensor | None = None,
+           input_shape: Sequence[int] | None = None, check_weights: str | None = None,
+           margin: float | None = None) -> nn.Module:
     """A hardened copy of ``model`` (the input is left untouched).
 
     Args:
         model: any model built of Conv2d/Linear layers.
-        scores: module name -> one vulnerability score per output channel, for
-            every Conv2d/Linear (e.g. ``ftcnn.vulnerability.load_scores(p)["layers"]``).
-            Not needed for ``tmr="full"`` or when nothing is duplicated.
+        scores: what ``ftcnn.vulnerability.analyze`` returns (``Scores``, or its
+            dict, e.g. ``load_scores(p)``) or a plain module name -> one score per
+            output channel, for every Conv2d/Linear. Not needed for
+            ``tmr="full"`` or when nothing is duplicated.
         ratio: share of each layer's channels to duplicate, the top
             ``ceil(ratio * channels)`` by score (0: none).
         budget: instead of ``ratio``, extra conv/linear MACs allowed as a share
@@ -810,7 +813,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         restrict: ``zero`` or ``clamp``: every Conv2d/Linear output channel is
             checked against its range profiled on ``calibration``, after the
             correction; NaN becomes 0 in both modes.
-        margin: widen every profiled range by this share of its width (used by
+        range_margin: widen every profiled range by this share of its width (used by
             ``restrict`` and by the ``range`` correction).
         calibration: inputs to profile ranges on (training data).
         input_shape: (C, H, W) for a ``budget``; default: from ``calibration``
@@ -827,12 +830,15 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         ``{"kind": "harden"}`` transform, so ``ftcnn.save``/``ftcnn.load`` work.
 
     Example:
-        >>> scores = ftcnn.vulnerability.load_scores("gain.json")["layers"]
+        >>> scores = ftcnn.vulnerability.load_scores("gain.json")
         >>> hard = harden(model, scores, ratio=0.1, correction="min")
         >>> torch.equal(hard(x), model(x))
         True
     """
-    _validate(ratio, budget, correction, tmr, restrict, margin, check_weights)
+    if margin is not None:  # the old name, for one release
+        warnings.warn("harden(margin=...) is deprecated; use range_margin=...", DeprecationWarning, stacklevel=2)
+        range_margin = margin
+    _validate(ratio, budget, correction, tmr, restrict, range_margin, check_weights)
     if any(isinstance(m, Hardened) for m in model.modules()):
         raise ValueError("model is already hardened")
     layers = target_layers(model)
@@ -861,7 +867,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
 
     transform = {
         "kind": "harden", "correction": correction, "tmr": tmr, "restrict": restrict,
-        "margin": margin, "ratio": ratio, "budget": budget, "check_weights": check_weights,
+        "margin": range_margin, "ratio": ratio, "budget": budget, "check_weights": check_weights,
         "layers": {n: selected.get(n, []) for n in layers if selected.get(n) or restrict or check_weights},
     }
     hardened = copy.deepcopy(model)
@@ -870,7 +876,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         for name, wrapper in hardened.named_modules():
             if not isinstance(wrapper, Hardened):
                 continue
-            lo, hi = _widen(*ranges[name], margin) if name in ranges else (None, None)
+            lo, hi = _widen(*ranges[name], range_margin) if name in ranges else (None, None)
             if wrapper.restrict is not None:
                 wrapper.restrict.low.copy_(lo.reshape(wrapper.restrict.low.shape))
                 wrapper.restrict.high.copy_(hi.reshape(wrapper.restrict.high.shape))
@@ -993,22 +999,18 @@ def overheads(original: nn.Module, hardened: nn.Module, input_shape: Sequence[in
     original, ...) and the smallest median of each is kept: other load on
     the machine only ever adds time, so the minimum is the fairest estimate.
     """
-    from ftcnn import cost
-
     shape = tuple(input_shape)
     best: list[dict[str, float]] = [{}, {}]
     for _ in range(max(1, rounds)):
         for i, net in enumerate((original, hardened)):
-            m = cost.measure(net, shape)
+            m = cost_mod.measure(net, shape)
             best[i] = {k: min(v, best[i].get(k, v)) for k, v in m.items()}
-    return {"original": best[0], "hardened": best[1], "relative": cost.relative(best[1], best[0])}
+    return {"original": best[0], "hardened": best[1], "relative": cost_mod.relative(best[1], best[0])}
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int],
                 opset: int = 17) -> None:
     """Export to ONNX (TorchScript exporter, dynamic batch), written atomically."""
-    import warnings
-
     model.eval()
     x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
 
@@ -1022,17 +1024,5 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
 
 
 def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
-    """The ``layers`` of a scores JSON (via ``ftcnn.vulnerability`` when present)."""
-    try:
-        from ftcnn.vulnerability import load_scores as load
-    except ImportError:
-        load = None
-    if load is not None:
-        return dict(load(path)["layers"])
-    if not os.path.isfile(path):
-        raise ValueError(f"scores file {path} not found")
-    try:
-        with open(path) as f:
-            return dict(json.load(f)["layers"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a scores file ({exc})") from None
+    """The ``layers`` of a scores JSON (``vulnerability.Scores.load``)."""
+    return dict(Scores.load(path).layers)

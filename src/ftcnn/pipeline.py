@@ -1,10 +1,26 @@
-"""The orchestration home: train-or-load, the data-carving rules, and prune -> protect end to end.
+"""The orchestration home: every flow that strings library steps together, one function per command.
 
 Issue 11 found the same flows written three times (the CLI, ``compare``,
-``prune.pipeline``) with three calibration rules; new flows go here and the
-CLI only parses and calls them. The two data rules live in
-``ftcnn.splits`` (below every module that uses them, so nothing imports
-upward) and are re-exported here.
+``prune.pipeline``) with three calibration rules; they live here now and the
+CLI only parses, calls one function of this module (or ``protect_run``,
+``compare.run_compare``, ``report.build_report``) and prints. The two data
+rules live in ``ftcnn.splits`` (below every module that uses them, so
+nothing imports upward) and are re-exported here.
+
+- loading: :func:`load_model` (a checkpoint, or a user's plain state dict),
+  :func:`resolve_data` (``--data``, else the checkpoint's built-in data set);
+- training: :func:`train_checkpoint` (``ftcnn train``), :func:`train_or_load`
+  (a path), :func:`train_or_reuse` (a run folder's model, keyed by its
+  inputs: ``demo``, ``compare --model``);
+- per command: :func:`analyze_checkpoint`, :func:`compare_methods`
+  (``analyze --compare``, with its score cache), :func:`harden_checkpoint`,
+  :func:`prune_checkpoint`, :func:`inject_checkpoint`, :func:`run_pipeline`;
+- the paper's flow: :func:`prune_finetune` (the step every pruning flow
+  shares), :func:`prune_and_harden` (score -> prune -> fine-tune -> re-score
+  -> harden, vs hardening unpruned) and :func:`prune_and_protect` (prune ->
+  fine-tune -> protect within the ORIGINAL's cost);
+- cached pieces: :func:`is_current` / :func:`store_key` (a piece is reused only
+  when the key of inputs stored beside it matches; ``compare`` builds on them).
 
 :func:`prune_and_protect` is the paper's promise made checkable (issue 12):
 prune (vulnerability or L1 scores) -> fine-tune -> protect within a budget
@@ -16,16 +32,170 @@ fine-tune uses only the fit part, and the test split is read only to report.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftcnn import checkpoint, data, prune as prune_mod, protect as protect_mod, train, vulnerability
+from ftcnn import (campaign, checkpoint, cost, data, distributed, files, fingerprint, harden as harden_mod,
+                   progress, prune as prune_mod, protect as protect_mod, train, vulnerability)
 from ftcnn.splits import calibration_subset, validation_split
 
-__all__ = ["calibration_subset", "validation_split", "train_or_load", "prune_and_protect"]
+__all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "train_checkpoint",
+           "train_or_load", "train_or_reuse", "analyze_checkpoint", "compare_methods", "harden_checkpoint",
+           "prune_checkpoint", "inject_checkpoint", "run_pipeline", "prune_finetune", "prune_and_harden",
+           "prune_and_protect", "is_current", "store_key", "key_path", "cached_scores", "check_output_file",
+           "analyze_settings", "note", "PIPELINE_STAGES"]
+
+Log = Callable[[str], Any]
+
+
+def _quiet(*_: Any) -> None:
+    return None
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_model(path: str | Path, model_spec: str | None = None, data_spec: str | None = None) -> nn.Module:
+    """An ftcnn checkpoint, or, with ``model_spec`` ``package.module:fn``, a plain state
+    dict (``torch.save(model.state_dict())``) built for ``data_spec``'s shapes."""
+    try:
+        return checkpoint.load(path, allow_builder=model_spec)
+    except checkpoint.NotACheckpoint:
+        if not model_spec or ":" not in model_spec:
+            raise
+    if not data_spec:
+        raise ValueError(f"{path} is not an ftcnn checkpoint and records no data set: give --data, whose "
+                         f"shapes {model_spec} is built with, to load it as a plain state dict")
+    info = data.info(data_spec)
+    return checkpoint.from_state_dict(path, model_spec, num_classes=info.num_classes,
+                                      in_channels=info.in_channels, input_size=info.input_size)
+
+
+def resolve_data(data_spec: str | None, model_meta: Mapping[str, Any]) -> str:
+    """``data_spec``, else the checkpoint's data set if it is a built-in one: a spec with a
+    path comes from the file, and reading it (CIFAR batches are pickles) can run code."""
+    if data_spec:
+        return data_spec
+    spec = model_meta.get("data")
+    if spec is None or spec == "":
+        raise ValueError("no --data given and the checkpoint does not record its data set")
+    if not isinstance(spec, str) or spec not in data.BUILTINS:
+        raise ValueError(f"the checkpoint records the data set {str(spec)[:80]!r}, which is read from files: "
+                         f"give --data explicitly to use it (only {', '.join(data.BUILTINS)} are taken "
+                         "from a checkpoint)")
+    return spec
+
+
+def check_output_file(path: str | Path) -> None:
+    """Refuse, before any work, an output file whose folder is missing or not writable."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"output folder {folder} is not writable")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {folder}: {exc.strerror}") from None
+
+
+def _data_meta(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (record or {}).items() if k == "data"}
+
+
+# --- cached pieces, keyed by their inputs --------------------------------------------------------
+
+KEY_SUFFIX = ".key.json"
+
+
+def note(msg: str, tag: str = "compare") -> None:
+    """One line on stderr, never wrapped: what a cached flow recomputes and why."""
+    progress.console(stderr=True, soft_wrap=True).print(f"[bold cyan]{tag}[/] {msg}")
+
+
+def key_path(path: Path) -> Path:
+    """Where the key of the piece at ``path`` is stored."""
+    return path.with_name(path.name + KEY_SUFFIX)
+
+
+def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
+    """Whether ``path`` holds a piece computed from the inputs ``key`` describes.
+
+    When a piece exists but its inputs changed (or were not recorded), say in
+    one line which, and drop its key so that a crash before the new piece is
+    written cannot make the old piece look current.
+    """
+    if not path.exists():
+        return False
+    key = files.jsonable(key)
+    try:
+        stored = json.loads(key_path(path).read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored == key:
+        return True
+    if not isinstance(stored, dict):
+        reason = "its inputs were not recorded (an older ftcnn made it)"
+    else:
+        changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
+        reason = f"{', '.join(changed)} changed"
+    note(f"recomputing {piece}: {reason}")
+    key_path(path).unlink(missing_ok=True)
+    return False
+
+
+def store_key(path: Path, key: dict[str, Any]) -> None:
+    """Record the inputs of the piece just written at ``path`` (after the piece:
+    a piece without its key is recomputed, never trusted)."""
+    files.write_json(key_path(path), files.jsonable(key), indent=1, sort_keys=True, note=False)
+
+
+def cached_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path, key: dict[str, Any],
+                  piece: str = "scores", *, method: str = "gain", samples: int = 256, seed: int = 0) -> dict:
+    """Vulnerability scores of ``model`` from ``path`` if computed from the inputs ``key``
+    describes, else computed (``vulnerability.analyze``) and stored there with the key."""
+    if is_current(path, key, piece):
+        return vulnerability.load_scores(path)
+    scores = vulnerability.analyze(model, x, y, method=method, samples=samples, seed=seed)
+    vulnerability.save_scores(scores, path)
+    store_key(path, key)
+    return scores
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def _build(builder: str, data_spec: str, width: float = 1.0) -> nn.Module:
+    info = data.info(data_spec)
+    return checkpoint.build(builder, num_classes=info.num_classes, in_channels=info.in_channels,
+                            input_size=info.input_size, width=width)
+
+
+def train_checkpoint(builder: str, data_spec: str, output: str | Path, *, epochs: int = 5, lr: float = 2e-3,
+                     batch_size: int = 64, width: float = 1.0, seed: int = 0, threads: int | None = None
+                     ) -> float:
+    """``ftcnn train``: train ``builder`` on ``data_spec``'s training split, save it to ``output``
+    with its test accuracy (returned) and training settings."""
+    check_output_file(output)
+    data.info(data_spec)  # an unknown data set: one line before loading anything
+    train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
+    train.seed_everything(seed)
+    net = _build(builder, data_spec, width)
+    distributed.apply_threads(threads, net)
+    losses = train.fit(net, train_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    accuracy = train.evaluate(net, test_set)
+    checkpoint.save(net, output, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed,
+                    lr=lr, batch_size=batch_size, losses=losses)
+    return accuracy
 
 
 def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int = 5, width: float = 1.0,
@@ -38,11 +208,9 @@ def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int
     path = Path(path)
     if path.is_file():
         return checkpoint.load(path)
-    info = data.info(data_spec)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     train.seed_everything(seed)
-    net = checkpoint.build(builder, num_classes=info.num_classes, in_channels=info.in_channels,
-                           input_size=info.input_size, width=width)
+    net = _build(builder, data_spec, width)
     losses = train.fit(net, train_set, epochs=epochs, lr=lr, seed=seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(net, path, data=data_spec, test_accuracy=train.evaluate(net, test_set), epochs=epochs,
@@ -50,12 +218,366 @@ def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int
     return checkpoint.load(path)
 
 
+def train_or_reuse(path: str | Path, builder: str, data_spec: str, *, epochs: int = 5,
+                   width: float | None = None, seed: int = 0, threads: int | None = None,
+                   allow_builder: str | None = None, log: Log | None = None) -> nn.Module:
+    """The model at ``path`` if it was trained from the same settings and training data
+    (content, not names: the key stored beside it), else one trained now and saved there.
+
+    ``width=None`` builds at width 1 and leaves the width out of the key (``demo``'s
+    folders); ``threads`` sets torch's threads for the new model before training.
+    """
+    say = log or _quiet
+    path = Path(path)
+    _make_folder(path.parent)
+    train_set = data.load(data_spec, "train")
+    trained_from = {"model": builder, **({} if width is None else {"width": width}), "epochs": epochs,
+                    "seed": seed, "data": data_spec, "train data": fingerprint.data_digest(*train_set.tensors)}
+    if is_current(path, trained_from, path.name):
+        say(f"reusing {path}")
+        return checkpoint.load(path, allow_builder=allow_builder)
+    train.seed_everything(seed)
+    net = _build(builder, data_spec, 1.0 if width is None else width)
+    distributed.apply_threads(threads, net)
+    train.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {builder}")
+    accuracy = train.evaluate(net, data.load(data_spec, "test"))
+    checkpoint.save(net, path, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed)
+    store_key(path, trained_from)
+    say(f"{builder} on {data_spec}: test accuracy {accuracy:.2%} -> {path}")
+    return net
+
+
+# --- analyze -------------------------------------------------------------------------------------
+
+def analyze_settings(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``given`` that ``method`` takes and that are set (the others keep its defaults)."""
+    takes = vulnerability.settings_of(method)
+    return {k: v for k, v in given.items() if k in takes and v is not None}
+
+
+def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain", limit: int | None = None,
+                       settings: Mapping[str, Any] | None = None, source: str | None = None,
+                       output: str | Path | None = None) -> dict[str, Any]:
+    """``ftcnn analyze``: ``method``'s scores of ``model`` (gain learns from TRAINING inputs; fi
+    measures on TEST inputs; l1 needs none), the first ``limit`` inputs; saved to ``output``
+    (plot beside it) when given. ``settings``: the method's own keywords, e.g. from
+    :func:`analyze_settings`."""
+    vulnerability.get_method(method)  # unknown method: one clear line before loading data
+    split = "train" if method == "gain" else "test"
+    x, y = campaign.stack_dataset(data.load(data_spec, split))
+    if limit:
+        x, y = x[:limit], y[:limit]
+    campaign.check_input_shape(model, x)
+    scores = vulnerability.analyze(model, x, y, method=method, **analyze_settings(method, settings or {}))
+    scores.update(checkpoint=str(source), data=data_spec, inputs=len(x))
+    if output is not None:
+        vulnerability.save_scores(scores, output)
+    return scores
+
+
+def compare_methods(model: nn.Module, data_spec: str, methods: Sequence[str], *, against: str = "fi",
+                    scores_dir: str | Path | None = None, limit: int | None = None,
+                    settings: Mapping[str, Any] | None = None, source: str | None = None,
+                    output: str | Path | None = None, log: Log | None = None) -> dict[str, Any]:
+    """``ftcnn analyze --compare``: rank each of ``methods`` against ``against`` (Spearman, per
+    layer and pooled). With ``scores_dir``, ``METHOD.json`` there is used when present and
+    computed scores are stored there. Returns (and writes to ``output``) the agreement blob:
+    ``{"against", "checkpoint", "data", "agreement": {method: ...}, "settings"}``."""
+    say = log or _quiet
+    methods = list(methods)
+    if not methods:
+        raise ValueError("--compare needs at least one method, e.g. --compare gain,l1")
+    for m in methods + [against]:
+        vulnerability.get_method(m)
+    folder = Path(scores_dir) if scores_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for m in dict.fromkeys(methods + [against]):
+        cached = folder / f"{m}.json" if folder is not None else None
+        if cached is not None and cached.exists():
+            results[m] = vulnerability.load_scores(cached)
+            if results[m].get("checkpoint") not in (None, str(source)):
+                say(f"note: {cached} was computed for {results[m]['checkpoint']}")
+            say(f"{m}: scores from {cached}")
+            continue
+        results[m] = analyze_checkpoint(model, data_spec, method=m, limit=limit, settings=settings, source=source)
+        say(f"{m}: computed in {results[m]['seconds']:.1f}s")
+        if cached is not None:
+            vulnerability.save_scores(results[m], cached)
+    blob = {"against": against, "checkpoint": str(source), "data": data_spec,
+            "agreement": {m: vulnerability.rank_agreement(results[m], results[against]) for m in methods},
+            "settings": {m: results[m].get("settings", {}) for m in results}}
+    if output is not None:
+        files.write_json(output, blob, indent=1)  # strict: an undefined rho is null, never NaN
+    return blob
+
+
+# --- harden --------------------------------------------------------------------------------------
+
+def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, scores: str | Path | None = None,
+                      ratio: float = 0.1, budget: float | None = None, correction: str = "min",
+                      tmr: str | None = None, restrict: str | None = None, range_margin: float = 0.0,
+                      check_weights: str | None = None, calibration_size: int = 1000, seed: int = 0,
+                      onnx: str | Path | None = None) -> dict[str, Any]:
+    """``ftcnn harden``: protect ``model``, save it to ``output`` (and ``onnx``), and return the
+    record stored in its metadata (``hardening``): the settings, protected channels, clean test
+    accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads.
+
+    Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``.
+    """
+    check_output_file(output)
+    if onnx is not None:
+        check_output_file(onnx)
+    layer_scores = vulnerability.load_scores(scores) if scores is not None else None
+    train_x, _ = campaign.stack_dataset(data.load(data_spec, "train"))
+    calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
+    hardened = harden_mod.harden(model, layer_scores, ratio=ratio, budget=budget, correction=correction,
+                                 tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
+                                 check_weights=check_weights)
+    test_set = data.load(data_spec, "test")
+    input_shape = tuple(train_x.shape[1:])
+    acc_original = train.evaluate(model, test_set)
+    acc_hardened = train.evaluate(hardened, test_set)
+    overheads = harden_mod.overheads(model, hardened, input_shape)
+    record = {"scores": str(scores) if scores else None, "ratio": ratio, "budget": budget,
+              "correction": "tmr" if tmr == "full" else correction, "tmr": tmr, "restrict": restrict,
+              "range_margin": range_margin, "check_weights": check_weights,
+              "calibration_size": len(calibration), "seed": seed,
+              "protected": harden_mod.protected(hardened),
+              "original_test_accuracy": acc_original, "overheads": overheads}
+    checkpoint.save(hardened, output, data=data_spec, test_accuracy=acc_hardened, hardening=record)
+    if onnx is not None:
+        harden_mod.export_onnx(hardened, onnx, input_shape)
+    return {**record, "test_accuracy": acc_hardened}
+
+
+# --- prune ---------------------------------------------------------------------------------------
+
+def prune_finetune(model: nn.Module, train_set: TensorDataset, *, ratio: float | Mapping[str, float],
+                   criterion: str, scores: Mapping[str, Any] | None, input_shape: Sequence[int],
+                   epochs: int, lr: float = 1e-3, seed: int = 0, protect: Sequence[str] | None = None,
+                   test_set: TensorDataset | None = None, reseed: bool = True, progress: bool = True,
+                   log: Log | None = None) -> tuple[nn.Module, float | None, list[float]]:
+    """Prune, then fine-tune in place: the step every pruning flow shares.
+
+    Returns ``(pruned, accuracy on test_set before fine-tuning or None, fine-tuning losses)``.
+    ``reseed``: seed every generator with ``seed`` just before fine-tuning (``compare``'s
+    variants fine-tune without, which keeps their numbers).
+    """
+    say = log or _quiet
+    pruned = prune_mod.prune(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
+                             input_shape=tuple(input_shape))
+    before = train.evaluate(pruned, test_set) if test_set is not None else None
+    say(f"pruned ({criterion}, ratio {ratio})" + ("" if before is None else f": accuracy {before:.2%}")
+        + f"; fine-tuning {epochs} epoch(s) ...")
+    if reseed:
+        train.seed_everything(seed)
+    losses = prune_mod.finetune(pruned, train_set, epochs, lr=lr, seed=seed, progress=progress)
+    return pruned, before, losses
+
+
+def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, scores: str | Path | None = None,
+                     ratio: float | Mapping[str, float] = 0.3, criterion: str = "vulnerability",
+                     protect: Sequence[str] | None = None, finetune_epochs: int = 3, lr: float = 1e-3,
+                     samples: int = 256, seed: int = 0) -> dict[str, Any]:
+    """``ftcnn prune``: structured pruning (scores from ``scores``, else gain scores on
+    ``samples`` training inputs; none for L1), a short fine-tune, saved to ``output``.
+
+    Returns the metadata stored with the checkpoint: clean accuracy of the original
+    (``accuracy_original``), pruned (``accuracy_before_finetune``) and fine-tuned
+    (``test_accuracy``) model, params and MACs before and after, ``removed_channels``.
+    """
+    check_output_file(output)
+    if criterion not in prune_mod.CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
+    train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
+    campaign.check_input_shape(model, test_set.tensors[0][:1])
+    input_shape = tuple(train_set.tensors[0].shape[1:])
+    prune_mod.check_arguments(model, ratio=ratio, criterion=criterion, protect=protect, input_shape=input_shape)
+    if criterion == "l1":
+        vuln = None
+    elif scores is not None:
+        vuln = vulnerability.load_scores(scores)
+    else:
+        vuln = vulnerability.analyze(model, *train_set.tensors, method="gain", samples=samples, seed=seed)
+    before = train.evaluate(model, test_set)
+    pruned, after, losses = prune_finetune(model, train_set, ratio=ratio, criterion=criterion, scores=vuln,
+                                           protect=protect, input_shape=input_shape, epochs=finetune_epochs,
+                                           lr=lr, seed=seed, test_set=test_set)
+    tuned = train.evaluate(pruned, test_set)
+    cost_before = {"params": cost.parameters(model), "macs": cost.macs(model, input_shape)["macs"]}
+    cost_after = {"params": cost.parameters(pruned), "macs": cost.macs(pruned, input_shape)["macs"]}
+    meta = dict(test_accuracy=tuned, accuracy_original=before,
+                accuracy_before_finetune=after, params_before=cost_before["params"],
+                params_after=cost_after["params"], macs_before=cost_before["macs"],
+                macs_after=cost_after["macs"], criterion=criterion, ratio=ratio,
+                finetune_epochs=finetune_epochs, finetune_losses=losses, seed=seed,
+                removed_channels=prune_mod.removed_channels(pruned))
+    checkpoint.save(pruned, output, data=data_spec, **meta)
+    return meta
+
+
+# --- inject --------------------------------------------------------------------------------------
+
+def inject_checkpoint(model: nn.Module, data_spec: str, config: campaign.CampaignConfig, output: str | Path, *,
+                      limit: int | None = None, source: str | None = None) -> dict[str, Any]:
+    """``ftcnn inject``: a campaign on ``data_spec``'s test split (its first ``limit`` inputs) on
+    ``config.device``, written to (or resumed from) the run folder ``output``; returns the summary."""
+    inputs, labels = campaign.stack_dataset(data.load(data_spec, "test"), config.device)
+    if limit:
+        inputs, labels = inputs[:limit], labels[:limit]
+    campaign.check_input_shape(model, inputs)
+    record = {"checkpoint": str(source), "data": data_spec, "inputs": len(inputs),
+              "architecture": checkpoint.get_spec(model)}
+    return campaign.run_campaign(model, inputs, labels, config, output, record=record)
+
+
+# --- the paper's pipeline ------------------------------------------------------------------------
+
+PIPELINE_STAGES = ("original", "pruned", "pruned_finetuned", "hardened_pruned", "hardened_unpruned")
+PIPELINE_CALIBRATION_SIZE = 1000  # training inputs the pipeline profiles ranges on
+
+
+def _model_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's tensors: ties a pipeline folder to the exact model it started
+    from (stored as ``model_sha256`` in ``pipeline.json``; kept as it was so old folders resume)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset, out_dir: str | Path, *,
+                     prune_ratio: float, harden_ratio: float = 0.1, correction: str = "min",
+                     criterion: str = "vulnerability", finetune_epochs: int = 3, lr: float = 1e-3,
+                     samples: int = 256, seed: int = 0, restrict: str | None = None,
+                     record: Mapping[str, Any] | None = None, progress: bool = True,
+                     log: Log | None = None) -> dict[str, Any]:
+    """The paper's pipeline: score (gain, training inputs) -> prune -> fine-tune -> re-score
+    -> harden, plus the original hardened at the same ratio for comparison.
+
+    Writes into ``out_dir``: ``scores_original.json``, ``pruned.pt`` (pruned and
+    fine-tuned), ``scores_pruned.json``, ``hardened.pt``, ``hardened_unpruned.pt``
+    and ``summary.json`` (params, MACs, CPU latency at batch 1 and 128 -- one
+    thread, all models timed interleaved, medians -- and clean test accuracy of
+    every stage in ``PIPELINE_STAGES``, plus relative costs).
+    Resumable: a stage whose output exists is loaded, not redone; a folder started
+    with other settings or another model is refused. Returns the summary.
+
+    Example:
+        >>> prune_and_harden(model, train, test, "runs/pipe", prune_ratio=0.3, harden_ratio=0.1)
+    """
+    say = log or _quiet
+    out = Path(out_dir)
+    prune_mod.check_ratio(prune_ratio, "prune ratio")
+    prune_mod.check_ratio(harden_ratio, "harden ratio")
+    if criterion not in prune_mod.CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
+    _make_folder(out)
+    x_train, y_train = train_set.tensors[0], train_set.tensors[1]
+    input_shape = tuple(x_train.shape[1:])
+    data_meta = _data_meta(record)
+    config = {"prune_ratio": prune_ratio, "harden_ratio": harden_ratio, "correction": correction,
+              "criterion": criterion, "finetune_epochs": finetune_epochs, "lr": lr, "samples": samples,
+              "seed": seed, "restrict": restrict, "model_sha256": _model_sha256(model), **data_meta}
+    if restrict is not None or getattr(harden_mod.CORRECTIONS.get(correction), "needs_ranges", False):
+        # ranges are profiled: a folder calibrated by the old rule (a numpy permutation) is refused
+        config["calibration"] = f"calibration_subset({PIPELINE_CALIBRATION_SIZE}, seed)"
+    config_path = out / "pipeline.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a pipeline run with other settings ({', '.join(diff)}); "
+                             f"use another output folder")
+    else:
+        files.write_json(config_path, config, indent=1)
+    if (out / "summary.json").exists():
+        say(f"reusing {out / 'summary.json'} (delete it to measure again)")
+        return json.loads((out / "summary.json").read_text())
+
+    def scores_for(net: nn.Module, name: str) -> dict[str, Any]:
+        path = out / name
+        if path.exists():
+            say(f"reusing {path}")
+            return vulnerability.load_scores(path)
+        say(f"scoring ({name}) ...")
+        scores = vulnerability.analyze(net, x_train, y_train, method="gain", samples=samples, seed=seed)
+        vulnerability.save_scores(scores, path)
+        return scores
+
+    calibration = calibration_subset(x_train, PIPELINE_CALIBRATION_SIZE, seed)  # the one rule (ftcnn.splits)
+
+    def hardened(net: nn.Module, scores: Mapping[str, Any], name: str, **meta: Any) -> nn.Module:
+        path = out / name
+        if path.exists():
+            say(f"reusing {path}")
+            return checkpoint.load(path)
+        hard = harden_mod.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
+                                 restrict=restrict, calibration=calibration)
+        checkpoint.save(hard, path, test_accuracy=train.evaluate(hard, test_set), **meta)
+        return checkpoint.load(path)  # measure what was saved (and prove it loads)
+
+    model.eval()
+    scores_original = scores_for(model, "scores_original.json")
+    pruned_path = out / "pruned.pt"
+    if pruned_path.exists():
+        say(f"reusing {pruned_path}")
+        pruned = checkpoint.load(pruned_path)
+    else:
+        pruned, before, losses = prune_finetune(
+            model, train_set, ratio=prune_ratio, criterion=criterion,
+            scores=scores_original if criterion == "vulnerability" else None, input_shape=input_shape,
+            epochs=finetune_epochs, lr=lr, seed=seed, test_set=test_set, progress=progress, log=say)
+        checkpoint.save(pruned, pruned_path, test_accuracy=train.evaluate(pruned, test_set),
+                        accuracy_before_finetune=before, finetune_losses=losses, stage="pruned_finetuned",
+                        **data_meta)
+        pruned = checkpoint.load(pruned_path)
+    scores_pruned = scores_for(pruned, "scores_pruned.json")
+    hard_pruned = hardened(pruned, scores_pruned, "hardened.pt", stage="hardened_pruned", **data_meta)
+    hard_unpruned = hardened(model, scores_original, "hardened_unpruned.pt", stage="hardened_unpruned",
+                             **data_meta)
+
+    say("measuring costs ...")
+    models = {"original": model, "pruned_finetuned": pruned, "hardened_pruned": hard_pruned,
+              "hardened_unpruned": hard_unpruned}
+    # latency: all models timed interleaved on one thread, so the ratios survive a busy machine
+    lat = {b: cost.interleaved_latency(models, input_shape, batch=b, threads=1) for b in (1, 128)}
+    stages: dict[str, dict[str, Any]] = {}
+    for name, net in models.items():
+        stages[name] = {"params": cost.parameters(net), **cost.macs(net, input_shape),
+                        "latency_b1_ms": lat[1][name], "latency_b128_ms": lat[128][name],
+                        "accuracy": train.evaluate(net, test_set)}
+    # same structure as pruned_finetuned; only the accuracy differs (before fine-tuning)
+    stages["pruned"] = {**stages["pruned_finetuned"],
+                        "accuracy": checkpoint.meta(pruned).get("accuracy_before_finetune")}
+    stages = {name: stages[name] for name in PIPELINE_STAGES}
+    summary = {
+        "config": config, "record": dict(record or {}), "input_shape": list(input_shape),
+        "latency": {"threads": 1, "method": "cost.interleaved_latency (median ms per forward)"},
+        "stages": stages,
+        "relative": {
+            "pruned_vs_original": cost.relative(stages["pruned_finetuned"], stages["original"]),
+            "hardened_pruned_vs_hardened_unpruned": cost.relative(stages["hardened_pruned"],
+                                                                  stages["hardened_unpruned"]),
+            "hardened_pruned_vs_original": cost.relative(stages["hardened_pruned"], stages["original"]),
+        },
+        "removed_channels": prune_mod.removed_channels(pruned),
+    }
+    files.write_json(out / "summary.json", summary, indent=1)
+    return summary
+
+
 def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: TensorDataset,
                       out_dir: str | Path, *, prune_ratio: float = 0.3, criterion: str = "vulnerability",
                       finetune_epochs: int = 3, lr: float = 1e-3, max_macs: float = 1.0,
                       max_latency: float | None = None, ber: float = 1e-4, trials: int = 100, seed: int = 0,
                       validation_fraction: float = 0.2, samples: int = 256, measure_latency: bool = True,
-                      record: dict[str, Any] | None = None, log: Callable[[str], Any] | None = None
+                      record: dict[str, Any] | None = None, log: Log | None = None
                       ) -> protect_mod.ProtectResult:
     """Prune -> fine-tune -> protect within a budget relative to the original (unpruned) model.
 
@@ -73,7 +595,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
         >>> result = prune_and_protect(net, train_set, test_set, "runs/e2e", prune_ratio=0.3,
         ...                            max_macs=1.0, ber=1e-4, trials=50)
     """
-    say = log or (lambda *_: None)
+    say = log or _quiet
     protect_mod.check_budget(max_macs, max_latency, ber, trials)
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune ratio must lie in [0, 1) (got {prune_ratio})")
@@ -82,10 +604,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
+    _make_folder(out)
     x_train, y_train = train_set.tensors[0], train_set.tensors[1]
     (x_fit, y_fit), _ = validation_split(x_train, y_train, validation_fraction, seed)
     input_shape = tuple(x_train.shape[1:])
@@ -94,12 +613,11 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     if criterion == "vulnerability":
         say("scoring the original (gain, fit split) ...")
         scores = vulnerability.analyze(model, x_fit, y_fit, method="gain", samples=samples, seed=seed)
-    pruned = prune_mod.prune(model, ratio=prune_ratio, criterion=criterion, scores=scores, input_shape=input_shape)
-    say(f"pruned ({criterion}, ratio {prune_ratio}); fine-tuning {finetune_epochs} epoch(s) on the fit split ...")
-    train.seed_everything(seed)
-    prune_mod.finetune(pruned, TensorDataset(x_fit, y_fit), finetune_epochs, lr=lr, seed=seed, progress=False)
+    pruned, _, _ = prune_finetune(model, TensorDataset(x_fit, y_fit), ratio=prune_ratio, criterion=criterion,
+                                  scores=scores, input_shape=input_shape, epochs=finetune_epochs, lr=lr,
+                                  seed=seed, progress=False, log=say)
     pruned.eval()
-    data_meta = {k: v for k, v in (record or {}).items() if k == "data"}
+    data_meta = _data_meta(record)
     checkpoint.save(pruned, out / "pruned.pt", stage="pruned_finetuned", criterion=criterion,
                     prune_ratio=prune_ratio, **data_meta)
     result = protect_mod.protect(pruned, x_train, y_train, ber=ber, max_macs=max_macs, max_latency=max_latency,
@@ -119,3 +637,28 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     result.extra["record"] = {k: str(v) for k, v in (record or {}).items()}
     protect_mod.write_result(result, out, **data_meta, stage="pruned_protected")
     return result
+
+
+def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune_ratio: float = 0.3,
+                 criterion: str = "vulnerability", finetune_epochs: int = 3, lr: float = 1e-3, samples: int = 256,
+                 seed: int = 0, harden_ratio: float = 0.1, correction: str = "min", restrict: str | None = None,
+                 max_macs: float | None = None, max_latency: float | None = None, ber: float = 1e-4,
+                 trials: int = 100, allow_builder: str | None = None, source: str | None = None,
+                 log: Log | None = None) -> dict[str, Any] | protect_mod.ProtectResult:
+    """``ftcnn pipeline``: :func:`prune_and_harden` on ``data_spec`` (its summary), or with
+    ``max_macs`` (end-to-end mode) :func:`prune_and_protect` (its ``ProtectResult``)."""
+    if max_macs is not None:
+        protect_mod.check_budget(max_macs, max_latency, ber, trials)
+    train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
+    campaign.check_input_shape(model, test_set.tensors[0][:1])
+    record = {"data": data_spec, "checkpoint": str(source)}
+    with checkpoint.allowing(allow_builder):  # the stages it saved and reloads share the trusted builder
+        if max_macs is not None:
+            return prune_and_protect(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
+                                     criterion=criterion, finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs,
+                                     max_latency=max_latency, ber=ber, trials=trials, seed=seed, samples=samples,
+                                     record=record, log=log)
+        return prune_and_harden(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
+                                harden_ratio=harden_ratio, correction=correction, criterion=criterion,
+                                finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
+                                restrict=restrict, record=record, log=log)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, files, harden as harden_mod, vulnerability
+from ftcnn import campaign, checkpoint, cost, data as data_mod, files, harden as harden_mod, vulnerability
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -94,17 +94,17 @@ def candidates(restricts: Sequence[tuple[str, float]] = RESTRICTS,
     out = [Candidate("none", "none", None)]
     for mode, margin in restricts:
         out.append(Candidate(f"restrict_{_tag(mode, margin)}", "restriction",
-                             {"ratio": 0.0, "restrict": mode, "margin": margin}))
+                             {"ratio": 0.0, "restrict": mode, "range_margin": margin}))
     if checks:
         for check in ("zero", "clamp"):
             out.append(Candidate(f"weights_{check}", "weight check", {"ratio": 0.0, "check_weights": check}))
         for mode, margin in restricts:
             out.append(Candidate(f"weights_zero+restrict_{_tag(mode, margin)}", "weight check + restriction",
-                                 {"ratio": 0.0, "check_weights": "zero", "restrict": mode, "margin": margin}))
+                                 {"ratio": 0.0, "check_weights": "zero", "restrict": mode, "range_margin": margin}))
     widened = [(m, g) for m, g in restricts if g > 0] or list(restricts)
     for corr in corrections:
         for mode, margin in widened:
-            settings = {"correction": corr, "restrict": mode, "margin": margin}
+            settings = {"correction": corr, "restrict": mode, "range_margin": margin}
             out.append(Candidate(f"dup_{corr}+restrict_{_tag(mode, margin)}", "duplication + restriction",
                                  settings, duplicate=True))
             if checks:
@@ -510,8 +510,6 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
     Example:
         >>> protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
-    from ftcnn import data as data_mod
-
     check_budget(max_macs, max_latency, ber, trials)
     out = Path(out)
     try:

@@ -40,10 +40,8 @@ as a ``{"kind": "prune"}`` transform on its checkpoint spec, and
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -51,9 +49,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ftcnn import checkpoint, files
+from ftcnn import checkpoint
+from ftcnn.graph import FAULT_LAYER_TYPES
+from ftcnn.graph import layers as model_layers
+from ftcnn.train import fit
+from ftcnn.vulnerability import l1, layer_scores
 
-PRUNABLE = (nn.Conv2d, nn.Linear)
+PRUNABLE = FAULT_LAYER_TYPES  # the model map's layers: what faults hit is what pruning removes
 CRITERIA = ("vulnerability", "l1")
 
 
@@ -80,7 +82,7 @@ class ChannelGroup:
 def execution_order(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Names of the Conv2d/Linear modules in the order one forward calls them."""
     order: list[str] = []
-    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    names = {layer.module: layer.name for layer in model_layers(model)}
 
     def hook(module: nn.Module, *_: Any) -> None:
         if names[module] not in order:
@@ -171,15 +173,9 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int],
 # --------------------------------------------------------------------------- scores
 
 def l1_scores(model: nn.Module) -> dict[str, list[float]]:
-    """L1 norm of each output channel's weights (bias excluded), per Conv2d/Linear."""
-    return {name: m.weight.detach().abs().flatten(1).sum(1).tolist()
-            for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
-
-
-def _layer_scores(scores: Mapping[str, Any]) -> Mapping[str, Sequence[float]]:
-    """Accept both a plain ``{layer: [scores]}`` and vulnerability's ``{"layers": {...}, ...}``."""
-    layers = scores.get("layers") if isinstance(scores, Mapping) else None
-    return layers if isinstance(layers, Mapping) else scores
+    """L1 norm of each output channel's weights (bias excluded), per Conv2d/Linear:
+    the one L1, ``vulnerability.l1`` (summed in float64)."""
+    return l1(model)
 
 
 def group_score(group: ChannelGroup, scores: Mapping[str, Sequence[float]],
@@ -221,6 +217,9 @@ def _check_ratio(value: Any, what: str) -> float:
     if not 0.0 <= ratio <= 1.0:  # also rejects NaN
         raise ValueError(f"{what} {value} outside [0, 1]")
     return ratio
+
+
+check_ratio = _check_ratio  # public: the pipelines check their ratios by the same rule
 
 
 def _group_ratios(groups: list[ChannelGroup], ratio: float | Mapping[str, float]) -> list[float]:
@@ -292,9 +291,9 @@ def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str
     if criterion == "vulnerability":
         if scores is None:
             raise ValueError("criterion 'vulnerability' needs scores (ftcnn.vulnerability.analyze)")
-        layer_scores = _layer_scores(scores)
+        per_layer = layer_scores(scores)  # Scores, analyze's dict or a plain {layer: [scores]}
     else:
-        layer_scores = l1_scores(model)
+        per_layer = l1_scores(model)
     modules = dict(model.named_modules())
     counts = {n: modules[n].out_channels if isinstance(modules[n], nn.Conv2d) else modules[n].out_features
               for n in order}
@@ -302,7 +301,7 @@ def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str
     for group, r in zip(groups, ratios):
         if r == 0 or protected.intersection(group.layers):
             continue
-        idxs = lowest(group_score(group, layer_scores, counts), r)
+        idxs = lowest(group_score(group, per_layer, counts), r)
         if idxs:
             result.append((group.root, idxs))
     return result
@@ -448,158 +447,7 @@ def finetune(model: nn.Module, train_dataset: torch.utils.data.Dataset, epochs: 
     The lower default learning rate (half of training's) keeps the surviving
     weights close to where the full model put them.
     """
-    from ftcnn.train import fit
-
     if epochs == 0:  # skip building an optimizer (its first use imports torch._dynamo, ~3 s)
         return []
     return fit(model, train_dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                progress=progress, desc="finetune")
-
-
-# --------------------------------------------------------------------------- the paper's pipeline
-
-PIPELINE_STAGES = ("original", "pruned", "pruned_finetuned", "hardened_pruned", "hardened_unpruned")
-
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's tensors: ties a run folder to the exact model it started from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    files.write_json(path, data, indent=1)
-
-
-def pipeline(model: nn.Module, train_set: torch.utils.data.TensorDataset,
-             test_set: torch.utils.data.TensorDataset, out_dir: str | Path, *, prune_ratio: float,
-             harden_ratio: float = 0.1, correction: str = "min", criterion: str = "vulnerability",
-             finetune_epochs: int = 3, lr: float = 1e-3, samples: int = 256, seed: int = 0,
-             restrict: str | None = None, record: Mapping[str, Any] | None = None,
-             progress: bool = True, log: Any = None) -> dict[str, Any]:
-    """The paper's pipeline: score (gain, training inputs) -> prune -> fine-tune -> re-score
-    -> harden, plus the original hardened at the same ratio for comparison.
-
-    Writes into ``out_dir``: ``scores_original.json``, ``pruned.pt`` (pruned and
-    fine-tuned), ``scores_pruned.json``, ``hardened.pt``, ``hardened_unpruned.pt``
-    and ``summary.json`` (params, MACs, CPU latency at batch 1 and 128 -- one
-    thread, all models timed interleaved, medians -- and clean test accuracy of
-    every stage in ``PIPELINE_STAGES``, plus relative costs).
-    Resumable: a stage whose output exists is loaded, not redone; a folder started
-    with other settings or another model is refused. Returns the summary.
-
-    Example:
-        >>> pipeline(model, train, test, "runs/pipe", prune_ratio=0.3, harden_ratio=0.1)
-    """
-    from ftcnn import cost, harden as harden_mod, train as train_mod, vulnerability
-
-    say = log or (lambda *_: None)
-    out = Path(out_dir)
-    _check_ratio(prune_ratio, "prune ratio")
-    _check_ratio(harden_ratio, "harden ratio")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
-    if finetune_epochs < 0:
-        raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
-    x_train, y_train = train_set.tensors[0], train_set.tensors[1]
-    input_shape = tuple(x_train.shape[1:])
-    config = {"prune_ratio": prune_ratio, "harden_ratio": harden_ratio, "correction": correction,
-              "criterion": criterion, "finetune_epochs": finetune_epochs, "lr": lr, "samples": samples,
-              "seed": seed, "restrict": restrict, "model_sha256": fingerprint(model),
-              **{k: v for k, v in (record or {}).items() if k in ("data",)}}
-    config_path = out / "pipeline.json"
-    if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
-        if diff:
-            raise ValueError(f"{out} holds a pipeline run with other settings ({', '.join(diff)}); "
-                             f"use another output folder")
-    else:
-        _write_json(config_path, config)
-    if (out / "summary.json").exists():
-        say(f"reusing {out / 'summary.json'} (delete it to measure again)")
-        return json.loads((out / "summary.json").read_text())
-
-    def scores_for(net: nn.Module, name: str) -> dict[str, Any]:
-        path = out / name
-        if path.exists():
-            say(f"reusing {path}")
-            return vulnerability.load_scores(path)
-        say(f"scoring ({name}) ...")
-        scores = vulnerability.analyze(net, x_train, y_train, method="gain", samples=samples, seed=seed)
-        vulnerability.save_scores(scores, path)
-        return scores
-
-    calibration = x_train[torch.from_numpy(np.random.default_rng(seed).permutation(len(x_train))[:1000])]
-
-    def hardened(net: nn.Module, scores: Mapping[str, Any], name: str, **meta: Any) -> nn.Module:
-        path = out / name
-        if path.exists():
-            say(f"reusing {path}")
-            return checkpoint.load(path)
-        hard = harden_mod.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
-                                 restrict=restrict, calibration=calibration)
-        checkpoint.save(hard, path, test_accuracy=train_mod.evaluate(hard, test_set), **meta)
-        return checkpoint.load(path)  # measure what was saved (and prove it loads)
-
-    model.eval()
-    scores_original = scores_for(model, "scores_original.json")
-    pruned_path = out / "pruned.pt"
-    if pruned_path.exists():
-        say(f"reusing {pruned_path}")
-        pruned = checkpoint.load(pruned_path)
-    else:
-        pruned = prune(model, ratio=prune_ratio, criterion=criterion,
-                       scores=scores_original if criterion == "vulnerability" else None,
-                       input_shape=input_shape)
-        before = train_mod.evaluate(pruned, test_set)
-        say(f"pruned ({criterion}, ratio {prune_ratio}): accuracy {before:.2%}; fine-tuning ...")
-        train_mod.seed_everything(seed)
-        losses = finetune(pruned, train_set, finetune_epochs, lr=lr, seed=seed, progress=progress)
-        checkpoint.save(pruned, pruned_path, test_accuracy=train_mod.evaluate(pruned, test_set),
-                        accuracy_before_finetune=before, finetune_losses=losses, stage="pruned_finetuned",
-                        **{k: v for k, v in (record or {}).items() if k == "data"})
-        pruned = checkpoint.load(pruned_path)
-    scores_pruned = scores_for(pruned, "scores_pruned.json")
-    data_meta = {k: v for k, v in (record or {}).items() if k == "data"}
-    hard_pruned = hardened(pruned, scores_pruned, "hardened.pt", stage="hardened_pruned", **data_meta)
-    hard_unpruned = hardened(model, scores_original, "hardened_unpruned.pt", stage="hardened_unpruned",
-                             **data_meta)
-
-    say("measuring costs ...")
-    models = {"original": model, "pruned_finetuned": pruned, "hardened_pruned": hard_pruned,
-              "hardened_unpruned": hard_unpruned}
-    # latency: all models timed interleaved on one thread, so the ratios survive a busy machine
-    lat = {b: cost.interleaved_latency(models, input_shape, batch=b, threads=1) for b in (1, 128)}
-    stages: dict[str, dict[str, Any]] = {}
-    for name, net in models.items():
-        stages[name] = {"params": cost.parameters(net), **cost.macs(net, input_shape),
-                        "latency_b1_ms": lat[1][name], "latency_b128_ms": lat[128][name],
-                        "accuracy": train_mod.evaluate(net, test_set)}
-    # same structure as pruned_finetuned; only the accuracy differs (before fine-tuning)
-    stages["pruned"] = {**stages["pruned_finetuned"],
-                        "accuracy": checkpoint.meta(pruned).get("accuracy_before_finetune")}
-    stages = {name: stages[name] for name in PIPELINE_STAGES}
-    summary = {
-        "config": config, "record": dict(record or {}), "input_shape": list(input_shape),
-        "latency": {"threads": 1, "method": "cost.interleaved_latency (median ms per forward)"},
-        "stages": stages,
-        "relative": {
-            "pruned_vs_original": cost.relative(stages["pruned_finetuned"], stages["original"]),
-            "hardened_pruned_vs_hardened_unpruned": cost.relative(stages["hardened_pruned"],
-                                                                  stages["hardened_unpruned"]),
-            "hardened_pruned_vs_original": cost.relative(stages["hardened_pruned"], stages["original"]),
-        },
-        "removed_channels": removed_channels(pruned),
-    }
-    _write_json(out / "summary.json", summary)
-    return summary

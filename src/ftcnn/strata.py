@@ -120,7 +120,7 @@ class Layout:
 
     @classmethod
     def of(cls, memory: F.ParameterMemory, bits: Sequence[int] | None) -> "Layout":
-        allowed = F._allowed_bits(memory, bits)
+        allowed = F.allowed_bits(memory, bits)
         bit = strata_bit(memory.dtype)
         names = tuple(memory.stored)
         return cls(names, tuple(memory.numel(n) for n in names), bit if bit in allowed else None,
@@ -195,7 +195,7 @@ def draw_faults(memory: F.ParameterMemory, rng: np.random.Generator, ber: float,
     if (stratum >= 2 and not n) or (stratum == 1 and not m):
         raise ValueError(f"stratum {STRATUM_NAMES[stratum]!r} is empty for these bits")
     if stratum == 0:
-        return F.Faults({}, mode)
+        return F.drawn_faults({}, mode, rng)
     s = {1: 0, 2: 1}.get(stratum) if stratum < 3 else _conditional_binomial(rng, n, ber, 2)
     t = _conditional_binomial(rng, m, ber, 1) if stratum == 1 else (int(rng.binomial(m, ber)) if m else 0)
     idx: dict[str, list[np.ndarray]] = {}
@@ -206,8 +206,9 @@ def draw_faults(memory: F.ParameterMemory, rng: np.random.Generator, ber: float,
     for tensor, elements, slot in _spread(rng, t, layout.numels, len(layout.others)):
         idx.setdefault(layout.names[tensor], []).append(elements)
         bit.setdefault(layout.names[tensor], []).append(layout.others[slot])
-    return F.Faults({name: (np.concatenate(idx[name]).astype(np.int64), np.concatenate(bit[name]).astype(np.int64))
-                     for name in layout.names if name in idx}, mode)
+    return F.drawn_faults({name: (np.concatenate(idx[name]).astype(np.int64),
+                                  np.concatenate(bit[name]).astype(np.int64))
+                           for name in layout.names if name in idx}, mode, rng)
 
 # --- the two-stage design ------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ftcnn import progress as progress_mod
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -35,8 +37,6 @@ def fit(model: nn.Module, train: Dataset, *, epochs: int = 5, lr: float = 2e-3,
     Seeded (initialisation of the data order), so a run is reproducible on
     one machine.
     """
-    from ftcnn import progress as progress_mod
-
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,316 @@
+"""One trial of a fault-injection campaign: its configuration, its faults, its run.
+
+A trial evaluates the whole test split once with its own faults, drawn from a
+generator seeded by (seed, fault rate, trial), so the same seed gives the same
+faults whatever order or process runs the trials. This module sits below both
+the campaign (``ftcnn.campaign``: statistics, stopping, resume) and the
+executors that run trials in other processes (``ftcnn.distributed``): it knows
+neither of them.
+
+How trials run does not change what they give (design §7, §9): exact
+shortcuts (``ftcnn.fastpath``), batched trials, worker processes and Ray all
+reproduce the plain path's numbers, so their settings are not part of a
+campaign's identity (``EXECUTION_FIELDS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ftcnn import faults as F
+from ftcnn import fastpath, strata
+from ftcnn.metrics import Golden, trial_metrics
+
+SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """What defines a campaign. Everything but the trial budget is its identity:
+    resuming with a different identity is refused rather than mixing results."""
+
+    bers: tuple[float, ...] = ()
+    counts: tuple[int, ...] = ()
+    trials: int | None = 100          # None: sequential stop (betting CS), at most Leveugle's size
+    margin: float = 0.01              # auto: requested half-width of the accuracy CI
+    confidence: float = 0.95          # of every reported CI (and of Leveugle's size)
+    min_trials: int = 10              # auto: a floor only; the CS needs none to be valid
+    # time to precision: stratified trials until the accuracy CI half-width <= this (ftcnn.strata)
+    precision: float | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    bits: tuple[int, ...] | None = None
+    mode: str = "flip"
+    include_bn: bool = False
+    # attack the float values protections add (correction/restriction bounds) like parameters
+    attack_protection: bool = True
+    layers: tuple[str, ...] | None = None
+    batch_size: int = 1000
+    skip_fault_free: bool = True      # exact: a draw with no fault is the golden result
+    # how trials run (exact: not part of the identity)
+    shortcut: bool = True             # start each trial at its first faulted layer (fastpath)
+    batch_trials: int | None = None   # trials per batched forward; None: automatic (1 on CPU)
+    workers: int = 1                  # worker processes on this machine
+    ray: bool = False                 # run on a local Ray started for the campaign
+    ray_address: str | None = None    # run on an existing Ray cluster
+    device: str | None = None         # move model and data there (None: where they are)
+    cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES  # golden activations kept by the shortcut
+    # torch intra-op threads of the whole run, split among workers (None: distributed.default_threads)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.bers) == bool(self.counts):
+            raise ValueError("give fault rates (ber) or fault counts, not both and not neither")
+        for ber in self.bers:
+            if not (isinstance(ber, (int, float)) and 0.0 <= ber <= 1.0) or math.isnan(ber):
+                raise ValueError(f"bit error rate {ber} outside [0, 1]")
+        for count in self.counts:
+            if count < 0:
+                raise ValueError(f"fault count {count} must be >= 0")
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"trials must be >= 1 (got {self.trials})")
+        if not 0 < self.margin < 1 or not 0 < self.confidence < 1:
+            raise ValueError("margin and confidence must lie in (0, 1)")
+        if self.min_trials < 1:
+            raise ValueError(f"min trials must be >= 1 (got {self.min_trials})")
+        if self.dtype not in F.STORAGE_DTYPES:
+            raise ValueError(f"unknown storage dtype {self.dtype!r}; choose from {', '.join(F.STORAGE_DTYPES)}")
+        F.fault_mode(self.mode)  # a registered fault mode (faults.FAULT_MODES), or one clear line
+        if self.batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        if self.batch_trials is not None and self.batch_trials < 1:
+            raise ValueError(f"batch trials must be >= 1 (got {self.batch_trials})")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {self.workers})")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache bytes must be >= 0 (got {self.cache_bytes})")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (got {self.threads})")
+        if self.precision is not None:
+            if not 0 < self.precision < 1:
+                raise ValueError(f"precision must lie in (0, 1) (got {self.precision})")
+            if not self.bers:
+                raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
+
+    @property
+    def by(self) -> str:
+        return "ber" if self.bers else "count"
+
+    @property
+    def points(self) -> tuple[float, ...]:
+        return tuple(float(p) for p in (self.bers or self.counts))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings trial results depend on: all but the trial budget (which a
+        resumed run may extend) and the execution settings (exact, see above)."""
+        d = asdict(self)
+        for key in ("trials", "margin", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
+            d.pop(key)
+        return d
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers > 1 or self.ray or self.ray_address is not None
+
+
+# settings that change how fast trials run, never their results
+EXECUTION_FIELDS = ("batch_size", "skip_fault_free", "shortcut", "batch_trials", "workers", "ray",
+                    "ray_address", "device", "cache_bytes", "threads")
+
+
+def trial_rng(seed: int, point: float, trial: int) -> np.random.Generator:
+    """The generator of one trial: a pure function of seed, fault rate and trial."""
+    key = int(np.float64(point).view(np.uint64))
+    return np.random.default_rng(np.random.SeedSequence([seed, key, trial]))
+
+
+def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: float,
+                      trial: int, stratum: int | None = None) -> F.Faults:
+    """The faults of a plain trial, or (``stratum`` set) of the stratum's ``trial``-th trial."""
+    if stratum is not None:
+        return strata.draw_faults(memory, strata.trial_rng(config.seed, point, stratum, trial), point,
+                                  stratum, bits=config.bits, mode=config.mode)
+    rng = trial_rng(config.seed, point, trial)
+    if config.by == "ber":
+        return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode)
+    return F.draw_faults(memory, rng, count=int(point), bits=config.bits, mode=config.mode)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` on all ``inputs``, in batches."""
+    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def stack_dataset(dataset: torch.utils.data.Dataset, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as two tensors: every trial evaluates all of it."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:
+        x, y = tensors
+    else:
+        xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+    return x.to(device=device, dtype=torch.float32), y.to(device=device, dtype=torch.long)
+
+
+def check_input_shape(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Fail with one clear line when the data does not fit the model."""
+    try:
+        with torch.inference_mode():
+            model(inputs[:1])
+    except RuntimeError as exc:
+        shape = "x".join(str(s) for s in inputs.shape[1:])
+        raise ValueError(f"model does not accept inputs of shape {shape} "
+                         f"({str(exc).splitlines()[0][:120]})") from None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One finished trial as it travels from a worker to the driver: small and picklable
+    (the fault sites only when few enough to be stored)."""
+
+    point: float
+    trial: int
+    n_faults: int
+    sites: list[tuple[str, int, int]] | None
+    metrics: dict[str, float]
+    seconds: float
+    stratum: int | None = None   # a stratified trial (``--precision``): trial is its index in the stratum
+
+    @classmethod
+    def of(cls, point: float, trial: int, faults: F.Faults, metrics: dict[str, float],
+           seconds: float, stratum: int | None = None) -> "TrialResult":
+        sites = faults.as_list() if faults.count <= SITES_KEPT else None
+        return cls(point, trial, faults.count, sites, metrics, seconds, stratum)
+
+
+# --- running ---------------------------------------------------------------
+
+@dataclass
+class TrialRunner:
+    """Runs trials on one model: inject, evaluate the whole split, restore.
+
+    No copy of the model per trial: faults are applied in place and undone
+    bit-exactly. ``fast`` (when set) starts trials at their first faulted
+    layer (if ``config.shortcut``) and evaluates ``batch`` trials per forward;
+    both give the plain path's numbers.
+    """
+
+    model: nn.Module
+    memory: F.ParameterMemory
+    inputs: torch.Tensor
+    golden: Golden
+    config: CampaignConfig
+    fast: fastpath.Shortcut | None = None
+    batch: int = 1
+    golden_output: torch.Tensor | None = None  # the golden logits, if known (saves an inference)
+    golden_metrics: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        logits = self.golden_output if self.golden_output is not None else self.golden_logits()
+        self.golden_metrics = trial_metrics(logits, self.golden)
+
+    def golden_logits(self) -> torch.Tensor:
+        return predict(self.model, self.inputs, self.config.batch_size)
+
+    def faulty_logits(self, faults: F.Faults) -> torch.Tensor:
+        """Logits with ``faults`` present (from the best cut when the shortcut is on)."""
+        with F.injected(self.memory, faults):
+            if self.fast is not None and self.config.shortcut:
+                logits = self.fast.logits(faults)
+                if logits is not None:
+                    return logits
+            return predict(self.model, self.inputs, self.config.batch_size)
+
+    def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
+        faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
+        if faults.count == 0 and self.config.skip_fault_free:
+            return faults, dict(self.golden_metrics)
+        return faults, trial_metrics(self.faulty_logits(faults), self.golden)
+
+    def run_many(self, tasks: Sequence[tuple[float, int] | tuple[float, int, int]]) -> list[TrialResult]:
+        """Several (point, trial) pairs, or (point, index, stratum) triples of stratified
+        trials (``--precision``); faulty ones ``batch`` at a time."""
+        results: list[TrialResult] = []
+        pending: list[tuple[float, int, F.Faults, int | None]] = []
+        for point, trial, *rest in tasks:
+            stratum = rest[0] if rest else None
+            start = time.perf_counter()
+            if self.batch == 1:
+                faults, metrics = self.run(point, trial, stratum)
+                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start,
+                                              stratum))
+                continue
+            faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
+            if faults.count == 0 and self.config.skip_fault_free:
+                results.append(TrialResult.of(point, trial, faults, dict(self.golden_metrics),
+                                              time.perf_counter() - start, stratum))
+                continue
+            pending.append((point, trial, faults, stratum))
+            if len(pending) == self.batch:
+                results += self._run_batch(pending)
+                pending = []
+        if pending:
+            results += self._run_batch(pending)
+        return results
+
+    def _run_batch(self, pending: list[tuple[float, int, F.Faults, int | None]]) -> list[TrialResult]:
+        start = time.perf_counter()
+        assert self.fast is not None
+        all_logits = self.fast.batched_logits([f for _, _, f, _ in pending], use_cuts=self.config.shortcut)
+        seconds = (time.perf_counter() - start) / len(pending)
+        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds, stratum)
+                for (point, trial, faults, stratum), logits in zip(pending, all_logits)]
+
+
+def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig
+            ) -> TrialRunner:
+    """Model in its storage format, golden predictions, and a trial runner.
+
+    With ``config.device`` set, the model (the caller's, for float32) and the
+    data are moved there.
+    """
+    model.eval()
+    if config.dtype != "float32":
+        model = copy.deepcopy(model)  # rounding to the format must not touch the caller's model
+    if config.device is not None:
+        model, inputs, labels = model.to(config.device), inputs.to(config.device), labels.to(config.device)
+    memory = F.parameter_memory(model, config.dtype, include_bn=config.include_bn,
+                                layers=config.layers, include_protection=config.attack_protection)
+    if memory.total_bits() == 0:
+        raise ValueError("model has no Conv2d/Linear parameters to inject faults into")
+    golden_logits = predict(model, inputs, config.batch_size)
+    golden = Golden(labels, golden_logits.argmax(dim=1))
+    fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
+    return TrialRunner(model, memory, inputs, golden, config, fast, batch, golden_logits)
+
+
+def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor,
+               golden_logits: torch.Tensor, config: CampaignConfig
+               ) -> tuple[fastpath.Shortcut | None, int]:
+    """The shortcut and the trials per batch, each only where it is exact here."""
+    batch = config.batch_trials or fastpath.auto_batch_trials(model, inputs, config.batch_size)
+    if not config.shortcut and batch == 1:
+        return None, 1
+    cache = config.cache_bytes if config.shortcut else 0
+    fast = fastpath.build(model, memory, inputs, config.batch_size, golden_logits, cache)
+    if batch > 1:
+        if fast is None or not fast.batchable:
+            warnings.warn("batched trials off: the model cannot be run per trial inside a batch "
+                          "(untraceable, or parameters read outside module calls)", stacklevel=3)
+            batch = 1
+        elif not fast.batch_exact(batch, golden_logits):
+            warnings.warn(f"batched trials off: a stack of {batch} input batches does not give the "
+                          "same bits as each batch alone on this device", stacklevel=3)
+            batch = 1
+    return fast, batch
