@@ -1,20 +1,25 @@
 """A small comparison produces every file, with numbers consistent across JSON, CSV and HTML,
-and a page that renders in headless Chromium with visible plots."""
+statistics that agree with a plain computation from the per-trial SQLite rows, and a page that
+renders in headless Chromium with visible plots (screenshots kept for a person to look at)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import re
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import ftcnn
-from ftcnn import compare, report, train, data
+from ftcnn import compare, data, files, report, train
 
 
 @pytest.fixture(scope="module")
@@ -23,40 +28,147 @@ def compare_run(tmp_path_factory) -> Path:
     train.seed_everything(0)
     model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
     train.fit(model, data.load("digits", "train"), epochs=2, progress=False)
-    config = compare.CompareConfig(bers=(1e-5, 1e-3), trials=3, bit_trials=2, bits=(23, 30),
-                                   finetune_epochs=1, score_samples=32, latency_repeats=2)
+    config = compare.CompareConfig(bers=(1e-5, 1e-4, 1e-3), trials=4, bit_trials=3, bits=(23, 30),
+                                   finetune_epochs=1, score_samples=32, latency_repeats=2, report_ber=1e-4)
     compare.run_compare(model, "digits", out, config)
     return out
 
 
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
 def test_every_file_is_written(compare_run: Path) -> None:
-    for name in ("summary.json", "summary.csv", "report.html", "scores.json"):
+    for name in ("summary.json", "summary.csv", "report.html", "scores.json", report.REPORT_DATA):
         assert (compare_run / name).is_file(), name
     for plot in report.PLOTS:
         for ext in ("png", "svg"):
-            assert (compare_run / "plots" / f"{plot}.{ext}").stat().st_size > 1000
-    summary = json.loads((compare_run / "summary.json").read_text())
+            assert (compare_run / "plots" / f"{plot}.{ext}").stat().st_size > 1000, plot
+    summary = _summary(compare_run)
     names = [v["name"] for v in summary["variants"]]
     assert names == [v.name for v in compare.default_variants()]
     for v in summary["variants"]:
         assert set(v["bit_sensitivity"]) == {"23", "30"}
-        assert v["cost"]["params"] > 0 and len(v["results"]) == 2
+        assert v["cost"]["params"] > 0 and len(v["results"]) == 3
+    files.loads_strict((compare_run / report.REPORT_DATA).read_text())  # strict JSON like every other file
 
 
 def test_json_csv_and_html_agree(compare_run: Path) -> None:
-    summary = json.loads((compare_run / "summary.json").read_text())
-    rows = list(csv.DictReader((compare_run / "summary.csv").open()))
+    summary = _summary(compare_run)
+    text = (compare_run / "summary.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
     assert len(rows) == sum(len(v["results"]) for v in summary["variants"])
     page = (compare_run / "report.html").read_text()
     by_key = {(r["variant"], float(r["ber"])): r for r in rows}
     for v in summary["variants"]:
         for r in v["results"]:
-            row = by_key[(v["name"], r["ber"])]
+            row = by_key[(v["name"], float(f"{r['ber']:.12g}"))]
             assert float(row["accuracy_mean"]) == pytest.approx(r["accuracy_mean"], rel=1e-12)
             assert float(row["params"]) == v["cost"]["params"]
-            # the detail table shows the same mean, rounded to 0.1%
+            # the tables show the same mean, rounded to 0.1%
             assert f"{100 * r['accuracy_mean']:.1f}%" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    # BERs read as typed, everywhere: the sweep came from floats such as 9.999999999999999e-06
+    for ber in ("1e-5", "1e-4", "1e-3"):
+        assert f">{ber}<" in page
+    assert not re.search(r"\d\.\d{6,}e-0\d", page + text) and "e-05" not in page
+
+
+def test_page_defines_its_metrics_and_prints(compare_run: Path) -> None:
+    page = (compare_run / "report.html").read_text()
+    definitions = page[page.index('id="definitions"'):page.index('id="all"')]
+    for term in ("Accuracy under faults", "SDC (silent data corruption)", "Critical SDC", "DUE", "Confidence intervals",
+                 "Tolerable BER", "AUC", "Paired test", "Critical flip", "Pareto front", "Costs"):
+        assert f"<dt>{term}" in definitions, term
+    assert "at 95%" in definitions and "student-t" in definitions
+    # printable: no scroll box, a print stylesheet that repeats table headers
+    assert "overflow-y" not in page and "max-height" not in page and "position: sticky" not in page
+    assert "@media print" in page and "table-header-group" in page
+    # the order a reader meets: setup, key findings, overview, Pareto, curves, tolerance, tests, bits, heatmap
+    order = ["In short", 'id="overview"', 'id="pareto"', 'id="ber"', 'id="tolerance"', 'id="paired"', 'id="bits"',
+             'id="heatmap"', 'id="definitions"', 'id="all"']
+    positions = [page.index(s) for s in order]
+    assert positions == sorted(positions)
+    assert page.count("data:image/png;base64,") == len(report.PLOTS)
+    # latency carries no spread in summary.json: the page says so rather than drawing none silently
+    assert "records no spread" in page
+
+
+def test_paired_tests_agree_with_the_sqlite_rows(compare_run: Path) -> None:
+    """Variants' campaigns share seeds, so trial i pairs with trial i; recompute one test by hand."""
+    summary = _summary(compare_run)
+    seeds = set()
+    for name in ("baseline", "restrict", "tmr_full"):
+        db = sqlite3.connect(compare_run / "campaigns" / name / "results.sqlite")
+        seeds.add(json.loads(db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()[0])["config"]["seed"])
+        db.close()
+    assert seeds == {0}
+
+    def accuracies(name: str) -> list[float]:
+        db = sqlite3.connect(compare_run / "campaigns" / name / "results.sqlite")
+        rows = db.execute("SELECT trial, accuracy FROM trials WHERE point=? ORDER BY trial", (1e-4,)).fetchall()
+        db.close()
+        assert [t for t, _ in rows] == list(range(4))
+        return [a for _, a in rows]
+
+    base, other = accuracies("baseline"), accuracies("restrict")
+    trials = json.loads((compare_run / report.REPORT_DATA).read_text())
+    rows, note = report.paired_rows(summary, trials, 1e-4)
+    assert "paired by index" in note and "Welch" not in note
+    row = next(r for r in rows if r["name"] == "restrict")
+    d = np.array(other) - np.array(base)
+    assert row["test"] == "paired t" and row["n"] == 4
+    assert row["mean_difference"] == pytest.approx(d.mean())
+    if d.std(ddof=1) > 0:
+        assert row["p_t"] == pytest.approx(stats.ttest_rel(other, base).pvalue)
+    assert len(rows) == len(summary["variants"]) - 1
+    assert all(r["p_holm"] >= r["p_t"] or math.isnan(r["p_t"]) for r in rows)
+    page = (compare_run / "report.html").read_text()
+    assert page.count("paired t<") == len(rows)
+    # and at every BER of the sweep, one column each
+    sweep = page[page.index("Across the sweep"):page.index('id="bits"')]
+    assert all(f"BER {b}" in sweep for b in ("1e-5", "1e-4", "1e-3"))
+
+
+def test_pareto_fronts_and_tolerable_ber(compare_run: Path) -> None:
+    summary = _summary(compare_run)
+    _, fronts = report.make_plots(summary, None, compare_run / "plots_check",
+                                  json.loads((compare_run / report.REPORT_DATA).read_text()))
+    for key in ("params", "macs", "latency_b1_ms", "latency_b128_ms"):
+        pts = {v["name"]: (v["relative_cost"][key], report._at_ber(v, 1e-4)["accuracy_mean"])
+               for v in summary["variants"]}
+        # brute force: a variant is on the front iff no other is at most as costly and at least as accurate
+        expected = {n for n, (c, a) in pts.items()
+                    if not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for m, (c2, a2) in pts.items() if m != n)}
+        assert set(fronts[key]) == expected, key
+    for row in report.tolerance_rows(summary):
+        v = next(v for v in summary["variants"] if v["name"] == row["name"])
+        ber, rel = row["tolerable_ci"]
+        ok = [r["accuracy_ci"][0] >= report._clean(v) - report.TOLERANCE - 1e-12 for r in report._ber_results(v)]
+        if rel == "<":
+            assert not ok[0]
+        else:
+            k = [r["ber"] for r in report._ber_results(v)].index(ber)
+            assert all(ok[:k + 1]) and (k == len(ok) - 1 or not ok[k + 1])
+        assert 0 <= row["auc"] <= 1
+
+
+def test_bit_sensitivity_shows_measured_bits_with_cis_and_notes_few_flips(compare_run: Path) -> None:
+    summary = _summary(compare_run)
+    trials = json.loads((compare_run / report.REPORT_DATA).read_text())
+    bits = report.bit_rows(summary, trials)
+    for name, per in bits.items():
+        assert list(per) == ["23", "30"]
+        for row in per.values():
+            assert row["n"] == 3 and 0 <= row["ci"][0] <= row["rate"] <= row["ci"][1] <= 1
+    page = (compare_run / "report.html").read_text()
+    assert "bit 23" in page and "bit 30" in page and "bit 24" not in page
+    assert "fewer than 30 flips" in page and "too noisy" in page
+    # the heatmap's cells count the flips of each tensor: they add up to the flips of the bit
+    heat = report.heatmap_data(summary, trials)
+    for name, (tensors, bit_labels, cells) in heat.items():
+        for c in range(len(bit_labels)):
+            assert sum(cells[r][c][1] for r in range(len(tensors))) == 3
 
 
 def test_report_rebuilds_without_recomputing(compare_run: Path, tmp_path: Path) -> None:
@@ -65,35 +177,103 @@ def test_report_rebuilds_without_recomputing(compare_run: Path, tmp_path: Path) 
     shutil.rmtree(copy / "plots")
     (copy / "report.html").unlink()
     for db in copy.rglob("results.sqlite*"):
-        db.unlink()  # nothing to recompute from: the page must come from summary.json alone
+        db.unlink()  # nothing to recompute from: the page comes from summary.json and report_data.json
     report.build_report(copy)
     assert (copy / "report.html").read_text() == (compare_run / "report.html").read_text()
+    # without the per-trial copy either, the page says what it cannot show instead of inventing it
+    (copy / report.REPORT_DATA).unlink()
+    report.build_report(copy)
+    page = (copy / "report.html").read_text()
+    assert "No paired tests" in page and "No tensor x bit heatmap" in page
+    assert not (copy / "plots" / "layer_bit_heatmap.png").exists()
     with pytest.raises(ValueError, match="no summary.json"):
         report.build_report(tmp_path / "empty")
+
+
+def test_latency_spread_is_drawn_when_the_summary_records_it(compare_run: Path, tmp_path: Path) -> None:
+    """summary.json has only median latencies today; quartiles ([q1, q3] ms under cost's
+    latency_b1_ms_iqr / latency_b128_ms_iqr) become horizontal bars and the caption says so."""
+    copy = tmp_path / "copy"
+    shutil.copytree(compare_run, copy)
+    summary = _summary(copy)
+    for v in summary["variants"]:
+        for key in ("latency_b1_ms", "latency_b128_ms"):
+            v["cost"][f"{key}_iqr"] = [0.9 * v["cost"][key], 1.2 * v["cost"][key]]
+    files.write_json(copy / "summary.json", summary)
+    page = report.build_report(copy).read_text()
+    assert "interquartile range" in page and "records no spread" not in page
+    base = next(v for v in summary["variants"] if v["name"] == "baseline")
+    assert report._latency_spread(base, "latency_b1_ms", summary["variants"]) == pytest.approx((0.9, 1.2))
 
 
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _section_only(page: Path, section: str, out: Path) -> Path:
+    """The same page with every top-level element but one section hidden: a headless screenshot
+    cannot scroll to an anchor (#pareto gives a half-blank capture), so the section is brought to the top."""
+    text = page.read_text()
+    style = (f"<style>body > :not(#{section}) {{ display: none !important; }} "
+             f"#{section} {{ display: block !important; }}</style></head>")
+    out.write_text(text.replace("</head>", style, 1))
+    return out
+
+
 @pytest.mark.skipif(_chromium() is None, reason="chromium not installed (.ci/run installs it)")
 def test_page_renders_in_headless_chromium(compare_run: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    shot = tmp_path / "shot.png"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1800"]
-    page = (compare_run / "report.html").resolve().as_uri()
-    shot_run = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", page],
-                              capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), shot_run.stderr[-2000:]
+    page_path = (compare_run / "report.html").resolve()
+    pareto_page = _section_only(page_path, "pareto", compare_run / "report_pareto_only.html")
+    shots = {"report_top.png": page_path.as_uri(), "report_pareto.png": pareto_page.resolve().as_uri()}
+    try:
+        for name, uri in shots.items():
+            shot = tmp_path / name
+            shot_run = subprocess.run([_chromium(), *flags, f"--screenshot={shot}", uri],
+                                      capture_output=True, text=True, timeout=120)
+            assert shot.is_file(), shot_run.stderr[-2000:]
+    finally:
+        pareto_page.unlink(missing_ok=True)
+    keep = os.environ.get("FTCNN_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for name in shots:
+            shutil.copy(tmp_path / name, Path(keep) / name)
     # console errors: dump the DOM with console logging on; page errors surface as "Uncaught"/"ERROR:CONSOLE"
-    dom = subprocess.run([_chromium(), *flags[:-1], "--enable-logging=stderr", "--v=0", "--dump-dom", page],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([_chromium(), *flags[:-1], "--enable-logging=stderr", "--v=0", "--dump-dom",
+                          page_path.as_uri()], capture_output=True, text=True, timeout=120)
     assert "Uncaught" not in dom.stderr and not re.search(r"CONSOLE\(\d+\)\].*error", dom.stderr, re.I)
-    assert dom.stdout.count("<img") >= 4 and "data:image/png;base64," in dom.stdout
-    image = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
-    # the plots sit below the overview table: that band must hold drawn content, not a blank page
-    band = image[500:1500]
+    assert dom.stdout.count("<img") >= len(report.PLOTS) and "data:image/png;base64," in dom.stdout
+    top = np.asarray(Image.open(tmp_path / "report_top.png").convert("L"), dtype=np.float64)
+    # the title, the key findings and the overview table fill the top: text, not a blank page
+    assert top[:900].std() > 20 and (top[:900] < 128).mean() > 0.005
+    pareto = np.asarray(Image.open(tmp_path / "report_pareto.png").convert("L"), dtype=np.float64)
+    # the Pareto section starts at the top of its capture: its plot fills the first screen
+    band = pareto[100:1100]
     assert band.std() > 20 and (band < 128).mean() > 0.005
+    # nothing overflows sideways: on screen at 1280 px, and with the print stylesheet on an A4
+    # portrait page's printable width (~718 CSS px): no table needs a scroll box or gets cut
+    assert _layout_width(page_path, tmp_path, 1280, print_media=False) <= 1280
+    assert _layout_width(page_path, tmp_path, 718, print_media=True) <= 718
+
+
+def _layout_width(page: Path, tmp_path: Path, width: int, print_media: bool) -> int:
+    """The page's scroll width in headless Chromium at a window ``width`` (a probe copy with one
+    script, which writes it into the DOM; with ``print_media``, the print stylesheet applied on screen)."""
+    text = page.read_text()
+    if print_media:
+        text = text.replace("@media print", "@media all")
+    probe = tmp_path / f"probe_{width}.html"
+    probe.write_text(text.replace("</body>", "<script>document.body.dataset.sw = "
+                                  "document.documentElement.scrollWidth;</script></body>"))
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+                          f"--window-size={width},1800", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-sw="(\d+)"', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    return int(found.group(1))

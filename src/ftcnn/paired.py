@@ -1,0 +1,199 @@
+"""Statistics the comparison report draws on (design §2, §6): paired tests between
+variants, binomial intervals, tolerable BER and the area under the accuracy-vs-BER curve.
+
+Why paired: every variant's campaign draws trial ``i`` at a BER from the generator
+seeded by ``(seed, BER, i)`` (``campaign.trial_rng``) and evaluates the same test
+inputs, so trial ``i`` of two variants shares its random numbers. The differences
+``d_i = variant_i - baseline_i`` are independent across ``i`` whatever the pairing
+does to their spread, so a paired test on them is valid; it gains power where the
+pairing makes the two variants' trials correlated. (A variant with more parameter
+memory than the baseline, copies or bounds, consumes the same stream over a
+different memory, so its faults do not land on the same sites: the pairing then
+shares the random numbers, not the fault sites.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def fmt_ber(x: float | None) -> str:
+    """A bit error rate as a reader writes it: 1e-5, 3.16e-6, 0 (never 9.999999999999999e-06)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def wilson_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n ((nan, nan) when n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at k = 0 (k = n) the bound is 0 (1) exactly; rounding must not move it past the estimate
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def clopper_pearson_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a binomial proportion k/n."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    alpha = 1 - confidence
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def sign_test_p(differences: Sequence[float]) -> float:
+    """Two-sided exact sign test: ties (zero differences) dropped; 1.0 when none is left."""
+    d = np.asarray(differences, dtype=np.float64)
+    pos, neg = int((d > 0).sum()), int((d < 0).sum())
+    if pos + neg == 0:
+        return 1.0
+    return float(stats.binomtest(pos, pos + neg, 0.5).pvalue)
+
+
+def paired_test(baseline: Sequence[float], variant: Sequence[float], confidence: float = 0.95
+                ) -> dict[str, Any]:
+    """Paired comparison of two variants' per-trial values (trial i with trial i).
+
+    Returns the number of pairs, the mean difference (variant - baseline), its
+    Student-t interval, the paired t-test's two-sided p and the exact sign
+    test's. With every difference equal the t statistic is undefined: the
+    interval is that single value and p is 1 when it is 0, else the sign
+    test's (a t-test cannot say more than "all pairs moved the same way").
+    """
+    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(variant, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in size ({a.size} vs {b.size})")
+    d = b - a
+    n = int(d.size)
+    out: dict[str, Any] = {"test": "paired t", "n": n, "mean_difference": float(d.mean()) if n else float("nan"),
+                           "ci": (float("nan"), float("nan")), "p_t": float("nan"),
+                           "p_sign": sign_test_p(d), "confidence": confidence}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        out["ci"] = (out["mean_difference"], out["mean_difference"])
+        out["p_t"] = 1.0 if out["mean_difference"] == 0 else out["p_sign"]
+        return out
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    out["ci"] = (out["mean_difference"] - half, out["mean_difference"] + half)
+    out["p_t"] = float(stats.ttest_rel(b, a).pvalue)
+    return out
+
+
+def welch_test(baseline: Sequence[float], variant: Sequence[float], confidence: float = 0.95
+               ) -> dict[str, Any]:
+    """Unpaired comparison (Welch's t) for trials that cannot be paired."""
+    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(variant, dtype=np.float64)
+    diff = float(b.mean() - a.mean()) if a.size and b.size else float("nan")
+    out: dict[str, Any] = {"test": "Welch t (unpaired)", "n": int(min(a.size, b.size)), "mean_difference": diff,
+                           "ci": (float("nan"), float("nan")), "p_t": float("nan"), "p_sign": float("nan"),
+                           "confidence": confidence}
+    if a.size < 2 or b.size < 2:
+        return out
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        out["ci"], out["p_t"] = (diff, diff), 1.0 if diff == 0 else 0.0
+        return out
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * se
+    out["ci"] = (diff - half, diff + half)
+    out["p_t"] = float(2 * stats.t.sf(abs(diff) / se, dof))
+    return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count)."""
+    p = [float(x) for x in pvalues]
+    valid = sorted((x, i) for i, x in enumerate(p) if not math.isnan(x))
+    m = len(valid)
+    out = [float("nan")] * len(p)
+    running = 0.0
+    for rank, (x, i) in enumerate(valid):
+        running = max(running, min(1.0, (m - rank) * x))
+        out[i] = running
+    return out
+
+
+def tolerable_ber(bers: Sequence[float], values: Sequence[float], clean: float, tolerance: float = 0.01
+                  ) -> tuple[float | None, str]:
+    """Highest swept BER up to which ``values`` (accuracy, or its CI lower bound) stays
+    within ``tolerance`` of ``clean`` at that BER and every lower one.
+
+    Returns (BER, relation): relation "=" for a BER inside the sweep, ">=" when
+    accuracy held at the highest BER swept (the true limit lies beyond), "<"
+    with the lowest BER when it failed already there (the limit lies below).
+    """
+    pairs = sorted((b, v) for b, v in zip(bers, values) if b is not None and b > 0)
+    if not pairs or clean is None:
+        return None, ""
+    best = None
+    for b, v in pairs:
+        if v is None or math.isnan(v) or v < clean - tolerance - 1e-12:
+            break
+        best = b
+    if best is None:
+        return pairs[0][0], "<"
+    return best, (">=" if best == pairs[-1][0] else "=")
+
+
+def auc_log_ber(bers: Sequence[float], means: Sequence[float], stds: Sequence[float | None] | None = None,
+                trials: Sequence[int] | None = None, confidence: float = 0.95
+                ) -> tuple[float, tuple[float, float]]:
+    """Area under accuracy vs log10(BER) (trapezoids), divided by the log10 span:
+    the mean accuracy over the sweep's decades, in [0, 1].
+
+    The points' estimates are independent (each BER has its own trials), so the
+    area's variance is sum(w_i^2 std_i^2 / n_i) with w_i the trapezoid weights;
+    the interval is normal at ``confidence`` (nan without stds).
+    """
+    pts = sorted((math.log10(b), i) for i, b in enumerate(bers) if b is not None and b > 0)
+    if len(pts) < 2:
+        return float("nan"), (float("nan"), float("nan"))
+    xs = [x for x, _ in pts]
+    span = xs[-1] - xs[0]
+    weights = [0.0] * len(pts)
+    for k in range(len(pts) - 1):
+        h = (xs[k + 1] - xs[k]) / span / 2
+        weights[k] += h
+        weights[k + 1] += h
+    area = sum(w * means[i] for w, (_, i) in zip(weights, pts))
+    if stds is None or trials is None:
+        return area, (float("nan"), float("nan"))
+    var = 0.0
+    for w, (_, i) in zip(weights, pts):
+        s, n = stds[i], trials[i]
+        if s is None or n is None or n < 1 or (isinstance(s, float) and math.isnan(s)):
+            return area, (float("nan"), float("nan"))
+        var += w * w * s * s / n
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    half = z * math.sqrt(var)
+    return area, (max(0.0, area - half), min(1.0, area + half))
+
+
+def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[int]:
+    """Indices of the points no other point dominates (cost no higher and value no
+    lower, one of them strictly), sorted by cost."""
+    idx = [i for i in range(len(costs)) if not (math.isnan(costs[i]) or math.isnan(values[i]))]
+    front = []
+    for i in idx:
+        dominated = any((costs[j] <= costs[i] and values[j] >= values[i])
+                        and (costs[j] < costs[i] or values[j] > values[i]) for j in idx if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (costs[i], -values[i]))
