@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import cost, harden as H
+from ftcnn import cost, hardening as H
 from ftcnn.models import MODELS
 
 INPUT = (1, 28, 28)

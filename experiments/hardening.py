@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ftcnn import campaign, checkpoint, data, harden as H, train
+from ftcnn import campaign, checkpoint, data, hardening as H, train
 from ftcnn.splits import calibration_subset
 
 MODEL_SETUP = {  # name -> (width, epochs)

@@ -5,7 +5,7 @@ train (or reuse) it, run ``ftcnn.protect.protect`` at BER 1e-4 within 1.15x
 MACs (selection on a validation split of the training data), then, only
 after the choice, run test-split campaigns at BER 1e-4 and 1e-3 for the
 named rows: unprotected, the best restriction, the weight check and weight
-check + restriction (when ``ftcnn.harden`` offers ``check_weights``), the
+check + restriction (when ``ftcnn.hardening`` offers ``check_weights``), the
 chosen protection and full TMR. Rows of a family are the family member with
 the best VALIDATION accuracy (never picked on test). Then the end-to-end
 pipeline: vulnerability pruning (ratio 0.3) -> fine-tune -> protect within

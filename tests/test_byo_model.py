@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import checkpoint, harden, vulnerability
+from ftcnn import checkpoint, hardening, vulnerability
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FTCNN = Path(sys.executable).parent / "ftcnn"  # the installed command, as a user runs it (not python -m)
@@ -148,7 +148,7 @@ def test_save_with_builder_and_refusals(tmp_path) -> None:
         ftcnn.save(fresh, tmp_path / "j.pt", builder="user_models:tiny", kwargs={"layers": [10]})
     # hardened before being described: the transform could not be recorded
     x = torch.randn(16, 3, 8, 8)
-    hard = harden.harden(fresh, vulnerability.analyze(fresh, x, torch.randint(0, 10, (16,)), samples=16),
+    hard = hardening.harden(fresh, vulnerability.analyze(fresh, x, torch.randint(0, 10, (16,)), samples=16),
                          ratio=0.2)
     with pytest.raises(ValueError, match="describe the original"):
         ftcnn.save(hard, tmp_path / "h.pt", builder="user_models:tiny", kwargs={"num_classes": 10})
@@ -156,14 +156,14 @@ def test_save_with_builder_and_refusals(tmp_path) -> None:
 
 def test_verbs_compose(tmp_path) -> None:
     """harden and prune take the whole result of analyze (and still the layer map)."""
-    from ftcnn import prune
+    from ftcnn import pruning
 
     model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     result = vulnerability.analyze(model, x, y, samples=32)
-    a = harden.harden(model, result, ratio=0.2)
-    b = harden.harden(model, result["layers"], ratio=0.2)
-    assert harden.protected(a) == harden.protected(b)
-    pruned = prune.prune(model, ratio=0.25, scores=result, input_shape=(1, 8, 8))
+    a = hardening.harden(model, result, ratio=0.2)
+    b = hardening.harden(model, result["layers"], ratio=0.2)
+    assert hardening.protected(a) == hardening.protected(b)
+    pruned = pruning.prune(model, ratio=0.25, scores=result, input_shape=(1, 8, 8))
     ftcnn.save(pruned, tmp_path / "p.pt")
     assert [t["kind"] for t in checkpoint.get_spec(ftcnn.load(tmp_path / "p.pt"))["transforms"]] == ["prune"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C, cost, faults as F, harden as H
+from ftcnn import campaign as C, cost, faults as F, hardening as H
 from ftcnn.models import MODELS
 
 

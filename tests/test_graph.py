@@ -9,7 +9,7 @@ from torch import nn
 
 from ftcnn import faults as F
 from ftcnn import graph
-from ftcnn import prune as P
+from ftcnn import pruning as P
 from ftcnn import vulnerability as V
 
 

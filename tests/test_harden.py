@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import checkpoint, cost, faults as F, harden as H
+from ftcnn import checkpoint, cost, faults as F, hardening as H
 from ftcnn.models import MODELS
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ftcnn import campaign as C
 from ftcnn import checkpoint, cost, data
 from ftcnn import faults as F
-from ftcnn import harden as H
+from ftcnn import hardening as H
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import checkpoint, harden, prune
+from ftcnn import checkpoint, hardening, pruning
 from ftcnn.checkpoint import CheckpointError
 
 from _helpers import run_cli
@@ -50,11 +50,11 @@ def seed_checkpoints(folder: Path) -> list[Path]:
     """Valid checkpoints to forge from: plain, pruned, and pruned then hardened
     (range correction + restriction, so every kind of buffer is there)."""
     plain = _lenet()
-    pruned = prune.prune(plain, ratio=0.3, criterion="l1", input_shape=SHAPE)
-    layers = harden.target_layers(pruned)
-    scores = {n: [float(i) for i in range(harden._out_channels(m))] for n, m in layers.items()}
+    pruned = pruning.prune(plain, ratio=0.3, criterion="l1", input_shape=SHAPE)
+    layers = hardening.target_layers(pruned)
+    scores = {n: [float(i) for i in range(hardening._out_channels(m))] for n, m in layers.items()}
     x = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(0))
-    hard = harden.harden(pruned, scores, ratio=0.5, correction="range", restrict="zero", calibration=x)
+    hard = hardening.harden(pruned, scores, ratio=0.5, correction="range", restrict="zero", calibration=x)
     paths = []
     for name, model in (("plain", plain), ("pruned", pruned), ("hardened", hard)):
         paths.append(folder / f"{name}.pt")

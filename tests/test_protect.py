@@ -63,7 +63,7 @@ def test_calibration_subset_is_the_cli_rule():
 
 def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
     """One calibration rule (issue 11): `ftcnn harden` reproduces `compare`'s restricted variant bit for bit."""
-    from ftcnn import compare, fingerprint, harden
+    from ftcnn import compare, fingerprint, hardening
 
     info = data.info("digits")
     torch.manual_seed(0)
@@ -79,22 +79,22 @@ def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
     hardened = checkpoint.load(tmp_path / "h.pt")
     assert fingerprint.model_digest(built) == fingerprint.model_digest(hardened)
     other_seed = pipeline.calibration_subset(train_set.tensors[0], 300, seed=3)
-    assert fingerprint.model_digest(harden.harden(net, ratio=0.0, restrict="zero", range_margin=0.1,
+    assert fingerprint.model_digest(hardening.harden(net, ratio=0.0, restrict="zero", range_margin=0.1,
                                                   calibration=other_seed)) != fingerprint.model_digest(built)
 
 
 def test_harden_keeps_the_old_margin_keyword_for_one_release():
-    from ftcnn import fingerprint, harden
+    from ftcnn import fingerprint, hardening
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     x = torch.randn(20, 1, 4, 4)
-    new = harden.harden(net, ratio=0.0, restrict="clamp", range_margin=0.3, calibration=x)
+    new = hardening.harden(net, ratio=0.0, restrict="clamp", range_margin=0.3, calibration=x)
     with pytest.warns(DeprecationWarning, match="range_margin"):
-        old = harden.harden(net, ratio=0.0, restrict="clamp", margin=0.3, calibration=x)
+        old = hardening.harden(net, ratio=0.0, restrict="clamp", margin=0.3, calibration=x)
     assert fingerprint.model_digest(old) == fingerprint.model_digest(new)
     assert fingerprint.model_digest(new) != fingerprint.model_digest(
-        harden.harden(net, ratio=0.0, restrict="clamp", calibration=x))
+        hardening.harden(net, ratio=0.0, restrict="clamp", calibration=x))
 
 
 def test_pareto_flags_on_a_hand_made_example():

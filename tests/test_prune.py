@@ -14,7 +14,7 @@ from torch import nn
 import ftcnn
 from _helpers import run_cli, train_digits_model
 from ftcnn import checkpoint
-from ftcnn.prune import channel_groups, l1_scores, plan, prune
+from ftcnn.pruning import channel_groups, l1_scores, plan, prune
 
 SHAPE = (1, 8, 8)
 
@@ -168,10 +168,10 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_pruned_then_hardened_round_trip(tmp_path: Path) -> None:
-    from ftcnn import harden as harden_mod
+    from ftcnn import hardening
     model = ftcnn.build("lenet5", in_channels=1, input_size=8)
     pruned = prune(model, ratio=0.4, criterion="l1", input_shape=(1, 8, 8))
-    hardened = harden_mod.harden(pruned, l1_scores(pruned), ratio=0.2, correction="min")
+    hardened = hardening.harden(pruned, l1_scores(pruned), ratio=0.2, correction="min")
     path = tmp_path / "ph.pt"
     ftcnn.save(hardened, path)
     loaded = ftcnn.load(path)

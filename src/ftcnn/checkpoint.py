@@ -21,9 +21,8 @@ people download and pass around:
   make ftcnn allocate more than the tensors it actually holds.
 
 Transforms (hardening, pruning) register their rebuild function here
-(``register_transform``); this module imports their ftcnn module lazily, by a
-fixed table, only when a checkpoint needs one, so it never reaches upward at
-import time.
+(``register_transform``) when imported, and ``import ftcnn`` imports them: this
+module never names, let alone imports, the modules above it.
 """
 
 from __future__ import annotations
@@ -50,15 +49,11 @@ FORMAT = "ftcnn/1"
 SPEC_ATTR = "ftcnn_spec"
 META_ATTR = "ftcnn_meta"
 
-# transform kind -> "module:function" that rebuilds the transform's structure
-# on a model (values are then overwritten by the state dict). A fixed table of
-# ftcnn's own modules: a checkpoint can only pick a kind, never a module.
-TRANSFORMS: dict[str, str] = {
-    "harden": "ftcnn.harden:rebuild",
-    "prune": "ftcnn.prune:rebuild",
-}
-# kind -> rebuild function, filled by register_transform (harden.py and prune.py
-# register themselves when imported)
+# transform kind -> the function that rebuilds the transform's structure on a
+# model (values are then overwritten by the state dict), filled by
+# register_transform: hardening.py and pruning.py register themselves when
+# imported (``import ftcnn`` imports both). A checkpoint can only pick a
+# registered kind, never a module.
 _REBUILDERS: dict[str, Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = {}
 _LOAD_CHECKS: dict[str, Callable[[nn.Module, Mapping[str, Any]], None]] = {}
 # the user builder this context trusts (see ``allowing``)
@@ -171,7 +166,7 @@ def describe(model: nn.Module, builder: str | None = None, kwargs: Mapping[str, 
         json.dumps(spec, allow_nan=False)
     except (CheckpointError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot describe the model: {_one_line(exc)}") from None
-    if any(type(m).__module__.startswith(("ftcnn.harden", "ftcnn.prune")) for m in model.modules()):
+    if any(type(m).__module__.startswith(("ftcnn.hardening", "ftcnn.pruning")) for m in model.modules()):
         raise ValueError("this model was hardened or pruned before it was described: describe the original "
                          "(ftcnn.checkpoint.describe(model, builder, kwargs)), then harden/prune it")
     _fits(model, spec)
@@ -233,11 +228,6 @@ def register_transform(kind: str, rebuild: Callable[[nn.Module, Mapping[str, Any
 
 
 def _rebuilder(kind: str) -> Callable[[nn.Module, Mapping[str, Any]], nn.Module]:
-    if kind not in _REBUILDERS:
-        # ftcnn's own module from the fixed table (importing it registers the kind)
-        module_name, func = TRANSFORMS[kind].split(":")
-        module = importlib.import_module(module_name)
-        _REBUILDERS.setdefault(kind, getattr(module, func))
     return _REBUILDERS[kind]
 
 
@@ -322,7 +312,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
         raise CheckpointError(f"the architecture's transforms must be a list, not {_json_type(transforms)}")
     if len(transforms) > MAX_TRANSFORMS:
         raise CheckpointError(f"{len(transforms)} transforms in the architecture (at most {MAX_TRANSFORMS})")
-    known = sorted(set(TRANSFORMS) | set(_REBUILDERS))
+    known = sorted(_REBUILDERS)
     for i, transform in enumerate(transforms):
         if not isinstance(transform, dict):
             raise CheckpointError(f"transform #{i} must be a JSON object, not {_json_type(transform)}")

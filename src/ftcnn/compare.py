@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, harden, pipeline,
+from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
                    progress, report, train)
 from ftcnn.campaign import CampaignConfig, run_campaign
 from ftcnn.pipeline import KEY_SUFFIX, is_current, key_path, store_key  # noqa: F401  (kept importable from here)
@@ -147,7 +147,7 @@ def variant_key(variant: Variant, config: CompareConfig, model_digest: str, trai
     if p:
         key["finetune_epochs"] = config.finetune_epochs
     correction = h.get("correction", "min")
-    if h.get("restrict") or (correction in harden.CORRECTIONS and harden.CORRECTIONS[correction].needs_ranges):
+    if h.get("restrict") or (correction in hardening.CORRECTIONS and hardening.CORRECTIONS[correction].needs_ranges):
         # the rule that picks the calibration inputs is part of the key: variants profiled with the
         # first N inputs (before issue 11) are rebuilt with ``splits.calibration_subset``
         key.update(margin=config.margin, calibration_size=config.calibration_size,
@@ -181,7 +181,7 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
     if variant.harden:
         settings = dict(variant.harden)
         needs_scores = settings.get("ratio", 0) > 0 and settings.get("tmr") != "full"
-        net = harden.harden(net, layer_scores if needs_scores else None, range_margin=config.margin,
+        net = hardening.harden(net, layer_scores if needs_scores else None, range_margin=config.margin,
                             calibration=calibration, **settings)
     checkpoint.save(net, path, variant=asdict(variant))
     store_key(path, key)

@@ -64,7 +64,7 @@ PROTECTION_ATTR = "fault_buffers"
 def protection_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """The float buffers ``module`` declares as attackable protection memory.
 
-    A protection module (``ftcnn.harden.Correction``, ``Restrict``) lists in a
+    A protection module (``ftcnn.hardening.Correction``, ``Restrict``) lists in a
     class attribute ``fault_buffers`` the names of the float values it adds
     to the model (range bounds, thresholds): they sit in the same memory as
     the weights, so faults hit them like any parameter. Unset names (None)

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftcnn import (campaign, checkpoint, cost, data, distributed, files, fingerprint, harden as harden_mod,
-                   progress, prune as prune_mod, protect as protect_mod, train, vulnerability)
+from ftcnn import (campaign, checkpoint, cost, data, distributed, files, fingerprint, hardening,
+                   progress, pruning, protect as protect_mod, train, vulnerability)
 from ftcnn.splits import calibration_subset, validation_split
 
 __all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "train_checkpoint",
@@ -332,23 +332,23 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     layer_scores = vulnerability.load_scores(scores) if scores is not None else None
     train_x, _ = campaign.stack_dataset(data.load(data_spec, "train"))
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
-    hardened = harden_mod.harden(model, layer_scores, ratio=ratio, budget=budget, correction=correction,
+    hardened = hardening.harden(model, layer_scores, ratio=ratio, budget=budget, correction=correction,
                                  tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
                                  check_weights=check_weights)
     test_set = data.load(data_spec, "test")
     input_shape = tuple(train_x.shape[1:])
     acc_original = train.evaluate(model, test_set)
     acc_hardened = train.evaluate(hardened, test_set)
-    overheads = harden_mod.overheads(model, hardened, input_shape)
+    overheads = hardening.overheads(model, hardened, input_shape)
     record = {"scores": str(scores) if scores else None, "ratio": ratio, "budget": budget,
               "correction": "tmr" if tmr == "full" else correction, "tmr": tmr, "restrict": restrict,
               "range_margin": range_margin, "check_weights": check_weights,
               "calibration_size": len(calibration), "seed": seed,
-              "protected": harden_mod.protected(hardened),
+              "protected": hardening.protected(hardened),
               "original_test_accuracy": acc_original, "overheads": overheads}
     checkpoint.save(hardened, output, data=data_spec, test_accuracy=acc_hardened, hardening=record)
     if onnx is not None:
-        harden_mod.export_onnx(hardened, onnx, input_shape)
+        hardening.export_onnx(hardened, onnx, input_shape)
     return {**record, "test_accuracy": acc_hardened}
 
 
@@ -366,14 +366,14 @@ def prune_finetune(model: nn.Module, train_set: TensorDataset, *, ratio: float |
     variants fine-tune without, which keeps their numbers).
     """
     say = log or _quiet
-    pruned = prune_mod.prune(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
+    pruned = pruning.prune(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
                              input_shape=tuple(input_shape))
     before = train.evaluate(pruned, test_set) if test_set is not None else None
     say(f"pruned ({criterion}, ratio {ratio})" + ("" if before is None else f": accuracy {before:.2%}")
         + f"; fine-tuning {epochs} epoch(s) ...")
     if reseed:
         train.seed_everything(seed)
-    losses = prune_mod.finetune(pruned, train_set, epochs, lr=lr, seed=seed, progress=progress)
+    losses = pruning.finetune(pruned, train_set, epochs, lr=lr, seed=seed, progress=progress)
     return pruned, before, losses
 
 
@@ -389,12 +389,12 @@ def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, sc
     (``test_accuracy``) model, params and MACs before and after, ``removed_channels``.
     """
     check_output_file(output)
-    if criterion not in prune_mod.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
+    if criterion not in pruning.CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     input_shape = tuple(train_set.tensors[0].shape[1:])
-    prune_mod.check_arguments(model, ratio=ratio, criterion=criterion, protect=protect, input_shape=input_shape)
+    pruning.check_arguments(model, ratio=ratio, criterion=criterion, protect=protect, input_shape=input_shape)
     if criterion == "l1":
         vuln = None
     elif scores is not None:
@@ -413,7 +413,7 @@ def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, sc
                 params_after=cost_after["params"], macs_before=cost_before["macs"],
                 macs_after=cost_after["macs"], criterion=criterion, ratio=ratio,
                 finetune_epochs=finetune_epochs, finetune_losses=losses, seed=seed,
-                removed_channels=prune_mod.removed_channels(pruned))
+                removed_channels=pruning.removed_channels(pruned))
     checkpoint.save(pruned, output, data=data_spec, **meta)
     return meta
 
@@ -471,10 +471,10 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     """
     say = log or _quiet
     out = Path(out_dir)
-    prune_mod.check_ratio(prune_ratio, "prune ratio")
-    prune_mod.check_ratio(harden_ratio, "harden ratio")
-    if criterion not in prune_mod.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
+    pruning.check_ratio(prune_ratio, "prune ratio")
+    pruning.check_ratio(harden_ratio, "harden ratio")
+    if criterion not in pruning.CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
     _make_folder(out)
@@ -484,7 +484,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     config = {"prune_ratio": prune_ratio, "harden_ratio": harden_ratio, "correction": correction,
               "criterion": criterion, "finetune_epochs": finetune_epochs, "lr": lr, "samples": samples,
               "seed": seed, "restrict": restrict, "model_sha256": _model_sha256(model), **data_meta}
-    if restrict is not None or getattr(harden_mod.CORRECTIONS.get(correction), "needs_ranges", False):
+    if restrict is not None or getattr(hardening.CORRECTIONS.get(correction), "needs_ranges", False):
         # ranges are profiled: a folder calibrated by the old rule (a numpy permutation) is refused
         config["calibration"] = f"calibration_subset({PIPELINE_CALIBRATION_SIZE}, seed)"
     config_path = out / "pipeline.json"
@@ -517,7 +517,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         if path.exists():
             say(f"reusing {path}")
             return checkpoint.load(path)
-        hard = harden_mod.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
+        hard = hardening.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
                                  restrict=restrict, calibration=calibration)
         checkpoint.save(hard, path, test_accuracy=train.evaluate(hard, test_set), **meta)
         return checkpoint.load(path)  # measure what was saved (and prove it loads)
@@ -566,7 +566,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
                                                                   stages["hardened_unpruned"]),
             "hardened_pruned_vs_original": cost.relative(stages["hardened_pruned"], stages["original"]),
         },
-        "removed_channels": prune_mod.removed_channels(pruned),
+        "removed_channels": pruning.removed_channels(pruned),
     }
     files.write_json(out / "summary.json", summary, indent=1)
     return summary
@@ -599,8 +599,8 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     protect_mod.check_budget(max_macs, max_latency, ber, trials)
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune ratio must lie in [0, 1) (got {prune_ratio})")
-    if criterion not in prune_mod.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(prune_mod.CRITERIA)}")
+    if criterion not in pruning.CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
     out = Path(out_dir)
@@ -631,7 +631,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
         "prune_ratio": prune_ratio, "criterion": criterion, "finetune_epochs": finetune_epochs,
         "clean_test": {"original": train.evaluate(model, test_set), "pruned": train.evaluate(pruned, test_set),
                        "protected": train.evaluate(result.model, test_set)},
-        "original_test": original.test["original"], "removed_channels": prune_mod.removed_channels(pruned),
+        "original_test": original.test["original"], "removed_channels": pruning.removed_channels(pruned),
         "costs_relative_to": "the original (unpruned, unprotected) model",
     }
     result.extra["record"] = {k: str(v) for k, v in (record or {}).items()}

@@ -2,7 +2,7 @@
 
 ``protect(model, x_train, y_train, ber=1e-4, max_macs=1.15)`` builds every
 candidate protection (none; range restriction, zero or clamp, with and
-without a margin; parameter-side weight checks when ``ftcnn.harden``
+without a margin; parameter-side weight checks when ``ftcnn.hardening``
 offers them, alone and with restriction; duplication of the channels with
 the highest exposure plus restriction; full TMR as the baseline), measures
 each one's cost with ``ftcnn.cost`` (MACs including corrections and checks;
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, files, harden as harden_mod, vulnerability
+from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, vulnerability
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -60,7 +60,7 @@ LATENCY_BATCH = 128
 
 def weight_checks_available() -> bool:
     """Whether ``harden.harden`` takes ``check_weights`` (parameter-side bounds)."""
-    return "check_weights" in inspect.signature(harden_mod.harden).parameters
+    return "check_weights" in inspect.signature(hardening.harden).parameters
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ def exposure(model: nn.Module, scores: Mapping[str, Sequence[float]]) -> dict[st
         >>> exposure(net, {"0": [1.0, 0.5]})["0"].tolist()
         [5.0, 2.5]
     """
-    layers = harden_mod.target_layers(model)
-    checked = harden_mod.check_scores(layers, scores)
+    layers = hardening.target_layers(model)
+    checked = hardening.check_scores(layers, scores)
     out = {}
     for name, s in checked.items():
         layer = layers[name]
@@ -191,7 +191,7 @@ def _layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def _macs_at_batch(macs: Mapping[str, int], batch: int) -> float:
     """MACs per input when ``batch`` inputs share one forward: weight checks run once per
     forward whatever the batch (``cost.macs`` counts them at batch 1), the rest per input."""
-    checks = macs.get("weight_checks", 0) * getattr(harden_mod, "CHECK_OPS", 0)
+    checks = macs.get("weight_checks", 0) * hardening.CHECK_OPS
     return macs["macs"] - checks + checks / batch
 
 
@@ -203,21 +203,21 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
     if cand.settings is None:
         return model, {}
     if not cand.duplicate:
-        return harden_mod.harden(model, calibration=calibration, **cand.settings), dict(cand.settings)
+        return hardening.harden(model, calibration=calibration, **cand.settings), dict(cand.settings)
     rest = {k: v for k, v in cand.settings.items() if k != "correction"}
-    without = harden_mod.harden(model, ratio=0.0, calibration=calibration, **rest)
+    without = hardening.harden(model, ratio=0.0, calibration=calibration, **rest)
     slack = max_macs * base_macs - _macs_at_batch(cost.macs(without, input_shape), check_batch)
     if slack <= 0 or scores is None:
         return None, dict(cand.settings)
     model_layer = _layer_macs(model, input_shape)
     for share in BUDGET_SHARES:
         budget = share * slack / model_layer
-        hard = harden_mod.harden(model, scores, budget=budget, calibration=calibration,
+        hard = hardening.harden(model, scores, budget=budget, calibration=calibration,
                                  input_shape=input_shape, **cand.settings)
-        if harden_mod.protected(hard) and \
+        if hardening.protected(hard) and \
                 _macs_at_batch(cost.macs(hard, input_shape), check_batch) <= max_macs * base_macs:
             return hard, {**cand.settings, "budget": budget,
-                          "duplicated_channels": sum(len(v) for v in harden_mod.protected(hard).values())}
+                          "duplicated_channels": sum(len(v) for v in hardening.protected(hard).values())}
     return None, dict(cand.settings)
 
 

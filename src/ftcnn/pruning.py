@@ -320,8 +320,8 @@ def apply_plan(model: nn.Module, removals: Sequence[tuple[str, Sequence[int]]],
 
 # --------------------------------------------------------------------------- public API
 
-def prune(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
-          scores: Mapping[str, Any] | None = None, protect: Sequence[str] | None = None,
+def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: float | Mapping[str, float],
+          criterion: str = "vulnerability", protect: Sequence[str] | None = None,
           input_shape: tuple[int, int, int]) -> nn.Module:
     """Structured channel pruning; returns a new, smaller model (``model`` is untouched).
 

@@ -1,0 +1,358 @@
+"""A fault-injection campaign described in one reviewable TOML file.
+
+Why: a campaign's meaning is spread over a dozen flags of ``ftcnn inject``;
+reviewers (and MRFI/TensorFI users, who write YAML) expect one file that says
+all of it and can be diffed, committed next to the results, and rerun. TOML
+needs nothing beyond the standard library (``tomllib``, Python >= 3.11).
+
+Every key of ``ftcnn inject`` has a key here (``ci_half_width`` is
+``--margin``), plus the activation-fault ones: ``target`` ("parameters" or
+"activations"), ``activation_mode`` ("transient" or "permanent") and a
+``[ber_per_layer]`` table (layer name -> rate; quote names with dots:
+``"features.0" = 1e-5``). ``examples/campaign.toml`` shows them all.
+A layer in ``[ber_per_layer]`` takes its rate at every swept ``ber`` point
+instead of the point (0 keeps it fault-free); without ``ber``, only the
+listed layers are faulted, at their rates (one campaign point, 0.0, for the
+others: ``activations.layer_bers(names, 0.0, ber_per_layer)``).
+
+The file is untrusted input: read at most ``MAX_BYTES`` from a regular file,
+every key checked for its name, type and range, and every problem is one
+ValueError line naming the key (never a traceback). :func:`load_campaign_file`
+returns plain Python values (lists, not tuples; relative paths resolved
+against the file's folder) for only the keys the file sets: the caller's
+defaults (the CLI's) fill the rest. :func:`config_kwargs` maps them onto
+``campaign.CampaignConfig``'s field names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ftcnn import activations, data, faults
+
+MAX_BYTES = 1 << 20          # 1 MiB: a campaign is a page of settings, not data
+
+STORAGE_DTYPES = tuple(faults.STORAGE_DTYPES)
+ACTIVATION_DTYPES = tuple(activations.DTYPES)
+FAULT_MODES = tuple(faults.MODES)
+TARGETS = ("parameters", "activations")
+ACTIVATION_MODES = tuple(activations.MODES)
+DATA_PATH_KINDS = tuple(data.PATH_KINDS)
+
+
+class CampaignFileError(ValueError):
+    """A campaign file that cannot be used; the message is one line."""
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _fail(key: str, message: str) -> CampaignFileError:
+    return CampaignFileError(f"campaign file: {key}: {message}")
+
+
+# --- value checkers: (key, raw value) -> normalised value ---------------------------------------------
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(key, f"must be a number, not {_type_name(value)}")
+    if not math.isfinite(value):
+        raise _fail(key, f"must be finite (got {value})")
+    return float(value)
+
+
+def _integer(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, f"must be an integer, not {_type_name(value)} ({value!r})"[:200])
+    return value
+
+
+def _rate(key: str, value: Any) -> float:
+    v = _number(key, value)
+    if not 0.0 <= v <= 1.0:
+        raise _fail(key, f"bit error rate {v:g} outside [0, 1]")
+    return v
+
+
+def _open_unit(key: str, value: Any) -> float:
+    v = _number(key, value)
+    if not 0.0 < v < 1.0:
+        raise _fail(key, f"must lie in (0, 1) (got {v:g})")
+    return v
+
+
+def _at_least(low: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        v = _integer(key, value)
+        if v < low:
+            raise _fail(key, f"must be >= {low} (got {v})")
+        return v
+    return check
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, f"must be a string, not {_type_name(value)}")
+    if not value or "\x00" in value or len(value) > 4096:
+        raise _fail(key, "must be a non-empty string without NUL, at most 4096 characters")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        v = _string(key, value)
+        if v not in choices:
+            raise _fail(key, f"{v!r} is not one of {', '.join(choices)}")
+        return v
+    return check
+
+
+def _list_of(item: Callable[[str, Any], Any], *, scalar_ok: bool = True,
+             max_len: int = 10_000) -> Callable[[str, Any], list]:
+    """A list of items; a single item is taken as a one-item list when ``scalar_ok``."""
+    def check(key: str, value: Any) -> list:
+        if not isinstance(value, list):
+            if scalar_ok and not isinstance(value, dict):
+                value = [value]
+            else:
+                raise _fail(key, f"must be a list, not {_type_name(value)}")
+        if not value:
+            raise _fail(key, "must not be empty (leave the key out instead)")
+        if len(value) > max_len:
+            raise _fail(key, f"at most {max_len} values")
+        return [item(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    return check
+
+
+def _trials(key: str, value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        raise _fail(key, f"must be a positive integer or \"auto\" (got {value!r})"[:200])
+    return _at_least(1)(key, value)
+
+
+def _bit(key: str, value: Any) -> int:
+    v = _integer(key, value)
+    if not 0 <= v < 32:
+        raise _fail(key, f"bit position {v} outside [0, 32)")
+    return v
+
+
+def _device(key: str, value: Any) -> str:
+    v = _string(key, value)
+    kind, _, index = v.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise _fail(key, f"unknown device {v!r}; use cpu, cuda or cuda:N")
+    return v
+
+
+def _ber_per_layer(key: str, value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _fail(key, f"must be a table of layer name = rate, not {_type_name(value)}")
+    if not value:
+        raise _fail(key, "must not be empty (leave the table out instead)")
+    out: dict[str, float] = {}
+    for name, rate in value.items():
+        if isinstance(rate, dict):
+            raise _fail(f"{key}.{name}", "is a table: quote layer names that hold dots, "
+                        f"e.g. \"{name}.{next(iter(rate), '0')}\" = 1e-5")
+        out[_string(f"{key} layer name", name)] = _rate(f"{key}.{name}", rate)
+    return out
+
+
+def _path(key: str, value: Any) -> str:
+    return _string(key, value)
+
+
+# key -> checker; the order is the order of ``ftcnn inject --help`` (then the activation keys)
+KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "checkpoint": _path,
+    "data": _string,
+    "model": _string,                       # --model: trust this user builder (package.module:fn)
+    "ber": _list_of(_rate),
+    "count": _list_of(_at_least(0)),
+    "trials": _trials,
+    "ci_half_width": _open_unit,            # --margin
+    "confidence": _open_unit,
+    "seed": _at_least(0),
+    "dtype": _choice(*STORAGE_DTYPES),
+    "bits": _list_of(_bit),
+    "mode": _choice(*FAULT_MODES),
+    "include_bn": _boolean,
+    "attack_protection": _boolean,
+    "layers": _list_of(_string),
+    "limit": _at_least(1),
+    "batch_size": _at_least(1),
+    "device": _device,
+    "shortcut": _boolean,
+    "batch_trials": _at_least(1),
+    "workers": _at_least(1),
+    "ray": _boolean,
+    "ray_address": _string,
+    "precision": _open_unit,
+    "threads": _at_least(1),
+    "output": _path,
+    "target": _choice(*TARGETS),
+    "activation_mode": _choice(*ACTIVATION_MODES),
+    "ber_per_layer": _ber_per_layer,
+}
+
+# keys that mean something only for parameter faults (their memory, their strata)
+PARAMETER_ONLY = ("include_bn", "attack_protection", "precision")
+ACTIVATION_ONLY = ("activation_mode", "ber_per_layer")
+
+
+def _unknown(key: str) -> CampaignFileError:
+    near = difflib.get_close_matches(key, list(KEYS) + ["margin"], n=1)
+    hint = ""
+    if near:
+        hint = f" (did you mean {'ci_half_width' if near[0] == 'margin' else near[0]}?)"
+    shown = key if len(key) <= 60 else key[:60] + "..."
+    return CampaignFileError(f"campaign file: unknown key {shown!r}{hint}; allowed keys: {', '.join(KEYS)}")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The file's text: a regular file, at most ``MAX_BYTES``, UTF-8; else one line."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise CampaignFileError(f"cannot read campaign file {p}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CampaignFileError(f"campaign file {p} is not a regular file")
+    if st.st_size > MAX_BYTES:
+        raise CampaignFileError(f"campaign file {p} is {st.st_size} bytes; at most {MAX_BYTES} are read")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise CampaignFileError(f"cannot read campaign file {p}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise CampaignFileError(f"campaign file {p} is over {MAX_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CampaignFileError(f"campaign file {p} is not UTF-8 text (byte {exc.start})") from None
+
+
+def parse_campaign(text: str, base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate a campaign given as TOML text (see :func:`load_campaign_file`);
+    relative paths are resolved against ``base`` when given."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignFileError(f"campaign file is not valid TOML: {str(exc).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise CampaignFileError("campaign file is not valid TOML: nested too deeply") from None
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in KEYS:
+            raise _unknown(key)
+        out[key] = KEYS[key](key, value)
+    _check_together(out)
+    if base is not None:
+        _resolve_paths(out, Path(base))
+    return out
+
+
+def _check_together(cfg: dict[str, Any]) -> None:
+    target = cfg.get("target", "parameters")
+    if "ber" in cfg and "count" in cfg:
+        raise CampaignFileError("campaign file: give ber or count, not both")
+    if target == "parameters":
+        if "ber" not in cfg and "count" not in cfg:
+            raise CampaignFileError("campaign file: give fault rates (ber = [...]) or fault counts (count = [...])")
+        for key in ACTIVATION_ONLY:
+            if key in cfg:
+                raise _fail(key, "applies to activation faults only; set target = \"activations\"")
+    else:
+        for key in PARAMETER_ONLY:
+            if key in cfg:
+                raise _fail(key, "applies to parameter faults only (target = \"parameters\")")
+        if "ber" not in cfg and "count" not in cfg and "ber_per_layer" not in cfg:
+            raise CampaignFileError("campaign file: activation faults need ber = [...], count = [...] "
+                                    "or a [ber_per_layer] table")
+        if "count" in cfg and "ber_per_layer" in cfg:
+            raise _fail("ber_per_layer", "sets rates; with count = [...] the faults per trial are exact")
+        if cfg.get("dtype", "float32") not in ACTIVATION_DTYPES:
+            raise _fail("dtype", f"activation faults support {', '.join(ACTIVATION_DTYPES)}")
+        if cfg.get("mode", "flip") != "flip" and cfg.get("activation_mode", "transient") == "transient":
+            raise _fail("mode", "transient activation faults are flips; "
+                        "stuck-at needs activation_mode = \"permanent\"")
+        layers = cfg.get("layers")
+        if layers is not None and "ber_per_layer" in cfg:
+            outside = [n for n in cfg["ber_per_layer"] if n not in layers]
+            if outside:
+                raise _fail("ber_per_layer", f"layer {outside[0]!r} is not in layers")
+    if "precision" in cfg and "trials" in cfg:
+        raise CampaignFileError("campaign file: precision replaces trials; give one of them")
+    if "ci_half_width" in cfg and cfg.get("trials") != "auto":
+        raise _fail("ci_half_width", "is the stop of trials = \"auto\"; set trials = \"auto\" or drop it")
+    width = {"float16": 16, "bfloat16": 16, "int8": 8}.get(cfg.get("dtype", "float32"), 32)
+    if any(b >= width for b in cfg.get("bits", [])):
+        raise _fail("bits", f"{cfg['dtype']} has bits 0..{width - 1}")
+
+
+def _resolve_paths(cfg: dict[str, Any], base: Path) -> None:
+    for key in ("checkpoint", "output"):
+        if key in cfg:
+            p = Path(cfg[key]).expanduser()
+            cfg[key] = os.path.normpath(p if p.is_absolute() else base / p)
+    spec = cfg.get("data")
+    if spec is not None:
+        kind, sep, rest = spec.partition(":")
+        if sep and kind in DATA_PATH_KINDS and rest:
+            p = Path(rest).expanduser()
+            cfg["data"] = f"{kind}:{os.path.normpath(p if p.is_absolute() else base / p)}"
+
+
+def load_campaign_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The campaign a TOML file describes, validated, as plain values.
+
+    Only the keys the file sets come back (the CLI's defaults fill the rest);
+    lists stay lists; ``trials`` is an int or "auto"; relative ``checkpoint``,
+    ``output`` and data paths (``npz:PATH``...) are resolved against the
+    file's folder, so the file means the same from any working directory.
+    Every problem is a :class:`CampaignFileError` (a ValueError) of one line.
+    """
+    text = read_text(path)
+    return parse_campaign(text, Path(path).resolve().parent)
+
+
+# --- mapping for the later wiring --------------------------------------------------------------------
+
+# file key -> CampaignConfig field, where they differ
+_CONFIG_FIELDS = {"ber": "bers", "count": "counts", "ci_half_width": "margin"}
+# keys that are not CampaignConfig fields (the CLI or the activation runner uses them)
+NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output", "target", "activation_mode", "ber_per_layer")
+
+
+def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``campaign.CampaignConfig`` for the keys ``cfg`` sets
+    (tuples where the config holds tuples; ``trials = "auto"`` -> None)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in NOT_CONFIG:
+            continue
+        field = _CONFIG_FIELDS.get(key, key)
+        if key == "trials":
+            value = None if value == "auto" else value
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[field] = value
+    return out
