@@ -157,7 +157,10 @@ def describe(model: nn.Module, builder: str | None = None, kwargs: Mapping[str, 
     ``load(path, allow_builder=builder)`` (CLI: ``--model builder``).
 
     Example:
-        >>> net = ftcnn.checkpoint.describe(TinyResNet(num_classes=10), kwargs={"num_classes": 10})
+        >>> import torch, ftcnn
+        >>> net = ftcnn.checkpoint.describe(torch.nn.Linear(4, 2), kwargs={"in_features": 4, "out_features": 2})
+        >>> ftcnn.checkpoint.get_spec(net)["builder"]
+        'torch.nn.modules.linear:Linear'
     """
     name = builder if builder is not None else _class_builder(model)
     spec = {"builder": name, "kwargs": dict(kwargs or {}), "transforms": []}
@@ -184,8 +187,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, builder: str | None = Non
     The model keeps that description, so a later ``harden``/``prune`` of it is
     recorded and its result saves without naming the builder again.
 
-    Example:
-        >>> ftcnn.save(net, "my.pt", builder="mymodels:tiny_resnet", kwargs={"num_classes": 10})
+    Example (``builder="mymodels:tiny_resnet"`` names a builder function instead of the class):
+        >>> import os, tempfile, torch, ftcnn
+        >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
+        >>> ftcnn.save(torch.nn.Linear(4, 2), path, kwargs={"in_features": 4, "out_features": 2})
+        >>> type(ftcnn.load(path, allow_builder="torch.nn.modules.linear:Linear")).__name__
+        'Linear'
     """
     spec = getattr(model, SPEC_ATTR, None)
     if spec is None:

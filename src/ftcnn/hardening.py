@@ -829,9 +829,11 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         for bit. Its checkpoint spec (if the model has one) records a
         ``{"kind": "harden"}`` transform, so ``ftcnn.save``/``ftcnn.load`` work.
 
-    Example:
-        >>> scores = ftcnn.vulnerability.load_scores("gain.json")
-        >>> hard = harden(model, scores, ratio=0.1, correction="min")
+    Example (without faults the hardened model computes exactly what the original does):
+        >>> import torch, ftcnn
+        >>> model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8).eval()
+        >>> x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        >>> hard = harden(model, ftcnn.analyze(model, x, y, samples=16), ratio=0.1, correction="min")
         >>> torch.equal(hard(x), model(x))
         True
     """

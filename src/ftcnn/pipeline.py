@@ -202,8 +202,9 @@ def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int
                   lr: float = 2e-3, seed: int = 0, progress: bool = False) -> nn.Module:
     """The checkpoint at ``path`` if it exists, else a model trained as ``ftcnn train`` does and saved there.
 
-    Example:
-        >>> net = train_or_load("runs/lenet5.pt", "lenet5", "digits", epochs=5)
+    Example (minutes of CPU, so not run as a doctest)::
+
+            net = train_or_load("runs/lenet5.pt", "lenet5", "digits", epochs=5)
     """
     path = Path(path)
     if path.is_file():
@@ -466,8 +467,9 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     Resumable: a stage whose output exists is loaded, not redone; a folder started
     with other settings or another model is refused. Returns the summary.
 
-    Example:
-        >>> prune_and_harden(model, train, test, "runs/pipe", prune_ratio=0.3, harden_ratio=0.1)
+    Example (minutes of CPU, so not run as a doctest)::
+
+            prune_and_harden(model, train, test, "runs/pipe", prune_ratio=0.3, harden_ratio=0.1)
     """
     say = log or _quiet
     out = Path(out_dir)
@@ -591,9 +593,10 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     Returns:
         The :class:`ftcnn.protect.ProtectResult` (``.extra["end_to_end"]`` holds the comparison).
 
-    Example:
-        >>> result = prune_and_protect(net, train_set, test_set, "runs/e2e", prune_ratio=0.3,
-        ...                            max_macs=1.0, ber=1e-4, trials=50)
+    Example (minutes of CPU, so not run as a doctest)::
+
+            result = prune_and_protect(net, train_set, test_set, "runs/e2e", prune_ratio=0.3,
+                                       max_macs=1.0, ber=1e-4, trials=50)
     """
     say = log or _quiet
     protect_mod.check_budget(max_macs, max_latency, ber, trials)

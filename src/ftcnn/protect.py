@@ -295,9 +295,10 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     Returns:
         A :class:`ProtectResult`; ``.model`` is the chosen protected model.
 
-    Example:
-        >>> result = protect(model, x_train, y_train, ber=1e-4, max_macs=1.15, trials=20)
-        >>> result.chosen, result.record(result.chosen)["macs_ratio"] <= 1.15
+    Example (minutes of CPU, so not run as a doctest)::
+
+            result = protect(model, x_train, y_train, ber=1e-4, max_macs=1.15, trials=20)
+            result.chosen, result.record(result.chosen)["macs_ratio"] <= 1.15
         ('restrict_zero_m0.1', True)
     """
     check_budget(max_macs, max_latency, ber, trials)
@@ -397,8 +398,9 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
     """Test-split numbers (clean, and at ``ber`` and 10x ``ber``) for the chosen protection
     (or ``names``), once the choice is made; stored in ``result.test`` and returned.
 
-    Example:
-        >>> evaluate_test(result, x_test, y_test)[result.chosen]["bers"]["0.0001"]["accuracy"]
+    Example (minutes of CPU, so not run as a doctest)::
+
+            evaluate_test(result, x_test, y_test)[result.chosen]["bers"]["0.0001"]["accuracy"]
     """
     cfg = result.config
     bers = list(bers or (cfg["ber"], min(1.0, 10 * cfg["ber"])))
@@ -507,8 +509,9 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 log: Callable[[str], Any] | None = None) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``.
 
-    Example:
-        >>> protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
+    Example (minutes of CPU, so not run as a doctest)::
+
+            protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
     check_budget(max_macs, max_latency, ber, trials)
     out = Path(out)

@@ -340,7 +340,12 @@ def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: f
         The pruned copy, with the transform recorded so ``ftcnn.save``/``load`` round-trip it.
 
     Example:
-        >>> small = prune(model, ratio=0.3, scores=analyze(model, x, y), input_shape=(1, 28, 28))
+        >>> import torch, ftcnn
+        >>> model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8)
+        >>> x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        >>> small = prune(model, ftcnn.analyze(model, x, y, samples=16), ratio=0.25, input_shape=(1, 8, 8))
+        >>> sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+        True
     """
     spec = getattr(model, checkpoint.SPEC_ATTR, None) or {}
     if any(t.get("kind") == "harden" for t in spec.get("transforms", [])) or \
