@@ -46,6 +46,7 @@ VARIANTS = {
     "min": dict(correction="min"),
     "range": dict(correction="range"),
     "tmr": dict(correction="tmr"),
+    "median0": dict(correction="median0"),
     "full_tmr": dict(tmr="full"),
 }
 
@@ -299,8 +300,9 @@ SAVE_VARIANTS = {
     "min": dict(correction="min", ratio=0.3),
     "range": dict(correction="range", ratio=0.3),
     "tmr": dict(correction="tmr", ratio=0.3),
+    "median0": dict(correction="median0", ratio=0.3),
     "full_tmr": dict(tmr="full"),
-    "restrict": dict(ratio=0.0, restrict="zero", margin=0.1),
+    "restrict": dict(ratio=0.0, restrict="zero", range_margin=0.1),
     "range_clamp": dict(correction="range", ratio=0.3, restrict="clamp"),
 }
 
@@ -433,3 +435,29 @@ def test_cli_harden_check_weights(tmp_path: Path) -> None:
     r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "bogus",
                 "-o", str(tmp_path / "d.pt"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.pt").exists()
+
+
+def test_median0_correction_is_the_median_of_the_two_and_zero() -> None:
+    """The issue-11 extension example (one function + one registry line in hardening.py),
+    checked against Python's statistics.median, element by element."""
+    import statistics
+
+    a = torch.tensor([1.0, 2.0, -3.0, 5.0, float("nan"), 1e30, -2.0, 0.25, float("nan")])
+    b = torch.tensor([1.0, 0.5, 4.0, 5.0 * (1 + 1e-7), 2.0, 3.0, -1.0, -0.5, -7.0])
+    out = H.CORRECTIONS["median0"].fn(a, (b,), None, None)
+
+    def expected(x: float, y: float) -> float:
+        if x == y or abs(x - y) <= H.RTOL * min(abs(x), abs(y)) + H.ATOL:
+            return x
+        inf = float("inf")
+        return statistics.median([inf if x != x else x, inf if y != y else y, 0.0])
+
+    want = torch.tensor([expected(float(x), float(y)) for x, y in zip(a, b)])
+    assert torch.equal(out, want), (out, want)
+    model = feed_model()
+    x = torch.randn(8, 1, 8, 8)
+    hm = H.harden(model, random_scores(model), ratio=0.5, correction="median0")
+    assert torch.equal(hm(x), model(x))  # fault-free: the original, bit for bit
+    with _flip(hm, "2.copies.weight", _positive_weight(hm[2].copies.weight, 0)):
+        out = hm(x)  # an exponent flip in the copy: outvoted by the original or by zero
+        assert torch.isfinite(out).all() and out.abs().max() < 1e3

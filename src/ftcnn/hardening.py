@@ -258,6 +258,20 @@ def exact_tmr(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor
     return low.clamp_min_(high)
 
 
+def correct_median0(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.Tensor | None,
+                    high: torch.Tensor | None) -> torch.Tensor:
+    """Where original ``a`` and copy ``b`` disagree, the median of the two and zero
+    (NaN counts as +inf): the value nearer zero when both have one sign, zero when
+    their signs differ. No ranges and no third copy: a fault that blows a value up
+    (an exponent flip) is outvoted by the other value or by zero, which ReLU
+    networks read as "no evidence". The extension-point example of issue 11: this
+    function and one ``CORRECTIONS`` line are all a new correction needs."""
+    (b,) = copies
+    x, y = nan_to(a, math.inf), nan_to(b, math.inf)
+    median = torch.maximum(torch.minimum(x, y), torch.minimum(torch.maximum(x, y), torch.zeros_like(x)))
+    return torch.where(agree(a, b), a, median)
+
+
 @dataclass(frozen=True)
 class CorrectionRule:
     """One correction: how many copies it needs, whether it needs profiled
@@ -278,6 +292,7 @@ CORRECTIONS: dict[str, CorrectionRule] = {
     "min": CorrectionRule(1, False, correct_min, 6 + 5, exact_min, 3),
     "range": CorrectionRule(1, True, correct_range, 6 + 2 * 8 + 3),
     "tmr": CorrectionRule(2, False, correct_tmr, 18 + 8, exact_tmr, 7),
+    "median0": CorrectionRule(1, False, correct_median0, 6 + 2 + 4),
 }
 
 
