@@ -264,8 +264,7 @@ def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain"
     (plot beside it) when given. ``settings``: the method's own keywords, e.g. from
     :func:`analyze_settings`."""
     vulnerability.get_method(method)  # unknown method: one clear line before loading data
-    split = "train" if method == "gain" else "test"
-    x, y = campaign.stack_dataset(data.load(data_spec, split))
+    x, y = campaign.stack_dataset(data.load(data_spec, vulnerability.input_split(method)))
     if limit:
         x, y = x[:limit], y[:limit]
     campaign.check_input_shape(model, x)
