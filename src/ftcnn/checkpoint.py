@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import importlib
 import inspect
 import json
 import math

@@ -303,19 +303,28 @@ def _ber_axis(ax: plt.Axes, bers: Sequence[float]) -> None:
     ax.set_xlim(min(bers) / 1.5, max(bers) * 1.5)
 
 
+def _empty_figure(stem: Path, message: str, height: float) -> None:
+    """A figure that says why there is nothing to draw (a missing plot reads as 'not measured')."""
+    fig, ax = plt.subplots(figsize=(6, height))
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    ax.axis("off")
+    _save(fig, stem)
+
+
+def _panel_grid(n: int, height: float, **shared: bool) -> tuple[Any, Any]:
+    """Small multiples: ``n`` panels, 3 (4 past six) to a row, each 3.1 wide and ``height`` tall."""
+    cols = 4 if n > 6 else min(3, n)
+    nrows = math.ceil(n / cols)
+    return plt.subplots(nrows, cols, figsize=(3.1 * cols, height * nrows), squeeze=False, **shared)
+
+
 def plot_accuracy_vs_ber(summary: dict[str, Any], stem: Path, tol: list[dict[str, Any]]) -> None:
     """Small multiples: one panel per variant (its line and CI band), the baseline in grey in each."""
     variants = [v for v in summary["variants"] if _ber_results(v)]
     if not variants:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.text(0.5, 0.5, "no BER results", ha="center", va="center")
-        ax.axis("off")
-        _save(fig, stem)
+        _empty_figure(stem, "no BER results", 2)
         return
-    cols = 4 if len(variants) > 6 else min(3, len(variants))
-    nrows = math.ceil(len(variants) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 2.5 * nrows), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = _panel_grid(len(variants), 2.5, sharex=True, sharey=True)
     base = next((v for v in summary["variants"] if v["name"] == "baseline"), None)
     all_bers = [r["ber"] for v in variants for r in _ber_results(v)]
     tol_by = {t["name"]: t for t in tol}
@@ -501,14 +510,9 @@ def plot_bit_sensitivity(summary: dict[str, Any], stem: Path, bits: dict[str, di
     names = [v["name"] for v in summary["variants"] if v["name"] in bits]
     numbers = {v["name"]: i + 1 for i, v in enumerate(summary["variants"])}
     if not names:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.text(0.5, 0.5, "no single-flip campaigns in this run (--bit-trials 0)", ha="center", va="center")
-        ax.axis("off")
-        _save(fig, stem)
+        _empty_figure(stem, "no single-flip campaigns in this run (--bit-trials 0)", 1.5)
         return
-    cols = 4 if len(names) > 6 else min(3, len(names))
-    nrows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 2.3 * nrows), sharey=True, squeeze=False)
+    fig, axes = _panel_grid(len(names), 2.3, sharey=True)
     have_rates = any(b["rate"] is not None for n in names for b in bits[n].values())
     for i, ax in enumerate(axes.flat):
         if i >= len(names):
@@ -705,18 +709,16 @@ def _paired_sweep_table(summary: dict[str, Any], trials: dict[str, Any] | None, 
     names = [v["name"] for v in summary["variants"] if any(v["name"] in per_ber[b] for b in bers)]
     if not names:
         return ""
-    rows = []
-    for name in names:
-        cells = []
-        for b in bers:
-            r = per_ber[b].get(name)
-            if r is None:
-                cells.append("–")
-                continue
-            sig = not _nan(r["p_holm"]) and r["p_holm"] < 0.05
-            diff = _pts(r["mean_difference"])
-            cells.append(f"{'<b>' + diff + '</b>' if sig else diff}<br><span class=note>p {_p(r['p_holm'])}</span>")
-        rows.append([str(numbers[name]), html.escape(name), *cells])
+    def cell(name: str, ber: float) -> str:
+        r = per_ber[ber].get(name)
+        if r is None:
+            return "–"
+        diff = _pts(r["mean_difference"])
+        if not _nan(r["p_holm"]) and r["p_holm"] < 0.05:
+            diff = f"<b>{diff}</b>"
+        return f"{diff}<br><span class=note>p {_p(r['p_holm'])}</span>"
+
+    rows = [[str(numbers[name]), html.escape(name), *(cell(name, b) for b in bers)] for name in names]
     table = _table(["#", "variant", *[f"BER {fmt_ber(b)}" for b in bers]], rows, "sweep")
     return ("<h3>Across the sweep</h3>" + table + "<p class=note>Mean paired difference in accuracy to the "
             "baseline (points) at every BER, with the paired t-test's p adjusted by Holm over the variants at "

@@ -33,3 +33,17 @@ def flat_features(features: nn.Module, in_channels: int, input_size: int) -> int
     finally:
         features.train(was_training)
     return int(out[0].numel())
+
+
+class PooledClassifier(nn.Module):
+    """features -> avgpool -> flatten -> classifier: the forward VGG and AlexNet share
+    (subclasses set the three submodules)."""
+
+    features: nn.Module
+    avgpool: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)

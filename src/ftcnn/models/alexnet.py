@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ._common import check_args, flat_features, scaled
+from ._common import PooledClassifier, check_args, flat_features, scaled
 
 
-class AlexNet(nn.Module):
+class AlexNet(PooledClassifier):
     """CIFAR-style AlexNet: the five convolutions 64-192-384-256-256 and three max pools
     of the original, but with a stride-1 3x3 first conv (an 11x11/4 stem would erase a
     32x32 image) and 1024-1024 hidden linear layers instead of 4096-4096, as is common for
@@ -55,11 +54,6 @@ class AlexNet(nn.Module):
             nn.ReLU(inplace=False),
             nn.Linear(hidden, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 def alexnet(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ._common import check_args, scaled
+from ._common import PooledClassifier, check_args, scaled
 
 # "M" is a 2x2 max pool; numbers are 3x3 conv output channels (configs A and D of the paper).
 CONFIGS: dict[str, list[int | str]] = {
@@ -15,7 +14,7 @@ CONFIGS: dict[str, list[int | str]] = {
 }
 
 
-class VGG(nn.Module):
+class VGG(PooledClassifier):
     """Conv3x3-BN-ReLU stacks, a global average pool and one Linear layer.
 
     Following the widely used CIFAR implementations, the 4096-4096 classifier of the
@@ -41,11 +40,6 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 def vgg11(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
