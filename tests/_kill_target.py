@@ -7,9 +7,10 @@ import torch
 from conftest import make_tiny_model
 from ftcnn.campaign import CampaignConfig, run_campaign
 
-out = sys.argv[1]
-g = torch.Generator().manual_seed(0)
-x = torch.randn(64, 1, 8, 8, generator=g)
-y = torch.randint(0, 10, (64,), generator=g)
-config = CampaignConfig(bers=(1e-3, 1e-2), trials=400, seed=7)
-run_campaign(make_tiny_model(), x, y, config, out, progress=False)
+if __name__ == "__main__":  # pytest --doctest-modules imports this file: run only as a script
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    config = CampaignConfig(bers=(1e-3, 1e-2), trials=400, seed=7)
+    run_campaign(make_tiny_model(), x, y, config, out, progress=False)
