@@ -100,15 +100,26 @@ def test_ratio_picks_top_scores_per_layer(tiny_model) -> None:
     assert list(F.fault_targets(none)) == list(F.fault_targets(tiny_model))
 
 
-def test_budget_fills_extra_macs(tiny_model, tiny_data) -> None:
+def test_budget_bounds_everything_hardening_adds(tiny_model, tiny_data) -> None:
+    """Issue 14: ``budget=0.2`` means at most +20% MACs as ``cost.macs`` reports them — copies,
+    corrections, restriction and weight checks all counted — and the budget is used, not wasted."""
     x, _ = tiny_data
-    base = cost.macs(tiny_model, (1, 8, 8))["layer_macs"]
+    base = cost.macs(tiny_model, (1, 8, 8))["macs"]
     assert not H.protected(H.harden(tiny_model, random_scores(tiny_model), budget=0.0, input_shape=(1, 8, 8)))
-    for budget in (0.1, 0.3):
-        hm = H.harden(tiny_model, random_scores(tiny_model), budget=budget, calibration=x)
-        extra = cost.macs(hm, (1, 8, 8))["layer_macs"] - base
-        assert 0 < extra <= budget * base
-        assert extra > budget * base - 4 * 9 * 64  # not more unspent than the dearest channel (conv filter)
+    # restriction (+40%) or weight checks (+179%) of this tiny model alone cost a lot at batch 1 (few MACs)
+    for settings, budgets in ((dict(correction="min"), (0.1, 0.3)), (dict(correction="range"), (0.1, 0.3)),
+                              (dict(correction="tmr"), (0.1, 0.3)),
+                              (dict(correction="min", restrict="zero"), (0.5, 0.8)),
+                              (dict(correction="min", check_weights="zero"), (2.0, 2.3))):
+        for budget in budgets:
+            hm = H.harden(tiny_model, random_scores(tiny_model), budget=budget, calibration=x, **settings)
+            total = cost.macs(hm, (1, 8, 8))["macs"]
+            assert H.protected(hm), settings
+            assert total <= (1 + budget) * base, (settings, budget, total / base)
+            # not more unspent than the dearest channel: a conv filter, two copies, its ops
+            assert total > (1 + budget) * base - 2 * (4 * 9 * 64 + 40 * 64), (settings, budget, total / base)
+    with pytest.raises(ValueError, match="restriction/weight checks alone"):
+        H.harden(tiny_model, random_scores(tiny_model), budget=0.001, calibration=x, restrict="zero")
 
 
 def test_duplicated_parameters_are_fault_targets(tiny_model) -> None:

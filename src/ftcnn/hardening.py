@@ -706,23 +706,66 @@ def channel_macs(model: nn.Module, layers: Mapping[str, nn.Module], input_shape:
     return {n: positions[n] * (m.weight[0].numel()) for n, m in layers.items()}
 
 
-def select_by_budget(scores: Mapping[str, np.ndarray], cost: Mapping[str, int], budget: float,
-                     copies: int) -> dict[str, list[int]]:
-    """Fill a budget of extra MACs (``budget`` x the conv/linear MACs) greedily by
-    score per extra MAC; a channel that does not fit is skipped, cheaper ones
-    may still fit. Only the copies' conv/linear MACs count, not the correction's."""
-    total = sum(cost[n] * len(s) for n, s in scores.items())
-    allowed = budget * total
-    items = [(float(s[i]) / (cost[n] * copies), n, int(i)) for n, s in scores.items()
-             for i in range(len(s))]
+def select_by_budget(scores: Mapping[str, np.ndarray], cost: Mapping[str, float],
+                     allowed: float) -> dict[str, list[int]]:
+    """Fill ``allowed`` extra MACs greedily by score per extra MAC, ``cost[layer]``
+    being what protecting one channel of that layer adds; a channel that does
+    not fit is skipped, cheaper ones may still fit."""
+    items = [(float(s[i]) / cost[n], n, int(i)) for n, s in scores.items() for i in range(len(s))]
     items.sort(key=lambda t: -t[0])  # stable: ties keep layer order, then channel order
     spent, out = 0.0, {}
     for _, name, i in items:
-        extra = cost[name] * copies
-        if spent + extra <= allowed:
-            spent += extra
+        if spent + cost[name] <= allowed:
+            spent += cost[name]
             out.setdefault(name, []).append(i)
     return {n: sorted(v) for n, v in out.items()}
+
+
+def _total_macs(model: nn.Module, layers: Mapping[str, nn.Module], transform: Mapping[str, Any],
+                input_shape: Sequence[int]) -> int:
+    """``cost.macs`` of ``model`` hardened by ``transform`` (structure only: no values
+    are profiled, op counts do not depend on them): what the reported overhead counts."""
+    net = copy.deepcopy(model)
+    _apply(net, transform)
+    return cost_mod.macs(net, tuple(input_shape))["macs"]
+
+
+def select_within_total(model: nn.Module, layers: Mapping[str, nn.Module], scores: Mapping[str, np.ndarray],
+                        budget: float, transform: Mapping[str, Any], input_shape: Sequence[int]
+                        ) -> dict[str, list[int]]:
+    """Channels to duplicate so that everything hardening adds — copies, their
+    corrections, range restriction and weight checks (at batch 1, as
+    ``cost.macs`` and every reported overhead count them) — stays within
+    ``budget`` x the model's MACs (issue 14: ``--budget 0.2`` means +20%, all in).
+
+    The fixed part (restriction, checks of the originals) is measured first; the
+    rest is filled greedily by score per extra MAC of one channel (its copies,
+    the correction's element-wise ops on its outputs, the copies' checks); the
+    result is measured again and trimmed, lowest score per MAC first, until it fits."""
+    base = cost_mod.macs(model, tuple(input_shape))["macs"]
+    allowed = budget * base
+    rule = CORRECTIONS[transform["correction"]]
+    fixed_layers = {n: [] for n in layers} if transform["restrict"] or transform["check_weights"] else {}
+    fixed = _total_macs(model, layers, {**transform, "layers": fixed_layers}, input_shape) - base
+    if fixed > allowed:
+        raise ValueError(f"the budget +{budget:.1%} MACs is below what restriction/weight checks alone add "
+                         f"(+{fixed / base:.1%}): raise it or drop them")
+    per_copy = channel_macs(model, layers, input_shape)
+    checks = CHECK_OPS if transform["check_weights"] else 0
+    cost = {n: rule.copies * (per_copy[n] + checks * layers[n].weight[0].numel())
+            + rule.ops * per_copy[n] // layers[n].weight[0].numel() for n in layers}
+    selected = select_by_budget(scores, cost, allowed - fixed)
+    order = sorted(((float(scores[n][i]) / cost[n], n, i) for n, v in selected.items() for i in v),
+                   key=lambda t: t[0])
+    while selected:
+        chosen = {n: selected.get(n, []) for n in layers if selected.get(n) or n in fixed_layers}
+        if _total_macs(model, layers, {**transform, "layers": chosen}, input_shape) - base <= allowed:
+            break
+        _, name, i = order.pop(0)
+        selected[name].remove(i)
+        if not selected[name]:
+            del selected[name]
+    return selected
 
 
 # --- profiling --------------------------------------------------------------------
@@ -818,8 +861,10 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
             ``tmr="full"`` or when nothing is duplicated.
         ratio: share of each layer's channels to duplicate, the top
             ``ceil(ratio * channels)`` by score (0: none).
-        budget: instead of ``ratio``, extra conv/linear MACs allowed as a share
-            of the model's (0.2 = +20%), filled greedily by score per extra MAC.
+        budget: instead of ``ratio``, the MACs hardening may add in all (copies,
+            corrections, restriction, weight checks, counted as ``cost.macs``
+            counts them) as a share of the model's: 0.2 = at most +20%. Filled
+            greedily by score per extra MAC.
         correction: ``min`` (the paper's), ``range`` (needs ``calibration``) or
             ``tmr`` (two copies, majority vote).
         tmr: ``"full"``: every channel of every layer gets two copies and the
@@ -873,8 +918,10 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         if not needs_scores:
             selected = {}
         elif budget is not None:
-            cost = channel_macs(model, layers, _input_shape(model, calibration, input_shape))
-            selected = select_by_budget(checked, cost, budget, CORRECTIONS[correction].copies)
+            selected = select_within_total(
+                model, layers, checked, budget,
+                {"correction": correction, "restrict": restrict, "check_weights": check_weights},
+                _input_shape(model, calibration, input_shape))
         else:
             selected = select_by_ratio(checked, ratio)
     needs_ranges = restrict is not None or (bool(selected) and CORRECTIONS[correction].needs_ranges)

@@ -206,12 +206,14 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
         return hardening.harden(model, calibration=calibration, **cand.settings), dict(cand.settings)
     rest = {k: v for k, v in cand.settings.items() if k != "correction"}
     without = hardening.harden(model, ratio=0.0, calibration=calibration, **rest)
-    slack = max_macs * base_macs - _macs_at_batch(cost.macs(without, input_shape), check_batch)
+    without_macs = cost.macs(without, input_shape)
+    slack = max_macs * base_macs - _macs_at_batch(without_macs, check_batch)
     if slack <= 0 or scores is None:
         return None, dict(cand.settings)
     model_layer = _layer_macs(model, input_shape)
+    fixed = without_macs["macs"] - model_layer  # restriction and checks, at batch 1 (harden's budget counts so)
     for share in BUDGET_SHARES:
-        budget = share * slack / model_layer
+        budget = (fixed + share * slack) / model_layer  # harden's budget: all it adds, at batch 1
         hard = hardening.harden(model, scores, budget=budget, calibration=calibration,
                                  input_shape=input_shape, **cand.settings)
         if hardening.protected(hard) and \
