@@ -403,12 +403,12 @@ def test_protections_face_activation_faults():
     """A hardened model's original and copies are separate outputs with their own
     faults: full TMR outvotes a single flipped value, range restriction zeroes
     a huge one, and ber = 0 stays bit-exact."""
-    from ftcnn import checkpoint, harden
+    from ftcnn import checkpoint, hardening
 
     torch.manual_seed(0)
     model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8).eval()
     x, y = data(16)
-    tmr = harden.harden(model, tmr="full").eval()
+    tmr = hardening.harden(model, tmr="full").eval()
     outputs = A.probe(tmr, x)
     assert outputs["features.0.copies"].parts == ((6, 8, 8), (6, 8, 8))
     with torch.inference_mode():
@@ -422,7 +422,7 @@ def test_protections_face_activation_faults():
     plain = A.targeted_activation_faults(A.probe(model, x), [("classifier.2", 5, 7, 30)],
                                          mode="transient", n_inputs=16)
     assert not torch.equal(hooked(model, x, plain, 16), clean)      # the same kind of flip unprotected
-    restricted = harden.harden(model, ratio=0, restrict="zero", calibration=x).eval()
+    restricted = hardening.harden(model, ratio=0, restrict="zero", calibration=x).eval()
     r_out = A.probe(restricted, x)
     hit = A.targeted_activation_faults(r_out, [("classifier.2.original", 5, 7, 30)], mode="transient",
                                        n_inputs=16)

@@ -78,15 +78,18 @@ import torch
 from torch import nn
 
 from ftcnn import faults as F
+from ftcnn import graph
 from ftcnn.metrics import METRIC_NAMES, Golden, trial_metrics
 # activations sits above trials: trials must never import it (campaign and distributed may)
-from ftcnn.trials import TrialResult, TrialRunner
+from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, TrialResult, TrialRunner
 from ftcnn.trials import prepare as prepare_parameters
 
-ACTIVATION_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-MODES = ("transient", "permanent")
-KINDS = ("flip", "stuck0", "stuck1")   # faults.flip_bits modes (stuck-at only for permanent faults)
-DTYPES = ("float32", "float16", "bfloat16")
+# the layers whose outputs are the default targets: graph.py's fault-target layers (the one model map)
+ACTIVATION_LAYER_TYPES: tuple[type[nn.Module], ...] = graph.FAULT_LAYER_TYPES
+# defined in trials (below this module: CampaignConfig checks them), named here for this module's users
+MODES = ACTIVATION_MODES
+KINDS = ACTIVATION_KINDS              # faults.flip_bits modes (stuck-at only for permanent faults)
+DTYPES = ACTIVATION_DTYPES
 BLOCK = 128                # inputs per generator: the unit a transient draw is a function of
 _DOMAIN = {"transient": 0x41435431, "permanent": 0x41435450}  # keeps these draws apart from others
 
@@ -102,16 +105,15 @@ def activation_layers(model: nn.Module, layers: Sequence[str] | None = None) -> 
     unknown name is a one-line ValueError listing the default targets); the
     root module is named ``""``.
     """
+    default = [layer.name for layer in graph.layers(model)]   # graph.py's layer walk
     if layers is None:
-        names = [name for name, m in model.named_modules() if isinstance(m, ACTIVATION_LAYER_TYPES)]
-        if not names:
+        if not default:
             raise ValueError("model has no Conv2d/Linear layer whose outputs faults could hit; name layers")
-        return names
+        return default
     modules = dict(model.named_modules())
     out: list[str] = []
     for name in layers:
         if not isinstance(name, str) or name not in modules:
-            default = [n for n, m in modules.items() if isinstance(m, ACTIVATION_LAYER_TYPES)]
             raise ValueError(f"unknown layer {name!r}; Conv2d/Linear layers are: {', '.join(default)}")
         if name not in out:
             out.append(name)

@@ -19,7 +19,7 @@ import itertools
 import math
 import sqlite3
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import distributed, progress as progress_mod, strata
+from ftcnn import activations, distributed, progress as progress_mod, strata
 from ftcnn import faults as F
 from ftcnn.distributed import Executor
 from ftcnn.metrics import (CI_BETTING, CI_STUDENT_T, SequentialEstimate, betting_ci, leveugle_sample_size,
@@ -101,9 +101,11 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     db = open_db(out, identity)
     try:
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
-            runner = prepare(model, inputs, labels, replace(config, shortcut=False, batch_trials=1))
+            runner = activations.campaign_runner(model, inputs, labels,
+                                                 replace(config, shortcut=False, batch_trials=1))
         with distributed.using_threads(config.threads if not config.parallel else None):
-            runner = runner or prepare(model, inputs, labels, config)
+            # trials.prepare for parameter faults, activations.prepare for activation faults
+            runner = runner or activations.campaign_runner(model, inputs, labels, config)
             budget = trial_budget(config, runner.memory)
             threads = torch.get_num_threads()
             with distributed.executor(model, inputs, labels, config, runner) as pool:
@@ -312,7 +314,8 @@ def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: f
         "seed": config.seed,
         "confidence": config.confidence,
         "ci_method": methods.pop() if len(methods) == 1 else "mixed (see each result)",
-        "config": {**asdict(config), **(record or {})},
+        # the fault-target fields only when not at their defaults (parameter summaries unchanged)
+        "config": {**config.recorded(), **(record or {})},
         "versions": versions(),
         "results": rows,
     }

@@ -32,9 +32,11 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ftcnn import activations, data, faults
+from ftcnn.trials import CampaignConfig
 
 MAX_BYTES = 1 << 20          # 1 MiB: a campaign is a page of settings, not data
 
@@ -334,17 +336,18 @@ def load_campaign_file(path: str | os.PathLike) -> dict[str, Any]:
     return parse_campaign(text, Path(path).resolve().parent)
 
 
-# --- mapping for the later wiring --------------------------------------------------------------------
+# --- mapping onto CampaignConfig, and ftcnn inject's flags together with a file ----------------------
 
 # file key -> CampaignConfig field, where they differ
 _CONFIG_FIELDS = {"ber": "bers", "count": "counts", "ci_half_width": "margin"}
-# keys that are not CampaignConfig fields (the CLI or the activation runner uses them)
-NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output", "target", "activation_mode", "ber_per_layer")
+# keys that are not CampaignConfig fields (the CLI uses them: what to load, where to write)
+NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output")
 
 
 def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of ``campaign.CampaignConfig`` for the keys ``cfg`` sets
-    (tuples where the config holds tuples; ``trials = "auto"`` -> None)."""
+    (tuples where the config holds tuples; ``trials = "auto"`` -> None;
+    ``[ber_per_layer]`` -> ((layer, rate), ...) pairs in name order)."""
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         if key in NOT_CONFIG:
@@ -352,7 +355,121 @@ def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         field = _CONFIG_FIELDS.get(key, key)
         if key == "trials":
             value = None if value == "auto" else value
+        elif key == "ber_per_layer":
+            value = tuple(sorted(dict(value).items()))
         elif isinstance(value, list):
             value = tuple(value)
         out[field] = value
     return out
+
+
+# ``ftcnn inject``'s parameter names where they differ from the file's keys
+CLI_NAMES = {"checkpoint_path": "checkpoint", "model_spec": "model"}
+# a flag given on the command line replaces the file's key of the same name and these keys too
+# (a --count campaign drops the file's ber; --precision drops its trials, and back)
+REPLACES = {"ber": ("count",), "count": ("ber",), "precision": ("trials", "ci_half_width"),
+            "trials": ("precision",)}
+
+
+@dataclass(frozen=True)
+class InjectSettings:
+    """What ``ftcnn inject`` runs: the campaign's configuration, what to load, where to write."""
+
+    config: CampaignConfig
+    checkpoint: str
+    output: str
+    model: str | None = None
+    data: str | None = None
+    limit: int | None = None
+    campaign_file: str | None = None
+
+
+def parse_ber_per_layer(items: Sequence[str]) -> dict[str, float]:
+    """``--ber-per-layer NAME=RATE ...`` as {layer: rate}; one line per mistake."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"--ber-per-layer takes NAME=RATE, e.g. features.0=1e-5 (got {item!r})")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ValueError(f"--ber-per-layer {item!r}: {value!r} is not a number") from None
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"--ber-per-layer {item!r}: bit error rate outside [0, 1]")
+        if name in out:
+            raise ValueError(f"--ber-per-layer names layer {name!r} twice")
+        out[name] = rate
+    return out
+
+
+def _cli_trials(value: Any) -> int | str:
+    if value in (None, "auto") or isinstance(value, int):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--trials must be a positive integer or 'auto' (got {value!r})") from None
+    if n < 1:
+        raise ValueError(f"--trials must be >= 1 (got {n})")
+    return n
+
+
+def _cli_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The command line's values under the file's key names; unset ones (None, empty lists) left out."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        key = CLI_NAMES.get(name, name)
+        if key not in KEYS or value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        if key == "trials":
+            value = _cli_trials(value)
+        elif key == "ber_per_layer":
+            value = parse_ber_per_layer(value)
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def inject_settings(params: Mapping[str, Any], given: Iterable[str] = (),
+                    campaign_file: str | os.PathLike | None = None) -> InjectSettings:
+    """``ftcnn inject``'s flags (``params``, named as its parameters), and a campaign file, as one campaign.
+
+    Without a file, the flags are the campaign. With one, the file says
+    everything it sets; a flag the user typed (``given``: parameter names)
+    overrides the file's key of the same meaning (the run's summary records the
+    configuration that ran), and the flags' defaults fill the keys the file
+    leaves out. Activation faults with a ``[ber_per_layer]`` table and no
+    ``ber``/``count`` run one campaign point, 0.0: only the listed layers, at
+    their rates. Every problem is a ValueError of one line.
+    """
+    values = _cli_values(params)
+    if campaign_file is None:
+        settings = values
+    else:
+        cfg = load_campaign_file(campaign_file)
+        typed = {CLI_NAMES.get(n, n) for n in given} & set(values)
+        dropped = set(typed) | {k for t in typed for k in REPLACES.get(t, ())}
+        settings = {**values, **{k: v for k, v in cfg.items() if k not in dropped}}
+        for key in typed:
+            settings[key] = values[key]
+        for key in {k for t in typed for k in REPLACES.get(t, ())} - typed:
+            settings.pop(key, None)
+            if key == "trials":
+                settings["trials"] = "auto"        # --precision replaces the trial budget
+    if settings.get("precision") is not None:
+        settings["trials"] = "auto"                # the stratified design sets its own trial counts
+    if settings.get("target") == "activations" and "ber" not in settings and "count" not in settings \
+            and settings.get("ber_per_layer"):
+        settings["ber"] = [0.0]                    # only the listed layers, at their rates
+    checkpoint, output = settings.get("checkpoint"), settings.get("output")
+    if checkpoint is None:
+        raise ValueError("give a CHECKPOINT, or checkpoint = \"...\" in the campaign file (--config)")
+    if output is None:
+        raise ValueError("give -o/--output, or output = \"...\" in the campaign file (--config)")
+    config = CampaignConfig(**config_kwargs(settings))
+    return InjectSettings(config, str(checkpoint), str(output), settings.get("model"), settings.get("data"),
+                          settings.get("limit"), None if campaign_file is None else os.fspath(campaign_file))

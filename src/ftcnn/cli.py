@@ -21,17 +21,17 @@ import torch
 import typer
 from rich.table import Table
 
-from ftcnn import (campaign, checkpoint, compare as compare_mod, distributed, pipeline as flows, progress,
-                   protect as protect_mod, report as report_mod, vulnerability)
+from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed, pipeline as flows,
+                   progress, protect as protect_mod, report as report_mod, vulnerability)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
 console = progress.console()  # full-width tables, no escape codes, when not a terminal
 
 # options that take several values after one flag, as in `--ber 1e-6 1e-5`
-MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--protect", "--layer-ratio"}
+MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--protect", "--layer-ratio", "--ber-per-layer"}
 # ...of them, those whose values are names (not numbers)
-NAME_VALUE_OPTIONS = {"--layers", "--protect", "--layer-ratio"}
+NAME_VALUE_OPTIONS = {"--layers", "--protect", "--layer-ratio", "--ber-per-layer"}
 
 # `--margin` meant three things (issue 11); its old spelling is accepted for one release
 MARGIN_RENAMED = {"inject": "--ci-half-width", "analyze": "--sample-margin", "harden": "--range-margin",
@@ -62,18 +62,6 @@ def _loaded(checkpoint_path: Path, model_spec: Optional[str], data: Optional[str
     net = _load_model(checkpoint_path, model_spec, data)
     _threads(threads, net)
     return net, _data_spec(data, checkpoint.meta(net))
-
-
-def _parse_trials(trials: str) -> Optional[int]:
-    if trials == "auto":
-        return None
-    try:
-        n = int(trials)
-    except ValueError:
-        raise ValueError(f"--trials must be a positive integer or 'auto' (got {trials!r})") from None
-    if n < 1:
-        raise ValueError(f"--trials must be >= 1 (got {n})")
-    return n
 
 
 def _parse_layer_ratios(items: List[str]) -> dict:
@@ -369,7 +357,12 @@ def pipeline(
 
 @app.command()
 def inject(
-    checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
+    ctx: typer.Context,
+    checkpoint_path: Optional[Path] = typer.Argument(None, metavar="[CHECKPOINT]",
+                                                     help="model to attack (or checkpoint = ... in --config)"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="a campaign file (TOML, see "
+                                               "examples/campaign.toml) that says the whole campaign; "
+                                               "flags given here override its keys"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4"),
@@ -381,13 +374,21 @@ def inject(
                                         "of the accuracy CI (was --margin)"),
     confidence: float = typer.Option(0.95, help="level of every reported CI"),
     seed: int = typer.Option(0),
-    dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8"),
+    dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8 "
+                              "(activations: float32, float16, bfloat16)"),
     bits: List[int] = typer.Option([], help="only these bit positions (default: all)"),
-    mode: str = typer.Option("flip", help="flip, stuck0 or stuck1"),
+    mode: str = typer.Option("flip", help="fault mode: " + ", ".join(campaign_file.FAULT_MODES)
+                             + " (activations: flip; stuck0/stuck1 with --activation-mode permanent)"),
     include_bn: bool = typer.Option(False, help="also inject into BatchNorm affine parameters"),
     attack_protection: bool = typer.Option(True, help="also inject into the float values protections add "
                                            "(correction and restriction bounds); reported in the summary"),
     layers: List[str] = typer.Option([], help="only these layers (module names)"),
+    target: str = typer.Option("parameters", help="what faults hit: parameters (weight memory) or "
+                               "activations (layer outputs)"),
+    activation_mode: str = typer.Option("transient", help="with --target activations: transient (each "
+                                        "value, each inference) or permanent (same sites for every input)"),
+    ber_per_layer: List[str] = typer.Option([], "--ber-per-layer", help="with --target activations: "
+                                            "NAME=RATE ..., these layers take this rate at every point"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N test inputs"),
     batch_size: int = typer.Option(1000, min=1),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... (same results within float tolerance)"),
@@ -402,30 +403,29 @@ def inject(
                                               "accuracy CI half-width is at most this (e.g. 0.01), per BER point; "
                                               "replaces --trials"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
-    output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (resumed if it exists; "
+                                          "or output = ... in --config)"),
 ) -> None:
     """Run (or resume) a statistical fault-injection campaign.
 
     Example: ftcnn inject lenet5.pt --data mnist5k --ber 1e-6 1e-5 1e-4 --trials 100 --seed 0 -o runs/inj
 
+    Activation faults: ftcnn inject lenet5.pt --target activations --ber 1e-5 1e-4 -o runs/act
+
+    One reviewable file: ftcnn inject --config examples/campaign.toml (flags given override its keys)
+
     Faster, same numbers: --workers 2, --ray, --ray-address HOST:6379, --batch-trials 8 --device cuda
     """
-    _check_device(device)
-    # the campaign API (and its stored identity) keeps the field name `margin`
-    config = campaign.CampaignConfig(
-        bers=tuple(ber), counts=tuple(count), trials=None if precision else _parse_trials(trials),
-        margin=ci_half_width, precision=precision, threads=threads,
-        confidence=confidence, seed=seed, dtype=dtype, bits=tuple(bits) or None, mode=mode,
-        include_bn=include_bn, attack_protection=attack_protection, layers=tuple(layers) or None,
-        batch_size=batch_size,
-        shortcut=shortcut, batch_trials=batch_trials, workers=workers, ray=ray,
-        ray_address=ray_address, device=device)
-    model = _load_model(checkpoint_path, model_spec, data).to(device)
-    _threads(threads, model, workers)
-    spec = _data_spec(data, checkpoint.meta(model))
-    summary = flows.inject_checkpoint(model, spec, config, output, limit=limit, source=str(checkpoint_path))
+    # the flags the user typed (they override a campaign file's keys); the mapping is campaign_file's
+    typed = [name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+    run = campaign_file.inject_settings(ctx.params, typed, config_file)
+    _check_device(run.config.device)
+    model = _load_model(Path(run.checkpoint), run.model, run.data).to(run.config.device)
+    _threads(run.config.threads, model, run.config.workers)
+    spec = _data_spec(run.data, checkpoint.meta(model))
+    summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit, source=run.checkpoint)
     console.print(campaign.format_table(summary))
-    console.print(f"results: {output}/summary.json")
+    console.print(f"results: {run.output}/summary.json")
 
 
 # --- compare, report, demo -------------------------------------------------------------------------
@@ -451,6 +451,9 @@ def compare(
     finetune_epochs: int = typer.Option(2, min=0),
     report_ber: Optional[float] = typer.Option(None, help="BER of the overview table and overhead plot"),
     variants: Optional[str] = typer.Option(None, help="comma-separated subset of variants"),
+    target: str = typer.Option("parameters", help="what faults hit: parameters (weight memory) or activations "
+                               "(transient flips in every Conv2d/Linear output, a protection's copies included; "
+                               "bit sensitivity: one flip per inference)"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
@@ -464,6 +467,8 @@ def compare(
       ftcnn compare lenet5.pt --data mnist5k -o runs/cmp
 
       ftcnn compare --model vgg11 --width 0.25 --data mnist5k --trials 20 -o runs/cmp_vgg
+
+      ftcnn compare lenet5.pt --target activations --variants baseline,restrict -o runs/cmp_act
     """
     if checkpoint_path is None and model is None:
         raise ValueError("give a CHECKPOINT, or --model to train one first")
@@ -476,7 +481,7 @@ def compare(
         **({"bers": tuple(ber)} if ber else {}), trials=trials, seed=seed, harden_ratio=harden_ratio,
         prune_ratio=prune_ratio, restrict=restrict, margin=range_margin, finetune_epochs=finetune_epochs,
         bit_trials=bit_trials, **({"bits": tuple(bits)} if bits else {}), report_ber=report_ber,
-        variants=tuple(v.strip() for v in variants.split(",")) if variants else None)
+        variants=tuple(v.strip() for v in variants.split(",")) if variants else None, target=target)
     summary = compare_mod.compare_run(net, spec, output, config, builder=model, epochs=epochs, width=width,
                                       seed=seed, threads=threads, allow_builder=model,
                                       source=None if checkpoint_path is None else str(checkpoint_path))

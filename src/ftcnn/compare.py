@@ -29,6 +29,7 @@ from ftcnn.campaign import CampaignConfig, run_campaign
 from ftcnn.pipeline import KEY_SUFFIX, is_current, key_path, store_key  # noqa: F401  (kept importable from here)
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
+TARGETS = ("parameters", "activations")
 # how the calibration inputs are picked (``splits.calibration_subset``), recorded in variant keys
 CALIBRATION_RULE = "randperm(seed)[:calibration_size]"
 
@@ -86,8 +87,13 @@ class CompareConfig:
     report_ber: float | None = None
     variants: tuple[str, ...] | None = None
     latency_repeats: int = 20
+    # what faults hit (issue 14): "parameters" (weight memory, copies and protection bounds included)
+    # or "activations" (transient flips in every Conv2d/Linear output, a protection's copies included)
+    target: str = "parameters"
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
         for b in self.bers:
             if not 0 <= b <= 1:
                 raise ValueError(f"bit error rate {b} outside [0, 1]")
@@ -95,6 +101,18 @@ class CompareConfig:
             raise ValueError("trials must be >= 1 and bit trials >= 0")
         if not 0 <= self.harden_ratio <= 1 or not 0 <= self.prune_ratio < 1:
             raise ValueError("ratios must lie in [0, 1]")
+
+    def recorded(self) -> dict[str, Any]:
+        """``asdict`` for summary.json: ``target`` only when not "parameters" (summaries of parameter
+        comparisons stay as they were; ``report`` reads ``config.get("target")``)."""
+        d = asdict(self)
+        if d["target"] == "parameters":
+            d.pop("target")
+        return d
+
+    def campaign_target(self) -> dict[str, Any]:
+        """CampaignConfig keywords of the fault target: none for parameters (identities unchanged)."""
+        return {} if self.target == "parameters" else {"target": self.target}
 
     @property
     def chosen_report_ber(self) -> float:
@@ -215,14 +233,24 @@ def _campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignCon
 
 def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig,
                      folder: Path, digests: tuple[str, str] | None = None, name: str = "") -> dict[str, float]:
-    """Critical-SDC rate of exactly one flip at each bit position (uniform over the memory)."""
+    """Critical-SDC rate of exactly one flip at each bit position (uniform over the memory).
+
+    Against activation faults: one flip per inference, at a site drawn uniformly over every
+    Conv2d/Linear output value (a protection's copies included) at that bit, the same site for
+    every input of the trial (``activation_mode="permanent"``, count 1); each trial draws another
+    site. So, as for parameters, a trial's critical-SDC share is that of one single flip over the
+    test inputs (a transient count of 1 would hit one input of the whole split and say nothing).
+    """
     out: dict[str, float] = {}
     if config.bit_trials == 0:
         return out
     digests = digests or (fingerprint.model_digest(net), fingerprint.data_digest(x, y))
     said = False
+    target = config.campaign_target()
+    if target:
+        target["activation_mode"] = "permanent"
     for bit in config.bits:
-        cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,))
+        cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,), **target)
         s, differences = _campaign(net, x, y, cfg, folder / f"bit{bit:02d}", digests, None, progress=False)
         if differences and not said:  # one line per variant, not one per bit
             _log(f"recomputing bit sensitivity of {name or folder.name}: {'; '.join(differences)}")
@@ -293,7 +321,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
                              {"model": digests[variant.name], "test data": test_digest},
                              f"clean accuracy of {variant.name}",
                              lambda: {"accuracy": train.evaluate(net, test_set)})["accuracy"]
-        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed)
+        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, **config.campaign_target())
         summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
                                (digests[variant.name], test_digest), f"campaign of {variant.name}",
                                record={"variant": variant.name, "data": data_spec})
@@ -313,7 +341,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         "data": data_spec, "inputs": len(x_test),
         "golden_accuracy": rows[0]["golden_accuracy"] if rows else None,
         "report_ber": config.chosen_report_ber,
-        "config": {**asdict(config), **(record or {})},
+        "config": {**config.recorded(), **(record or {})},
         "digests": {"model": model_digest, "train data": train_digest, "test data": test_digest},
         "versions": campaign.versions(),
         "variants": rows,

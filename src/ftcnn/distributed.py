@@ -30,7 +30,8 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner, prepare
+from ftcnn import activations
+from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner
 
 Task = tuple[float, int]
 IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver
@@ -139,7 +140,7 @@ def _init_worker(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     global _RUNNER
     torch.set_num_threads(threads)
     model, inputs, labels = copy.deepcopy(model), inputs.clone(), labels.clone()
-    _RUNNER = prepare(model, inputs, labels, _worker_config(config))
+    _RUNNER = activations.campaign_runner(model, inputs, labels, _worker_config(config))
 
 
 def _init_from_bytes(payload: bytes, threads: int) -> None:

@@ -800,7 +800,9 @@ def _definitions(summary: dict[str, Any]) -> str:
          "two-sided p, the exact sign test's p (zero differences dropped), and Holm's adjustment of the t "
          "p-values over all variants compared."),
         ("Critical flip (bit sensitivity)", "a single bit flip at the given bit position of a uniformly drawn "
-         "parameter of the variant's memory that turns at least one correctly classified test input wrong. "
+         + ("value of the variant's layer outputs (the same value in every inference of the trial: one flip "
+            "per inference)" if _activation_faults(summary) else "parameter of the variant's memory")
+         + " that turns at least one correctly classified test input wrong. "
          f"Its share has a Wilson score interval at {level_txt}; with fewer than {MIN_FLIPS} flips a share "
          "means little and is marked. The mean critical-SDC share per flip (severity) is in the table."),
         ("Pareto front", "the variants no other variant dominates: none is at most as costly and at least as "

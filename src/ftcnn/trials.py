@@ -20,7 +20,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,12 @@ class CampaignConfig:
     cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES  # golden activations kept by the shortcut
     # torch intra-op threads of the whole run, split among workers (None: distributed.default_threads)
     threads: int | None = None
+    # what faults hit (issue 14): "parameters" (the weight memory) or "activations" (layer outputs,
+    # ``ftcnn.activations``); for activations, "transient" (per value per inference) or "permanent"
+    # faults, and per-layer rates that replace the swept one in the named layers: ((layer, rate), ...)
+    target: str = "parameters"
+    activation_mode: str = "transient"
+    ber_per_layer: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if bool(self.bers) == bool(self.counts):
@@ -100,6 +106,50 @@ class CampaignConfig:
                 raise ValueError(f"precision must lie in (0, 1) (got {self.precision})")
             if not self.bers:
                 raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
+        self._check_target()
+
+    def _check_target(self) -> None:
+        if isinstance(self.ber_per_layer, Mapping):  # {layer: rate} from the API: pairs, in name order
+            object.__setattr__(self, "ber_per_layer", tuple(sorted(self.ber_per_layer.items())))
+        elif isinstance(self.ber_per_layer, (list, tuple)):
+            pairs = [tuple(p) if isinstance(p, list) else p for p in self.ber_per_layer]
+            object.__setattr__(self, "ber_per_layer", tuple(sorted(
+                pairs, key=lambda p: str(p[0]) if isinstance(p, tuple) and p else "")))
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.activation_mode not in ACTIVATION_MODES:
+            raise ValueError(f"unknown activation fault mode {self.activation_mode!r}; "
+                             f"choose from {', '.join(ACTIVATION_MODES)}")
+        if isinstance(self.ber_per_layer, (str, bytes)) or not isinstance(self.ber_per_layer, tuple):
+            raise ValueError("ber_per_layer must be a tuple of (layer name, rate) pairs")
+        seen: set[str] = set()
+        for pair in self.ber_per_layer:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]):
+                raise ValueError(f"ber_per_layer entries are (layer name, rate) pairs, not {pair!r}")
+            name, rate = pair
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                raise ValueError(f"bit error rate {rate!r} of layer {name!r} outside [0, 1]")
+            if name in seen:
+                raise ValueError(f"layer {name!r} appears twice in ber_per_layer")
+            seen.add(name)
+        if self.target == "parameters":
+            if self.activation_mode != "transient" or self.ber_per_layer:
+                raise ValueError("activation mode and per-layer rates apply to activation faults only "
+                                 "(target \"activations\")")
+            return
+        if self.ber_per_layer and self.counts:
+            raise ValueError("per-layer rates need fault rates (ber), not exact counts")
+        if self.precision is not None:
+            raise ValueError("--precision (stratified trials) is for parameter faults; use --trials")
+        if self.include_bn:
+            raise ValueError("--include-bn is for parameter faults; name BatchNorm modules in --layers instead")
+        if self.dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"activation faults hit {', '.join(ACTIVATION_DTYPES)} values, not {self.dtype}")
+        if self.activation_mode == "transient" and self.mode != "flip":
+            raise ValueError("transient activation faults are bit flips; stuck-at faults need "
+                             "--activation-mode permanent")
+        if self.mode not in ACTIVATION_KINDS:
+            raise ValueError(f"activation faults take modes {', '.join(ACTIVATION_KINDS)}, not {self.mode}")
 
     @property
     def by(self) -> str:
@@ -112,15 +162,35 @@ class CampaignConfig:
     def identity(self) -> dict[str, Any]:
         """The settings trial results depend on: all but the trial budget (which a
         resumed run may extend) and the execution settings (exact, see above)."""
-        d = asdict(self)
+        d = self.recorded()
         for key in ("trials", "margin", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
             d.pop(key)
+        return d
+
+    def recorded(self) -> dict[str, Any]:
+        """``asdict`` without the fault-target fields for parameter faults (where they are at their
+        defaults): a parameter campaign's identity and stored config are what they were before
+        activation faults existed (run folders made then resume, numbers stay byte-identical);
+        an activation campaign records all three."""
+        d = asdict(self)
+        if self.target == TARGET_DEFAULTS["target"]:
+            for key in TARGET_DEFAULTS:
+                d.pop(key)
         return d
 
     @property
     def parallel(self) -> bool:
         return self.workers > 1 or self.ray or self.ray_address is not None
 
+
+# what faults hit; the activation settings are defined here, where CampaignConfig checks them
+# (``ftcnn.activations`` sits above this module, takes them from here, and is never imported by it)
+TARGETS = ("parameters", "activations")
+ACTIVATION_MODES = ("transient", "permanent")
+ACTIVATION_KINDS = ("flip", "stuck0", "stuck1")
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+# the fault-target fields' defaults: left out of parameter campaigns' identities and stored configs
+TARGET_DEFAULTS: dict[str, Any] = {"target": "parameters", "activation_mode": "transient", "ber_per_layer": ()}
 
 # settings that change how fast trials run, never their results
 EXECUTION_FIELDS = ("batch_size", "skip_fault_free", "shortcut", "batch_trials", "workers", "ray",
