@@ -162,36 +162,20 @@ def probe(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str] | None =
     for one input, from one forward of ``inputs[:1]``. Plans are drawn from
     this, so it is computed once per campaign, not per trial."""
     names = activation_layers(model, layers)
-    seen: dict[str, LayerOutput] = {}
-    handles = []
+    outputs = graph.first_outputs(model, names, lambda: model(inputs[:1]))
+    return {name: _layer_output(name, output) for name, output in outputs.items()}
 
-    def hook(name: str):
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            if name in seen:
-                return
-            parts = _tensors(output, name)
-            dtypes = {t.dtype for t in parts}
-            if len(dtypes) != 1:
-                raise ValueError(f"layer {name!r} returns tensors of several dtypes")
-            for t in parts:
-                if t.dim() == 0 or t.shape[0] != 1:
-                    raise ValueError(f"layer {name!r} output has no batch dimension first "
-                                     f"(shape {tuple(t.shape)} for one input)")
-            seen[name] = LayerOutput(tuple(tuple(t.shape[1:]) for t in parts),
-                                     _dtype_name(parts[0].dtype, name))
-        return record
 
-    try:
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
-        model(inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in seen]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not called by the model's forward")
-    return {n: seen[n] for n in names}
+def _layer_output(name: str, output: Any) -> LayerOutput:
+    """Shape (per input) and dtype of one layer's output for one input, checked."""
+    parts = _tensors(output, name)
+    if len({t.dtype for t in parts}) != 1:
+        raise ValueError(f"layer {name!r} returns tensors of several dtypes")
+    for t in parts:
+        if t.dim() == 0 or t.shape[0] != 1:
+            raise ValueError(f"layer {name!r} output has no batch dimension first "
+                             f"(shape {tuple(t.shape)} for one input)")
+    return LayerOutput(tuple(tuple(t.shape[1:]) for t in parts), _dtype_name(parts[0].dtype, name))
 
 
 def layer_bers(names: Sequence[str], ber: float | Mapping[str, float],
@@ -276,15 +260,6 @@ class ActivationPlan:
         return self.dtype is not None and _TORCH_DTYPE[self.dtype] != output_dtype
 
 
-def _allowed_bits(width: int, bits: Sequence[int] | None) -> np.ndarray:
-    if bits is None:
-        return np.arange(width, dtype=np.int64)
-    allowed = np.unique(np.asarray(list(bits), dtype=np.int64))
-    if allowed.size == 0 or allowed.min() < 0 or allowed.max() >= width:
-        raise ValueError(f"bit positions must lie in [0, {width})")
-    return allowed
-
-
 def _key(value: str) -> int:
     return int.from_bytes(hashlib.sha256(value.encode()).digest()[:8], "little")
 
@@ -343,7 +318,7 @@ def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | M
     for name, out in outputs.items():
         rate = rates[name]
         width = F.bit_width(_TORCH_DTYPE[dtype or out.dtype])
-        allowed = _allowed_bits(width, bits)
+        allowed = F.bit_positions(width, bits)
         nb = len(allowed)
         per_input = out.numel * nb
         empty = np.zeros(0, dtype=np.int64)
@@ -378,7 +353,7 @@ def _draw_count(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int | 
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"fault count {count!r} must be an integer >= 0")
     names = list(outputs)
-    widths = [_allowed_bits(F.bit_width(_TORCH_DTYPE[dtype or outputs[n].dtype]), bits) for n in names]
+    widths = [F.bit_positions(F.bit_width(_TORCH_DTYPE[dtype or outputs[n].dtype]), bits) for n in names]
     inputs = n_inputs if mode == "transient" else 1
     sizes = np.array([outputs[n].numel * len(w) * inputs for n, w in zip(names, widths)], dtype=np.int64)
     total = int(sizes.sum())
@@ -622,7 +597,7 @@ class ActivationRunner:
     def total_bits(self) -> int:
         """The fault space of one trial (Leveugle's population): every bit of every
         hooked value of every input (transient) or of one input (permanent)."""
-        per_input = sum(o.numel * len(_allowed_bits(F.bit_width(_TORCH_DTYPE[self.dtype or o.dtype]), self.bits))
+        per_input = sum(o.numel * len(F.bit_positions(F.bit_width(_TORCH_DTYPE[self.dtype or o.dtype]), self.bits))
                         for o in self.outputs.values())
         return per_input * (len(self.inputs) if self.mode == "transient" else 1)
 
@@ -692,12 +667,7 @@ def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         return prepare_parameters(model, inputs, labels, config)
     if target != "activations":
         raise ValueError(f"unknown fault target {target!r}; choose from parameters, activations")
-    if config.precision is not None:
-        raise ValueError("--precision (stratified trials) is for parameter faults; use --trials")
-    if config.include_bn:
-        raise ValueError("--include-bn is for parameter faults; name BatchNorm modules in --layers instead")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"activation faults hit {', '.join(DTYPES)} values, not {config.dtype}")
+    # the rest of the settings were checked by CampaignConfig (precision, include_bn, dtype)
     return prepare(model, inputs, labels, layers=config.layers,
                    mode=getattr(config, "activation_mode", "transient"), kind=config.mode, bits=config.bits,
                    dtype=None if config.dtype == "float32" else config.dtype, seed=config.seed,

@@ -383,19 +383,21 @@ def drawn_faults(sites: Mapping[str, tuple[np.ndarray, np.ndarray]], mode: str,
                                 for name, (index, _) in sites.items()})
 
 
-def allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.ndarray:
-    """The bit positions faults may hit: ``bits`` (sorted, checked against the format's
-    width), or every bit of the storage format when None."""
-    width = memory.bits_per_element
+def bit_positions(width: int, bits: Sequence[int] | None, what: str = "") -> np.ndarray:
+    """The bit positions faults may hit in a ``width``-bit value: ``bits`` (sorted,
+    checked against the width), or every bit when None. Parameter and activation
+    faults share this one rule."""
     if bits is None:
         return np.arange(width, dtype=np.int64)
     allowed = np.unique(np.asarray(list(bits), dtype=np.int64))
     if allowed.size == 0 or allowed.min() < 0 or allowed.max() >= width:
-        raise ValueError(f"bit positions must lie in [0, {width}) for {memory.dtype}")
+        raise ValueError(f"bit positions must lie in [0, {width}){' for ' + what if what else ''}")
     return allowed
 
 
-_allowed_bits = allowed_bits  # the old private name, until its last caller (vulnerability) moves
+def allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.ndarray:
+    """The bit positions faults may hit in ``memory``'s storage format (see :func:`bit_positions`)."""
+    return bit_positions(memory.bits_per_element, bits, memory.dtype)
 
 
 def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float | None = None,

@@ -46,7 +46,7 @@ import inspect
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -202,6 +202,29 @@ def layers(model: nn.Module) -> list[Layer]:
 
 
 # --- the torch.fx graph ------------------------------------------------------------------
+
+def first_outputs(model: nn.Module, names: Sequence[str], run: Callable[[], Any]) -> dict[str, Any]:
+    """What each named submodule returns the first time it is called while ``run()``
+    runs (forward hooks, always removed): the one way ftcnn looks at layer outputs
+    without tracing. A ValueError names a module the forward never calls."""
+    seen: dict[str, Any] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            seen.setdefault(name, output)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not called by the model's forward")
+    return {n: seen[n] for n in names}
+
 
 class _ProtectionLeafTracer(fx.Tracer):
     """Keeps protection modules with attackable values (``protection_buffers``:

@@ -685,24 +685,11 @@ def select_by_ratio(scores: Mapping[str, np.ndarray], ratio: float) -> dict[str,
 def channel_macs(model: nn.Module, layers: Mapping[str, nn.Module], input_shape: Sequence[int]
                  ) -> dict[str, int]:
     """MACs of one output channel of each layer for one input (a copy costs that)."""
-    positions: dict[str, int] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            positions[name] = output[:1].numel() // _out_channels(module)
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            _eval_forward(model, torch.zeros((1, *input_shape), device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in layers if n not in positions]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} is not used by the model's forward")
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        outputs = graph.first_outputs(model, list(layers),
+                                      lambda: _eval_forward(model, torch.zeros((1, *input_shape), device=device)))
+    positions = {n: outputs[n][:1].numel() // _out_channels(m) for n, m in layers.items()}
     return {n: positions[n] * (m.weight[0].numel()) for n, m in layers.items()}
 
 
