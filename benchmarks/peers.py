@@ -261,7 +261,7 @@ def bench_precision(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     table: dict[str, dict[float, tuple[int, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tool, settings in (("ftcnn --precision", {"precision": args.precision}),
-                               ("ftcnn --trials auto", {"margin": args.precision})):
+                               ("ftcnn --trials auto", {"ci_half_width": args.precision})):
             if tool == "ftcnn --trials auto" and "ftcnn-auto" not in args.tools:
                 continue
             table[tool] = {}

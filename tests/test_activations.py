@@ -539,7 +539,7 @@ def test_a_campaign_runs_on_activation_faults(tmp_path):
                                     seed=2, trial=t)["accuracy"] for t in range(6)])
     assert by_ber[1e-3]["trials"] == 6 and by_ber[1e-3]["accuracy_mean"] == pytest.approx(expected, abs=1e-12)
     assert summary["memory"]["fault_target_bits"] == runner.total_bits()
-    auto = config(bers=(1e-3,), trials=None, margin=0.1, seed=2)
+    auto = config(bers=(1e-3,), trials=None, ci_half_width=0.1, seed=2)
     summary = campaign.run_campaign(model, x, y, auto, tmp_path / "auto",
                                     runner=A.campaign_runner(model, x, y, auto), progress=False)
     assert summary["results"][0]["ci_method"] == "betting confidence sequence"

@@ -154,7 +154,7 @@ def test_sigkilled_campaign_resumes_to_the_same_summary(tiny_model, tiny_data, t
 
 def test_auto_trials_stop_when_ci_is_narrow(tiny_model, tiny_data, tmp_path) -> None:
     x, y = tiny_data
-    config = C.CampaignConfig(bers=(0.0, 1e-2), trials=None, margin=0.05, seed=0)
+    config = C.CampaignConfig(bers=(0.0, 1e-2), trials=None, ci_half_width=0.05, seed=0)
     s = C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False)
     zero, noisy = s["results"]
     # no fault: identical trials (std 0) must not stop the run at the minimum (the old t-rule did)

@@ -53,7 +53,7 @@ def test_example_maps_onto_campaign_config():
 
     cfg = CF.load_campaign_file(EXAMPLE)
     config = campaign.CampaignConfig(**CF.config_kwargs(cfg))
-    assert config.bers == (1e-6, 1e-5, 1e-4) and config.trials is None and config.margin == 0.01
+    assert config.bers == (1e-6, 1e-5, 1e-4) and config.trials is None and config.ci_half_width == 0.01
     assert config.layers == ("features.0", "features.3", "classifier.0", "classifier.2", "classifier.4")
 
 

@@ -40,7 +40,7 @@ def test_two_workers_give_the_sequential_summary(tiny_model, tiny_data, tmp_path
 
 
 def test_auto_trials_with_workers_stop_where_the_sequential_run_stops(tiny_model, tiny_data, tmp_path) -> None:
-    kw = dict(bers=(0.0, 1e-2), trials=None, margin=0.05, seed=0)
+    kw = dict(bers=(0.0, 1e-2), trials=None, ci_half_width=0.05, seed=0)
     one = _run(tiny_model, tiny_data, tmp_path / "one", **kw)
     two = _run(tiny_model, tiny_data, tmp_path / "two", workers=2, **kw)
     assert two["results"] == one["results"]

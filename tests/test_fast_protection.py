@@ -197,9 +197,9 @@ def test_shortcut_equals_plain_path_full_tmr_and_partial(tmp_path) -> None:
 def test_onnx_export_matches_eager(tmp_path) -> None:
     model = model_28("lenet5")
     x = torch.randn(16, 1, 28, 28)
-    for kw in (dict(tmr="full"), dict(ratio=0.0, check_weights="zero", restrict="zero", calibration=x, margin=0.1),
+    for kw in (dict(tmr="full"), dict(ratio=0.0, check_weights="zero", restrict="zero", calibration=x, range_margin=0.1),
                dict(scores=random_scores(model), ratio=0.1, correction="min", restrict="clamp", calibration=x,
-                    margin=0.1)):
+                    range_margin=0.1)):
         hm = H.harden(model, **kw)
         path = tmp_path / "m.onnx"
         H.export_onnx(hm, path, (1, 28, 28))

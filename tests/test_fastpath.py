@@ -96,7 +96,7 @@ def test_batched_logits_equal_one_at_a_time(digits) -> None:
 
 def test_auto_trials_unaffected(tiny_model, tiny_data, tmp_path) -> None:
     x, y = tiny_data
-    base = dict(bers=(1e-3, 1e-2), trials=None, margin=0.05, seed=0)
+    base = dict(bers=(1e-3, 1e-2), trials=None, ci_half_width=0.05, seed=0)
     plain = C.run_campaign(tiny_model, x, y, C.CampaignConfig(**base, **PLAIN), tmp_path / "p", progress=False)
     fast = C.run_campaign(tiny_model, x, y, C.CampaignConfig(**base, batch_trials=5), tmp_path / "f",
                           progress=False)

@@ -195,7 +195,7 @@ def test_min_weakness_huge_negative_in_original() -> None:
         # a margin, so that test values just beyond the 64 calibration inputs' range still count
         # as in range (without one, range keeps the copy there as the one nearer the range;
         # tests/test_honest_memory.py checks margin 0)
-        hm = H.harden(model, random_scores(model), ratio=0.5, correction=rule, calibration=calib, margin=0.5)
+        hm = H.harden(model, random_scores(model), ratio=0.5, correction=rule, calibration=calib, range_margin=0.5)
         ch = int(hm[2].correction.index[0])
         with _flip(hm, "2.original.weight", _negative_weight(hm[2].original.weight, ch)):
             out = hm[2](inp)[:, ch]
@@ -240,7 +240,7 @@ def test_restriction(mode: str) -> None:
     x = torch.randn(32, 1, 8, 8)
     calib = torch.randn(256, 1, 8, 8)
     golden = model(x)
-    hm = H.harden(model, ratio=0.0, restrict=mode, margin=1.0, calibration=calib)
+    hm = H.harden(model, ratio=0.0, restrict=mode, range_margin=1.0, calibration=calib)
     assert torch.equal(hm(x), golden)  # fault-free, wide margin: exact on unseen inputs
     layer = hm[2]
     inp = model[:2](x)

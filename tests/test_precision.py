@@ -89,7 +89,7 @@ def _coverage(runner: C.TrialRunner, p: dict[str, object], ber: float, runs: int
     reference = p["reference"]
     ref_mean, ref_std, (ref_low, ref_high) = mean_ci(reference.tolist(), CONFIDENCE)
     # plain --trials auto on the same precision, on the plain reference's trials
-    auto_config = C.CampaignConfig(bers=(ber,), trials=None, margin=PRECISION, confidence=CONFIDENCE)
+    auto_config = C.CampaignConfig(bers=(ber,), trials=None, ci_half_width=PRECISION, confidence=CONFIDENCE)
     rng = np.random.default_rng(7)
     autos = [C.auto_stop(iter(reference[rng.integers(0, len(reference), 20_000)].tolist()), auto_config, budget)
              for _ in range(40)]

@@ -70,7 +70,7 @@ def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
     net = checkpoint.build("lenet5", num_classes=info.num_classes, in_channels=info.in_channels,
                            input_size=info.input_size)
     train_set = data.load("digits", "train")
-    config = compare.CompareConfig(seed=2, margin=0.1, calibration_size=300)
+    config = compare.CompareConfig(seed=2, range_margin=0.1, calibration_size=300)
     variant = next(v for v in compare.default_variants() if v.name == "restrict")
     built = compare.build_variant(variant, net, {"layers": {}}, train_set, config,
                                   tuple(train_set.tensors[0].shape[1:]), tmp_path)
@@ -95,6 +95,24 @@ def test_harden_keeps_the_old_margin_keyword_for_one_release():
     assert fingerprint.model_digest(old) == fingerprint.model_digest(new)
     assert fingerprint.model_digest(new) != fingerprint.model_digest(
         hardening.harden(net, ratio=0.0, restrict="clamp", calibration=x))
+
+
+def test_the_old_margin_names_of_the_configs_and_of_fi_work_for_one_release(tiny_model, tiny_data):
+    """Issue 11: ``margin`` meant three things; each now has its own name, and the old keyword still
+    works (same result) with a DeprecationWarning for one release."""
+    from ftcnn import campaign, compare, vulnerability
+
+    with pytest.warns(DeprecationWarning, match="ci_half_width"):
+        old = campaign.CampaignConfig(bers=(1e-3,), trials=None, margin=0.03)
+    assert old == campaign.CampaignConfig(bers=(1e-3,), trials=None, ci_half_width=0.03)
+    assert "margin" not in old.recorded() and old.recorded()["ci_half_width"] == 0.03
+    with pytest.warns(DeprecationWarning, match="range_margin"):
+        assert compare.CompareConfig(margin=0.3).range_margin == 0.3
+    x, y = tiny_data
+    new = vulnerability.analyze(tiny_model, x[:8], y[:8], "fi", samples=8, sample_margin=0.2)
+    with pytest.warns(DeprecationWarning, match="sample_margin"):
+        old_fi = vulnerability.analyze(tiny_model, x[:8], y[:8], "fi", samples=8, margin=0.2)
+    assert old_fi["layers"] == new["layers"] and old_fi["settings"]["sample_margin"] == 0.2
 
 
 def test_pareto_flags_on_a_hand_made_example():

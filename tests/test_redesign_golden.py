@@ -25,15 +25,20 @@ VOLATILE = ("seconds", "latency", "time", "version", "path", "checkpoint", "crea
             "command", "argv", "cwd")
 
 
-# JSON keys the redesign renamed on purpose (one name per idea, issue 11): old path fragment -> new.
-# Only names may change this way; every value is still compared exactly.
-RENAMED: dict[str, str] = {"/hardening/margin": "/hardening/range_margin"}  # `ftcnn harden`'s record
+# JSON keys the redesign renamed on purpose (one name per idea, issue 11), per part: old path -> new.
+# Only names may change this way; every value is still compared exactly. `margin` meant three things:
+# a CI half-width (inject), a range widening (harden, compare) and Leveugle's margin (analyze fi).
+RENAMED: dict[str, dict[str, str]] = {
+    "restricted": {"/hardening/margin": "/hardening/range_margin"},  # `ftcnn harden`'s record
+    "hardened": {"/hardening/margin": "/hardening/range_margin"},
+    "inject": {"/config/margin": "/config/ci_half_width"},
+    "inject_hardened": {"/config/margin": "/config/ci_half_width"},  # the checkpoint's transform keeps "margin"
+    "compare": {"/config/margin": "/config/range_margin"},
+}
 
 
-def renamed(key: str) -> str:
-    for old, new in RENAMED.items():
-        key = key.replace(old, new)
-    return key
+def renamed(part: str, key: str) -> str:
+    return RENAMED.get(part, {}).get(key, key)
 
 
 def numbers(blob, prefix: str = "") -> dict[str, object]:
@@ -105,7 +110,7 @@ def test_numbers_are_byte_identical_to_the_pre_redesign_ones(observed) -> None:
     if golden["torch"]["version"] != observed["torch"]["version"]:
         pytest.skip(f"golden numbers were recorded with torch {golden['torch']['version']}")
     for part in golden:
-        golden[part] = {renamed(k): v for k, v in golden[part].items()}
+        golden[part] = {renamed(part, k): v for k, v in golden[part].items()}
         assert set(observed[part]) == set(golden[part]), part
         diff = {k: (golden[part][k], observed[part][k]) for k in golden[part]
                 if json.dumps(golden[part][k]) != json.dumps(observed[part][k])}

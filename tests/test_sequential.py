@@ -38,7 +38,7 @@ def digits_runner(one_thread) -> C.TrialRunner:
                            input_size=info.input_size)
     train.fit(net, data.load("digits", "train"), epochs=5, seed=0, progress=False)
     x, y = C.stack_dataset(data.load("digits", "test"))
-    return C.prepare(net, x, y, C.CampaignConfig(bers=(BER,), trials=None, margin=MARGIN, seed=0))
+    return C.prepare(net, x, y, C.CampaignConfig(bers=(BER,), trials=None, ci_half_width=MARGIN, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def pool(digits_runner) -> np.ndarray:
 
 
 def _auto_config() -> C.CampaignConfig:
-    return C.CampaignConfig(bers=(BER,), trials=None, margin=MARGIN, confidence=CONFIDENCE)
+    return C.CampaignConfig(bers=(BER,), trials=None, ci_half_width=MARGIN, confidence=CONFIDENCE)
 
 
 def _resampled(pool: np.ndarray, k: int) -> Iterator[float]:
@@ -170,7 +170,7 @@ def test_resumed_auto_campaign_recomputes_the_same_stop(tiny_model, tiny_data, t
     """The stop is a pure function of the committed trials in order: running again in the same
     folder, or in rounds of several trials, gives the same summary."""
     x, y = tiny_data
-    config = C.CampaignConfig(bers=(1e-3,), trials=None, margin=0.05, seed=3)
+    config = C.CampaignConfig(bers=(1e-3,), trials=None, ci_half_width=0.05, seed=3)
     first = C.run_campaign(tiny_model, x, y, config, tmp_path / "a", progress=False)
     again = C.run_campaign(tiny_model, x, y, config, tmp_path / "a", progress=False)
     assert first["results"] == again["results"]

@@ -57,12 +57,12 @@ def trial_budget(config: CampaignConfig, memory: F.ParameterMemory) -> int:
         return leveugle_sample_size(memory.total_bits(), config.precision, config.confidence)
     if config.trials is not None:
         return config.trials
-    return leveugle_sample_size(memory.total_bits(), config.margin, config.confidence)
+    return leveugle_sample_size(memory.total_bits(), config.ci_half_width, config.confidence)
 
 
 def auto_stop(accuracies: Iterable[float], config: CampaignConfig, budget: int) -> SequentialEstimate:
     """The ``--trials auto`` stop: per-trial accuracies in trial order until the betting
-    confidence sequence's half-width is <= ``config.margin`` (``metrics.sequential_mean``).
+    confidence sequence's half-width is <= ``config.ci_half_width`` (``metrics.sequential_mean``).
 
     One function decides the stop both while running and when summarising (a resumed
     run recomputes it from its committed trials), and it reads ``accuracies`` lazily.
@@ -71,7 +71,7 @@ def auto_stop(accuracies: Iterable[float], config: CampaignConfig, budget: int) 
     on LeNet-5/digits at BER 3e-6, its CIs covered a 2,000-trial reference in 28% of
     40 runs (nominal 95%); tests/test_sequential.py measures both.
     """
-    return sequential_mean(accuracies, config.margin, config.confidence,
+    return sequential_mean(accuracies, config.ci_half_width, config.confidence,
                            min_trials=config.min_trials, max_trials=budget)
 
 

@@ -339,7 +339,7 @@ def load_campaign_file(path: str | os.PathLike) -> dict[str, Any]:
 # --- mapping onto CampaignConfig, and ftcnn inject's flags together with a file ----------------------
 
 # file key -> CampaignConfig field, where they differ
-_CONFIG_FIELDS = {"ber": "bers", "count": "counts", "ci_half_width": "margin"}
+_CONFIG_FIELDS = {"ber": "bers", "count": "counts"}
 # keys that are not CampaignConfig fields (the CLI uses them: what to load, where to write)
 NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output")
 

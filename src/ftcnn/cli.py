@@ -152,8 +152,7 @@ def analyze(
     if output is not None:
         flows.check_output_file(output)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
-    # the analysis API keeps its keyword `margin` (Leveugle's); the CLI says which margin it is
-    settings = {"samples": samples, "seed": seed, "margin": sample_margin, "confidence": confidence,
+    settings = {"samples": samples, "seed": seed, "sample_margin": sample_margin, "confidence": confidence,
                 "bits": list(bits) or None, "pilot": pilot}
     if compare is None:
         scores = flows.analyze_checkpoint(net, spec, method=method, limit=limit, settings=settings,
@@ -476,10 +475,9 @@ def compare(
     if checkpoint_path is not None:  # refuse a bad checkpoint before creating anything
         net = _load_model(checkpoint_path, model, data)
         spec = _data_spec(data, checkpoint.meta(net))
-    # the comparison API (and its stored keys) keeps the field name `margin`
     config = compare_mod.CompareConfig(
         **({"bers": tuple(ber)} if ber else {}), trials=trials, seed=seed, harden_ratio=harden_ratio,
-        prune_ratio=prune_ratio, restrict=restrict, margin=range_margin, finetune_epochs=finetune_epochs,
+        prune_ratio=prune_ratio, restrict=restrict, range_margin=range_margin, finetune_epochs=finetune_epochs,
         bit_trials=bit_trials, **({"bits": tuple(bits)} if bits else {}), report_ber=report_ber,
         variants=tuple(v.strip() for v in variants.split(",")) if variants else None, target=target)
     summary = compare_mod.compare_run(net, spec, output, config, builder=model, epochs=epochs, width=width,

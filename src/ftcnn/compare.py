@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,7 +78,7 @@ class CompareConfig:
     harden_ratio: float = 0.1
     prune_ratio: float = 0.3
     restrict: str = "zero"
-    margin: float = 0.1
+    range_margin: float = 0.1  # widen profiled ranges by this share of their width (was `margin`)
     finetune_epochs: int = 2
     score_method: str = "gain"
     score_samples: int = 256
@@ -90,8 +91,13 @@ class CompareConfig:
     # what faults hit (issue 14): "parameters" (weight memory, copies and protection bounds included)
     # or "activations" (transient flips in every Conv2d/Linear output, a protection's copies included)
     target: str = "parameters"
+    margin: InitVar[float | None] = None  # deprecated spelling of range_margin (one release)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, margin: float | None = None) -> None:
+        if margin is not None:  # the old name, for one release (issue 11: one name per idea)
+            warnings.warn("CompareConfig(margin=...) is deprecated; use range_margin=...", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "range_margin", margin)
         if self.target not in TARGETS:
             raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
         for b in self.bers:
@@ -168,7 +174,8 @@ def variant_key(variant: Variant, config: CompareConfig, model_digest: str, trai
     if h.get("restrict") or (correction in hardening.CORRECTIONS and hardening.CORRECTIONS[correction].needs_ranges):
         # the rule that picks the calibration inputs is part of the key: variants profiled with the
         # first N inputs (before issue 11) are rebuilt with ``splits.calibration_subset``
-        key.update(margin=config.margin, calibration_size=config.calibration_size,
+        key.update(margin=config.range_margin,  # the stored key keeps its name: built variants stay current
+                    calibration_size=config.calibration_size,
                    calibration=CALIBRATION_RULE)
     return key
 
@@ -199,7 +206,7 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
     if variant.harden:
         settings = dict(variant.harden)
         needs_scores = settings.get("ratio", 0) > 0 and settings.get("tmr") != "full"
-        net = hardening.harden(net, layer_scores if needs_scores else None, range_margin=config.margin,
+        net = hardening.harden(net, layer_scores if needs_scores else None, range_margin=config.range_margin,
                             calibration=calibration, **settings)
     checkpoint.save(net, path, variant=asdict(variant))
     store_key(path, key)

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,7 +41,7 @@ class CampaignConfig:
     bers: tuple[float, ...] = ()
     counts: tuple[int, ...] = ()
     trials: int | None = 100          # None: sequential stop (betting CS), at most Leveugle's size
-    margin: float = 0.01              # auto: requested half-width of the accuracy CI
+    ci_half_width: float = 0.01       # auto: requested half-width of the accuracy CI (was `margin`)
     confidence: float = 0.95          # of every reported CI (and of Leveugle's size)
     min_trials: int = 10              # auto: a floor only; the CS needs none to be valid
     # time to precision: stratified trials until the accuracy CI half-width <= this (ftcnn.strata)
@@ -72,8 +72,13 @@ class CampaignConfig:
     target: str = "parameters"
     activation_mode: str = "transient"
     ber_per_layer: tuple[tuple[str, float], ...] = ()
+    margin: InitVar[float | None] = None  # deprecated spelling of ci_half_width (one release)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, margin: float | None = None) -> None:
+        if margin is not None:  # the old name, for one release (issue 11: one name per idea)
+            warnings.warn("CampaignConfig(margin=...) is deprecated; use ci_half_width=...", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "ci_half_width", margin)
         if bool(self.bers) == bool(self.counts):
             raise ValueError("give fault rates (ber) or fault counts, not both and not neither")
         for ber in self.bers:
@@ -84,8 +89,8 @@ class CampaignConfig:
                 raise ValueError(f"fault count {count} must be >= 0")
         if self.trials is not None and self.trials < 1:
             raise ValueError(f"trials must be >= 1 (got {self.trials})")
-        if not 0 < self.margin < 1 or not 0 < self.confidence < 1:
-            raise ValueError("margin and confidence must lie in (0, 1)")
+        if not 0 < self.ci_half_width < 1 or not 0 < self.confidence < 1:
+            raise ValueError("ci_half_width and confidence must lie in (0, 1)")
         if self.min_trials < 1:
             raise ValueError(f"min trials must be >= 1 (got {self.min_trials})")
         if self.dtype not in F.STORAGE_DTYPES:
@@ -163,7 +168,7 @@ class CampaignConfig:
         """The settings trial results depend on: all but the trial budget (which a
         resumed run may extend) and the execution settings (exact, see above)."""
         d = self.recorded()
-        for key in ("trials", "margin", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
+        for key in ("trials", "ci_half_width", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
             d.pop(key)
         return d
 
