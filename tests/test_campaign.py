@@ -214,3 +214,30 @@ def test_random_value_trials_are_exact_on_every_path(tiny_model, tiny_data, tmp_
                                      progress=False)["results"]
     assert runs["shortcut"] == runs["plain"] == runs["batched"]
     assert runs["plain"][0]["sdc_mean"] > 0  # the faults did bite
+
+
+def test_resuming_a_finished_campaign_reuses_its_summary_without_preparing(tiny_model, tiny_data, tmp_path,
+                                                                          monkeypatch) -> None:
+    """Issue 14: a finished run resumes at the cost of its identity check (no golden inference, no
+    trace); the summary is the one stored, byte for byte. A different record, or one more trial, runs."""
+    from ftcnn import activations
+
+    x, y = tiny_data
+    config = C.CampaignConfig(bers=(1e-3, 1e-2), trials=4, seed=0)
+    first = C.run_campaign(tiny_model, x, y, config, tmp_path, record={"data": "tiny"}, progress=False)
+    stored = (tmp_path / "summary.json").read_bytes()
+    prepared = []
+    real = activations.campaign_runner
+
+    def counting(*args, **kwargs):
+        prepared.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "campaign_runner", counting)
+    again = C.run_campaign(tiny_model, x, y, config, tmp_path, record={"data": "tiny"}, progress=False)
+    assert not prepared and again == json.loads(stored) and (tmp_path / "summary.json").read_bytes() == stored
+    assert again["results"] == json.loads(json.dumps(first["results"]))
+    C.run_campaign(tiny_model, x, y, config, tmp_path, record={"data": "renamed"}, progress=False)
+    assert len(prepared) == 1  # another record: summarised anew (no trial re-run)
+    more = C.run_campaign(tiny_model, x, y, replace(config, trials=5), tmp_path, progress=False)
+    assert len(prepared) == 2 and all(r["trials"] == 5 for r in more["results"])

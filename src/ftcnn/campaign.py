@@ -16,6 +16,7 @@ campaign API; code inside the package imports them from where they live.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sqlite3
 import tempfile
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import activations, distributed, progress as progress_mod, strata
+from ftcnn import activations, distributed, files, progress as progress_mod, strata
 from ftcnn import faults as F
 from ftcnn.distributed import Executor
 from ftcnn.metrics import (CI_BETTING, CI_STUDENT_T, SequentialEstimate, betting_ci, leveugle_sample_size,
@@ -100,6 +101,9 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     identity = run_identity(model, inputs, labels, config, model_digest=model_digest, data_digest=data_digest)
     db = open_db(out, identity)
     try:
+        finished = _finished_summary(out, db, config, identity, record) if runner is None else None
+        if finished is not None:  # resuming a finished run costs its identity check, nothing more
+            return finished
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
             runner = activations.campaign_runner(model, inputs, labels,
                                                  replace(config, shortcut=False, batch_trials=1))
@@ -120,6 +124,30 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     summary["digests"] = {"model": identity["model"], "data": identity["data"]}
     write_summary(out, summary)
     return summary
+
+
+def _finished_summary(out: Path, db: sqlite3.Connection, config: CampaignConfig, identity: dict[str, Any],
+                      record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stored summary of a run whose every trial is committed, when it was written
+    from this same identity, configuration and record; else None (run and summarise).
+
+    Without it, resuming a finished campaign re-prepared everything (golden inference,
+    the shortcut's trace and caches): ~40 s per finished variant of a ``compare``
+    (issue 14). Only fixed trial budgets qualify: an auto or --precision stop needs
+    the fault memory to know its budget."""
+    if config.trials is None or config.precision is not None:
+        return None
+    if any(len([t for t in done_trials(db, p) if t < config.trials]) < config.trials for p in config.points):
+        return None
+    try:
+        stored = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    expected = json.loads(files.dumps_json({**config.recorded(), **(record or {})}, note=False))
+    if not isinstance(stored, dict) or stored.get("config") != expected or \
+            stored.get("digests") != {"model": identity["model"], "data": identity["data"]}:
+        return None
+    return stored
 
 
 def memory_report(model: nn.Module, memory: F.ParameterMemory, config: CampaignConfig) -> dict[str, Any]:
