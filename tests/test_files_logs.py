@@ -122,6 +122,7 @@ def test_every_json_is_strict_and_every_file_0644(digits_model, tmp_path) -> Non
     # tables in a file are printed whole: no wrapped or cut column names
     for out in outputs:  # progress in a file: plain lines, never redrawn
         assert ESC not in out and "\r" not in out, out[-500:]
+    assert "expected: at most ~" in outputs[1]  # compare says what its campaigns will cost, up front
     inject_out = outputs[0]
     header = [line for line in inject_out.splitlines() if "critical SDC" in line]
     assert header and max(len(line) for line in inject_out.splitlines()) > 80

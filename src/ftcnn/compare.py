@@ -266,6 +266,19 @@ def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: C
     return out
 
 
+def expected_time(measured: dict[str, dict[str, float]], names: list[str], config: CompareConfig,
+                  inputs: int) -> str:
+    """What the campaigns will cost, said up front (issue 14), from the pilot every run makes
+    anyway: each variant's measured batch-128 latency x the trials x the test inputs. An
+    upper bound on one thread: exact shortcuts skip work and finished campaigns are reused."""
+    bit_trials = len(config.bits) * config.bit_trials
+    trials = len(config.bers) * config.trials + bit_trials
+    seconds = sum(measured[n]["latency_b128_ms"] / 1000 * inputs / 128 * trials for n in names)
+    span = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    return (f"expected: at most ~{span} of campaigns ({len(names)} variants x {trials} trials of {inputs} "
+            f"inputs, from each variant's measured latency; shortcuts and finished campaigns cut it)")
+
+
 def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], rounds: int
                  ) -> dict[str, dict[str, float]]:
     """Parameters, MACs, and CPU latency timed round-robin across all variants
@@ -321,6 +334,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
                  "input_shape": input_shape, "latency_repeats": config.latency_repeats}
     measured = _cached_json(out / "models" / "costs.json", costs_key, "costs",
                             lambda: _measure_all(nets, input_shape, config.latency_repeats))
+    _log(expected_time(measured, [v.name for v in variants], config, len(x_test)))
     rows = []
     for variant in progress.bar(variants, desc="attack variants"):
         net = nets[variant.name]
