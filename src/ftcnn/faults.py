@@ -516,8 +516,3 @@ def injected(memory: ParameterMemory, faults: Faults) -> Iterator[Undo]:
     finally:
         restore(memory, undo)
 
-
-def first_faulted_target(memory: ParameterMemory, faults: Faults) -> str | None:
-    """The earliest (in module order) tensor the faults touch, or None."""
-    touched = {memory.aliases.get(name, name) for name, (index, _) in faults.sites.items() if len(index)}
-    return next((name for name in memory.stored if name in touched), None)
