@@ -27,7 +27,7 @@ from torch import nn
 from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
                    progress, report, train)
 from ftcnn.campaign import CampaignConfig, run_campaign
-from ftcnn.pipeline import KEY_SUFFIX, is_current, key_path, store_key  # noqa: F401  (kept importable from here)
+from ftcnn.pipeline import is_current, store_key
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
 TARGETS = ("parameters", "activations")
