@@ -8,7 +8,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
+
+from ftcnn.lazy import lazy
+
+stats = lazy("scipy.stats")  # 0.76 s to import: only when an interval is computed
 
 METRIC_NAMES = ("accuracy", "top5", "sdc", "critical_sdc", "due")
 

@@ -18,7 +18,10 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
+
+from ftcnn.lazy import lazy
+
+stats = lazy("scipy.stats")  # 0.76 s to import: only when a test is computed
 
 
 def fmt_ber(x: float | None) -> str:

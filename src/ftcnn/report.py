@@ -26,16 +26,15 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+from ftcnn import files
+from ftcnn.files import atomic_write
+from ftcnn.lazy import headless_matplotlib, lazy
+from ftcnn.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber, welch_test,
+                          wilson_ci)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
-
-from ftcnn import files  # noqa: E402
-from ftcnn.files import atomic_write  # noqa: E402
-from ftcnn.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber,  # noqa: E402
-                          welch_test, wilson_ci)
+# 0.4 s to import: only when a report is drawn, not at every command's start
+plt = lazy("matplotlib.pyplot", setup=headless_matplotlib)
+ticker = lazy("matplotlib.ticker")
 
 PLOTS = ("pareto", "accuracy_vs_ber", "bit_sensitivity", "layer_bit_heatmap", "vulnerability")
 CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high",
@@ -47,7 +46,9 @@ TOLERANCE = 0.01          # "within 1 point of clean accuracy"
 MIN_FLIPS = 30            # fewer single flips per cell than this: the rate is flagged as too noisy
 COSTS = (("params", "parameters (protection values included)"), ("macs", "MACs per input"),
          ("latency_b1_ms", "CPU latency, batch 1"), ("latency_b128_ms", "CPU latency, batch 128"))
-COLORS = tuple(plt.get_cmap("tab10").colors) + ("#6b3e26", "#1a5e63", "#8c6d31", "#393b79")
+# matplotlib's tab10, written out (reading it from pyplot would import pyplot at start-up), then four more
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf", "#6b3e26", "#1a5e63", "#8c6d31", "#393b79")
 
 
 # --- numbers and rows --------------------------------------------------------------------------
@@ -297,9 +298,9 @@ def _ber_axis(ax: plt.Axes, bers: Sequence[float]) -> None:
     ax.set_xscale("log")
     lo, hi = math.floor(math.log10(min(bers)) + 1e-9), math.ceil(math.log10(max(bers)) - 1e-9)
     ticks = [10.0 ** e for e in range(lo, hi + 1)]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_ber(x)))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: fmt_ber(x)))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlim(min(bers) / 1.5, max(bers) * 1.5)
 
 
@@ -476,9 +477,9 @@ def plot_pareto(summary: dict[str, Any], stem: Path) -> dict[str, list[str]]:
         ax.set_xlim(lo, hi)
         ticks = [t for t in (0.25, 0.35, 0.5, 0.7, 0.85, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
                  if lo <= t <= hi]
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"×{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"×{x:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         # the accuracies' range (CIs included), not always 0-1: crowded points need the room for labels
         ax.set_ylim(max(-0.02, min(p[2][0] for p in pts) - 0.08), min(1.04, max(p[2][1] for p in pts) + 0.08))
         ax.axvline(1.0, color="0.7", lw=0.8, ls=":")

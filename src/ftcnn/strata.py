@@ -83,9 +83,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
 from ftcnn import faults as F
+from ftcnn.lazy import lazy
+
+stats = lazy("scipy.stats")  # 0.76 s to import: only when strata are drawn
 
 STRATA = (0, 1, 2, 3)
 STRATUM_NAMES = ("no fault", "faults, no MSB flip", "1 MSB flip", ">=2 MSB flips")
