@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from torch import nn
 from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
                    progress, report, train)
 from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.trials import take_old_margin
 from ftcnn.pipeline import is_current, store_key
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
@@ -94,10 +94,7 @@ class CompareConfig:
     margin: InitVar[float | None] = None  # deprecated spelling of range_margin (one release)
 
     def __post_init__(self, margin: float | None = None) -> None:
-        if margin is not None:  # the old name, for one release (issue 11: one name per idea)
-            warnings.warn("CompareConfig(margin=...) is deprecated; use range_margin=...", DeprecationWarning,
-                          stacklevel=3)
-            object.__setattr__(self, "range_margin", margin)
+        take_old_margin(self, margin, "range_margin")
         if self.target not in TARGETS:
             raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
         for b in self.bers:

@@ -33,6 +33,15 @@ from ftcnn.metrics import Golden, trial_metrics
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
 
 
+def take_old_margin(config: Any, margin: float | None, field: str) -> None:
+    """A frozen config's old keyword ``margin`` (it meant three things; issue 11), for one
+    release: sets ``field`` to it with a DeprecationWarning at the caller's line."""
+    if margin is not None:
+        warnings.warn(f"{type(config).__name__}(margin=...) is deprecated; use {field}=...", DeprecationWarning,
+                      stacklevel=4)
+        object.__setattr__(config, field, margin)
+
+
 @dataclass(frozen=True)
 class CampaignConfig:
     """What defines a campaign. Everything but the trial budget is its identity:
@@ -75,10 +84,7 @@ class CampaignConfig:
     margin: InitVar[float | None] = None  # deprecated spelling of ci_half_width (one release)
 
     def __post_init__(self, margin: float | None = None) -> None:
-        if margin is not None:  # the old name, for one release (issue 11: one name per idea)
-            warnings.warn("CampaignConfig(margin=...) is deprecated; use ci_half_width=...", DeprecationWarning,
-                          stacklevel=3)
-            object.__setattr__(self, "ci_half_width", margin)
+        take_old_margin(self, margin, "ci_half_width")
         if bool(self.bers) == bool(self.counts):
             raise ValueError("give fault rates (ber) or fault counts, not both and not neither")
         for ber in self.bers:
