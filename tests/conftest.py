@@ -25,6 +25,16 @@ def make_tiny_model(seed: int = 0) -> nn.Module:
                          nn.Linear(4 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
 
 
+def grouped_model() -> nn.Module:
+    """A user model with a grouped (4 groups) and a depthwise conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=8), nn.ReLU(),   # depthwise, multiplier 2
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
 @pytest.fixture
 def tiny_model() -> nn.Module:
     return make_tiny_model()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import ftcnn
+from conftest import grouped_model
 from ftcnn import checkpoint, cost, faults as F, hardening as H
 from ftcnn.models import MODELS
 
@@ -23,15 +24,6 @@ def random_scores(model: nn.Module, seed: int = 0) -> dict[str, list[float]]:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.rand(H._out_channels(m), generator=g).tolist() for n, m in H.target_layers(model).items()}
 
-
-def grouped_model() -> nn.Module:
-    """A user model with a grouped (4 groups) and a depthwise conv."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=8), nn.ReLU(),   # depthwise, multiplier 2
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
 
 
 def feed_model() -> nn.Module:

@@ -10,17 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import grouped_model
 from ftcnn import campaign as C, checkpoint, cost, faults as F, hardening as H
 from ftcnn.models import MODELS
 
-
-def grouped_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2, groups=8), nn.ReLU(),   # depthwise, multiplier 2
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
 
 
 def model_28(name: str) -> nn.Module:
