@@ -157,8 +157,13 @@ def _table(size: int, ber: float, at_least: int) -> tuple[np.ndarray, np.ndarray
     """The values k >= ``at_least`` of Binomial(size, ber) that carry any mass (to 1e-17),
     with their probabilities conditional on k >= ``at_least``."""
     lo = max(at_least, int(stats.binom.ppf(1e-17, size, ber)))
-    hi = max(lo, int(stats.binom.isf(1e-17, size, ber))) + 1
-    ks = np.arange(lo, min(hi, size) + 1)
+    # scipy's isf(1e-17) returns ``size`` for large sizes (a table of millions of values, 14 ms
+    # per draw): walk out from the mean until the pmf is below 1e-30 instead
+    mean, sd = size * ber, math.sqrt(size * ber * (1 - ber))
+    reach = 10 * sd + 30
+    while mean + reach < size and stats.binom.pmf(int(mean + reach), size, ber) > 1e-30:
+        reach *= 2
+    ks = np.arange(lo, max(lo, min(int(mean + reach), size)) + 1)
     pmf = stats.binom.pmf(ks, size, ber)
     return ks, pmf / pmf.sum()
 
