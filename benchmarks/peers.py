@@ -261,14 +261,18 @@ def bench_precision(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tenso
     table: dict[str, dict[float, tuple[int, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tool, settings in (("ftcnn --precision", {"precision": args.precision}),
+                               ("ftcnn --precision, all inputs", {"precision": args.precision,
+                                                                  "inputs_per_trial": len(x)}),
                                ("ftcnn --trials auto", {"ci_half_width": args.precision})):
             if tool == "ftcnn --trials auto" and "ftcnn-auto" not in args.tools:
+                continue
+            if tool.endswith("all inputs") and "ftcnn-precision-all" not in args.tools:
                 continue
             table[tool] = {}
             for ber in BERS:
                 config = CampaignConfig(bers=(ber,), trials=None, seed=SEED, **settings)
                 start = time.process_time()
-                summary = run_campaign(model, x, y, config, Path(tmp) / f"{tool[8:10]}{ber:g}", progress=False)
+                summary = run_campaign(model, x, y, config, Path(tmp) / f"{len(table)}-{ber:g}", progress=False)
                 table[tool][ber] = (summary["results"][0]["trials"], time.process_time() - start)
     for tool, trials in (("pytorchfi", _pytorchfi_trials), ("mrfi", _mrfi_trials)):
         if tool not in args.tools:
@@ -278,9 +282,9 @@ def bench_precision(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tenso
                            for ber in BERS}
         except ImportError as exc:
             print(f"  {tool}: skipped ({exc})")
-    print(f"  {'tool':22}" + "".join(f"{b:>16g}" for b in BERS) + f"{'total CPU s':>14}")
+    print(f"  {'tool':30}" + "".join(f"{b:>16g}" for b in BERS) + f"{'total CPU s':>14}")
     for tool, cells in table.items():
-        print(f"  {tool:22}" + "".join(f"{s:>9.1f} ({n:>4})" for n, s in (cells[b] for b in BERS))
+        print(f"  {tool:30}" + "".join(f"{s:>9.1f} ({n:>4})" for n, s in (cells[b] for b in BERS))
               + f"{sum(s for _, s in cells.values()):>14.1f}")
     ours = sum(s for _, s in table["ftcnn --precision"].values())
     for tool in [t for t in table if t != "ftcnn --precision"]:
@@ -301,8 +305,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200, help="trials per BER (200: the full workload)")
     parser.add_argument("--models", nargs="+", default=["lenet5", "vgg11"], choices=["lenet5", "vgg11"])
-    parser.add_argument("--tools", nargs="+", default=["ftcnn", "ftcnn-workers", "ftcnn-auto", "pytorchfi", "mrfi"],
-                        choices=["ftcnn", "ftcnn-workers", "ftcnn-auto", "pytorchfi", "mrfi"])
+    tools = ["ftcnn", "ftcnn-workers", "ftcnn-auto", "ftcnn-precision-all", "pytorchfi", "mrfi"]
+    parser.add_argument("--tools", nargs="+", default=tools, choices=tools,
+                        help="ftcnn-precision-all: --precision with every input in every trial "
+                             "(its default evaluates a block of 100 per trial)")
     parser.add_argument("--precision", type=float, default=None,
                         help="time-to-precision mode: CPU time of each tool to this CI half-width per BER "
                              "(e.g. 0.01); --trials is then ignored")

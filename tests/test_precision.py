@@ -43,13 +43,28 @@ def _trained(name: str, spec: str, epochs: int, **kwargs) -> tuple[torch.nn.Modu
 
 
 @pytest.fixture(scope="module")
-def lenet_runner(one_thread) -> C.TrialRunner:
-    net, x, y = _trained("lenet5", "digits", 5)
+def lenet_trained(one_thread) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    return _trained("lenet5", "digits", 5)
+
+
+@pytest.fixture(scope="module")
+def lenet_runner(lenet_trained) -> C.TrialRunner:
+    """The precision campaign's own runner: each trial on one block of 100 inputs (its default)."""
+    net, x, y = lenet_trained
     return C.prepare(net, x, y, C.CampaignConfig(bers=(BER,), precision=PRECISION, seed=0))
 
 
-def _pools(runner: C.TrialRunner, ber: float, pool: int, plain: int) -> dict[str, object]:
-    """Real per-stratum outcomes (seed 0) and a plain reference (seed 0), with timings."""
+@pytest.fixture(scope="module")
+def lenet_plain_runner(lenet_trained) -> C.TrialRunner:
+    """Plain trials on every input: the long reference."""
+    net, x, y = lenet_trained
+    return C.prepare(net, x, y, C.CampaignConfig(bers=(BER,), seed=0))
+
+
+def _pools(runner: C.TrialRunner, ber: float, pool: int, plain: int,
+           reference_runner: C.TrialRunner) -> dict[str, object]:
+    """Real per-stratum outcomes (seed 0, as the campaign runs them: a block of inputs each)
+    and a plain reference on every input (seed 0), with timings."""
     weights = strata.weights(strata.Layout.of(runner.memory, None), ber)
     pools, seconds = {}, {}
     for h in range(1, len(weights)):
@@ -58,7 +73,8 @@ def _pools(runner: C.TrialRunner, ber: float, pool: int, plain: int) -> dict[str
             pools[h] = np.array([r.metrics["accuracy"] for r in runner.run_many([(ber, i, h) for i in range(pool)])])
             seconds[h] = (time.perf_counter() - start) / pool
     start = time.perf_counter()
-    reference = np.array([r.metrics["accuracy"] for r in runner.run_many([(ber, t) for t in range(plain)])])
+    reference = np.array([r.metrics["accuracy"]
+                          for r in reference_runner.run_many([(ber, t) for t in range(plain)])])
     plain_seconds = (time.perf_counter() - start) / plain
     golden = runner.golden_metrics["accuracy"]
     truth = weights[0] * golden + sum(weights[h] * pools[h].mean() for h in pools)
@@ -67,8 +83,8 @@ def _pools(runner: C.TrialRunner, ber: float, pool: int, plain: int) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def lenet_pools(lenet_runner) -> dict[str, object]:
-    return _pools(lenet_runner, BER, POOL, PLAIN)
+def lenet_pools(lenet_runner, lenet_plain_runner) -> dict[str, object]:
+    return _pools(lenet_runner, BER, POOL, PLAIN, lenet_plain_runner)
 
 
 def _resampling_fetch(pools: dict[int, np.ndarray], k: int):
@@ -181,7 +197,7 @@ def test_precision_campaign_commits_resumes_and_keeps_old_folders(lenet_runner, 
     again = C.run_campaign(model, x, y, config, tmp_path / "a", progress=False)
     assert again["results"] == first["results"]
     # a plain campaign's folder (as older versions wrote it) takes a precision run too
-    plain_config = C.CampaignConfig(bers=(1e-5,), trials=5, seed=1)
+    plain_config = C.CampaignConfig(bers=(1e-5,), trials=5, seed=1, inputs_per_trial=config.inputs_per_trial)
     C.run_campaign(model, x, y, plain_config, tmp_path / "b", progress=False)
     db = sqlite3.connect(tmp_path / "b" / C.DB_NAME)
     db.execute("DROP TABLE strata_trials")
@@ -240,7 +256,7 @@ def test_vgg11_stratified_runs_cover(one_thread) -> None:
     x, y = data.load("mnist5k", "test").tensors
     x, y = data.pad_to(x[:500], 32, 3), y[:500]
     runner = C.prepare(net, x, y, C.CampaignConfig(bers=(1e-6,), precision=PRECISION, seed=0))
-    p = _pools(runner, 1e-6, 200, 1000)
+    p = _pools(runner, 1e-6, 200, 1000, C.prepare(net, x, y, C.CampaignConfig(bers=(1e-6,), seed=0)))
     out = _coverage(runner, p, 1e-6, RUNS)
     _, ref_low, ref_high, _ = out["ref"]
     assert out["coverage"] >= 0.93

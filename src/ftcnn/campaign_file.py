@@ -207,6 +207,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "ray": _boolean,
     "ray_address": _string,
     "precision": _open_unit,
+    "inputs_per_trial": _at_least(1),
     "threads": _at_least(1),
     "output": _path,
     "target": _choice(*TARGETS),
@@ -215,7 +216,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 # keys that mean something only for parameter faults (their memory, their strata)
-PARAMETER_ONLY = ("include_bn", "attack_protection", "precision")
+PARAMETER_ONLY = ("include_bn", "attack_protection", "precision", "inputs_per_trial")
 ACTIVATION_ONLY = ("activation_mode", "ber_per_layer")
 
 

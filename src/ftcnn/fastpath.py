@@ -166,9 +166,9 @@ class Shortcut:
                 best = cut
         return best
 
-    def _run(self, cut: Cut | None) -> torch.Tensor:
+    def _run(self, cut: Cut | None, block: int | None = None) -> torch.Tensor:
         outs = []
-        for values in self.cache:
+        for values in self.cache if block is None else self.cache[block:block + 1]:
             if cut is None:
                 outs.append(self.traced(values[self.nodes[0]]))
                 continue
@@ -177,11 +177,12 @@ class Shortcut:
         return torch.cat(outs)
 
     @torch.inference_mode()
-    def logits(self, faults: F.Faults) -> torch.Tensor | None:
+    def logits(self, faults: F.Faults, block: int | None = None) -> torch.Tensor | None:
         """Logits of the faulty model from the best cut (faults must be injected
-        by the caller), or None when the trial must run the whole model."""
+        by the caller), of every input or of one batch (``block``), or None when
+        the trial must run the whole model."""
         cut = self.start(faults)
-        return None if cut is None else self._run(cut)
+        return None if cut is None else self._run(cut, block)
 
     # --- batched trials -----------------------------------------------------
 

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +31,9 @@ from ftcnn import fastpath, strata
 from ftcnn.metrics import Golden, trial_metrics
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
+# --precision's default inputs per trial: on LeNet-5/mnist5k a trial on 100 of 1,000 inputs costs
+# ~1/8 of one on all and its outcome's spread barely grows (between-trial spread dominates)
+PRECISION_INPUTS_PER_TRIAL = 100
 
 
 def take_old_margin(config: Any, margin: float | None, field: str) -> None:
@@ -81,6 +84,9 @@ class CampaignConfig:
     target: str = "parameters"
     activation_mode: str = "transient"
     ber_per_layer: tuple[tuple[str, float], ...] = ()
+    # inputs each trial evaluates (None: all): a seeded random block of the split per trial, an
+    # unbiased estimate of the trial's accuracy on all of it at a fraction of the cost (design §2)
+    inputs_per_trial: int | None = None
     margin: InitVar[float | None] = None  # deprecated spelling of ci_half_width (one release)
 
     def __post_init__(self, margin: float | None = None) -> None:
@@ -112,11 +118,20 @@ class CampaignConfig:
             raise ValueError(f"cache bytes must be >= 0 (got {self.cache_bytes})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (got {self.threads})")
+        if self.inputs_per_trial is not None:
+            if isinstance(self.inputs_per_trial, bool) or not isinstance(self.inputs_per_trial, int) \
+                    or self.inputs_per_trial < 1:
+                raise ValueError(f"inputs per trial must be a whole number >= 1 (got {self.inputs_per_trial})")
+            if self.target != "parameters":
+                raise ValueError("--inputs-per-trial is for parameter faults (activation faults are drawn "
+                                 "per input)")
         if self.precision is not None:
             if not 0 < self.precision < 1:
                 raise ValueError(f"precision must lie in (0, 1) (got {self.precision})")
             if not self.bers:
                 raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
+            if self.inputs_per_trial is None:  # its default: a block per trial (design §2)
+                object.__setattr__(self, "inputs_per_trial", PRECISION_INPUTS_PER_TRIAL)
         self._check_target()
 
     def _check_target(self) -> None:
@@ -184,6 +199,8 @@ class CampaignConfig:
         activation faults existed (run folders made then resume, numbers stay byte-identical);
         an activation campaign records all three."""
         d = asdict(self)
+        if self.inputs_per_trial is None:  # all inputs, as before the option existed
+            d.pop("inputs_per_trial")
         if self.target == TARGET_DEFAULTS["target"]:
             for key in TARGET_DEFAULTS:
                 d.pop(key)
@@ -224,6 +241,30 @@ def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: 
     if config.by == "ber":
         return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode)
     return F.draw_faults(memory, rng, count=int(point), bits=config.bits, mode=config.mode)
+
+
+# --- a block of inputs per trial (``inputs_per_trial``) ------------------------------------------
+
+_BLOCK_TAG = 0x424C4B  # in the seeds of the input order and of each trial's block: never a fault seed
+
+
+def input_order(seed: int, n: int) -> np.ndarray:
+    """The campaign's fixed random order of the split: consecutive runs of ``inputs_per_trial``
+    of it are the blocks (random subsets, so no block is one class of a sorted split)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _BLOCK_TAG, n])).permutation(n)
+
+
+def trial_block(config: CampaignConfig, point: float, trial: int, stratum: int | None, n: int) -> int:
+    """The block a trial evaluates: chosen with probability size / n, so the block's accuracy
+    is an unbiased estimate of the trial's accuracy on all ``n`` inputs (design §2). A pure
+    function of (seed, point, stratum, trial), drawn apart from the trial's faults."""
+    m = config.inputs_per_trial
+    assert m is not None
+    sizes = np.array([min(m, n - start) for start in range(0, n, m)], dtype=np.float64)
+    key = int(np.float64(point).view(np.uint64))
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [config.seed, key, _BLOCK_TAG, 0 if stratum is None else stratum + 1, trial]))
+    return int(rng.choice(len(sizes), p=sizes / n))
 
 
 @torch.inference_mode()
@@ -301,23 +342,40 @@ class TrialRunner:
         logits = self.golden_output if self.golden_output is not None else self.golden_logits()
         self.golden_metrics = trial_metrics(logits, self.golden)
 
+    @property
+    def blocks(self) -> bool:
+        """Whether each trial evaluates one block of ``inputs_per_trial`` inputs (``prepare`` then
+        orders the inputs by ``input_order`` and evaluates in batches of exactly one block)."""
+        m = self.config.inputs_per_trial
+        return m is not None and m < len(self.inputs)
+
     def golden_logits(self) -> torch.Tensor:
         return predict(self.model, self.inputs, self.config.batch_size)
 
-    def faulty_logits(self, faults: F.Faults) -> torch.Tensor:
-        """Logits with ``faults`` present (from the best cut when the shortcut is on)."""
+    def faulty_logits(self, faults: F.Faults, block: int | None = None) -> torch.Tensor:
+        """Logits with ``faults`` present (from the best cut when the shortcut is on), of every
+        input or of one block (batch ``block`` of ``config.batch_size`` inputs)."""
         with F.injected(self.memory, faults):
             if self.fast is not None and self.config.shortcut:
-                logits = self.fast.logits(faults)
+                logits = self.fast.logits(faults, block)
                 if logits is not None:
                     return logits
-            return predict(self.model, self.inputs, self.config.batch_size)
+            if block is None:
+                return predict(self.model, self.inputs, self.config.batch_size)
+            size = self.config.batch_size
+            return predict(self.model, self.inputs[block * size:(block + 1) * size], size)
 
     def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
         faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
         if faults.count == 0 and self.config.skip_fault_free:
+            # every block's golden result averages to this, the exact expectation: no block needed
             return faults, dict(self.golden_metrics)
-        return faults, trial_metrics(self.faulty_logits(faults), self.golden)
+        if not self.blocks:
+            return faults, trial_metrics(self.faulty_logits(faults), self.golden)
+        block = trial_block(self.config, point, trial, stratum, len(self.inputs))
+        rows = slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
+        return faults, trial_metrics(self.faulty_logits(faults, block),
+                                     Golden(self.golden.labels[rows], self.golden.predictions[rows]))
 
     def run_many(self, tasks: Sequence[tuple[float, int] | tuple[float, int, int]]) -> list[TrialResult]:
         """Several (point, trial) pairs, or (point, index, stratum) triples of stratified
@@ -327,7 +385,7 @@ class TrialRunner:
         for point, trial, *rest in tasks:
             stratum = rest[0] if rest else None
             start = time.perf_counter()
-            if self.batch == 1:
+            if self.batch == 1 or self.blocks:
                 faults, metrics = self.run(point, trial, stratum)
                 results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start,
                                               stratum))
@@ -359,9 +417,15 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
     """Model in its storage format, golden predictions, and a trial runner.
 
     With ``config.device`` set, the model (the caller's, for float32) and the
-    data are moved there.
+    data are moved there. With ``config.inputs_per_trial`` below the split's size, the inputs
+    are put in the campaign's ``input_order`` and evaluated in batches of one block each, so a
+    trial's block gives the bits it gives within a whole evaluation.
     """
     model.eval()
+    if config.inputs_per_trial is not None and config.inputs_per_trial < len(inputs):
+        order = torch.as_tensor(input_order(config.seed, len(inputs)))
+        inputs, labels = inputs[order], labels[order]
+        config = replace(config, batch_size=config.inputs_per_trial, batch_trials=1)
     if config.dtype != "float32":
         model = copy.deepcopy(model)  # rounding to the format must not touch the caller's model
     if config.device is not None:
