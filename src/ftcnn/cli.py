@@ -7,7 +7,8 @@ inject, compare, report, demo, protect. Every flow they run lives in
 scores (``tests/test_cli.py`` checks it).
 
 Every user mistake ends in one line on stderr and exit status 2; set
-FTCNN_DEBUG=1 to see the traceback instead.
+FTCNN_DEBUG=1 to see the traceback instead. A ``--device`` that is not there
+(``cuda`` without a GPU) is such a mistake, refused before any work.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed, pipeline as flows,
                    progress, protect as protect_mod, report as report_mod, vulnerability)
+from ftcnn.trials import PRECISION_INPUTS_PER_TRIAL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
@@ -46,6 +48,9 @@ THREADS_HELP = ("torch threads of this job (default: 1 for a model under 1M para
                 "bigger one; worker processes split the cores)")
 
 DATA_HELP = "data set (default: the checkpoint's, if built-in)"
+
+# `--device` on every command that computes (issue 14); checked by _check_device before any work
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (same results within float tolerance; files saved from the CPU)"
 
 _data_spec = flows.resolve_data  # --data, else the checkpoint's built-in data set
 _load_model = flows.load_model   # a checkpoint, or a plain state dict with --model package.module:fn
@@ -78,6 +83,7 @@ def _parse_layer_ratios(items: List[str]) -> dict:
 
 
 def _check_device(device: str) -> None:
+    """Refuse, in one line before any work, a device torch does not know or this machine lacks."""
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -98,14 +104,16 @@ def train(
     width: float = typer.Option(1.0, help="channel width multiplier"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
     """Train a model on a data set and save a checkpoint.
 
     Example: ftcnn train --model lenet5 --data mnist5k --epochs 5 --seed 0 -o lenet5.pt
     """
+    _check_device(device)
     accuracy = flows.train_checkpoint(model, data, output, epochs=epochs, lr=lr, batch_size=batch_size,
-                                      width=width, seed=seed, threads=threads)
+                                      width=width, seed=seed, threads=threads, device=device)
     console.print(f"{model} on {data}: test accuracy {accuracy:.2%} -> {output}")
 
 
@@ -135,6 +143,7 @@ def analyze(
     scores_dir: Optional[Path] = typer.Option(None, help="with --compare: take METHOD.json from here "
                                                          "if present, and store computed scores here"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="scores JSON (plot beside it as .png); "
                                                                         "with --compare: the agreement JSON"),
 ) -> None:
@@ -147,6 +156,7 @@ def analyze(
 
     Example: ftcnn analyze lenet5.pt --compare gain,l1 --against fi --scores-dir scores -o agreement.json
     """
+    _check_device(device)
     if compare is None and output is None:
         raise ValueError("give -o/--output for the scores file (or --compare to rank methods)")
     if output is not None:
@@ -156,7 +166,7 @@ def analyze(
                 "bits": list(bits) or None, "pilot": pilot}
     if compare is None:
         scores = flows.analyze_checkpoint(net, spec, method=method, limit=limit, settings=settings,
-                                          source=str(checkpoint_path), output=output)
+                                          source=str(checkpoint_path), output=output, device=device)
         for name, values in scores["layers"].items():
             top = ", ".join(f"#{i} {v:.4g}" for i, v in vulnerability.top_channels(values))
             console.print(f"{name}: {len(values)} channels, top {top}")
@@ -165,7 +175,8 @@ def analyze(
         return
     methods = [m.strip() for m in compare.split(",") if m.strip()]
     blob = flows.compare_methods(net, spec, methods, against=against, scores_dir=scores_dir, limit=limit,
-                                 settings=settings, source=str(checkpoint_path), output=output, log=console.print)
+                                 settings=settings, source=str(checkpoint_path), output=output, log=console.print,
+                                 device=device)
     _print_agreement(blob["agreement"], methods, against)
     if output is not None:
         console.print(f"rank agreement -> {output}")
@@ -212,6 +223,7 @@ def harden(
     seed: int = typer.Option(0, help="seed of the calibration subset"),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="hardened checkpoint to write"),
 ) -> None:
     """Duplicate the most vulnerable filters/neurons (or TMR, or range restriction) and save the model.
@@ -227,11 +239,12 @@ def harden(
 
       ftcnn harden lenet5.pt --ratio 0 --check-weights zero -o checked.pt
     """
+    _check_device(device)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, budget=budget,
                                      correction=correction, tmr=tmr, restrict=restrict, range_margin=range_margin,
                                      check_weights=check_weights, calibration_size=calibration_size, seed=seed,
-                                     onnx=onnx)
+                                     onnx=onnx, device=device)
     cost = record["overheads"]
     rel = cost["relative"]
     n_protected = sum(len(v) for v in record["protected"].values())
@@ -264,6 +277,7 @@ def prune_command(
     samples: int = typer.Option(256, min=1, help="training inputs for gain scores (without --scores)"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
     """Structured channel pruning (least vulnerable or smallest-L1 filters), then a short fine-tune.
@@ -273,12 +287,13 @@ def prune_command(
 
     Example: ftcnn prune lenet5.pt --data mnist5k --scores scores.json --ratio 0.3 --finetune-epochs 3 -o pruned.pt
     """
+    _check_device(device)
     protected = None if not protect else [] if protect == ["none"] else protect
     ratios = _parse_layer_ratios(layer_ratio) if layer_ratio else ratio
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     meta = flows.prune_checkpoint(net, spec, output, scores=scores, ratio=ratios, criterion=criterion,
                                   protect=protected, finetune_epochs=finetune_epochs, lr=lr, samples=samples,
-                                  seed=seed)
+                                  seed=seed, device=device)
     console.print(f"accuracy: original {meta['accuracy_original']:.2%}, pruned {meta['accuracy_before_finetune']:.2%}, "
                   f"fine-tuned ({finetune_epochs} epochs) {meta['test_accuracy']:.2%}")
     p0, p1, m0, m1 = meta["params_before"], meta["params_after"], meta["macs_before"], meta["macs_after"]
@@ -309,6 +324,7 @@ def pipeline(
     ber: float = typer.Option(1e-4, help="end-to-end mode: bit error rate the protection is chosen for"),
     trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
     """The paper's pipeline: score -> prune -> fine-tune -> re-score -> harden, vs hardening unpruned.
@@ -322,6 +338,7 @@ def pipeline(
 
     Example: ftcnn pipeline lenet5.pt --data mnist5k --prune-ratio 0.3 --max-macs 1.0 --ber 1e-4 -o runs/e2e
     """
+    _check_device(device)
     if max_macs is not None:  # a bad budget: one line before loading anything
         protect_mod.check_budget(max_macs, max_latency, ber, trials)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
@@ -329,7 +346,8 @@ def pipeline(
                                 finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
                                 harden_ratio=harden_ratio, correction=correction, restrict=restrict,
                                 max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials,
-                                allow_builder=model_spec, source=str(checkpoint_path), log=console.print)
+                                allow_builder=model_spec, source=str(checkpoint_path), log=console.print,
+                                device=device)
     if max_macs is not None:
         _print_protection(result, f"{criterion} pruning {prune_ratio}, then protections within x{max_macs:g} "
                           f"of the ORIGINAL's MACs (BER {ber:g})")
@@ -390,7 +408,7 @@ def inject(
                                             "NAME=RATE ..., these layers take this rate at every point"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N test inputs"),
     batch_size: int = typer.Option(1000, min=1),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... (same results within float tolerance)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     shortcut: bool = typer.Option(True, help="start each trial at its first faulted layer (exact)"),
     batch_trials: Optional[int] = typer.Option(None, min=1, help="faulty trials per batched forward "
                                                "(exact; default: automatic, 1 on CPU)"),
@@ -401,6 +419,10 @@ def inject(
     precision: Optional[float] = typer.Option(None, help="time to precision: stratified trials until the "
                                               "accuracy CI half-width is at most this (e.g. 0.01), per BER point; "
                                               "replaces --trials"),
+    inputs_per_trial: Optional[int] = typer.Option(None, min=1, help="inputs each trial evaluates: a seeded "
+                                                   "random block of the split per trial, unbiased (default: "
+                                                   f"all; with --precision {PRECISION_INPUTS_PER_TRIAL}; a "
+                                                   "number >= the split's size: all)"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (resumed if it exists; "
                                           "or output = ... in --config)"),
@@ -455,6 +477,7 @@ def compare(
                                "bit sensitivity: one flip per inference)"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
     """Compare every protection side by side: baseline, range restriction, full and selective TMR,
@@ -469,6 +492,7 @@ def compare(
 
       ftcnn compare lenet5.pt --target activations --variants baseline,restrict -o runs/cmp_act
     """
+    _check_device(device)
     if checkpoint_path is None and model is None:
         raise ValueError("give a CHECKPOINT, or --model to train one first")
     net, spec = None, data or "mnist5k"
@@ -482,7 +506,7 @@ def compare(
         variants=tuple(v.strip() for v in variants.split(",")) if variants else None, target=target)
     summary = compare_mod.compare_run(net, spec, output, config, builder=model, epochs=epochs, width=width,
                                       seed=seed, threads=threads, allow_builder=model,
-                                      source=None if checkpoint_path is None else str(checkpoint_path))
+                                      source=None if checkpoint_path is None else str(checkpoint_path), device=device)
     console.print(compare_mod.headline(summary))
     console.print(f"report: {output / 'report.html'}")
 
@@ -503,17 +527,19 @@ def demo(
     trials: int = typer.Option(10, min=1, help="trials per variant and BER"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """The main job on built-in data: train LeNet-5 on the MNIST digits, then compare every protection
     (a small `ftcnn compare`), ending with the report's path and a short table. A few minutes on 2 cores.
 
     Example: ftcnn demo -o runs/demo
     """
+    _check_device(device)
     _threads(threads)  # LeNet-5: a small model
     config = compare_mod.CompareConfig(bers=(1e-6, 1e-5, 3e-5, 1e-4, 3e-4), trials=trials, seed=seed,
                                        bit_trials=5, bits=tuple(range(20, 32)), report_ber=1e-4)
     summary = compare_mod.compare_run(None, "mnist5k", output, config, builder="lenet5", epochs=epochs,
-                                      seed=seed, threads=threads, log=console.print)
+                                      seed=seed, threads=threads, log=console.print, device=device)
     console.print(compare_mod.headline(summary))
     console.print(f"report: {output / 'report.html'}")
 
@@ -552,6 +578,7 @@ def protect(
                                                 "(batch 128, 1 thread, CPU)"),
     trials: int = typer.Option(100, help="fault-injection trials per candidate"),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
 ) -> None:
     """Search the protections within a cost budget; choose on a validation split, report on test.
@@ -560,12 +587,13 @@ def protect(
 
     Example: ftcnn protect lenet5.pt --data mnist5k --ber 1e-4 --max-macs 1.15 --max-latency 1.2 -o runs/protect
     """
+    _check_device(device)
     protect_mod.check_budget(max_macs, max_latency, ber, trials)
     net = _load_model(checkpoint_path, model_spec, data)
     spec = _data_spec(data, checkpoint.meta(net))
     result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
                                      trials=trials, seed=seed, allow_builder=model_spec,
-                                     source=str(checkpoint_path), log=console.print)
+                                     source=str(checkpoint_path), log=console.print, device=device)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" (BER {ber:g})")
     console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")

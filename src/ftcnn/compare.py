@@ -148,10 +148,10 @@ def scores_key(model_digest: str, train_digest: str, config: CompareConfig) -> d
 
 
 def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path,
-            piece: str = "scores") -> dict:
+            piece: str = "scores", device: str = "cpu") -> dict:
     key = scores_key(fingerprint.model_digest(model), fingerprint.data_digest(x, y), config)
     return pipeline.cached_scores(model, x, y, path, key, piece, method=config.score_method,
-                                  samples=config.score_samples, seed=config.seed)
+                                  samples=config.score_samples, seed=config.seed, device=device)
 
 
 def variant_key(variant: Variant, config: CompareConfig, model_digest: str, train_digest: str
@@ -178,10 +178,11 @@ def variant_key(variant: Variant, config: CompareConfig, model_digest: str, trai
 
 
 def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, config: CompareConfig,
-                  input_shape: tuple[int, ...], folder: Path, key: dict[str, Any] | None = None
-                  ) -> nn.Module:
+                  input_shape: tuple[int, ...], folder: Path, key: dict[str, Any] | None = None,
+                  device: str = "cpu") -> nn.Module:
     """The variant's model, from its checkpoint if a previous run built it from
-    the same inputs (``key``, by default ``variant_key``), else built anew."""
+    the same inputs (``key``, by default ``variant_key``), else built anew (fine-tune,
+    scores and range profiling on ``device``; returned where ``model`` is)."""
     path = folder / f"{variant.name}.pt"
     x_train, y_train = train_set.tensors
     if key is None:
@@ -196,15 +197,15 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
         net, _, _ = pipeline.prune_finetune(model, train_set, ratio=variant.prune["ratio"],
                                             criterion=variant.prune["criterion"], scores=layer_scores,
                                             input_shape=input_shape, epochs=config.finetune_epochs,
-                                            seed=config.seed, reseed=False)
+                                            seed=config.seed, reseed=False, device=device)
         rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json",
-                           f"scores of {variant.name}")
+                           f"scores of {variant.name}", device)
         layer_scores = rescored["layers"]
     if variant.harden:
         settings = dict(variant.harden)
         needs_scores = settings.get("ratio", 0) > 0 and settings.get("tmr") != "full"
-        net = hardening.harden(net, layer_scores if needs_scores else None, range_margin=config.range_margin,
-                            calibration=calibration, **settings)
+        net = pipeline.harden_on(net, layer_scores if needs_scores else None, device,
+                                 range_margin=config.range_margin, calibration=calibration, **settings)
     checkpoint.save(net, path, variant=asdict(variant))
     store_key(path, key)
     return net
@@ -236,7 +237,8 @@ def _campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignCon
 
 
 def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig,
-                     folder: Path, digests: tuple[str, str] | None = None, name: str = "") -> dict[str, float]:
+                     folder: Path, digests: tuple[str, str] | None = None, name: str = "",
+                     device: str = "cpu") -> dict[str, float]:
     """Critical-SDC rate of exactly one flip at each bit position (uniform over the memory).
 
     Against activation faults: one flip per inference, at a site drawn uniformly over every
@@ -254,7 +256,8 @@ def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: C
     if target:
         target["activation_mode"] = "permanent"
     for bit in config.bits:
-        cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,), **target)
+        cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,), device=device,
+                             **target)
         s, differences = _campaign(net, x, y, cfg, folder / f"bit{bit:02d}", digests, None, progress=False)
         if differences and not said:  # one line per variant, not one per bit
             _log(f"recomputing bit sensitivity of {name or folder.name}: {'; '.join(differences)}")
@@ -290,8 +293,13 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
 
 
 def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: CompareConfig,
-                record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build, measure and attack every variant; write summary.json/csv, plots and report.html."""
+                record: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Build, measure and attack every variant; write summary.json/csv, plots and report.html.
+
+    Scores, fine-tunes, range profiles, clean accuracies and campaigns run on ``device``;
+    costs and latency on the CPU. The device does not change a stored number (within float
+    tolerance), so it is not part of any key and a folder resumes on another device.
+    """
     out = Path(out_dir)
     try:
         for sub in ("models", "campaigns", "bits"):
@@ -310,7 +318,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     test_digest = fingerprint.data_digest(x_test, y_test)
 
     _log("scoring vulnerability")
-    scores = _scores(model, x_train, y_train, config, out / "scores.json")
+    scores = _scores(model, x_train, y_train, config, out / "scores.json", device=device)
     variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
                 if config.variants is None or v.name in config.variants]
     if config.variants:
@@ -323,7 +331,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         _log(f"{variant.name}: {variant.description}")
         nets[variant.name] = (model if variant.name == "baseline" else build_variant(
             variant, model, scores, train_set, config, input_shape, out / "models",
-            key=variant_key(variant, config, model_digest, train_digest))).eval()
+            key=variant_key(variant, config, model_digest, train_digest), device=device)).eval()
     nets.setdefault("baseline", model)
     digests = {name: model_digest if net is model else fingerprint.model_digest(net) for name, net in nets.items()}
     # latencies are timed round-robin across all variants: any changed model re-times them all
@@ -338,13 +346,15 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
                              {"model": digests[variant.name], "test data": test_digest},
                              f"clean accuracy of {variant.name}",
-                             lambda: {"accuracy": train.evaluate(net, test_set)})["accuracy"]
-        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, **config.campaign_target())
-        summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
-                               (digests[variant.name], test_digest), f"campaign of {variant.name}",
-                               record={"variant": variant.name, "data": data_spec})
-        bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,
-                                (digests[variant.name], test_digest), variant.name)
+                             lambda: {"accuracy": train.evaluate(net, test_set, device=device)})["accuracy"]
+        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, device=device,
+                             **config.campaign_target())
+        with train.on_device(net, device):  # the campaigns move it there; given back afterwards
+            summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+                                   (digests[variant.name], test_digest), f"campaign of {variant.name}",
+                                   record={"variant": variant.name, "data": data_spec})
+            bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,
+                                    (digests[variant.name], test_digest), variant.name, device)
         rows.append({
             "name": variant.name, "label": variant.name, "description": variant.description,
             "spec": asdict(variant), "clean_accuracy": clean,
@@ -372,21 +382,23 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
 def compare_run(model: nn.Module | None, data_spec: str, out_dir: str | Path, config: CompareConfig, *,
                 builder: str | None = None, epochs: int = 5, width: float | None = None, seed: int = 0,
                 threads: int | None = None, allow_builder: str | None = None, source: str | None = None,
-                log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                log: Callable[[str], Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """``ftcnn compare`` and ``ftcnn demo``: :func:`run_compare` on ``model``, or, when ``model`` is
     None, on ``builder`` trained first into ``out_dir/model.pt`` (reused when trained from the
-    same settings and data: ``pipeline.train_or_reuse``)."""
+    same settings and data: ``pipeline.train_or_reuse``); training and the comparison run on ``device``."""
     out = Path(out_dir)
     if model is None:
         if builder is None:
             raise ValueError("give a CHECKPOINT, or --model to train one first")
         model = pipeline.train_or_reuse(out / "model.pt", builder, data_spec, epochs=epochs, width=width,
-                                        seed=seed, threads=threads, allow_builder=allow_builder, log=log)
+                                        seed=seed, threads=threads, allow_builder=allow_builder, log=log,
+                                        device=device)
         source = str(out / "model.pt")
     distributed.apply_threads(threads, model)
     with checkpoint.allowing(allow_builder):  # the variants it saved and reloads share the trusted builder
         return run_compare(model, data_spec, out, config,
-                           record={"checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]})
+                           record={"checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]},
+                           device=device)
 
 
 def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821

@@ -28,6 +28,12 @@ relative to the ORIGINAL model's cost, so "no more MACs than the original"
 (``max_macs=1.0``) buys whatever protection the pruning paid for. The
 protection is chosen on a validation split of the training data; the
 fine-tune uses only the fit part, and the test split is read only to report.
+
+Every flow takes ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...): training, clean
+evaluation, scoring, range profiling and campaigns run there; the caller's model is lent to it
+and given back where it was (``train.on_device``), structural steps (pruning's surgery, costs,
+CPU latency) stay on the CPU, and every checkpoint is saved from CPU tensors, so the files are the
+same whatever the device (numbers within float tolerance of the CPU's).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ __all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data
            "train_or_load", "train_or_reuse", "analyze_checkpoint", "compare_methods", "harden_checkpoint",
            "prune_checkpoint", "inject_checkpoint", "run_pipeline", "prune_finetune", "prune_and_harden",
            "prune_and_protect", "is_current", "store_key", "key_path", "cached_scores", "check_output_file",
-           "analyze_settings", "note", "PIPELINE_STAGES"]
+           "analyze_settings", "analyze_on", "harden_on", "note", "PIPELINE_STAGES"]
 
 Log = Callable[[str], Any]
 
@@ -160,13 +166,21 @@ def store_key(path: Path, key: dict[str, Any]) -> None:
     files.write_json(key_path(path), files.jsonable(key), indent=1, sort_keys=True, note=False)
 
 
+def analyze_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "cpu",
+               **settings: Any) -> vulnerability.Scores:
+    """``vulnerability.analyze`` on ``device`` (the model is given back where it was)."""
+    with train.on_device(model, device):
+        return vulnerability.analyze(model, x.to(device), y.to(device), **settings)
+
+
 def cached_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path, key: dict[str, Any],
-                  piece: str = "scores", *, method: str = "gain", samples: int = 256, seed: int = 0) -> dict:
+                  piece: str = "scores", *, method: str = "gain", samples: int = 256, seed: int = 0,
+                  device: str = "cpu") -> dict:
     """Vulnerability scores of ``model`` from ``path`` if computed from the inputs ``key``
-    describes, else computed (``vulnerability.analyze``) and stored there with the key."""
+    describes, else computed (``vulnerability.analyze``, on ``device``) and stored there with the key."""
     if is_current(path, key, piece):
         return vulnerability.load_scores(path)
-    scores = vulnerability.analyze(model, x, y, method=method, samples=samples, seed=seed)
+    scores = analyze_on(model, x, y, device, method=method, samples=samples, seed=seed)
     vulnerability.save_scores(scores, path)
     store_key(path, key)
     return scores
@@ -181,25 +195,25 @@ def _build(builder: str, data_spec: str, width: float = 1.0) -> nn.Module:
 
 
 def train_checkpoint(builder: str, data_spec: str, output: str | Path, *, epochs: int = 5, lr: float = 2e-3,
-                     batch_size: int = 64, width: float = 1.0, seed: int = 0, threads: int | None = None
-                     ) -> float:
-    """``ftcnn train``: train ``builder`` on ``data_spec``'s training split, save it to ``output``
-    with its test accuracy (returned) and training settings."""
+                     batch_size: int = 64, width: float = 1.0, seed: int = 0, threads: int | None = None,
+                     device: str = "cpu") -> float:
+    """``ftcnn train``: train ``builder`` on ``data_spec``'s training split (on ``device``), save it
+    to ``output`` with its test accuracy (returned) and training settings."""
     check_output_file(output)
     data.info(data_spec)  # an unknown data set: one line before loading anything
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     train.seed_everything(seed)
     net = _build(builder, data_spec, width)
     distributed.apply_threads(threads, net)
-    losses = train.fit(net, train_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    accuracy = train.evaluate(net, test_set)
+    losses = train.fit(net, train_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+    accuracy = train.evaluate(net, test_set, device=device)
     checkpoint.save(net, output, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed,
                     lr=lr, batch_size=batch_size, losses=losses)
     return accuracy
 
 
 def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int = 5, width: float = 1.0,
-                  lr: float = 2e-3, seed: int = 0, progress: bool = False) -> nn.Module:
+                  lr: float = 2e-3, seed: int = 0, progress: bool = False, device: str = "cpu") -> nn.Module:
     """The checkpoint at ``path`` if it exists, else a model trained as ``ftcnn train`` does and saved there.
 
     Example (minutes of CPU, so not run as a doctest)::
@@ -212,16 +226,17 @@ def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     train.seed_everything(seed)
     net = _build(builder, data_spec, width)
-    losses = train.fit(net, train_set, epochs=epochs, lr=lr, seed=seed, progress=progress)
+    losses = train.fit(net, train_set, epochs=epochs, lr=lr, seed=seed, progress=progress, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(net, path, data=data_spec, test_accuracy=train.evaluate(net, test_set), epochs=epochs,
+    checkpoint.save(net, path, data=data_spec, test_accuracy=train.evaluate(net, test_set, device=device),
+                    epochs=epochs,
                     seed=seed, lr=lr, losses=losses)
     return checkpoint.load(path)
 
 
 def train_or_reuse(path: str | Path, builder: str, data_spec: str, *, epochs: int = 5,
                    width: float | None = None, seed: int = 0, threads: int | None = None,
-                   allow_builder: str | None = None, log: Log | None = None) -> nn.Module:
+                   allow_builder: str | None = None, log: Log | None = None, device: str = "cpu") -> nn.Module:
     """The model at ``path`` if it was trained from the same settings and training data
     (content, not names: the key stored beside it), else one trained now and saved there.
 
@@ -240,8 +255,8 @@ def train_or_reuse(path: str | Path, builder: str, data_spec: str, *, epochs: in
     train.seed_everything(seed)
     net = _build(builder, data_spec, 1.0 if width is None else width)
     distributed.apply_threads(threads, net)
-    train.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {builder}")
-    accuracy = train.evaluate(net, data.load(data_spec, "test"))
+    train.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {builder}", device=device)
+    accuracy = train.evaluate(net, data.load(data_spec, "test"), device=device)
     checkpoint.save(net, path, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed)
     store_key(path, trained_from)
     say(f"{builder} on {data_spec}: test accuracy {accuracy:.2%} -> {path}")
@@ -258,8 +273,8 @@ def analyze_settings(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
 
 def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain", limit: int | None = None,
                        settings: Mapping[str, Any] | None = None, source: str | None = None,
-                       output: str | Path | None = None) -> dict[str, Any]:
-    """``ftcnn analyze``: ``method``'s scores of ``model`` (gain learns from TRAINING inputs; fi
+                       output: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """``ftcnn analyze``: ``method``'s scores of ``model``, computed on ``device`` (gain learns from TRAINING inputs; fi
     measures on TEST inputs; l1 needs none), the first ``limit`` inputs; saved to ``output``
     (plot beside it) when given. ``settings``: the method's own keywords, e.g. from
     :func:`analyze_settings`."""
@@ -268,7 +283,7 @@ def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain"
     if limit:
         x, y = x[:limit], y[:limit]
     campaign.check_input_shape(model, x)
-    scores = vulnerability.analyze(model, x, y, method=method, **analyze_settings(method, settings or {}))
+    scores = analyze_on(model, x, y, device, method=method, **analyze_settings(method, settings or {}))
     scores.update(checkpoint=str(source), data=data_spec, inputs=len(x))
     if output is not None:
         vulnerability.save_scores(scores, output)
@@ -278,7 +293,8 @@ def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain"
 def compare_methods(model: nn.Module, data_spec: str, methods: Sequence[str], *, against: str = "fi",
                     scores_dir: str | Path | None = None, limit: int | None = None,
                     settings: Mapping[str, Any] | None = None, source: str | None = None,
-                    output: str | Path | None = None, log: Log | None = None) -> dict[str, Any]:
+                    output: str | Path | None = None, log: Log | None = None, device: str = "cpu"
+                    ) -> dict[str, Any]:
     """``ftcnn analyze --compare``: rank each of ``methods`` against ``against`` (Spearman, per
     layer and pooled). With ``scores_dir``, ``METHOD.json`` there is used when present and
     computed scores are stored there. Returns (and writes to ``output``) the agreement blob:
@@ -301,7 +317,8 @@ def compare_methods(model: nn.Module, data_spec: str, methods: Sequence[str], *,
                 say(f"note: {cached} was computed for {results[m]['checkpoint']}")
             say(f"{m}: scores from {cached}")
             continue
-        results[m] = analyze_checkpoint(model, data_spec, method=m, limit=limit, settings=settings, source=source)
+        results[m] = analyze_checkpoint(model, data_spec, method=m, limit=limit, settings=settings, source=source,
+                                        device=device)
         say(f"{m}: computed in {results[m]['seconds']:.1f}s")
         if cached is not None:
             vulnerability.save_scores(results[m], cached)
@@ -315,16 +332,27 @@ def compare_methods(model: nn.Module, data_spec: str, methods: Sequence[str], *,
 
 # --- harden --------------------------------------------------------------------------------------
 
+def harden_on(model: nn.Module, scores: Any, device: str = "cpu", *, calibration: torch.Tensor | None = None,
+              **settings: Any) -> nn.Module:
+    """``hardening.harden`` with the ranges profiled on ``device``; the hardened model is
+    returned where ``model`` is (both on the CPU for a CPU model)."""
+    with train.on_device(model, device):
+        hardened = hardening.harden(model, scores, calibration=None if calibration is None else
+                                    calibration.to(device), **settings)
+    return hardened.to(train.model_device(model))
+
+
 def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, scores: str | Path | None = None,
                       ratio: float = 0.1, budget: float | None = None, correction: str = "min",
                       tmr: str | None = None, restrict: str | None = None, range_margin: float = 0.0,
                       check_weights: str | None = None, calibration_size: int = 1000, seed: int = 0,
-                      onnx: str | Path | None = None) -> dict[str, Any]:
+                      onnx: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """``ftcnn harden``: protect ``model``, save it to ``output`` (and ``onnx``), and return the
     record stored in its metadata (``hardening``): the settings, protected channels, clean test
     accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads.
 
-    Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``.
+    Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``, on
+    ``device`` (so are the clean accuracies); the overheads are measured on the CPU.
     """
     check_output_file(output)
     if onnx is not None:
@@ -332,13 +360,13 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     layer_scores = vulnerability.load_scores(scores) if scores is not None else None
     train_x, _ = campaign.stack_dataset(data.load(data_spec, "train"))
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
-    hardened = hardening.harden(model, layer_scores, ratio=ratio, budget=budget, correction=correction,
-                                 tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
-                                 check_weights=check_weights)
+    hardened = harden_on(model, layer_scores, device, ratio=ratio, budget=budget, correction=correction,
+                         tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
+                         check_weights=check_weights)
     test_set = data.load(data_spec, "test")
     input_shape = tuple(train_x.shape[1:])
-    acc_original = train.evaluate(model, test_set)
-    acc_hardened = train.evaluate(hardened, test_set)
+    acc_original = train.evaluate(model, test_set, device=device)
+    acc_hardened = train.evaluate(hardened, test_set, device=device)
     overheads = hardening.overheads(model, hardened, input_shape)
     record = {"scores": str(scores) if scores else None, "ratio": ratio, "budget": budget,
               "correction": "tmr" if tmr == "full" else correction, "tmr": tmr, "restrict": restrict,
@@ -358,31 +386,33 @@ def prune_finetune(model: nn.Module, train_set: TensorDataset, *, ratio: float |
                    criterion: str, scores: Mapping[str, Any] | None, input_shape: Sequence[int],
                    epochs: int, lr: float = 1e-3, seed: int = 0, protect: Sequence[str] | None = None,
                    test_set: TensorDataset | None = None, reseed: bool = True, progress: bool = True,
-                   log: Log | None = None) -> tuple[nn.Module, float | None, list[float]]:
+                   log: Log | None = None, device: str = "cpu") -> tuple[nn.Module, float | None, list[float]]:
     """Prune, then fine-tune in place: the step every pruning flow shares.
 
     Returns ``(pruned, accuracy on test_set before fine-tuning or None, fine-tuning losses)``.
     ``reseed``: seed every generator with ``seed`` just before fine-tuning (``compare``'s
-    variants fine-tune without, which keeps their numbers).
+    variants fine-tune without, which keeps their numbers). The surgery is done where ``model``
+    is; the evaluation and the fine-tune on ``device``.
     """
     say = log or _quiet
     pruned = pruning.prune(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
                              input_shape=tuple(input_shape))
-    before = train.evaluate(pruned, test_set) if test_set is not None else None
+    before = train.evaluate(pruned, test_set, device=device) if test_set is not None else None
     say(f"pruned ({criterion}, ratio {ratio})" + ("" if before is None else f": accuracy {before:.2%}")
         + f"; fine-tuning {epochs} epoch(s) ...")
     if reseed:
         train.seed_everything(seed)
-    losses = pruning.finetune(pruned, train_set, epochs, lr=lr, seed=seed, progress=progress)
+    losses = pruning.finetune(pruned, train_set, epochs, lr=lr, seed=seed, progress=progress, device=device)
     return pruned, before, losses
 
 
 def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, scores: str | Path | None = None,
                      ratio: float | Mapping[str, float] = 0.3, criterion: str = "vulnerability",
                      protect: Sequence[str] | None = None, finetune_epochs: int = 3, lr: float = 1e-3,
-                     samples: int = 256, seed: int = 0) -> dict[str, Any]:
+                     samples: int = 256, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """``ftcnn prune``: structured pruning (scores from ``scores``, else gain scores on
-    ``samples`` training inputs; none for L1), a short fine-tune, saved to ``output``.
+    ``samples`` training inputs; none for L1), a short fine-tune, saved to ``output``. Scores,
+    accuracies and the fine-tune are computed on ``device``.
 
     Returns the metadata stored with the checkpoint: clean accuracy of the original
     (``accuracy_original``), pruned (``accuracy_before_finetune``) and fine-tuned
@@ -400,12 +430,12 @@ def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, sc
     elif scores is not None:
         vuln = vulnerability.load_scores(scores)
     else:
-        vuln = vulnerability.analyze(model, *train_set.tensors, method="gain", samples=samples, seed=seed)
-    before = train.evaluate(model, test_set)
+        vuln = analyze_on(model, *train_set.tensors, device, method="gain", samples=samples, seed=seed)
+    before = train.evaluate(model, test_set, device=device)
     pruned, after, losses = prune_finetune(model, train_set, ratio=ratio, criterion=criterion, scores=vuln,
                                            protect=protect, input_shape=input_shape, epochs=finetune_epochs,
-                                           lr=lr, seed=seed, test_set=test_set)
-    tuned = train.evaluate(pruned, test_set)
+                                           lr=lr, seed=seed, test_set=test_set, device=device)
+    tuned = train.evaluate(pruned, test_set, device=device)
     cost_before = {"params": cost.parameters(model), "macs": cost.macs(model, input_shape)["macs"]}
     cost_after = {"params": cost.parameters(pruned), "macs": cost.macs(pruned, input_shape)["macs"]}
     meta = dict(test_accuracy=tuned, accuracy_original=before,
@@ -454,7 +484,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
                      criterion: str = "vulnerability", finetune_epochs: int = 3, lr: float = 1e-3,
                      samples: int = 256, seed: int = 0, restrict: str | None = None,
                      record: Mapping[str, Any] | None = None, progress: bool = True,
-                     log: Log | None = None) -> dict[str, Any]:
+                     log: Log | None = None, device: str = "cpu") -> dict[str, Any]:
     """The paper's pipeline: score (gain, training inputs) -> prune -> fine-tune -> re-score
     -> harden, plus the original hardened at the same ratio for comparison.
 
@@ -462,7 +492,8 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     fine-tuned), ``scores_pruned.json``, ``hardened.pt``, ``hardened_unpruned.pt``
     and ``summary.json`` (params, MACs, CPU latency at batch 1 and 128 -- one
     thread, all models timed interleaved, medians -- and clean test accuracy of
-    every stage in ``PIPELINE_STAGES``, plus relative costs).
+    every stage in ``PIPELINE_STAGES``, plus relative costs, and the ``device`` that
+    scored, fine-tuned, profiled and evaluated; not part of the settings a resumed folder must match).
     Resumable: a stage whose output exists is loaded, not redone; a folder started
     with other settings or another model is refused. Returns the summary.
 
@@ -507,7 +538,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
             say(f"reusing {path}")
             return vulnerability.load_scores(path)
         say(f"scoring ({name}) ...")
-        scores = vulnerability.analyze(net, x_train, y_train, method="gain", samples=samples, seed=seed)
+        scores = analyze_on(net, x_train, y_train, device, method="gain", samples=samples, seed=seed)
         vulnerability.save_scores(scores, path)
         return scores
 
@@ -518,9 +549,9 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         if path.exists():
             say(f"reusing {path}")
             return checkpoint.load(path)
-        hard = hardening.harden(net, scores["layers"], ratio=harden_ratio, correction=correction,
-                                 restrict=restrict, calibration=calibration)
-        checkpoint.save(hard, path, test_accuracy=train.evaluate(hard, test_set), **meta)
+        hard = harden_on(net, scores["layers"], device, ratio=harden_ratio, correction=correction,
+                         restrict=restrict, calibration=calibration)
+        checkpoint.save(hard, path, test_accuracy=train.evaluate(hard, test_set, device=device), **meta)
         return checkpoint.load(path)  # measure what was saved (and prove it loads)
 
     model.eval()
@@ -533,8 +564,9 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         pruned, before, losses = prune_finetune(
             model, train_set, ratio=prune_ratio, criterion=criterion,
             scores=scores_original if criterion == "vulnerability" else None, input_shape=input_shape,
-            epochs=finetune_epochs, lr=lr, seed=seed, test_set=test_set, progress=progress, log=say)
-        checkpoint.save(pruned, pruned_path, test_accuracy=train.evaluate(pruned, test_set),
+            epochs=finetune_epochs, lr=lr, seed=seed, test_set=test_set, progress=progress, log=say,
+            device=device)
+        checkpoint.save(pruned, pruned_path, test_accuracy=train.evaluate(pruned, test_set, device=device),
                         accuracy_before_finetune=before, finetune_losses=losses, stage="pruned_finetuned",
                         **data_meta)
         pruned = checkpoint.load(pruned_path)
@@ -552,7 +584,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     for name, net in models.items():
         stages[name] = {"params": cost.parameters(net), **cost.macs(net, input_shape),
                         "latency_b1_ms": lat[1][name], "latency_b128_ms": lat[128][name],
-                        "accuracy": train.evaluate(net, test_set)}
+                        "accuracy": train.evaluate(net, test_set, device=device)}
     # same structure as pruned_finetuned; only the accuracy differs (before fine-tuning)
     stages["pruned"] = {**stages["pruned_finetuned"],
                         "accuracy": checkpoint.meta(pruned).get("accuracy_before_finetune")}
@@ -568,6 +600,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
             "hardened_pruned_vs_original": cost.relative(stages["hardened_pruned"], stages["original"]),
         },
         "removed_channels": pruning.removed_channels(pruned),
+        "device": device,
     }
     files.write_json(out / "summary.json", summary, indent=1)
     return summary
@@ -578,7 +611,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                       finetune_epochs: int = 3, lr: float = 1e-3, max_macs: float = 1.0,
                       max_latency: float | None = None, ber: float = 1e-4, trials: int = 100, seed: int = 0,
                       validation_fraction: float = 0.2, samples: int = 256, measure_latency: bool = True,
-                      record: dict[str, Any] | None = None, log: Log | None = None
+                      record: dict[str, Any] | None = None, log: Log | None = None, device: str = "cpu"
                       ) -> protect_mod.ProtectResult:
     """Prune -> fine-tune -> protect within a budget relative to the original (unpruned) model.
 
@@ -614,25 +647,27 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     scores = None
     if criterion == "vulnerability":
         say("scoring the original (gain, fit split) ...")
-        scores = vulnerability.analyze(model, x_fit, y_fit, method="gain", samples=samples, seed=seed)
+        scores = analyze_on(model, x_fit, y_fit, device, method="gain", samples=samples, seed=seed)
     pruned, _, _ = prune_finetune(model, TensorDataset(x_fit, y_fit), ratio=prune_ratio, criterion=criterion,
                                   scores=scores, input_shape=input_shape, epochs=finetune_epochs, lr=lr,
-                                  seed=seed, progress=False, log=say)
+                                  seed=seed, progress=False, log=say, device=device)
     pruned.eval()
     data_meta = _data_meta(record)
     checkpoint.save(pruned, out / "pruned.pt", stage="pruned_finetuned", criterion=criterion,
                     prune_ratio=prune_ratio, **data_meta)
     result = protect_mod.protect(pruned, x_train, y_train, ber=ber, max_macs=max_macs, max_latency=max_latency,
                                  trials=trials, seed=seed, reference=model, validation_fraction=validation_fraction,
-                                 measure_latency=measure_latency, work_dir=out / "campaigns", log=say)
+                                 measure_latency=measure_latency, work_dir=out / "campaigns", log=say,
+                                 device=device)
     # the test split, only now that the choice is made
     protect_mod.evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
     original = protect_mod.ProtectResult("original", "", [], {"original": model}, result.config)
     protect_mod.evaluate_test(original, *test_set.tensors, work_dir=out / "campaigns")
     result.extra["end_to_end"] = {
         "prune_ratio": prune_ratio, "criterion": criterion, "finetune_epochs": finetune_epochs,
-        "clean_test": {"original": train.evaluate(model, test_set), "pruned": train.evaluate(pruned, test_set),
-                       "protected": train.evaluate(result.model, test_set)},
+        "clean_test": {"original": train.evaluate(model, test_set, device=device),
+                       "pruned": train.evaluate(pruned, test_set, device=device),
+                       "protected": train.evaluate(result.model, test_set, device=device)},
         "original_test": original.test["original"], "removed_channels": pruning.removed_channels(pruned),
         "costs_relative_to": "the original (unpruned, unprotected) model",
     }
@@ -646,9 +681,9 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
                  seed: int = 0, harden_ratio: float = 0.1, correction: str = "min", restrict: str | None = None,
                  max_macs: float | None = None, max_latency: float | None = None, ber: float = 1e-4,
                  trials: int = 100, allow_builder: str | None = None, source: str | None = None,
-                 log: Log | None = None) -> dict[str, Any] | protect_mod.ProtectResult:
+                 log: Log | None = None, device: str = "cpu") -> dict[str, Any] | protect_mod.ProtectResult:
     """``ftcnn pipeline``: :func:`prune_and_harden` on ``data_spec`` (its summary), or with
-    ``max_macs`` (end-to-end mode) :func:`prune_and_protect` (its ``ProtectResult``)."""
+    ``max_macs`` (end-to-end mode) :func:`prune_and_protect` (its ``ProtectResult``), on ``device``."""
     if max_macs is not None:
         protect_mod.check_budget(max_macs, max_latency, ber, trials)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
@@ -659,8 +694,8 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
             return prune_and_protect(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                      criterion=criterion, finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs,
                                      max_latency=max_latency, ber=ber, trials=trials, seed=seed, samples=samples,
-                                     record=record, log=log)
+                                     record=record, log=log, device=device)
         return prune_and_harden(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                 harden_ratio=harden_ratio, correction=correction, criterion=criterion,
                                 finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
-                                restrict=restrict, record=record, log=log)
+                                restrict=restrict, record=record, log=log, device=device)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, vulnerability
+from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, train, vulnerability
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -224,9 +224,11 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
 
 
 def _campaign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bers: Sequence[float], trials: int,
-              seed: int, folder: Path) -> dict[str, Any]:
-    config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed)
-    return campaign.run_campaign(model, x, y, config, folder, progress=False)
+              seed: int, folder: Path, device: str = "cpu") -> dict[str, Any]:
+    """A campaign on ``device``; the model is given back where it was."""
+    config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed, device=device)
+    with train.on_device(model, device):
+        return campaign.run_campaign(model, x, y, config, folder, progress=False)
 
 
 def _point(summary: dict[str, Any], ber: float) -> dict[str, Any]:
@@ -267,7 +269,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             validation_fraction: float = 0.2, calibration_size: int = 1000, tie: float = 0.001,
             measure_latency: bool = True, check_batch: int = LATENCY_BATCH,
             space: Sequence[Candidate] | None = None,
-            work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None) -> ProtectResult:
+            work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
+            device: str = "cpu") -> ProtectResult:
     """Search the protections of design §4 for the most robust one within a cost budget.
 
     Args:
@@ -293,6 +296,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         space: the candidates (default: :func:`candidates`).
         work_dir: where campaign folders go (resumable); default a temporary folder.
         log: called with progress lines.
+        device: where the scores and the campaigns are computed (``cpu``, ``cuda``, ...); the
+            candidates are built, costed and timed on the CPU. Recorded in ``config``.
 
     Returns:
         A :class:`ProtectResult`; ``.model`` is the chosen protected model.
@@ -320,7 +325,9 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         raise ValueError("candidate names must be unique")
     if any(c.duplicate for c in space) and scores is None:
         say("scoring channels (gain, fit split) ...")
-        scores = vulnerability.analyze(model, x_fit, y_fit, method="gain", samples=256, seed=seed)["layers"]
+        with train.on_device(model, device):
+            scores = vulnerability.analyze(model, x_fit.to(device), y_fit.to(device), method="gain", samples=256,
+                                           seed=seed)["layers"]
     ranked = exposure(model, scores) if scores is not None else None
     ref_cost = {"params": cost.parameters(reference), **cost.macs(reference, input_shape)}
 
@@ -367,7 +374,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
                 continue
             say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs) ...")
             summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, seed,
-                                root / "validation" / rec["name"])
+                                root / "validation" / rec["name"], device)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
     finally:
@@ -389,7 +396,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
               "latency": {"batch": LATENCY_BATCH, "threads": 1, "method": "cost.interleaved_latency"}
               if measure_latency else None,
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
-              "fault_model": "float32 bit flips in Conv2d/Linear parameters, protection values attacked"}
+              "fault_model": "float32 bit flips in Conv2d/Linear parameters, protection values attacked",
+              "device": device}
     models = {n: m for n, m in built.items() if next(r for r in records if r["name"] == n)["validation"]}
     return ProtectResult(chosen, reason, records, models, config)
 
@@ -398,7 +406,8 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
                   names: Sequence[str] | None = None, bers: Sequence[float] | None = None,
                   trials: int | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
     """Test-split numbers (clean, and at ``ber`` and 10x ``ber``) for the chosen protection
-    (or ``names``), once the choice is made; stored in ``result.test`` and returned.
+    (or ``names``), once the choice is made; stored in ``result.test`` and returned. The
+    campaigns run on the device the search ran on (``result.config["device"]``).
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -413,7 +422,7 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
         root = Path(work_dir) if work_dir is not None else Path(tmp.name)  # type: ignore[union-attr]
         for name in names or [result.chosen]:
             summary = _campaign(result.models[name], x_test, y_test, bers, trials, cfg["seed"],
-                                root / "test" / name)
+                                root / "test" / name, cfg.get("device", "cpu"))
             out[name] = {"clean": summary["golden_accuracy"],
                          "bers": {f"{b:g}": _point(summary, b) for b in bers}}
     finally:
@@ -508,8 +517,9 @@ def write_result(result: ProtectResult, out: str | Path, **meta: Any) -> dict[st
 def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e-4, max_macs: float = 1.15,
                 max_latency: float | None = None, trials: int = 100, seed: int = 0,
                 allow_builder: str | None = None, source: str | None = None,
-                log: Callable[[str], Any] | None = None) -> ProtectResult:
-    """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``.
+                log: Callable[[str], Any] | None = None, device: str = "cpu") -> ProtectResult:
+    """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
+    scores and campaigns on ``device``.
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -525,7 +535,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     with checkpoint.allowing(allow_builder):
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                         trials=trials, seed=seed, work_dir=out / "campaigns", log=log)
+                         trials=trials, seed=seed, work_dir=out / "campaigns", log=log, device=device)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
         write_result(result, out, data=data, source=source)
     return result

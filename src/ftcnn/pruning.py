@@ -446,8 +446,8 @@ def removed_channels(model: nn.Module) -> dict[str, int]:
 
 
 def finetune(model: nn.Module, train_dataset: torch.utils.data.Dataset, epochs: int, lr: float = 1e-3,
-             seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[float]:
-    """Retrain a pruned model briefly (Adam, cosine decay, in place); mean loss per epoch.
+             seed: int = 0, batch_size: int = 64, progress: bool = True, device: str = "cpu") -> list[float]:
+    """Retrain a pruned model briefly (Adam, cosine decay, in place, on ``device``); mean loss per epoch.
 
     The lower default learning rate (half of training's) keeps the surviving
     weights close to where the full model put them.
@@ -455,4 +455,4 @@ def finetune(model: nn.Module, train_dataset: torch.utils.data.Dataset, epochs: 
     if epochs == 0:  # skip building an optimizer (its first use imports torch._dynamo, ~3 s)
         return []
     return fit(model, train_dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-               progress=progress, desc="finetune")
+               progress=progress, desc="finetune", device=device)
