@@ -307,6 +307,7 @@ SAVE_VARIANTS = {
     "full_tmr": dict(tmr="full"),
     "restrict": dict(ratio=0.0, restrict="zero", range_margin=0.1),
     "range_clamp": dict(correction="range", ratio=0.3, restrict="clamp"),
+    "restrict_share": dict(ratio=0.0, restrict="zero", range_margin=0.1, check_weights="zero", restrict_share=0.9),
 }
 
 
@@ -464,3 +465,63 @@ def test_median0_correction_is_the_median_of_the_two_and_zero() -> None:
     with _flip(hm, "2.copies.weight", _positive_weight(hm[2].copies.weight, 0)):
         out = hm(x)  # an exponent flip in the copy: outvoted by the original or by zero
         assert torch.isfinite(out).all() and out.abs().max() < 1e3
+
+
+# --- restriction on some layers (restrict_layers / restrict_share; issue 12) ----------------------
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "vgg11"])
+def test_restriction_where_it_is_cheap(name: str) -> None:
+    """restrict_share picks the layers with the fewest output values per parameter until they
+    hold the share (checked by hand here), restricts only those, stays bit-exact without faults
+    and costs fewer MACs than restricting everything."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if name == "vgg11" else (1, 28, 28)
+    model = checkpoint.build(name, num_classes=10, in_channels=shape[0], input_size=shape[1],
+                             **({"width": 0.25} if name == "vgg11" else {})).eval()
+    x = torch.randn(32, *shape)
+    chosen = H.restriction_layers(model, 0.9, shape)
+    layers = H.target_layers(model)
+    params = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in layers.items()}
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: outs.update({n: outs.get(n, o.numel())}))
+             for n, m in layers.items()]
+    model(x[:1])
+    for h in hooks:
+        h.remove()
+    ratio = {n: outs[n] / params[n] for n in layers}
+    assert sum(params[n] for n in chosen) >= 0.9 * sum(params.values())
+    assert max(ratio[n] for n in chosen) <= min((ratio[n] for n in layers if n not in chosen), default=math.inf)
+    without_last = sorted(chosen, key=lambda n: ratio[n])[:-1]     # the fewest layers that reach the share
+    assert sum(params[n] for n in without_last) < 0.9 * sum(params.values())
+    hard = H.harden(model, ratio=0.0, restrict="zero", range_margin=0.1, calibration=x, restrict_share=0.9)
+    everywhere = H.harden(model, ratio=0.0, restrict="zero", range_margin=0.1, calibration=x)
+    restricted = [n for n, m in hard.named_modules() if isinstance(m, H.Hardened) and m.restrict is not None]
+    assert restricted == chosen and len(chosen) < len(layers)
+    assert checkpoint.get_spec(hard)["transforms"][-1]["restrict_layers"] == chosen
+    assert torch.equal(hard(x), model(x))
+    assert cost.macs(hard, shape)["macs"] < cost.macs(everywhere, shape)["macs"]
+    # the kept bounds are attacked memory like every other protection value
+    assert any(n.endswith("restrict.low") for n in F.fault_targets(hard))
+
+
+def test_restrict_layers_checked(tiny_model, tiny_data) -> None:
+    x, _ = tiny_data
+    with pytest.raises(ValueError, match="unknown layer"):
+        H.harden(tiny_model, ratio=0.0, restrict="zero", calibration=x, restrict_layers=["nope"])
+    with pytest.raises(ValueError, match="need a restriction mode"):
+        H.harden(tiny_model, ratio=0.0, calibration=x, restrict_layers=[next(iter(H.target_layers(tiny_model)))])
+    with pytest.raises(ValueError, match="not both"):
+        H.harden(tiny_model, ratio=0.0, restrict="zero", calibration=x, restrict_layers=[], restrict_share=0.5)
+    with pytest.raises(ValueError, match="share"):
+        H.restriction_layers(tiny_model, 1.5, tuple(x.shape[1:]))
+
+
+@pytest.mark.parametrize("bad", [["classifier.0", "classifier.0"], ["nope"], "classifier.0", [3], {"a": 1}])
+def test_stored_restrict_layers_are_checked(bad, tmp_path: Path) -> None:
+    """A file's restrict_layers is untrusted: anything but distinct layer names is one clear refusal."""
+    model = _built()
+    hm = H.harden(model, calibration=torch.randn(32, 1, 8, 8), ratio=0.0, restrict="zero",
+                  restrict_layers=["classifier.0"])
+    transform = dict(checkpoint.get_spec(hm)["transforms"][-1], restrict_layers=bad)
+    with pytest.raises(checkpoint.CheckpointError, match="restrict_layers|unknown layer"):
+        H.check_transform(_built(), transform)

@@ -53,6 +53,8 @@ RESTRICTS: tuple[tuple[str, float], ...] = (("zero", 0.0), ("zero", 0.1), ("clam
 # duplication corrections tried (with restriction); "tmr" needs two copies per
 # channel, which the budgets this module targets (<= 1.2x) cannot pay for usefully
 CORRECTIONS: tuple[str, ...] = ("min", "range")
+# share of the parameters whose layers the cheap restriction candidates restrict
+RESTRICT_SHARE = 0.9
 # shares of the leftover MAC budget tried for duplication, largest first
 BUDGET_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 LATENCY_BATCH = 128
@@ -101,6 +103,13 @@ def candidates(restricts: Sequence[tuple[str, float]] = RESTRICTS,
         for mode, margin in restricts:
             out.append(Candidate(f"weights_zero+restrict_{_tag(mode, margin)}", "weight check + restriction",
                                  {"ratio": 0.0, "check_weights": "zero", "restrict": mode, "range_margin": margin}))
+        # restriction where it is cheap: the layers holding 90% of the parameters, fewest
+        # restricted values per parameter first (``hardening.restriction_layers``; latency)
+        for mode, margin in [(m, g) for m, g in restricts if g > 0]:
+            out.append(Candidate(f"weights_zero+restrict_{_tag(mode, margin)}_p{round(RESTRICT_SHARE * 100)}",
+                                 "weight check + restriction",
+                                 {"ratio": 0.0, "check_weights": "zero", "restrict": mode, "range_margin": margin,
+                                  "restrict_share": RESTRICT_SHARE}))
     widened = [(m, g) for m, g in restricts if g > 0] or list(restricts)
     for corr in corrections:
         for mode, margin in widened:
