@@ -51,14 +51,15 @@ def fmt_acc(p: dict[str, Any]) -> str:
 
 
 def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2e: bool,
-              log: Any) -> dict[str, Any]:
+              log: Any, max_latency: float | None = None, test_trials: int | None = None,
+              test_inputs_per_trial: int | None = None) -> dict[str, Any]:
     width, epochs = MODELS[name]
     folder = root / name
     net = pipeline.train_or_load(folder / "model.pt", name, DATA, epochs=epochs, width=width, seed=seed)
     train_set, test_set = data.load(DATA, "train"), data.load(DATA, "test")
     start = time.time()
-    result = P.protect(net, *train_set.tensors, ber=BER, max_macs=max_macs, trials=trials, seed=seed,
-                       work_dir=folder / "campaigns", log=log)
+    result = P.protect(net, *train_set.tensors, ber=BER, max_macs=max_macs, max_latency=max_latency,
+                       trials=trials, seed=seed, work_dir=folder / "campaigns", log=log)
     rows: list[tuple[str, str]] = []
     for label, (family,) in ROWS:
         member = best_of(result, family)
@@ -66,10 +67,14 @@ def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2
             rows.append((label, member))
     rows += [("chosen", result.chosen), ("full TMR", "full_tmr")]
     names = list(dict.fromkeys(n for _, n in rows))
-    test = P.evaluate_test(result, *test_set.tensors, names=names, bers=BERS, work_dir=folder / "campaigns")
+    test_dir = folder / "campaigns" if test_inputs_per_trial is None else folder / f"campaigns_b{test_inputs_per_trial}"
+    test = P.evaluate_test(result, *test_set.tensors, names=names, bers=BERS, work_dir=test_dir,
+                           trials=test_trials, inputs_per_trial=test_inputs_per_trial)
     P.write_result(result, folder / "protect", data=DATA)
     out: dict[str, Any] = {"model": name, "width": width, "rows": [], "chosen": result.chosen,
-                           "reason": result.reason, "seconds_protect": time.time() - start, "trials": trials,
+                           "reason": result.reason, "seconds_protect": time.time() - start,
+                           "trials": test_trials or trials, "validation_trials": trials,
+                           "test_inputs_per_trial": test_inputs_per_trial, "max_latency": max_latency,
                            "validation_size": result.config["validation_size"]}
     for label, member in rows:
         rec, t = result.record(member), test[member]
@@ -112,8 +117,13 @@ def markdown(results: list[dict[str, Any]], max_macs: float) -> str:
              "weight checks; weight checks run once per forward, so `MACs x` shares them over a batch of 128 and "
              "`MACs x (b1)` counts them whole (batch 1). The budget applies to `MACs x`.", ""]
     for r in results:
-        lines += [f"## {r['model']} (width {r['width']:g}); {r['trials']} trials per point; "
-                  f"validation split {r['validation_size']} inputs", "",
+        blocks = r.get("test_inputs_per_trial")
+        lines += [f"## {r['model']} (width {r['width']:g}); {r['trials']} test trials per point"
+                  + (f", each on a random block of {blocks} of the 1,000 test inputs (unbiased)" if blocks else "")
+                  + (f"; {r['validation_trials']} validation trials per candidate"
+                     if r.get("validation_trials", r["trials"]) != r["trials"] else "")
+                  + (f"; latency budget x{r['max_latency']:g}" if r.get("max_latency") else "")
+                  + f"; validation split {r['validation_size']} inputs", "",
                   f"Command: `{command_of(r)}`", "",
                   "| row | candidate | clean | acc @1e-4 | acc @1e-3 | MACs x | MACs x (b1) | latency b128 x "
                   "| params x |",
@@ -151,6 +161,10 @@ def main() -> None:
     parser.add_argument("--max-macs", type=float, default=1.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-e2e", action="store_true", help="skip the prune -> protect run")
+    parser.add_argument("--max-latency", type=float, default=None, help="latency budget (b128 ratio)")
+    parser.add_argument("--test-trials", type=int, default=None, help="test-split trials (default: --trials)")
+    parser.add_argument("--test-inputs-per-trial", type=int, default=None,
+                        help="test trials each on a random block of this many test inputs (unbiased)")
     parser.add_argument("--out", type=Path, default=Path("runs/exp_protect"))
     parser.add_argument("--results", type=Path, default=Path("experiments/results/protect.md"))
     args = parser.parse_args()
@@ -160,9 +174,14 @@ def main() -> None:
     done = {r["model"]: r for r in (json.loads(stored.read_text()) if stored.is_file() else [])}
     for name in args.models:
         result = run_model(name, args.out, args.trials, args.max_macs, args.seed, not args.no_e2e,
-                           lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
+                           lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True),
+                           args.max_latency, args.test_trials, args.test_inputs_per_trial)
         result["command"] = (f"python experiments/protect.py --models {name} --trials {args.trials}"
-                             + (" --no-e2e" if args.no_e2e else ""))
+                             + (" --no-e2e" if args.no_e2e else "")
+                             + (f" --max-latency {args.max_latency:g}" if args.max_latency else "")
+                             + (f" --test-trials {args.test_trials}" if args.test_trials else "")
+                             + (f" --test-inputs-per-trial {args.test_inputs_per_trial}"
+                                if args.test_inputs_per_trial else ""))
         done[name] = result
         results = [done[m] for m in MODELS if m in done]
         files.write_json(stored, results)

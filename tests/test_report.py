@@ -90,8 +90,10 @@ def test_page_defines_its_metrics_and_prints(compare_run: Path) -> None:
     positions = [page.index(s) for s in order]
     assert positions == sorted(positions)
     assert page.count("data:image/png;base64,") == len(report.PLOTS)
-    # latency carries no spread in summary.json: the page says so rather than drawing none silently
-    assert "records no spread" in page
+    # compare records each latency's interquartile range: the page draws and explains the bars
+    summary = _summary(compare_run)
+    assert all(len(v["cost"]["latency_b1_ms_iqr"]) == 2 for v in summary["variants"])
+    assert "interquartile range" in page and "records no spread" not in page
 
 
 def test_paired_tests_agree_with_the_sqlite_rows(compare_run: Path) -> None:
@@ -191,11 +193,17 @@ def test_report_rebuilds_without_recomputing(compare_run: Path, tmp_path: Path) 
 
 
 def test_latency_spread_is_drawn_when_the_summary_records_it(compare_run: Path, tmp_path: Path) -> None:
-    """summary.json has only median latencies today; quartiles ([q1, q3] ms under cost's
-    latency_b1_ms_iqr / latency_b128_ms_iqr) become horizontal bars and the caption says so."""
+    """Quartiles ([q1, q3] ms under cost's latency_b1_ms_iqr / latency_b128_ms_iqr) become
+    horizontal bars and the caption says so; a summary from before compare recorded them
+    (medians only) gets a sentence saying there is no spread, not silently no bars."""
     copy = tmp_path / "copy"
     shutil.copytree(compare_run, copy)
     summary = _summary(copy)
+    for v in summary["variants"]:
+        for key in ("latency_b1_ms", "latency_b128_ms"):
+            v["cost"].pop(f"{key}_iqr", None)
+    files.write_json(copy / "summary.json", summary)
+    assert "records no spread" in report.build_report(copy).read_text()
     for v in summary["variants"]:
         for key in ("latency_b1_ms", "latency_b128_ms"):
             v["cost"][f"{key}_iqr"] = [0.9 * v["cost"][key], 1.2 * v["cost"][key]]

@@ -22,7 +22,7 @@ import sqlite3
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,14 +36,15 @@ from ftcnn.metrics import (CI_BETTING, CI_STUDENT_T, SequentialEstimate, betting
 from ftcnn.store import (CSV_FIELDS, DB_NAME, IDENTITY_FORMAT, architecture, ci_level, commit_result,
                          done_strata_trials, done_trials, format_table, identity_differences, open_db,
                          run_identity, stored_identity, summary_csv, versions, write_summary, write_text)
-from ftcnn.trials import (EXECUTION_FIELDS, SITES_KEPT, CampaignConfig, TrialResult, TrialRunner,
-                          check_input_shape, draw_trial_faults, predict, prepare, stack_dataset, trial_rng)
+from ftcnn.trials import (EXECUTION_FIELDS, PRECISION_INPUTS_PER_TRIAL, SITES_KEPT, CampaignConfig, TrialResult,
+                          TrialRunner, check_input_shape, draw_trial_faults, predict, prepare, stack_dataset, trial_rng)
 
 __all__ = [
     # this module's own
-    "auto_stop", "memory_report", "precision_stop", "run_campaign", "summarize", "trial_budget",
+    "auto_stop", "expected_time", "memory_report", "precision_stop", "run_campaign", "summarize", "trial_budget",
     # re-exported for callers of the campaign API (they live in ftcnn.trials and ftcnn.store)
-    "EXECUTION_FIELDS", "SITES_KEPT", "CampaignConfig", "TrialResult", "TrialRunner", "check_input_shape",
+    "EXECUTION_FIELDS", "PRECISION_INPUTS_PER_TRIAL", "SITES_KEPT", "CampaignConfig", "TrialResult", "TrialRunner",
+    "check_input_shape",
     "draw_trial_faults", "predict", "prepare", "stack_dataset", "trial_rng",
     "CSV_FIELDS", "DB_NAME", "IDENTITY_FORMAT", "architecture", "ci_level", "commit_result",
     "done_strata_trials", "done_trials", "format_table", "identity_differences", "open_db", "run_identity",
@@ -80,7 +81,8 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  config: CampaignConfig, out_dir: str | Path, *,
                  record: dict[str, Any] | None = None, progress: bool = True,
                  runner: TrialRunner | None = None,
-                 digests: tuple[str, str] | None = None) -> dict[str, Any]:
+                 digests: tuple[str, str] | None = None,
+                 announce: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run (or resume) a campaign into ``out_dir``; returns the summary.
 
     The folder's identity is the content (``run_identity``: digests of the
@@ -88,6 +90,8 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     configuration); resuming with any difference is refused. ``record`` is
     information (model path, data name) stored in the summary, not identity.
     ``digests`` (model, data) spare recomputing them when the caller has them.
+    ``announce``: called with one line, before the trials, saying what they will cost
+    (:func:`expected_time`, from the timed set-up); numbers are not touched.
     """
     out = Path(out_dir)
     try:
@@ -104,13 +108,18 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         finished = _finished_summary(out, db, config, identity, record) if runner is None else None
         if finished is not None:  # resuming a finished run costs its identity check, nothing more
             return finished
+        setup = None  # seconds of the set-up (its golden inference included), when timed here
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
-            runner = activations.campaign_runner(model, inputs, labels,
-                                                 replace(config, shortcut=False, batch_trials=1))
+            runner, setup = progress_mod.timed(activations.campaign_runner, model, inputs, labels,
+                                               replace(config, shortcut=False, batch_trials=1))
         with distributed.using_threads(config.threads if not config.parallel else None):
             # trials.prepare for parameter faults, activations.prepare for activation faults
-            runner = runner or activations.campaign_runner(model, inputs, labels, config)
+            if runner is None:
+                runner, setup = progress_mod.timed(activations.campaign_runner, model, inputs, labels, config)
             budget = trial_budget(config, runner.memory)
+            if announce is not None and setup is not None:
+                announce(expected_time(config, budget, [done_trials(db, p) for p in config.points], setup,
+                                       len(inputs)))
             threads = torch.get_num_threads()
             with distributed.executor(model, inputs, labels, config, runner) as pool:
                 _run_points(pool, db, config, budget, progress, runner)
@@ -124,6 +133,27 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     summary["digests"] = {"model": identity["model"], "data": identity["data"]}
     write_summary(out, summary)
     return summary
+
+
+def expected_time(config: CampaignConfig, budget: int, done: Sequence[Iterable[int]], setup: float,
+                  inputs: int) -> str:
+    """What a campaign's trials will cost, said up front (issue 14): the set-up's time (one
+    golden inference over the inputs, plus preparing the model: more than one trial's forward)
+    x the trials still to run. An upper bound on this machine: exact shortcuts, batched trials,
+    workers and an early stop only cut it. ``done``: the committed trial indices per point."""
+    capped = config.trials is None or config.precision is not None
+    if capped:  # an auto or --precision stop: only the cap is known
+        todo, cap = len(config.points) * budget, " (the cap of " + (
+            "--precision" if config.precision is not None else "--trials auto") + ")"
+    else:
+        todo, cap = sum(budget - len([t for t in d if t < budget]) for d in done), ""
+    share = min(1.0, (config.inputs_per_trial or inputs) / max(inputs, 1))  # a block of the inputs per trial
+    points = len(config.points)
+    return progress_mod.expected(
+        setup * share * todo, "trials",
+        f"{points} {config.by} point{'s' if points != 1 else ''} x {'at most ' if capped else ''}{budget} "
+        f"trials{cap} of {inputs} inputs: {todo} to run, from the timed set-up ({setup:.2g} s, golden "
+        "inference included); shortcuts and early stops cut it")
 
 
 def _finished_summary(out: Path, db: sqlite3.Connection, config: CampaignConfig, identity: dict[str, Any],

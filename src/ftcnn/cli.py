@@ -24,7 +24,6 @@ from rich.table import Table
 
 from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed, pipeline as flows,
                    progress, protect as protect_mod, report as report_mod, vulnerability)
-from ftcnn.trials import PRECISION_INPUTS_PER_TRIAL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
@@ -421,7 +420,7 @@ def inject(
                                               "replaces --trials"),
     inputs_per_trial: Optional[int] = typer.Option(None, min=1, help="inputs each trial evaluates: a seeded "
                                                    "random block of the split per trial, unbiased (default: "
-                                                   f"all; with --precision {PRECISION_INPUTS_PER_TRIAL}; a "
+                                                   f"all; with --precision {campaign.PRECISION_INPUTS_PER_TRIAL}; a "
                                                    "number >= the split's size: all)"),
     threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (resumed if it exists; "
@@ -444,7 +443,8 @@ def inject(
     model = _load_model(Path(run.checkpoint), run.model, run.data).to(run.config.device)
     _threads(run.config.threads, model, run.config.workers)
     spec = _data_spec(run.data, checkpoint.meta(model))
-    summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit, source=run.checkpoint)
+    summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit, source=run.checkpoint,
+                                     campaign_file=run.campaign_file)
     console.print(campaign.format_table(summary))
     console.print(f"results: {run.output}/summary.json")
 

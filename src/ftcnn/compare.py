@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -274,21 +275,23 @@ def expected_time(measured: dict[str, dict[str, float]], names: list[str], confi
     bit_trials = len(config.bits) * config.bit_trials
     trials = len(config.bers) * config.trials + bit_trials
     seconds = sum(measured[n]["latency_b128_ms"] / 1000 * inputs / 128 * trials for n in names)
-    span = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-    return (f"expected: at most ~{span} of campaigns ({len(names)} variants x {trials} trials of {inputs} "
-            f"inputs, from each variant's measured latency; shortcuts and finished campaigns cut it)")
+    return progress.expected(seconds, "campaigns", f"{len(names)} variants x {trials} trials of {inputs} inputs, "
+                             "from each variant's measured latency; shortcuts and finished campaigns cut it")
 
 
 def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], rounds: int
                  ) -> dict[str, dict[str, float]]:
     """Parameters, MACs, and CPU latency timed round-robin across all variants
-    (one thread), so that load on a shared machine hits every variant alike."""
+    (one thread), so that load on a shared machine hits every variant alike: the median
+    (``latency_bB_ms``) and the interquartile range of the rounds (``latency_bB_ms_iqr``:
+    [p25, p75] ms)."""
     out = {name: {"params": cost.parameters(net), "protection_values": cost.protection_values(net),
                   **cost.macs(net, input_shape)} for name, net in nets.items()}
     for batch in (1, 128):
-        ms = cost.interleaved_latency(nets, input_shape, batch=batch, rounds=rounds, threads=1)
-        for name, value in ms.items():
-            out[name][f"latency_b{batch}_ms"] = value
+        times = cost.interleaved_timings(nets, input_shape, batch=batch, rounds=rounds, threads=1)
+        for name, t in times.items():
+            out[name][f"latency_b{batch}_ms"] = statistics.median(t)
+            out[name][f"latency_b{batch}_ms_iqr"] = cost.iqr(t)
     return out
 
 

@@ -121,7 +121,6 @@ def relative(cost: dict[str, float], baseline: dict[str, float]) -> dict[str, fl
             for k in cost if isinstance(cost[k], (int, float))}
 
 
-@torch.inference_mode()
 def interleaved_latency(models: "dict[str, nn.Module]", input_shape: tuple[int, ...], batch: int = 1,
                         rounds: int = 15, inner: int | None = None, threads: int | None = None
                         ) -> dict[str, float]:
@@ -131,8 +130,31 @@ def interleaved_latency(models: "dict[str, nn.Module]", input_shape: tuple[int, 
     model alike instead of whichever happened to be measured at the time.
     ``threads`` sets torch's intra-op threads for the measurement (1 is far
     less disturbed by other processes); ``inner`` forwards are averaged per
-    timing (default 20 at batch 1, 2 otherwise).
+    timing (default 20 at batch 1, 2 otherwise). :func:`interleaved_timings`
+    gives every round's time (for a spread: :func:`iqr`).
     """
+    times = interleaved_timings(models, input_shape, batch, rounds, inner, threads)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def iqr(times: "list[float]") -> list[float]:
+    """The interquartile range ``[p25, p75]`` of timings (linear interpolation between
+    the sorted values, as numpy's default; one value gives ``[v, v]``).
+
+        >>> iqr([1.0, 2.0, 3.0, 4.0, 5.0])
+        [2.0, 4.0]
+    """
+    if len(times) == 1:
+        return [times[0], times[0]]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return [q1, q3]
+
+
+@torch.inference_mode()
+def interleaved_timings(models: "dict[str, nn.Module]", input_shape: tuple[int, ...], batch: int = 1,
+                        rounds: int = 15, inner: int | None = None, threads: int | None = None
+                        ) -> dict[str, list[float]]:
+    """Every round's ms per forward of each model (see :func:`interleaved_latency`)."""
     inner = inner or (20 if batch == 1 else 2)
     x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     names = list(models)
@@ -153,4 +175,4 @@ def interleaved_latency(models: "dict[str, nn.Module]", input_shape: tuple[int, 
                 times[n].append((time.perf_counter() - start) / inner * 1e3)
     finally:
         torch.set_num_threads(saved)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times

@@ -271,6 +271,19 @@ def analyze_settings(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in takes and v is not None}
 
 
+def fi_expected_time(model: nn.Module, x: torch.Tensor, device: str, settings: Mapping[str, Any]) -> str:
+    """``fi``'s run time, said before it starts: one timed inference over ``x`` on ``device`` x the
+    faulty forwards it will make (``vulnerability.fi_forwards``); an upper bound, since activation
+    reuse starts each faulty forward at the faulted layer."""
+    forwards = vulnerability.fi_forwards(model, **settings)
+    model.eval()  # fi scores in eval mode too: the timed inference must not touch batch-norm statistics
+    with train.on_device(model, device), torch.inference_mode():
+        _, seconds = progress.timed(campaign.predict, model, x.to(device))
+    return progress.expected(seconds * forwards, "fi scoring",
+                             f"{forwards} faulty forwards of {len(x)} inputs, from one timed inference "
+                             f"({seconds:.2g} s); activation reuse cuts it")
+
+
 def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain", limit: int | None = None,
                        settings: Mapping[str, Any] | None = None, source: str | None = None,
                        output: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
@@ -283,6 +296,8 @@ def analyze_checkpoint(model: nn.Module, data_spec: str, *, method: str = "gain"
     if limit:
         x, y = x[:limit], y[:limit]
     campaign.check_input_shape(model, x)
+    if method == "fi":  # minutes on real networks: say how many, up front (issue 14)
+        note(fi_expected_time(model, x, device, analyze_settings(method, settings or {})), "analyze")
     scores = analyze_on(model, x, y, device, method=method, **analyze_settings(method, settings or {}))
     scores.update(checkpoint=str(source), data=data_spec, inputs=len(x))
     if output is not None:
@@ -451,16 +466,31 @@ def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, sc
 # --- inject --------------------------------------------------------------------------------------
 
 def inject_checkpoint(model: nn.Module, data_spec: str, config: campaign.CampaignConfig, output: str | Path, *,
-                      limit: int | None = None, source: str | None = None) -> dict[str, Any]:
+                      limit: int | None = None, source: str | None = None,
+                      campaign_file: str | Path | None = None) -> dict[str, Any]:
     """``ftcnn inject``: a campaign on ``data_spec``'s test split (its first ``limit`` inputs) on
-    ``config.device``, written to (or resumed from) the run folder ``output``; returns the summary."""
+    ``config.device``, written to (or resumed from) the run folder ``output``; returns the summary.
+
+    One line before the trials says what they will cost (``campaign.expected_time``). With
+    ``campaign_file`` (``--config FILE.toml``), its path and SHA-256 go into the summary as
+    ``campaign_file``: a record of how the run was asked for, not part of its identity, so
+    the same settings resume with or without the file."""
     inputs, labels = campaign.stack_dataset(data.load(data_spec, "test"), config.device)
     if limit:
         inputs, labels = inputs[:limit], labels[:limit]
     campaign.check_input_shape(model, inputs)
+    asked = None if campaign_file is None else {  # hashed before the run: the file it read
+        "path": str(campaign_file), "sha256": hashlib.sha256(Path(campaign_file).read_bytes()).hexdigest()}
     record = {"checkpoint": str(source), "data": data_spec, "inputs": len(inputs),
               "architecture": checkpoint.get_spec(model)}
-    return campaign.run_campaign(model, inputs, labels, config, output, record=record)
+    summary = campaign.run_campaign(model, inputs, labels, config, output, record=record,
+                                    announce=lambda line: note(line, "inject"))
+    if asked is not None or "campaign_file" in summary:  # this run's file, or none
+        summary.pop("campaign_file", None)
+        if asked is not None:
+            summary["campaign_file"] = asked
+        campaign.write_summary(Path(output), summary)
+    return summary
 
 
 # --- the paper's pipeline ------------------------------------------------------------------------

@@ -42,6 +42,29 @@ def interval() -> float:
         return DEFAULT_INTERVAL
 
 
+def expected(seconds: float, work: str, detail: str) -> str:
+    """The one-line run-time estimate a long command prints before it starts (issue 14):
+    ``expected: at most ~SPAN of WORK (DETAIL)``; DETAIL says what the bound is made of.
+
+        >>> expected(150, "campaigns", "2 variants x 10 trials")
+        'expected: at most ~2 min of campaigns (2 variants x 10 trials)'
+        >>> expected(3.04, "trials", "1 point x 10 trials")
+        'expected: at most ~3.0 s of trials (1 point x 10 trials)'
+    """
+    if seconds >= 90:
+        span = f"{seconds / 60:.0f} min"
+    else:
+        span = f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    return f"expected: at most ~{span} of {work} ({detail})"
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and the seconds it took (what an estimate is scaled from)."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, train, vulnerability
+from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, progress, train, vulnerability
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -233,11 +233,26 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
 
 
 def _campaign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bers: Sequence[float], trials: int,
-              seed: int, folder: Path, device: str = "cpu") -> dict[str, Any]:
+              seed: int, folder: Path, device: str = "cpu", inputs_per_trial: int | None = None) -> dict[str, Any]:
     """A campaign on ``device``; the model is given back where it was."""
-    config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed, device=device)
+    config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed, device=device,
+                                     inputs_per_trial=inputs_per_trial)
     with train.on_device(model, device):
         return campaign.run_campaign(model, x, y, config, folder, progress=False)
+
+
+def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[Mapping[str, Any]], trials: int,
+                  device: str = "cpu") -> str:
+    """What the validation campaigns will cost, said before they start (issue 14): one timed
+    inference of ``reference`` over ``x_val`` x each candidate's cost ratio to it (measured
+    latency, else MACs at batch 1) x ``trials``. An upper bound: exact shortcuts cut it."""
+    reference.eval()
+    with train.on_device(reference, device), torch.inference_mode():
+        _, seconds = progress.timed(campaign.predict, reference, x_val.to(device))
+    ratios = [max(1.0, r.get("latency_ratio") or r["macs_ratio_b1"]) for r in records]
+    return progress.expected(seconds * trials * sum(ratios), "validation campaigns",
+                             f"{len(records)} candidates x {trials} trials of {len(x_val)} inputs, from one "
+                             f"timed inference ({seconds:.2g} s) x each candidate's cost ratio; shortcuts cut it")
 
 
 def _point(summary: dict[str, Any], ber: float) -> dict[str, Any]:
@@ -376,10 +391,11 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     tmp = tempfile.TemporaryDirectory(prefix="ftcnn-protect-") if work is None else None
     try:
         root = work if work is not None else Path(tmp.name)  # type: ignore[union-attr]
+        to_run = [r for r in records if r.get("built") and (r["within_budget"] or r["baseline"])]
+        say(expected_time(reference, x_val, to_run, trials, device))
         for rec in records:
-            evaluate = rec.get("built") and (rec["within_budget"] or rec["baseline"])
             rec["validation"] = None
-            if not evaluate:
+            if not any(rec is r for r in to_run):
                 continue
             say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs) ...")
             summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, seed,
@@ -413,10 +429,12 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
 
 def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Tensor, *,
                   names: Sequence[str] | None = None, bers: Sequence[float] | None = None,
-                  trials: int | None = None, work_dir: str | Path | None = None) -> dict[str, Any]:
+                  trials: int | None = None, work_dir: str | Path | None = None,
+                  inputs_per_trial: int | None = None) -> dict[str, Any]:
     """Test-split numbers (clean, and at ``ber`` and 10x ``ber``) for the chosen protection
     (or ``names``), once the choice is made; stored in ``result.test`` and returned. The
-    campaigns run on the device the search ran on (``result.config["device"]``).
+    campaigns run on the device the search ran on (``result.config["device"]``);
+    ``inputs_per_trial``: each trial on a random block of the test split (unbiased, cheaper).
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -431,7 +449,7 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
         root = Path(work_dir) if work_dir is not None else Path(tmp.name)  # type: ignore[union-attr]
         for name in names or [result.chosen]:
             summary = _campaign(result.models[name], x_test, y_test, bers, trials, cfg["seed"],
-                                root / "test" / name, cfg.get("device", "cpu"))
+                                root / "test" / name, cfg.get("device", "cpu"), inputs_per_trial)
             out[name] = {"clean": summary["golden_accuracy"],
                          "bers": {f"{b:g}": _point(summary, b) for b in bers}}
     finally:

@@ -430,6 +430,13 @@ def _latency_spread(v: dict[str, Any], key: str, variants: list[dict[str, Any]])
     return iqr[0] / median, iqr[1] / median
 
 
+def _iqr_text(iqr: Any) -> str:
+    """`` (IQR 1.2-1.3)`` for a recorded ``[p25, p75]`` (ms), else nothing (older summaries)."""
+    if not (isinstance(iqr, list) and len(iqr) == 2 and all(isinstance(q, (int, float)) for q in iqr)):
+        return ""
+    return f" (IQR {_fmt(float(iqr[0]))}-{_fmt(float(iqr[1]))})"
+
+
 def plot_pareto(summary: dict[str, Any], stem: Path) -> dict[str, list[str]]:
     """Accuracy at the report BER (with its CI) against each cost relative to the baseline,
     one panel per cost, the Pareto front drawn; returns each cost's front (variant names)."""
@@ -933,7 +940,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
         rel, cost = v.get("relative_cost", {}), v.get("cost", {})
         def cell(key: str, unit: str = "") -> str:
             mark = " ◆" if v["name"] in fronts.get(key, []) else ""
-            return f"{_fmt(cost.get(key))}{unit} ({_rel(rel.get(key))}){mark}"
+            return f"{_fmt(cost.get(key))}{unit}{_iqr_text(cost.get(f'{key}_iqr'))} ({_rel(rel.get(key))}){mark}"
         pareto_rows.append([
             str(numbers[v["name"]]), html.escape(v["name"]),
             _fmt(r["accuracy_mean"], pct=True) if r else "–", _ci(r["accuracy_ci"]) if r else "–",
