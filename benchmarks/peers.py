@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import tempfile
 import time
@@ -235,19 +236,31 @@ def _mrfi_trials(model, x, y, ber: float):
         yield trial_metrics(fi_model(x), golden)["accuracy"]
 
 
-def plain_until_precise(trials, precision: float, max_trials: int) -> tuple[int, float]:
+EXTRAPOLATED: set[tuple[str, float]] = set()  # (tool, ber) cells estimated past --max-trials
+
+
+def plain_until_precise(trials, precision: float, max_trials: int, key: tuple[str, float] | None = None
+                        ) -> tuple[int, float]:
     """Plain Monte Carlo as a peer user would run it: trials until the Student-t half-width
     is <= ``precision`` (checked after every trial from ``MIN_PLAIN`` on; generous to the
     peer: a t-interval checked on the data is not valid at its stop, ftcnn's are).
-    Returns (trials, CPU seconds of this process)."""
+    Returns (trials, CPU seconds of this process). A run stopped at ``max_trials`` before it
+    is that narrow is extrapolated: the trials a t-interval of that half-width needs at the
+    measured std, at the measured CPU seconds per trial (``key`` is then put in EXTRAPOLATED)."""
     start = time.process_time()
     values: list[float] = []
     for value in trials:
         values.append(value)
         if len(values) >= MIN_PLAIN:
-            _, _, (low, high) = mean_ci(values)
-            if (high - low) / 2 <= precision or len(values) >= max_trials:
+            _, std, (low, high) = mean_ci(values)
+            if (high - low) / 2 <= precision:
                 break
+            if len(values) >= max_trials:
+                seconds = time.process_time() - start
+                needed = max(len(values), math.ceil((1.96 * std / precision) ** 2))
+                if key is not None:
+                    EXTRAPOLATED.add(key)
+                return needed, seconds / len(values) * needed
     return len(values), time.process_time() - start
 
 
@@ -278,14 +291,19 @@ def bench_precision(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         if tool not in args.tools:
             continue
         try:
-            table[tool] = {ber: plain_until_precise(trials(model, x, y, ber), args.precision, args.max_trials)
+            table[tool] = {ber: plain_until_precise(trials(model, x, y, ber), args.precision, args.max_trials,
+                                                    (tool, ber))
                            for ber in BERS}
         except ImportError as exc:
             print(f"  {tool}: skipped ({exc})")
     print(f"  {'tool':30}" + "".join(f"{b:>16g}" for b in BERS) + f"{'total CPU s':>14}")
     for tool, cells in table.items():
-        print(f"  {tool:30}" + "".join(f"{s:>9.1f} ({n:>4})" for n, s in (cells[b] for b in BERS))
+        print(f"  {tool:30}" + "".join(f"{'~' if (tool, b) in EXTRAPOLATED else ' '}{s:>8.1f} ({n:>4})"
+                                       for b, (n, s) in ((b, cells[b]) for b in BERS))
               + f"{sum(s for _, s in cells.values()):>14.1f}")
+    if EXTRAPOLATED:
+        print(f"  ~: not that narrow after --max-trials {args.max_trials}; trials a t-interval needs at the "
+              "measured std, at the measured CPU s per trial")
     ours = sum(s for _, s in table["ftcnn --precision"].values())
     for tool in [t for t in table if t != "ftcnn --precision"]:
         print(f"  ftcnn --precision uses {sum(s for _, s in table[tool].values()) / ours:.1f}x less CPU than {tool}")

@@ -52,7 +52,7 @@ def fmt_acc(p: dict[str, Any]) -> str:
 
 def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2e: bool,
               log: Any, max_latency: float | None = None, test_trials: int | None = None,
-              test_inputs_per_trial: int | None = None) -> dict[str, Any]:
+              test_inputs_per_trial: int | None = None, e2e_max_latency: float | None = None) -> dict[str, Any]:
     width, epochs = MODELS[name]
     folder = root / name
     net = pipeline.train_or_load(folder / "model.pt", name, DATA, epochs=epochs, width=width, seed=seed)
@@ -75,6 +75,7 @@ def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2
                            "reason": result.reason, "seconds_protect": time.time() - start,
                            "trials": test_trials or trials, "validation_trials": trials,
                            "test_inputs_per_trial": test_inputs_per_trial, "max_latency": max_latency,
+                           "e2e_max_latency": e2e_max_latency,
                            "validation_size": result.config["validation_size"]}
     for label, member in rows:
         rec, t = result.record(member), test[member]
@@ -86,7 +87,8 @@ def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2
     if e2e:
         start = time.time()
         res = pipeline.prune_and_protect(net, train_set, test_set, folder / "e2e", prune_ratio=0.3,
-                                         criterion="vulnerability", finetune_epochs=3, max_macs=1.0, ber=BER,
+                                         criterion="vulnerability", finetune_epochs=3, max_macs=1.0,
+                                         max_latency=e2e_max_latency, ber=BER,
                                          trials=trials, seed=seed, record={"data": DATA}, log=log)
         # prune_and_protect reported the choice on test at BER and 10x BER, i.e. BERS
         rec, t = res.record(res.chosen), res.test[res.chosen]
@@ -137,8 +139,12 @@ def markdown(results: list[dict[str, Any]], max_macs: float) -> str:
         if "e2e" in r:
             e = r["e2e"]
             lat = e["latency_ratio"]
+            lat_budget = r.get("e2e_max_latency")
             lines += ["End to end (vulnerability pruning 0.3 -> 3 epochs fine-tune on the fit split -> protect "
-                      "within x1.00 of the ORIGINAL's MACs); ratios relative to the original unpruned model:", "",
+                      "within x1.00 of the ORIGINAL's MACs"
+                      + (f" and x{lat_budget:g} of its latency" if lat_budget else "")
+                      + f"; test: {r.get('validation_trials', r['trials'])} trials of all test inputs); ratios "
+                      "relative to the original unpruned model:", "",
                       "| model | candidate | clean | acc @1e-4 | acc @1e-3 | MACs x | MACs x (b1) | latency b128 x "
                       "| params x |",
                       "|---|---|---|---|---|---|---|---|---|",
@@ -163,6 +169,8 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="skip the prune -> protect run")
     parser.add_argument("--max-latency", type=float, default=None, help="latency budget (b128 ratio)")
     parser.add_argument("--test-trials", type=int, default=None, help="test-split trials (default: --trials)")
+    parser.add_argument("--e2e-max-latency", type=float, default=None,
+                        help="end to end: latency budget relative to the ORIGINAL model (e.g. 1.0)")
     parser.add_argument("--test-inputs-per-trial", type=int, default=None,
                         help="test trials each on a random block of this many test inputs (unbiased)")
     parser.add_argument("--out", type=Path, default=Path("runs/exp_protect"))
@@ -175,13 +183,14 @@ def main() -> None:
     for name in args.models:
         result = run_model(name, args.out, args.trials, args.max_macs, args.seed, not args.no_e2e,
                            lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True),
-                           args.max_latency, args.test_trials, args.test_inputs_per_trial)
+                           args.max_latency, args.test_trials, args.test_inputs_per_trial, args.e2e_max_latency)
         result["command"] = (f"python experiments/protect.py --models {name} --trials {args.trials}"
                              + (" --no-e2e" if args.no_e2e else "")
                              + (f" --max-latency {args.max_latency:g}" if args.max_latency else "")
                              + (f" --test-trials {args.test_trials}" if args.test_trials else "")
                              + (f" --test-inputs-per-trial {args.test_inputs_per_trial}"
-                                if args.test_inputs_per_trial else ""))
+                                if args.test_inputs_per_trial else "")
+                             + (f" --e2e-max-latency {args.e2e_max_latency:g}" if args.e2e_max_latency else ""))
         done[name] = result
         results = [done[m] for m in MODELS if m in done]
         files.write_json(stored, results)
