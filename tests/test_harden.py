@@ -525,3 +525,18 @@ def test_stored_restrict_layers_are_checked(bad, tmp_path: Path) -> None:
     transform = dict(checkpoint.get_spec(hm)["transforms"][-1], restrict_layers=bad)
     with pytest.raises(checkpoint.CheckpointError, match="restrict_layers|unknown layer"):
         H.check_transform(_built(), transform)
+
+
+def test_cli_harden_restrict_share(tmp_path: Path) -> None:
+    """`--restrict-share 0.9` reaches harden(): only the chosen layers are restricted, and the
+    record names them."""
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
+    ftcnn.save(model, tmp_path / "m.pt", data="digits")
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--restrict", "zero", "--restrict-share", "0.9",
+                "-o", str(tmp_path / "c.pt"))
+    assert r.returncode == 0, r.stderr
+    hard = ftcnn.load(tmp_path / "c.pt")
+    restricted = [n for n, m in hard.named_modules() if isinstance(m, H.Hardened) and m.restrict is not None]
+    assert restricted == H.restriction_layers(model, 0.9, (1, 8, 8)) == \
+        checkpoint.meta(hard)["hardening"]["restrict_layers"]
+    assert len(restricted) < len(H.target_layers(model))

@@ -211,6 +211,9 @@ def harden(
     correction: str = typer.Option("min", help="min (the paper's), range or tmr (selective TMR)"),
     tmr: Optional[str] = typer.Option(None, help="'full': full TMR of every layer (baseline)"),
     restrict: Optional[str] = typer.Option(None, help="range restriction of every layer: zero or clamp"),
+    restrict_share: Optional[float] = typer.Option(None, help="with --restrict: restrict only the layers with "
+                                                   "the fewest output values per parameter that hold this "
+                                                   "share of the parameters (e.g. 0.9: cheaper, latency)"),
     range_margin: float = typer.Option(0.0, "--range-margin", help="widen profiled ranges by this share of "
                                        "their width (was --margin)"),
     check_weights: Optional[str] = typer.Option(None, help="parameter-side check of every layer's weights "
@@ -237,13 +240,15 @@ def harden(
       ftcnn harden lenet5.pt --ratio 0 --restrict zero --range-margin 0.1 -o ranger.pt
 
       ftcnn harden lenet5.pt --ratio 0 --check-weights zero -o checked.pt
+
+      ftcnn harden lenet5.pt --ratio 0 --check-weights zero --restrict zero --range-margin 0.1 --restrict-share 0.9 -o cheap.pt
     """
     _check_device(device)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, budget=budget,
                                      correction=correction, tmr=tmr, restrict=restrict, range_margin=range_margin,
                                      check_weights=check_weights, calibration_size=calibration_size, seed=seed,
-                                     onnx=onnx, device=device)
+                                     onnx=onnx, device=device, restrict_share=restrict_share)
     cost = record["overheads"]
     rel = cost["relative"]
     n_protected = sum(len(v) for v in record["protected"].values())

@@ -361,7 +361,8 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
                       ratio: float = 0.1, budget: float | None = None, correction: str = "min",
                       tmr: str | None = None, restrict: str | None = None, range_margin: float = 0.0,
                       check_weights: str | None = None, calibration_size: int = 1000, seed: int = 0,
-                      onnx: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+                      onnx: str | Path | None = None, device: str = "cpu",
+                      restrict_share: float | None = None) -> dict[str, Any]:
     """``ftcnn harden``: protect ``model``, save it to ``output`` (and ``onnx``), and return the
     record stored in its metadata (``hardening``): the settings, protected channels, clean test
     accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads.
@@ -377,7 +378,7 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
     hardened = harden_on(model, layer_scores, device, ratio=ratio, budget=budget, correction=correction,
                          tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
-                         check_weights=check_weights)
+                         check_weights=check_weights, restrict_share=restrict_share)
     test_set = data.load(data_spec, "test")
     input_shape = tuple(train_x.shape[1:])
     acc_original = train.evaluate(model, test_set, device=device)
@@ -389,6 +390,10 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
               "calibration_size": len(calibration), "seed": seed,
               "protected": hardening.protected(hardened),
               "original_test_accuracy": acc_original, "overheads": overheads}
+    if restrict_share is not None:  # only when asked: records of older runs keep their keys
+        record["restrict_share"] = restrict_share
+        record["restrict_layers"] = [n for n, m in hardened.named_modules()
+                                     if isinstance(m, hardening.Hardened) and m.restrict is not None]
     checkpoint.save(hardened, output, data=data_spec, test_accuracy=acc_hardened, hardening=record)
     if onnx is not None:
         hardening.export_onnx(hardened, onnx, input_shape)
