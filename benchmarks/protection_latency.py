@@ -49,6 +49,8 @@ def variants(model: nn.Module, calibration: torch.Tensor) -> dict[str, dict[str,
         "restriction": dict(ratio=0.0, restrict="zero", **common),
         "weight check": dict(ratio=0.0, check_weights="zero"),
         "weight check + restriction": dict(ratio=0.0, check_weights="zero", restrict="zero", **common),
+        "weight check + restriction (90% of params)": dict(ratio=0.0, check_weights="zero", restrict="zero",
+                                                           restrict_share=0.9, **common),
         "min 10% + restriction": dict(scores=scores, ratio=0.1, correction="min", restrict="zero", **common),
         "full TMR": dict(tmr="full"),
     }
