@@ -37,3 +37,28 @@ def wait_for_trials(proc: subprocess.Popen, db_path: Path, at_least: int, timeou
             if committed >= at_least:
                 return
         time.sleep(0.05)
+
+
+def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """``ftcnn ARGS`` through ``cli.main`` in this process (exit code and output as a
+    subprocess would give them; a subprocess per case would cost seconds of imports)."""
+    from ftcnn import cli
+
+    monkeypatch.setattr(sys, "argv", ["ftcnn", *args])
+    monkeypatch.delenv("FTCNN_DEBUG", raising=False)
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def assert_one_line_refusal(r: subprocess.CompletedProcess, match: str) -> None:
+    """Exit 2 and exactly one ``error:`` line naming ``match`` (no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

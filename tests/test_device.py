@@ -9,14 +9,12 @@ tolerance, and every file is saved from CPU tensors.
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import run_cli
+from _helpers import assert_one_line_refusal, cli_in_process, run_cli
 from ftcnn import checkpoint, cli, fingerprint, pipeline, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,26 +37,8 @@ COMMANDS = {
 }
 
 
-def _cli(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """``ftcnn ARGS`` through ``cli.main`` in this process (a subprocess per command would cost
-    seconds of imports each; one real subprocess below checks the same)."""
-    monkeypatch.setattr(sys, "argv", ["ftcnn", *args])
-    monkeypatch.delenv("FTCNN_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def _assert_refused(r: subprocess.CompletedProcess, match: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
 
 
 def test_every_computing_command_takes_device() -> None:
@@ -73,14 +53,14 @@ def test_every_computing_command_takes_device() -> None:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_missing_gpu_is_one_line_before_any_work(command, tmp_path, monkeypatch, capsys) -> None:
     args = [a.format(out=tmp_path) for a in COMMANDS[command]] + ["--device", "cuda:7"]
-    r = _cli(monkeypatch, capsys, *args)
-    _assert_refused(r, "device cuda:7 is not available")
+    r = cli_in_process(monkeypatch, capsys, *args)
+    assert_one_line_refusal(r, "device cuda:7 is not available")
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing created
 
 
 def test_an_unknown_device_is_one_line(tmp_path, monkeypatch, capsys) -> None:
-    r = _cli(monkeypatch, capsys, *[a.format(out=tmp_path) for a in COMMANDS["harden"]], "--device", "gpu9")
-    _assert_refused(r, "unknown device 'gpu9'")
+    r = cli_in_process(monkeypatch, capsys, *[a.format(out=tmp_path) for a in COMMANDS["harden"]], "--device", "gpu9")
+    assert_one_line_refusal(r, "unknown device 'gpu9'")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -88,7 +68,7 @@ def test_an_unknown_device_is_one_line(tmp_path, monkeypatch, capsys) -> None:
 def test_a_missing_gpu_in_a_real_process(tmp_path) -> None:
     """The same as a user sees it: exit status 2, one line, no traceback (one subprocess)."""
     r = run_cli("analyze", str(tmp_path / "none.pt"), "--device", "cuda:7", "-o", str(tmp_path / "s.json"))
-    _assert_refused(r, "device cuda:7 is not available here (no CUDA GPU); use --device cpu")
+    assert_one_line_refusal(r, "device cuda:7 is not available here (no CUDA GPU); use --device cpu")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -31,7 +31,7 @@ import ftcnn
 from ftcnn import checkpoint, hardening, pruning
 from ftcnn.checkpoint import CheckpointError
 
-from _helpers import run_cli
+from _helpers import assert_one_line_refusal, cli_in_process, run_cli
 from ftcnn import cli
 
 TESTS = Path(__file__).resolve().parent
@@ -170,7 +170,7 @@ def test_module_shipped_next_to_the_file_is_not_imported(seeds, tmp_path, marker
     # and through the CLI in a subprocess, run from the folder that ships the module
     r = run_cli("inject", "evil.pt", "--data", "digits", "--ber", "1e-3", "--trials", "1", "-o", "run",
                 cwd=tmp_path, threads=1)
-    _assert_cli_refusal(r, "not one of ftcnn's models")
+    assert_one_line_refusal(r, "not one of ftcnn's models")
 
 
 def test_data_path_in_metadata_needs_explicit_data(seeds, tmp_path, marker, monkeypatch, capsys) -> None:
@@ -179,7 +179,7 @@ def test_data_path_in_metadata_needs_explicit_data(seeds, tmp_path, marker, monk
     ftcnn.load(path)  # the model itself is fine
     for command in (["inject", str(path), "--ber", "1e-3", "--trials", "1", "-o", str(tmp_path / "run")],
                     ["analyze", str(path), "--method", "l1", "-o", str(tmp_path / "s.json")]):
-        _assert_cli_refusal(_cli(monkeypatch, capsys, *command), "give --data explicitly")
+        assert_one_line_refusal(cli_in_process(monkeypatch, capsys, *command), "give --data explicitly")
 
 
 def test_user_builder_needs_the_exact_opt_in(tmp_path) -> None:
@@ -588,25 +588,8 @@ def test_fuzzed_checkpoints_refuse_cleanly_or_load_correctly(tmp_path) -> None:
 
 # --- the CLI: one error line, exit 2, nothing run -------------------------------------------
 
-def _cli(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """``ftcnn ARGS`` through ``cli.main`` in this process (exit code and output as a
-    subprocess would give them; a subprocess per case would cost seconds of imports)."""
-    monkeypatch.setattr(sys, "argv", ["ftcnn", *args])
-    monkeypatch.delenv("FTCNN_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def _assert_cli_refusal(r: subprocess.CompletedProcess, match: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], r.stderr[-2000:]
 
 
 CLI_COMMANDS = {
@@ -626,8 +609,8 @@ def test_cli_on_os_system_checkpoint_runs_nothing(seeds, tmp_path, marker, comma
           spec={"builder": "os:system", "kwargs": {"command": f"touch {marker}"}, "transforms": []})
     args = [a.format(ckpt=tmp_path / "model.pt", out=tmp_path) for a in CLI_COMMANDS[command]]
     before = set(tmp_path.iterdir())
-    r = _cli(monkeypatch, capsys, *args)
-    _assert_cli_refusal(r, "holds no summary.json" if command == "report" else "not one of ftcnn's models")
+    r = cli_in_process(monkeypatch, capsys, *args)
+    assert_one_line_refusal(r, "holds no summary.json" if command == "report" else "not one of ftcnn's models")
     assert set(tmp_path.iterdir()) == before  # refused before writing anything, folders included
 
 
@@ -637,10 +620,10 @@ def test_cli_model_option_is_the_opt_in(tmp_path, monkeypatch, capsys) -> None:
                data="digits")
     out = str(tmp_path / "s.json")
     analyze = ["analyze", str(tmp_path / "u.pt"), "--method", "l1", "-o", out]
-    _assert_cli_refusal(_cli(monkeypatch, capsys, *analyze), "--model user_models:tiny")
-    _assert_cli_refusal(_cli(monkeypatch, capsys, *analyze, "--model", "user_models:other"), "as named")
-    _assert_cli_refusal(_cli(monkeypatch, capsys, "harden", str(tmp_path / "u.pt"), "--model", "lenet5",
+    assert_one_line_refusal(cli_in_process(monkeypatch, capsys, *analyze), "--model user_models:tiny")
+    assert_one_line_refusal(cli_in_process(monkeypatch, capsys, *analyze, "--model", "user_models:other"), "as named")
+    assert_one_line_refusal(cli_in_process(monkeypatch, capsys, "harden", str(tmp_path / "u.pt"), "--model", "lenet5",
                              "--tmr", "full", "-o", str(tmp_path / "h.pt")), "as named")
-    r = _cli(monkeypatch, capsys, *analyze, "--model", "user_models:tiny")
+    r = cli_in_process(monkeypatch, capsys, *analyze, "--model", "user_models:tiny")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(Path(out).read_text())["layers"]
