@@ -32,7 +32,8 @@ from ftcnn.metrics import Golden, trial_metrics
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
 # --precision's default inputs per trial: on LeNet-5/mnist5k a trial on 100 of 1,000 inputs costs
-# ~1/8 of one on all and its outcome's spread barely grows (between-trial spread dominates)
+# 1/6-1/9 of one on all and needs 5-11% more trials (between-trial spread dominates;
+# experiments/results/peers_precision_lenet5.txt)
 PRECISION_INPUTS_PER_TRIAL = 100
 
 
@@ -194,10 +195,10 @@ class CampaignConfig:
         return d
 
     def recorded(self) -> dict[str, Any]:
-        """``asdict`` without the fault-target fields for parameter faults (where they are at their
-        defaults): a parameter campaign's identity and stored config are what they were before
-        activation faults existed (run folders made then resume, numbers stay byte-identical);
-        an activation campaign records all three."""
+        """``asdict`` without the fields at the defaults that existed before them (the fault-target
+        fields of parameter faults, ``inputs_per_trial`` of all inputs): such a campaign's identity
+        and stored config are what they were before (run folders made then resume, numbers stay
+        byte-identical); an activation campaign records all three target fields."""
         d = asdict(self)
         if self.inputs_per_trial is None:  # all inputs, as before the option existed
             d.pop("inputs_per_trial")
@@ -362,8 +363,12 @@ class TrialRunner:
                     return logits
             if block is None:
                 return predict(self.model, self.inputs, self.config.batch_size)
-            size = self.config.batch_size
-            return predict(self.model, self.inputs[block * size:(block + 1) * size], size)
+            return predict(self.model, self.inputs[self._rows(block)], self.config.batch_size)
+
+    def _rows(self, block: int) -> slice:
+        """The inputs of a block: batch ``block`` of the evaluation (``prepare`` sets the batch
+        size to ``inputs_per_trial``)."""
+        return slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
 
     def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
         faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
@@ -373,7 +378,7 @@ class TrialRunner:
         if not self.blocks:
             return faults, trial_metrics(self.faulty_logits(faults), self.golden)
         block = trial_block(self.config, point, trial, stratum, len(self.inputs))
-        rows = slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
+        rows = self._rows(block)
         return faults, trial_metrics(self.faulty_logits(faults, block),
                                      Golden(self.golden.labels[rows], self.golden.predictions[rows]))
 
