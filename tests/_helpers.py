@@ -10,11 +10,79 @@ import time
 from pathlib import Path
 
 
-def run_cli(*args: str, cwd: Path | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m ftcnn ARGS` in a subprocess, as a user would run it."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env=env)
+def run_cli(*args: str, cwd: Path | None = None, threads: int | None = None,
+            subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """``ftcnn ARGS`` with its exit code, stdout and stderr as a user would see them.
+
+    In this process by default (a subprocess costs ~3 s of imports; ~150 of them made the suite
+    take 13 minutes): ``cli.main`` runs with its own argv, working folder and torch threads, and
+    what it changes in the process (threads, RNG states, sys.path, user modules, warning filters,
+    signal handlers, the environment) is put back afterwards. ``subprocess_=True`` (or
+    FTCNN_TEST_SUBPROCESS=1 for every call) runs ``python -m ftcnn`` in a real subprocess: for
+    what only a process shows (the entry point, kills, spawned workers, bits that must not depend
+    on the state of the test process).
+    """
+    if subprocess_ or os.environ.get("FTCNN_TEST_SUBPROCESS"):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
+                              cwd=cwd, timeout=600, env=env)
+    return _run_in_process(list(args), cwd, threads)
+
+
+def _run_in_process(args: list[str], cwd: Path | None, threads: int | None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import random
+    import signal
+    import traceback
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from ftcnn import cli
+
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = (torch.get_num_threads(), torch.get_rng_state(), np.random.get_state(), random.getstate(),
+             list(sys.argv), list(sys.path), set(sys.modules), dict(os.environ), os.getcwd())
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        sys.argv = ["ftcnn", *args]
+        os.environ.pop("FTCNN_DEBUG", None)
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(int(threads))
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except Exception:  # what a process would print before exiting 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        threads_before, torch_rng, np_rng, py_rng, argv, path, modules, environ, where = saved
+        os.chdir(where)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv[:] = argv
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:  # a user's --model module: the next folder's may differ
+            file = getattr(sys.modules[name], "__file__", None) or ""
+            if cwd is not None and str(Path(file).resolve()).startswith(str(Path(cwd).resolve())):
+                del sys.modules[name]
+        torch.set_num_threads(threads_before)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(["ftcnn", *args], code, out.getvalue(), err.getvalue())
 
 
 def train_digits_model(path: Path, epochs: int, threads: int | None = None) -> subprocess.CompletedProcess:

@@ -26,7 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import run_cli
+from _helpers import run_cli as _run_cli
+
+
+def run_cli(*args: str, threads: str | None = None):
+    """A real process per command: the bits must not depend on what the test process did before."""
+    return _run_cli(*args, threads=threads, subprocess_=True)
+
 
 GOLDEN = Path(__file__).parent / "data" / "redesign_golden.json"
 # keys whose values depend on the machine, the clock or the file system, not on the numbers
