@@ -224,11 +224,9 @@ def test_auto_batch_is_one_on_cpu(tiny_model, tiny_data) -> None:
 
 
 def _cli(*args: str):
-    import subprocess
-    import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread()
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    from _helpers import run_cli
+
+    return run_cli(*args, threads=1)  # see one_thread()
 
 
 def test_cli_speed_options_give_the_plain_numbers(digits, tmp_path) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ftcnn import checkpoint, files, progress
-from _helpers import train_digits_model
+from _helpers import run_cli, train_digits_model
 
 ESC = "\x1b"
 
@@ -107,10 +107,14 @@ def test_every_json_is_strict_and_every_file_0644(digits_model, tmp_path) -> Non
          "--scores-dir", str(tmp_path / "scores"), "-o", str(tmp_path / "agreement.json")),
     ]
     outputs = []
-    for args in runs:
-        r = _cli(*args)
-        assert r.returncode == 0, r.stdout[-2000:]
-        outputs.append(r.stdout)
+    old = os.umask(0o022)
+    try:
+        for args in runs:  # in process (seconds of imports each otherwise); the logs' own tests use processes
+            r = run_cli(*args, threads=1)
+            assert r.returncode == 0, r.stderr[-2000:]
+            outputs.append(r.stdout + r.stderr)
+    finally:
+        os.umask(old)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     jsons = [p for p in written if p.suffix == ".json"]
     assert len(jsons) >= 6, jsons  # summaries, scores, keys, agreement

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 import ftcnn
+from _helpers import run_cli
 from conftest import grouped_model
 from ftcnn import checkpoint, cost, faults as F, hardening as H
 from ftcnn.models import MODELS
@@ -352,8 +351,6 @@ def test_onnx_matches(variant: str, tmp_path: Path) -> None:
 
 # --- command line -------------------------------------------------------------------------
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cli_harden_then_inject(tmp_path: Path) -> None:
