@@ -219,8 +219,9 @@ def test_inject_target_activations_matches_the_api(digits_model, tmp_path):
 def test_inject_campaign_file(digits_model, tmp_path):
     folder = tmp_path / "study"
     folder.mkdir()
+    (folder / "model.pt").write_bytes(Path(digits_model).read_bytes())  # a file names paths inside its folder
     (folder / "campaign.toml").write_text(f"""\
-checkpoint = "{digits_model}"
+checkpoint = "model.pt"
 data = "digits"
 limit = 120
 output = "out"                 # relative to this file's folder
@@ -243,7 +244,8 @@ seed = 1
     assert len(rows) == 2 and all(sites is not None and n > 0 for n, _, sites in rows.values())
     assert {site[0] for _, _, sites in rows.values() for site in sites} == {"classifier.4"}
     # the example file is a valid campaign for these flags
-    example = CF.inject_settings({"ber": [], "trials": "100"}, (), Path(__file__).parents[1] / "examples/campaign.toml")
+    example = CF.inject_settings({"ber": [], "trials": "100", "checkpoint_path": "m.pt", "output": "o"},
+                                 ("checkpoint_path", "output"), Path(__file__).parents[1] / "examples/campaign.toml")
     assert example.config.target == "activations" and example.config.trials is None
 
 

@@ -79,7 +79,7 @@ from torch import nn
 
 from ftcnn import faults as F
 from ftcnn import graph
-from ftcnn.metrics import METRIC_NAMES, Golden, trial_metrics
+from ftcnn.metrics import METRIC_NAMES, Golden, golden_predictions, trial_metrics
 # activations sits above trials: trials must never import it (campaign and distributed may)
 from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, TrialResult, TrialRunner
 from ftcnn.trials import prepare as prepare_parameters
@@ -534,7 +534,7 @@ class ActivationSpace:
     """What ``TrialRunner.memory`` is to parameter campaigns, for activation faults:
     the size of the fault space (``total_bits``, Leveugle's population and the
     summary's ``fault_target_bits``) and the parameter memory attacked (``stored``:
-    none, so every protection value is reported as unattacked memory)."""
+    none, so every parameter and buffer is reported as unattacked memory)."""
 
     bits: int
     stored: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -647,7 +647,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
         model, inputs, labels = model.to(device), inputs.to(device), labels.to(device)
     outputs = probe(model, inputs, layers)
     logits = golden_logits(model, inputs, outputs, dtype=dtype, batch_size=batch_size)
-    golden = Golden(labels, logits.argmax(dim=1))
+    golden = Golden(labels, golden_predictions(logits))
     return ActivationRunner(model, inputs, golden, outputs, mode, kind, bits, dtype, seed, batch_size,
                             overrides, skip_fault_free, by, logits)
 
@@ -701,8 +701,8 @@ def run_trial(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, gold
     elif layers is not None:
         outputs = {name: outputs[name] for name in activation_layers(model, layers)}
     if golden is None:
-        golden = Golden(labels, golden_logits(model, inputs, outputs, dtype=dtype,
-                                              batch_size=batch_size).argmax(dim=1))
+        golden = Golden(labels, golden_predictions(golden_logits(model, inputs, outputs, dtype=dtype,
+                                                                 batch_size=batch_size)))
     elif not torch.equal(golden.labels.cpu(), labels.cpu()):
         raise ValueError("golden.labels differ from labels")
     plan = draw_activation_faults(outputs, ber=ber, count=count, n_inputs=len(inputs), mode=mode, bits=bits,

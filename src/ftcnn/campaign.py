@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import activations, distributed, files, progress as progress_mod, strata
+from ftcnn import activations, distributed, files, progress as progress_mod, readback, strata
 from ftcnn import faults as F
 from ftcnn.distributed import Executor
-from ftcnn.metrics import (CI_BETTING, CI_STUDENT_T, SequentialEstimate, betting_ci, leveugle_sample_size,
-                           mean_ci, sequential_mean)
+from ftcnn.metrics import (CI_BETTING, CI_BETTING_FIXED, CI_STUDENT_T, SequentialEstimate, betting_ci, bounded_ci,
+                           leveugle_sample_size, mean_ci, needs_bounded_ci, sequential_mean)
 from ftcnn.store import (CSV_FIELDS, DB_NAME, IDENTITY_FORMAT, architecture, ci_level, commit_result,
                          done_strata_trials, done_trials, format_table, identity_differences, open_db,
                          run_identity, stored_identity, summary_csv, versions, write_summary, write_text)
@@ -103,7 +103,7 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     # digests of the model as given: before prepare() rounds a copy to the storage format
     model_digest, data_digest = digests or (None, None)
     identity = run_identity(model, inputs, labels, config, model_digest=model_digest, data_digest=data_digest)
-    db = open_db(out, identity)
+    db = open_db(out, identity, config.points)  # every stored row checked: the file is untrusted
     try:
         finished = _finished_summary(out, db, config, identity, record) if runner is None else None
         if finished is not None:  # resuming a finished run costs its identity check, nothing more
@@ -169,10 +169,9 @@ def _finished_summary(out: Path, db: sqlite3.Connection, config: CampaignConfig,
         return None
     if any(len([t for t in done_trials(db, p) if t < config.trials]) < config.trials for p in config.points):
         return None
-    try:
-        stored = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
+    if not (out / "summary.json").is_file():
         return None
+    stored = readback.read_json(out / "summary.json", readback.CAMPAIGN_SUMMARY)  # a malformed one is refused
     expected = json.loads(files.dumps_json({**config.recorded(), **(record or {})}, note=False))
     if not isinstance(stored, dict) or stored.get("config") != expected or \
             stored.get("digests") != {"model": identity["model"], "data": identity["data"]}:
@@ -183,10 +182,10 @@ def _finished_summary(out: Path, db: sqlite3.Connection, config: CampaignConfig,
 def memory_report(model: nn.Module, memory: F.ParameterMemory, config: CampaignConfig) -> dict[str, Any]:
     """What the campaign attacked and what it left alone: the bits faults could
     hit, whether the protection values were among them (``attack_protection``),
-    how many there were, and the protection memory no fault hits (int64
-    indices; the bounds too when excluded), by name and in bits."""
+    how many there were, and every parameter and buffer no fault hits
+    (``faults.memory_coverage``), by name and in bits."""
     return {"attack_protection": config.attack_protection, "fault_target_bits": memory.total_bits(),
-            **F.protection_memory(model, memory.stored)}
+            **F.memory_coverage(model, memory.stored)}
 
 
 def _writable(folder: Path) -> bool:
@@ -220,10 +219,11 @@ def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, 
         return
     if config.trials is not None:
         done = {p: done_trials(db, p) for p in config.points}
-        todo = [(p, t) for p in config.points for t in range(budget) if t not in done[p]]
+        # read as the executor asks: up to a million trials per point are never listed up front
+        todo = ((p, t) for p in config.points for t in range(budget) if t not in done[p])
         total = budget * len(config.points)
         with _progress(total, f"{len(config.points)} {config.by} point(s)", progress) as bar:
-            bar.update(total - len(todo))
+            bar.update(sum(1 for p in config.points for t in done[p] if 0 <= t < budget))
             for result in pool.map(todo):
                 commit_result(db, result)
                 bar.update(1)
@@ -328,9 +328,11 @@ def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: f
     CIs are at ``config.confidence`` (the ``confidence`` field) and each row names
     its ``ci_method``: with ``--trials auto`` the betting confidence sequence at the
     sequential stop (the only interval valid there; the SDC one too); with a fixed
-    number of trials the Student-t interval, except for a single trial, which has no
-    t-interval and gets the betting CS's (then [0, 1]: one trial says nothing at 95%).
-    Shares are clipped to [0, 1].
+    number of trials the betting interval for that size (``metrics.bounded_ci``, valid
+    for outcomes in [0, 1] at every size) below ``metrics.BOUNDED_CI_BELOW`` trials or
+    when the accuracies or SDCs are all equal (a zero-width t-interval), else the
+    Student-t interval (why the threshold: ``metrics.BOUNDED_CI_BELOW``). One trial
+    gets [0, 1]: it says nothing at 95%. Shares are clipped to [0, 1].
     """
     rows = []
     for point in config.points:
@@ -356,9 +358,9 @@ def summarize(db: sqlite3.Connection, config: CampaignConfig, golden_accuracy: f
         method = CI_STUDENT_T
         if stop is not None:
             method, acc_ci, sdc_ci = CI_BETTING, (stop.low, stop.high), betting_ci(sdcs, config.confidence)
-        elif len(trials) < 2:
-            method = CI_BETTING
-            acc_ci, sdc_ci = betting_ci(accuracies, config.confidence), betting_ci(sdcs, config.confidence)
+        elif needs_bounded_ci(accuracies) or needs_bounded_ci(sdcs):  # one method for the row's intervals
+            method = CI_BETTING_FIXED
+            acc_ci, sdc_ci = bounded_ci(accuracies, config.confidence), bounded_ci(sdcs, config.confidence)
         row.update(accuracy_mean=acc_mean, accuracy_std=None if _isnan(acc_std) else acc_std,
                    accuracy_ci=_clip01(acc_ci), confidence=config.confidence, ci_method=method)
         for name in ("top5", "sdc", "critical_sdc", "due", "n_faults"):

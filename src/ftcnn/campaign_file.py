@@ -17,10 +17,13 @@ others: ``activations.layer_bers(names, 0.0, ber_per_layer)``).
 
 The file is untrusted input: read at most ``MAX_BYTES`` from a regular file,
 every key checked for its name, type and range, and every problem is one
-ValueError line naming the key (never a traceback). :func:`load_campaign_file`
-returns plain Python values (lists, not tuples; relative paths resolved
-against the file's folder) for only the keys the file sets: the caller's
-defaults (the CLI's) fill the rest. :func:`config_kwargs` maps them onto
+ValueError line naming the key (never a traceback). It grants nothing (issue
+19): its paths must stay inside its folder unless the person types them, and
+its ``model`` (a builder to trust, whose import runs code) takes effect only
+when the person types the same ``--model``. Settings that size the work obey
+``trials.LIMITS``, as flags do. :func:`load_campaign_file` returns plain Python
+values (lists, not tuples; relative paths resolved inside the file's folder)
+for only the keys the file sets: the caller's defaults (the CLI's) fill the rest. :func:`config_kwargs` maps them onto
 ``campaign.CampaignConfig``'s field names.
 """
 
@@ -33,10 +36,11 @@ import stat
 import tomllib
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 from ftcnn import activations, data, faults
-from ftcnn.trials import CampaignConfig
+# the limits of the settings that size the work: one table, which the CLI's flags ask through here
+from ftcnn.trials import LIMITS, THREADS_PER_CORE, CampaignConfig, check_limit  # noqa: F401
 
 MAX_BYTES = 1 << 20          # 1 MiB: a campaign is a page of settings, not data
 
@@ -140,12 +144,23 @@ def _list_of(item: Callable[[str, Any], Any], *, scalar_ok: bool = True,
     return check
 
 
+def _limited(setting: str, checker: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``checker``, then the limit of ``setting`` (``trials.LIMITS``: the CLI and CampaignConfig ask it too)."""
+    def check(key: str, value: Any) -> Any:
+        v = checker(key, value)
+        problem = LIMITS[setting](v)
+        if problem is not None:
+            raise _fail(key, problem)
+        return v
+    return check
+
+
 def _trials(key: str, value: Any) -> int | str:
     if value == "auto":
         return "auto"
     if isinstance(value, str):
         raise _fail(key, f"must be a positive integer or \"auto\" (got {value!r})"[:200])
-    return _at_least(1)(key, value)
+    return _limited("trials", _at_least(1))(key, value)
 
 
 def _bit(key: str, value: Any) -> int:
@@ -185,13 +200,13 @@ def _path(key: str, value: Any) -> str:
 KEYS: dict[str, Callable[[str, Any], Any]] = {
     "checkpoint": _path,
     "data": _string,
-    "model": _string,                       # --model: trust this user builder (package.module:fn)
-    "ber": _list_of(_rate),
-    "count": _list_of(_at_least(0)),
+    "model": _string,                       # --model's value: refused unless the person types it too
+    "ber": _limited("points", _list_of(_rate)),
+    "count": _limited("points", _list_of(_at_least(0))),
     "trials": _trials,
-    "ci_half_width": _open_unit,            # --margin
+    "ci_half_width": _limited("ci_half_width", _open_unit),   # --margin
     "confidence": _open_unit,
-    "seed": _at_least(0),
+    "seed": _limited("seed", _at_least(0)),
     "dtype": _choice(*STORAGE_DTYPES),
     "bits": _list_of(_bit),
     "mode": _choice(*FAULT_MODES),
@@ -203,12 +218,12 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "device": _device,
     "shortcut": _boolean,
     "batch_trials": _at_least(1),
-    "workers": _at_least(1),
+    "workers": _limited("workers", _at_least(1)),
     "ray": _boolean,
     "ray_address": _string,
-    "precision": _open_unit,
+    "precision": _limited("precision", _open_unit),
     "inputs_per_trial": _at_least(1),
-    "threads": _at_least(1),
+    "threads": _limited("threads", _at_least(1)),
     "output": _path,
     "target": _choice(*TARGETS),
     "activation_mode": _choice(*ACTIVATION_MODES),
@@ -253,9 +268,10 @@ def read_text(path: str | os.PathLike) -> str:
         raise CampaignFileError(f"campaign file {p} is not UTF-8 text (byte {exc.start})") from None
 
 
-def parse_campaign(text: str, base: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Validate a campaign given as TOML text (see :func:`load_campaign_file`);
-    relative paths are resolved against ``base`` when given."""
+def parse_campaign(text: str, base: str | os.PathLike | None = None,
+                   typed: Collection[str] = ()) -> dict[str, Any]:
+    """Validate a campaign given as TOML text (see :func:`load_campaign_file`); paths are
+    resolved against ``base``, and kept inside it, when given."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -269,7 +285,7 @@ def parse_campaign(text: str, base: str | os.PathLike | None = None) -> dict[str
         out[key] = KEYS[key](key, value)
     _check_together(out)
     if base is not None:
-        _resolve_paths(out, Path(base))
+        _resolve_paths(out, Path(base), typed)
     return out
 
 
@@ -311,30 +327,72 @@ def _check_together(cfg: dict[str, Any]) -> None:
         raise _fail("bits", f"{cfg['dtype']} has bits 0..{width - 1}")
 
 
-def _resolve_paths(cfg: dict[str, Any], base: Path) -> None:
-    for key in ("checkpoint", "output"):
-        if key in cfg:
-            p = Path(cfg[key]).expanduser()
-            cfg[key] = os.path.normpath(p if p.is_absolute() else base / p)
-    spec = cfg.get("data")
-    if spec is not None:
-        kind, sep, rest = spec.partition(":")
-        if sep and kind in DATA_PATH_KINDS and rest:
-            p = Path(rest).expanduser()
-            cfg["data"] = f"{kind}:{os.path.normpath(p if p.is_absolute() else base / p)}"
+# keys that name files, and how to give them on the command line instead (a file may only name
+# paths inside its own folder: a shared file must not read or write anywhere else)
+PATH_FLAGS = {"checkpoint": "the CHECKPOINT argument", "output": "-o/--output", "data": "--data"}
 
 
-def load_campaign_file(path: str | os.PathLike) -> dict[str, Any]:
+def _inside(key: str, value: str, base: Path) -> str:
+    """``value``, a path the file names, resolved against the file's folder ``base``; one line
+    when it is absolute or leads outside ``base`` (``..``, or a symlink, once resolved)."""
+    how = f"give it with {PATH_FLAGS[key]} instead"
+    p = Path(value)
+    if p.is_absolute() or value.startswith("~"):
+        raise _fail(key, f"{value!r} is an absolute path; a campaign file names only paths inside its "
+                    f"folder; {how}"[:400])
+    try:
+        (base / p).resolve().relative_to(base.resolve())
+    except ValueError:
+        raise _fail(key, f"{value!r} leads outside the campaign file's folder; {how}"[:400]) from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise _fail(key, f"{value!r} cannot be resolved ({exc.__class__.__name__}); {how}"[:400]) from None
+    return os.path.normpath(base / p)
+
+
+def _resolve_paths(cfg: dict[str, Any], base: Path, typed: Collection[str] = ()) -> None:
+    """The file's paths resolved inside its folder; the keys in ``typed`` are left out
+    (the command line's values replace them, wherever they lead)."""
+    for key in PATH_FLAGS:
+        if key not in cfg:
+            continue
+        if key in typed:
+            del cfg[key]
+        elif key != "data":
+            cfg[key] = _inside(key, cfg[key], base)
+        else:
+            kind, sep, rest = cfg[key].partition(":")
+            if sep and kind in DATA_PATH_KINDS and rest:
+                cfg[key] = f"{kind}:{_inside(key, rest, base)}"
+
+
+def load_campaign_file(path: str | os.PathLike, typed: Collection[str] = ()) -> dict[str, Any]:
     """The campaign a TOML file describes, validated, as plain values.
 
     Only the keys the file sets come back (the CLI's defaults fill the rest);
     lists stay lists; ``trials`` is an int or "auto"; relative ``checkpoint``,
     ``output`` and data paths (``npz:PATH``...) are resolved against the
     file's folder, so the file means the same from any working directory.
+    The file is untrusted: those paths must stay inside its folder (absolute
+    paths, ``..`` and symlinks that lead out are refused), except the keys in
+    ``typed``, which the person gives on the command line (they are left out).
     Every problem is a :class:`CampaignFileError` (a ValueError) of one line.
     """
     text = read_text(path)
-    return parse_campaign(text, Path(path).resolve().parent)
+    return parse_campaign(text, Path(path).resolve().parent, typed)
+
+
+def check_trust(cfg: Mapping[str, Any], typed_model: str | None) -> None:
+    """Refuse a file that names a builder to trust (``model``) unless the person typed the same
+    ``--model``: trust comes only from the keyboard, and importing a builder runs its code."""
+    named = cfg.get("model")
+    if named is None or named == typed_model:
+        return
+    shown = repr(named)[:200]
+    if typed_model is None:
+        raise _fail("model", f"a campaign file cannot grant trust to the builder {shown} (importing it "
+                    f"runs its code); type --model {shown} yourself, or remove the key")
+    raise _fail("model", f"names the builder {shown} but --model is {typed_model[:200]!r}; "
+                "make them the same, or remove the key")
 
 
 # --- mapping onto CampaignConfig, and ftcnn inject's flags together with a file ----------------------
@@ -445,14 +503,18 @@ def inject_settings(params: Mapping[str, Any], given: Iterable[str] = (),
     configuration that ran), and the flags' defaults fill the keys the file
     leaves out. Activation faults with a ``[ber_per_layer]`` table and no
     ``ber``/``count`` run one campaign point, 0.0: only the listed layers, at
-    their rates. Every problem is a ValueError of one line.
+    their rates. The file grants nothing: its ``model`` must equal a typed
+    ``--model`` (:func:`check_trust`), its paths stay inside its folder unless
+    typed (:func:`load_campaign_file`); both are checked before anything loads.
+    Every problem is a ValueError of one line.
     """
     values = _cli_values(params)
     if campaign_file is None:
         settings = values
     else:
-        cfg = load_campaign_file(campaign_file)
         typed = {CLI_NAMES.get(n, n) for n in given} & set(values)
+        cfg = load_campaign_file(campaign_file, typed & set(PATH_FLAGS))
+        check_trust(cfg, values.get("model") if "model" in typed else None)
         dropped = set(typed) | {k for t in typed for k in REPLACES.get(t, ())}
         settings = {**values, **{k: v for k, v in cfg.items() if k not in dropped}}
         for key in typed:

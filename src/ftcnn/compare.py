@@ -8,7 +8,12 @@ are unchanged: each piece stores a key beside it (``NAME.key.json``: digests
 of the model and data it was computed from, and the settings it depends on;
 campaigns hold theirs in their database), and a piece whose key differs is
 recomputed, with one log line saying why. Nothing is reused by file name
-alone (design §8: a run's identity is its content).
+alone (design §8: a run's identity is its content): a key also holds the
+digest of its piece, and a piece replaced after it was written (another model
+copied over ``models/restrict.pt``) is rebuilt, said in one line. A run holds
+the folder's lock (``files.exclusive_folder``) from start to end: a second
+run on the same folder refuses in one line instead of deleting the first
+one's campaigns and mixing their pieces.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 from torch import nn
 
 from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
-                   progress, report, train)
+                   progress, report, store, train)
+from ftcnn import readback
 from ftcnn.campaign import CampaignConfig, run_campaign
 from ftcnn.trials import take_old_margin
 from ftcnn.pipeline import is_current, store_key
@@ -133,9 +139,10 @@ def _log(msg: str) -> None:
 
 # --- cached pieces, keyed by their inputs (``pipeline.is_current``/``store_key``) ----
 
-def _cached_json(path: Path, key: dict[str, Any], piece: str, compute: Callable[[], Any]) -> Any:
+def _cached_json(path: Path, key: dict[str, Any], piece: str, compute: Callable[[], Any],
+                 schema: readback.Schema = readback.ANY) -> Any:
     if is_current(path, key, piece):
-        return json.loads(path.read_text())
+        return readback.read_json(path, schema)  # a file from the folder: checked, never trusted
     value = compute()
     files.write_json(path, value)
     store_key(path, key)
@@ -220,9 +227,7 @@ def _discard_stale_run(folder: Path, identity: dict[str, Any]) -> list[str]:
         return []
     differences = campaign.identity_differences(stored, identity)
     if differences:
-        for name in (campaign.DB_NAME, campaign.DB_NAME + "-wal", campaign.DB_NAME + "-shm",
-                     "summary.json", "summary.csv"):
-            (folder / name).unlink(missing_ok=True)
+        store.discard_run(folder)
     return differences
 
 
@@ -304,82 +309,81 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
     tolerance), so it is not part of any key and a folder resumes on another device.
     """
     out = Path(out_dir)
-    try:
+    with files.exclusive_folder(out):  # one writer for the whole run (a second one refuses in one line)
         for sub in ("models", "campaigns", "bits"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
-    model.eval()
-    train_set, test_set = data_mod.load(data_spec, "train"), data_mod.load(data_spec, "test")
-    x_test, y_test = campaign.stack_dataset(test_set)
-    x_train, y_train = train_set.tensors
-    campaign.check_input_shape(model, x_test)
-    input_shape = tuple(x_test.shape[1:])
+            files.make_folder(out / sub)
+        model.eval()
+        train_set, test_set = data_mod.load(data_spec, "train"), data_mod.load(data_spec, "test")
+        x_test, y_test = campaign.stack_dataset(test_set)
+        x_train, y_train = train_set.tensors
+        campaign.check_input_shape(model, x_test)
+        input_shape = tuple(x_test.shape[1:])
 
-    model_digest = fingerprint.model_digest(model)
-    train_digest = fingerprint.data_digest(x_train, y_train)
-    test_digest = fingerprint.data_digest(x_test, y_test)
+        model_digest = fingerprint.model_digest(model)
+        train_digest = fingerprint.data_digest(x_train, y_train)
+        test_digest = fingerprint.data_digest(x_test, y_test)
 
-    _log("scoring vulnerability")
-    scores = _scores(model, x_train, y_train, config, out / "scores.json", device=device)
-    variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
-                if config.variants is None or v.name in config.variants]
-    if config.variants:
-        unknown = set(config.variants) - {v.name for v in default_variants()}
-        if unknown:
-            raise ValueError(f"unknown variant {sorted(unknown)[0]!r}; choose from "
-                             + ", ".join(v.name for v in default_variants()))
-    nets: dict[str, nn.Module] = {}
-    for variant in progress.bar(variants, desc="build variants"):
-        _log(f"{variant.name}: {variant.description}")
-        nets[variant.name] = (model if variant.name == "baseline" else build_variant(
-            variant, model, scores, train_set, config, input_shape, out / "models",
-            key=variant_key(variant, config, model_digest, train_digest), device=device)).eval()
-    nets.setdefault("baseline", model)
-    digests = {name: model_digest if net is model else fingerprint.model_digest(net) for name, net in nets.items()}
-    # latencies are timed round-robin across all variants: any changed model re-times them all
-    costs_key = {**{f"model {name}": d for name, d in sorted(digests.items())},
-                 "input_shape": input_shape, "latency_repeats": config.latency_repeats}
-    measured = _cached_json(out / "models" / "costs.json", costs_key, "costs",
-                            lambda: _measure_all(nets, input_shape, config.latency_repeats))
-    _log(expected_time(measured, [v.name for v in variants], config, len(x_test)))
-    rows = []
-    for variant in progress.bar(variants, desc="attack variants"):
-        net = nets[variant.name]
-        clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
-                             {"model": digests[variant.name], "test data": test_digest},
-                             f"clean accuracy of {variant.name}",
-                             lambda: {"accuracy": train.evaluate(net, test_set, device=device)})["accuracy"]
-        cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, device=device,
-                             **config.campaign_target())
-        with train.on_device(net, device):  # the campaigns move it there; given back afterwards
-            summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
-                                   (digests[variant.name], test_digest), f"campaign of {variant.name}",
-                                   record={"variant": variant.name, "data": data_spec})
-            bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,
-                                    (digests[variant.name], test_digest), variant.name, device)
-        rows.append({
-            "name": variant.name, "label": variant.name, "description": variant.description,
-            "spec": asdict(variant), "clean_accuracy": clean,
-            "golden_accuracy": summary["golden_accuracy"],
-            "cost": measured[variant.name],
-            "relative_cost": cost.relative(measured[variant.name], measured["baseline"]),
-            "results": summary["results"], "bit_sensitivity": bits,
-        })
-    result = {
-        "kind": "compare",
-        "model_name": (record or {}).get("model_name", checkpoint.get_spec(model)["builder"]),
-        "data": data_spec, "inputs": len(x_test),
-        "golden_accuracy": rows[0]["golden_accuracy"] if rows else None,
-        "report_ber": config.chosen_report_ber,
-        "config": {**config.recorded(), **(record or {})},
-        "digests": {"model": model_digest, "train data": train_digest, "test data": test_digest},
-        "versions": campaign.versions(),
-        "variants": rows,
-    }
-    files.write_json(out / "summary.json", result)  # strict JSON: browsers read it (NaN -> null)
-    report.build_report(out)
-    return result
+        _log("scoring vulnerability")
+        scores = _scores(model, x_train, y_train, config, out / "scores.json", device=device)
+        variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
+                    if config.variants is None or v.name in config.variants]
+        if config.variants:
+            unknown = set(config.variants) - {v.name for v in default_variants()}
+            if unknown:
+                raise ValueError(f"unknown variant {sorted(unknown)[0]!r}; choose from "
+                                 + ", ".join(v.name for v in default_variants()))
+        nets: dict[str, nn.Module] = {}
+        for variant in progress.bar(variants, desc="build variants"):
+            _log(f"{variant.name}: {variant.description}")
+            nets[variant.name] = (model if variant.name == "baseline" else build_variant(
+                variant, model, scores, train_set, config, input_shape, out / "models",
+                key=variant_key(variant, config, model_digest, train_digest), device=device)).eval()
+        nets.setdefault("baseline", model)
+        digests = {name: model_digest if net is model else fingerprint.model_digest(net) for name, net in nets.items()}
+        # latencies are timed round-robin across all variants: any changed model re-times them all
+        costs_key = {**{f"model {name}": d for name, d in sorted(digests.items())},
+                     "input_shape": input_shape, "latency_repeats": config.latency_repeats}
+        measured = _cached_json(out / "models" / "costs.json", costs_key, "costs",
+                                lambda: _measure_all(nets, input_shape, config.latency_repeats), readback.COSTS)
+        _log(expected_time(measured, [v.name for v in variants], config, len(x_test)))
+        rows = []
+        for variant in progress.bar(variants, desc="attack variants"):
+            net = nets[variant.name]
+            clean = _cached_json(out / "models" / f"{variant.name}.clean.json",
+                                 {"model": digests[variant.name], "test data": test_digest},
+                                 f"clean accuracy of {variant.name}",
+                                 lambda: {"accuracy": train.evaluate(net, test_set, device=device)},
+                                 readback.CLEAN)["accuracy"]
+            cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, device=device,
+                                 **config.campaign_target())
+            with train.on_device(net, device):  # the campaigns move it there; given back afterwards
+                summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+                                       (digests[variant.name], test_digest), f"campaign of {variant.name}",
+                                       record={"variant": variant.name, "data": data_spec})
+                bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,
+                                        (digests[variant.name], test_digest), variant.name, device)
+            rows.append({
+                "name": variant.name, "label": variant.name, "description": variant.description,
+                "spec": asdict(variant), "clean_accuracy": clean,
+                "golden_accuracy": summary["golden_accuracy"],
+                "cost": measured[variant.name],
+                "relative_cost": cost.relative(measured[variant.name], measured["baseline"]),
+                "results": summary["results"], "bit_sensitivity": bits,
+            })
+        result = {
+            "kind": "compare",
+            "model_name": (record or {}).get("model_name", checkpoint.get_spec(model)["builder"]),
+            "data": data_spec, "inputs": len(x_test),
+            "golden_accuracy": rows[0]["golden_accuracy"] if rows else None,
+            "report_ber": config.chosen_report_ber,
+            "config": {**config.recorded(), **(record or {})},
+            "digests": {"model": model_digest, "train data": train_digest, "test data": test_digest},
+            "versions": campaign.versions(),
+            "variants": rows,
+        }
+        files.write_json(out / "summary.json", result)  # strict JSON: browsers read it (NaN -> null)
+        report.build_report(out)
+        return result
 
 
 def compare_run(model: nn.Module | None, data_spec: str, out_dir: str | Path, config: CompareConfig, *,
@@ -390,18 +394,18 @@ def compare_run(model: nn.Module | None, data_spec: str, out_dir: str | Path, co
     None, on ``builder`` trained first into ``out_dir/model.pt`` (reused when trained from the
     same settings and data: ``pipeline.train_or_reuse``); training and the comparison run on ``device``."""
     out = Path(out_dir)
-    if model is None:
-        if builder is None:
-            raise ValueError("give a CHECKPOINT, or --model to train one first")
-        model = pipeline.train_or_reuse(out / "model.pt", builder, data_spec, epochs=epochs, width=width,
-                                        seed=seed, threads=threads, allow_builder=allow_builder, log=log,
-                                        device=device)
-        source = str(out / "model.pt")
-    distributed.apply_threads(threads, model)
-    with checkpoint.allowing(allow_builder):  # the variants it saved and reloads share the trusted builder
-        return run_compare(model, data_spec, out, config,
-                           record={"checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]},
-                           device=device)
+    if model is None and builder is None:
+        raise ValueError("give a CHECKPOINT, or --model to train one first")
+    with files.exclusive_folder(out):  # held from the training on: model.pt is this run's too
+        if model is None:
+            model = pipeline.train_or_reuse(out / "model.pt", builder, data_spec, epochs=epochs, width=width,
+                                            seed=seed, threads=threads, allow_builder=allow_builder, log=log,
+                                            device=device)
+            source = str(out / "model.pt")
+        distributed.apply_threads(threads, model)
+        with checkpoint.allowing(allow_builder):  # the variants it saved and reloads share the trusted builder
+            return run_compare(model, data_spec, out, config, record={
+                "checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]}, device=device)
 
 
 def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821

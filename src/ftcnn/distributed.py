@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import multiprocessing
-import os
 import pickle
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
-from typing import Any, Iterator, Protocol, Sequence
+from itertools import islice
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from ftcnn import activations
-from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner
+from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner, check_limit, cores
 
 Task = tuple[float, int]
 IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver
@@ -41,17 +41,9 @@ ROUNDS_PER_WORKER = 4      # with --trials auto: trials per round = workers * th
 class Executor(Protocol):
     round_size: int
 
-    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]: ...
+    def map(self, tasks: Iterable[Task]) -> Iterator[TrialResult]: ...
 
     def close(self) -> None: ...
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def worker_threads(workers: int, threads: int | None = None) -> int:
@@ -85,8 +77,8 @@ def default_threads(model: nn.Module | None = None, workers: int = 1) -> int:
 def apply_threads(threads: int | None, model: nn.Module | None = None, workers: int = 1) -> int:
     """Set this process's torch intra-op threads (``threads``, else ``default_threads``)
     and return the number set. The CLI calls it at the start of every long command."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (got {threads})")
+    if threads is not None:
+        check_limit("threads", threads)  # 10^5 threads crashed torch (and starved the machine)
     n = threads if threads is not None else default_threads(model, workers)
     torch.set_num_threads(n)
     return n
@@ -104,8 +96,12 @@ def using_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def chunks(tasks: Sequence[Task], size: int) -> list[list[Task]]:
-    return [list(tasks[i:i + size]) for i in range(0, len(tasks), size)]
+def chunks(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
+    """``tasks`` ``size`` at a time, read as they are needed: a campaign's tasks may be a
+    million trials per point, which must not be held in memory before the first one runs."""
+    it = iter(tasks)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def _worker_config(config: CampaignConfig) -> CampaignConfig:
@@ -119,7 +115,7 @@ class LocalExecutor:
         self.runner = runner
         self.round_size = runner.batch
 
-    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
+    def map(self, tasks: Iterable[Task]) -> Iterator[TrialResult]:
         for chunk in chunks(tasks, self.runner.batch):
             yield from self.runner.run_many(chunk)
 
@@ -169,13 +165,15 @@ class ProcessExecutor:
             initargs=(pickle.dumps((model, inputs, labels, config)),
                       worker_threads(self.workers, config.threads)))
 
-    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
-        queue = chunks(tasks, self.chunk)[::-1]
+    def map(self, tasks: Iterable[Task]) -> Iterator[TrialResult]:
+        queue = chunks(tasks, self.chunk)
         running: set[Any] = set()
         limit = self.workers * IN_FLIGHT_PER_WORKER
-        while queue or running:
-            while queue and len(running) < limit:
-                running.add(self.pool.submit(_run_chunk, queue.pop()))
+        while True:
+            while len(running) < limit and (chunk := next(queue, None)) is not None:
+                running.add(self.pool.submit(_run_chunk, chunk))
+            if not running:
+                return
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 yield from future.result()
@@ -232,15 +230,17 @@ class RayExecutor:
         self.chunk = config.batch_trials or 1
         self.round_size = n * ROUNDS_PER_WORKER * self.chunk
 
-    def map(self, tasks: Sequence[Task]) -> Iterator[TrialResult]:
+    def map(self, tasks: Iterable[Task]) -> Iterator[TrialResult]:
         ray = self.ray
-        queue = chunks(tasks, self.chunk)[::-1]
+        queue = chunks(tasks, self.chunk)
         running: dict[Any, Any] = {}  # object ref -> actor
         free = [a for a in self.actors for _ in range(IN_FLIGHT_PER_WORKER)]
-        while queue or running:
-            while queue and free:
+        while True:
+            while free and (chunk := next(queue, None)) is not None:
                 actor = free.pop()
-                running[actor.run.remote(queue.pop())] = actor
+                running[actor.run.remote(chunk)] = actor
+            if not running:
+                return
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 free.append(running.pop(ref))

@@ -249,29 +249,56 @@ def _storage_torch_dtype(name: str) -> torch.dtype:
 
 
 
-def protection_memory(model: nn.Module, targets: Iterable[str]) -> dict[str, Any]:
-    """What the protection modules add to memory, split by whether faults hit it.
+def memory_coverage(model: nn.Module, targets: Iterable[str]) -> dict[str, Any]:
+    """What faults hit of ``model``'s memory and, truthfully, everything they leave alone.
 
-    A protection module is one that declares ``fault_buffers`` (even empty,
-    like ``harden.Hardened``). ``targets`` are the attacked tensor names (a
-    ``ParameterMemory``'s). Returns ``protection_values``: attacked float
-    elements; ``unattacked_memory``: buffer name -> elements of protection
-    memory faults do not hit (int64 indices always; the float bounds too when
-    excluded); ``unattacked_bits``: their size in bits.
+    ``targets`` are the attacked tensor names (a ``ParameterMemory``'s; none for activation
+    faults). Returns ``protection_values``: attacked elements of the float values protection
+    modules declare (``fault_buffers``); ``unattacked_memory``: name -> elements of every
+    parameter and buffer no fault hits, each piece of memory once under its first name in
+    module order (layers that are no fault target such as ``Conv1d``, raw ``nn.Parameter``s,
+    BatchNorm parameters unless ``include_bn`` and its running statistics, layers left out by
+    ``layers``, int64 protection indices, bounds left unattacked); ``unattacked_bits``: their
+    size in bits. Why all of it: a summary that says ``{}`` while 80 values are never attacked
+    overstates what the campaign measured.
     """
-    attacked = set(targets)
+    tensors = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
+    attacked = {storage_key(tensors[name]) for name in targets if name in tensors}
     values, unattacked, bits = 0, {}, 0
+    seen: set[tuple[Any, ...]] = set()
     for name, module in model.named_modules():
-        if not hasattr(module, PROTECTION_ATTR):
-            continue
-        for bname, buf in module.named_buffers(recurse=False):
-            full = f"{name}.{bname}" if name else bname
-            if full in attacked:
-                values += buf.numel()
-            else:
-                unattacked[full] = buf.numel()
-                bits += buf.numel() * buf.element_size() * 8
+        protection = hasattr(module, PROTECTION_ATTR)
+        buffers = dict(module.named_buffers(recurse=False))
+        for tname, tensor in [*module.named_parameters(recurse=False), *buffers.items()]:
+            key = storage_key(tensor)
+            if tensor.numel() == 0 or key in seen:
+                continue
+            seen.add(key)
+            if key not in attacked:
+                unattacked[f"{name}.{tname}" if name else tname] = tensor.numel()
+                bits += tensor.numel() * tensor.element_size() * 8
+            elif protection and tname in buffers:
+                values += tensor.numel()
     return {"protection_values": values, "unattacked_memory": unattacked, "unattacked_bits": bits}
+
+
+def unattacked_warning(model: nn.Module, unattacked: Mapping[str, int]) -> str | None:
+    """One line when float parameters of ``model`` are among ``unattacked`` (``memory_coverage``'s
+    ``unattacked_memory``): learned values no fault hits, so the campaign measured less than the
+    whole model. None when every float parameter is attacked (buffers such as BatchNorm
+    statistics or int64 indices are recorded in the summary, not warned about)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    outside = {name: n for name, n in unattacked.items()
+               if isinstance(n, int) and name in params and params[name].is_floating_point()}
+    if not outside:
+        return None
+    total = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    names = ", ".join(list(outside)[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+    modules = dict(model.named_modules())
+    in_bn = any(isinstance(modules.get(name.rpartition(".")[0]), BN_LAYER_TYPES) for name in outside)
+    hint = " (BatchNorm ones: --include-bn attacks them)" if in_bn else ""
+    return (f"{sum(outside.values()):,} of {total:,} float parameter values are never attacked: {names}{hint}; "
+            "summary.json lists them under memory.unattacked_memory")
 
 
 def _int8_scale(tensor: torch.Tensor, per_channel: bool) -> torch.Tensor:

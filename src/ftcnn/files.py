@@ -13,16 +13,31 @@ reject (a summary with one undefined CI was unreadable in a browser). Here
 non-finite floats become ``null`` (with a note in the file saying so), numpy
 scalars and arrays become numbers and lists, tuples lists, and the encoder
 runs with ``allow_nan=False`` so a bare NaN can never be emitted.
+
+A run folder has one writer at a time (issue 19): every command that writes one
+holds ``exclusive_folder`` for its whole run, an ``flock`` on ``LOCK_NAME``
+inside it that the OS releases when the process ends, however it ends. Two
+runs on one folder used to interleave (one deleted the other's campaign, the
+folder ended with one run's model and the other's results); the second now
+refuses in one line before touching anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 
@@ -127,3 +142,86 @@ def loads_strict(text: str) -> Any:
     def refuse(name: str) -> Any:
         raise ValueError(f"not strict JSON: bare {name}")
     return json.loads(text, parse_constant=refuse)
+
+
+# --- one writer per run folder ---------------------------------------------------------------
+
+LOCK_NAME = ".ftcnn.lock"  # inside the run folder; kept after the run (unlinking it would race)
+
+_held_folders: dict[Path, tuple[int, int]] = {}  # folder -> (owning thread, depth): nested calls share it
+_held_guard = threading.Lock()
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) or refuse in one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    return folder
+
+
+def _holder(fd: int) -> str:
+    """The pid the holder wrote into the lock file, for the refusal ("unknown" while it writes)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder`` (created if missing) as its only writer until the block ends.
+
+    A second process (or thread) asking for a held folder gets a ``ValueError``
+    naming the holder's pid, and nothing in the folder changes. Nested calls in the
+    holding thread (``compare_run`` -> ``run_compare``) share the lock. Worker processes
+    forked by the holder inherit it and take none of their own.
+    """
+    folder = make_folder(folder)
+    where = folder.resolve()
+    me = threading.get_ident()
+    with _held_guard:
+        owner, depth = _held_folders.get(where, (me, 0))
+        nested = depth > 0 and owner == me
+        if nested:
+            _held_folders[where] = (me, depth + 1)
+    if nested:
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held_folders[where] = (me, _held_folders[where][1] - 1)
+        return
+    if depth:  # another thread of this process holds it
+        raise ValueError(f"{folder} is in use by another ftcnn run (pid {os.getpid()})")
+    if fcntl is None:
+        yield folder
+        return
+    try:
+        # the umask applies, as for results; a planted symlink is refused, never followed
+        fd = os.open(where / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ValueError(f"output folder {folder} is not writable") from None
+        raise ValueError(f"cannot lock output folder {folder}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder} is in use by another ftcnn run (pid {_holder(fd)})") from None
+        except OSError as exc:
+            raise ValueError(f"cannot lock output folder {folder}: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _held_guard:
+            _held_folders[where] = (me, 1)
+        try:
+            yield folder
+        finally:
+            with _held_guard:
+                _held_folders.pop(where, None)
+    finally:
+        os.close(fd)  # releases the flock (and the OS does so if the process dies first)

@@ -43,6 +43,26 @@ def safe_predictions(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(finite, pred, torch.full_like(pred, -1)), finite
 
 
+def golden_predictions(logits: torch.Tensor, input_index: Sequence[int] | torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """The fault-free predictions every trial is compared with, by the rule faulty ones follow
+    (:func:`safe_predictions`), refused when any golden logit is NaN/Inf.
+
+    Why refuse: a fault-free model whose outputs are not finite has no reference to measure
+    damage against (with one NaN weight a raw argmax gave "SDC 100%, DUE 100%" at zero
+    faults). The one-line error names the first non-finite output: its input (``input_index``
+    maps rows to input positions when the rows were reordered) and class.
+    """
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        row, column = (int(i) for i in (~finite).nonzero()[0])
+        where = row if input_index is None else int(input_index[row])
+        raise ValueError(f"the fault-free model's output is not finite: {float(logits[row, column])} for input "
+                         f"{where}, class {column}; a campaign needs finite golden logits (check the model's "
+                         "weights)")
+    return safe_predictions(logits)[0]
+
+
 def trial_metrics(logits: torch.Tensor, golden: Golden) -> dict[str, float]:
     """Accuracy, top-5, SDC, critical SDC and DUE of one faulty evaluation."""
     pred, finite = safe_predictions(logits)
@@ -142,6 +162,11 @@ class BettingCS:
     566 trials but is not valid when the size is chosen on the data
     (``pytest -s tests/test_sequential.py`` prints the numbers).
 
+    With ``horizon`` (a fixed number of trials known in advance: what a fixed-n
+    campaign's interval uses, :func:`bounded_ci`) the bets are the same paper's
+    fixed-n plug-in sqrt(2 log(2/alpha) / (horizon s2_{i-1})): tightest at that
+    size, still valid there (and at every other size) by the same argument.
+
     The candidates are a grid of step ``resolution``; only those inside the
     current interval are tracked, so the cost per trial shrinks with the
     interval. The reported bounds are widened by one grid step, so the
@@ -150,17 +175,20 @@ class BettingCS:
     """
 
     def __init__(self, confidence: float = 0.95, *, target_half_width: float | None = None,
-                 resolution: float = 1e-4, truncation: float = 0.5) -> None:
+                 horizon: int | None = None, resolution: float = 1e-4, truncation: float = 0.5) -> None:
         if not 0 < confidence < 1:
             raise ValueError(f"confidence {confidence} must lie in (0, 1)")
         if target_half_width is not None and not 0 < target_half_width < 1:
             raise ValueError(f"target half-width {target_half_width} must lie in (0, 1)")
+        if horizon is not None and (target_half_width is not None or horizon < 1):
+            raise ValueError(f"horizon {horizon} must be >= 1 and goes without a target half-width")
         if not 0 < resolution <= 0.1:
             raise ValueError(f"resolution {resolution} must lie in (0, 0.1]")
         if not 0 < truncation < 1:
             raise ValueError(f"truncation {truncation} must lie in (0, 1)")
         self.confidence = confidence
         self.target_half_width = target_half_width
+        self.horizon = horizon
         self.resolution = resolution
         alpha = 1.0 - confidence
         self._log_threshold = math.log(2.0 / alpha)  # hedged, theta = 1/2: max(K+, K-)/2 >= 1/alpha
@@ -194,6 +222,8 @@ class BettingCS:
         var_before = (0.25 + self._sq) / t           # s2_{t-1}: the values before this trial only
         if self.target_half_width is not None:
             bet = self.target_half_width / var_before
+        elif self.horizon is not None:
+            bet = math.sqrt(self._bet_scale / (var_before * self.horizon))
         else:
             bet = math.sqrt(self._bet_scale / (var_before * t * math.log1p(t)))
         if self._m.size:
@@ -227,6 +257,51 @@ def betting_ci(values: Iterable[float], confidence: float = 0.95) -> tuple[float
     """
     cs = BettingCS(confidence).extend(values)
     return cs.low, cs.high
+
+
+# --- intervals of fixed-size samples (issue 22, item 3) -----------------------------------------
+
+CI_BETTING_FIXED = "betting (fixed n)"
+# From this many values on, a fixed-size sample of outcomes in [0, 1] gets the Student-t interval
+# (unless all values are equal); below it, the bounded betting interval. Why 1,000: fault-injection
+# outcomes are zero-inflated (most trials benign, a few catastrophic), and the t-interval's coverage
+# depends on how many catastrophic trials the sample holds. Measured (2,000 runs each, nominal 95%)
+# with catastrophes (accuracy 0.1 vs 0.97) in 1% / 3% of trials: 62% / 81% at 100 trials, 80% / 93%
+# at 300, 94% / 93% at 1,000, 95% / 96% at 10,000; on 0.97 w.p. 0.8 else uniform(0, 0.5): 89% at 10
+# trials, 92-93% at 30-100. The betting interval covered 97.5-100% in all these cases at ~1.2x the
+# t width (where t is valid) and costs ~0.05 s per interval at 1,000 values (0.4 s at 10,000).
+BOUNDED_CI_BELOW = 1000
+
+
+def needs_bounded_ci(values: Sequence[float]) -> bool:
+    """Whether a fixed-size sample's interval must be :func:`bounded_ci` rather than Student-t:
+    fewer than ``BOUNDED_CI_BELOW`` values, or all of them equal (a t-interval of zero width
+    claims certainty from zero observed variance: "all 10 trials 0.967" is what 10 benign
+    trials show whatever the share of catastrophic ones)."""
+    x = np.asarray(values, dtype=np.float64)
+    return x.size < BOUNDED_CI_BELOW or bool(x.min() == x.max())
+
+
+def bounded_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """An interval for the mean of a fixed-size sample of outcomes in [0, 1], valid at every size.
+
+    The betting interval of :class:`BettingCS` with the fixed-n bets for ``len(values)``
+    (Waudby-Smith & Ramdas): always inside [0, 1], never of zero width (its width comes
+    from bets that cannot win on a few identical values, not from the sample variance),
+    (0, 1) for no values at all.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    cs = BettingCS(confidence, horizon=max(1, x.size)).extend(x.tolist())
+    return cs.low, cs.high
+
+
+def fixed_n_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[tuple[float, float], str]:
+    """The interval of a fixed-size sample of outcomes in [0, 1] and the name of its method:
+    :func:`bounded_ci` where :func:`needs_bounded_ci`, else the Student-t interval clipped to [0, 1]."""
+    if needs_bounded_ci(values):
+        return bounded_ci(values, confidence), CI_BETTING_FIXED
+    low, high = mean_ci(values, confidence)[2]
+    return (max(0.0, low), min(1.0, high)), CI_STUDENT_T
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ same whatever the device (numbers within float tolerance of the CPU's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,14 +49,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftcnn import (campaign, checkpoint, cost, data, distributed, files, fingerprint, hardening,
+from ftcnn import (campaign, checkpoint, cost, data, distributed, faults, files, fingerprint, hardening,
                    progress, pruning, protect as protect_mod, train, vulnerability)
+from ftcnn import readback
 from ftcnn.splits import calibration_subset, validation_split
 
 __all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "train_checkpoint",
            "train_or_load", "train_or_reuse", "analyze_checkpoint", "compare_methods", "harden_checkpoint",
            "prune_checkpoint", "inject_checkpoint", "run_pipeline", "prune_finetune", "prune_and_harden",
-           "prune_and_protect", "is_current", "store_key", "key_path", "cached_scores", "check_output_file",
+           "prune_and_protect", "is_current", "store_key", "key_path", "content_digest", "cached_scores",
+           "check_output_file",
            "analyze_settings", "analyze_on", "harden_on", "note", "PIPELINE_STAGES"]
 
 Log = Callable[[str], Any]
@@ -108,13 +111,6 @@ def check_output_file(path: str | Path) -> None:
         raise ValueError(f"output folder {folder} is not writable")
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {folder}: {exc.strerror}") from None
-
-
 def _data_meta(record: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (record or {}).items() if k == "data"}
 
@@ -122,6 +118,9 @@ def _data_meta(record: Mapping[str, Any] | None) -> dict[str, Any]:
 # --- cached pieces, keyed by their inputs --------------------------------------------------------
 
 KEY_SUFFIX = ".key.json"
+# the key's field holding the SHA-256 of the piece itself: a piece replaced after its key was
+# written (another model copied over models/restrict.pt) is rebuilt, not published under its name
+CONTENT_FIELD = "content sha256"
 
 
 def note(msg: str, tag: str = "compare") -> None:
@@ -134,36 +133,55 @@ def key_path(path: Path) -> Path:
     return path.with_name(path.name + KEY_SUFFIX)
 
 
-def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
-    """Whether ``path`` holds a piece computed from the inputs ``key`` describes.
+def content_digest(path: Path) -> str:
+    """SHA-256 of the file at ``path`` (read in chunks: checkpoints can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    When a piece exists but its inputs changed (or were not recorded), say in
-    one line which, and drop its key so that a crash before the new piece is
-    written cannot make the old piece look current.
+
+def is_current(path: Path, key: dict[str, Any], piece: str) -> bool:
+    """Whether ``path`` holds a piece computed from the inputs ``key`` describes,
+    and is still the very file that was written then (its digest in the key).
+
+    When a piece exists but its inputs changed (or were not recorded), or its content
+    is not what its key recorded, say in one line which, and drop its key so that a
+    crash before the new piece is written cannot make the old piece look current.
+    The folder's lock (``files.exclusive_folder``) means no other run is writing the
+    piece meanwhile: a missing key is a stopped run's or an older ftcnn's, never a
+    concurrent one's.
     """
     if not path.exists():
         return False
     key = files.jsonable(key)
-    try:
-        stored = json.loads(key_path(path).read_text())
-    except (OSError, ValueError):
-        stored = None
+    stored = readback.read_key(key_path(path))  # bounded; a malformed key is no key
+    recorded = stored.pop(CONTENT_FIELD, None) if isinstance(stored, dict) else None
     if stored == key:
-        return True
-    if not isinstance(stored, dict):
-        reason = "its inputs were not recorded (an older ftcnn made it)"
+        if recorded is not None and recorded == content_digest(path):
+            return True
+        if recorded is None:
+            note(f"recomputing {piece}: its content digest was not recorded (an older ftcnn made it)")
+        else:
+            note(f"{path.parent.name}/{path.name} does not match its key: rebuilt")
     else:
-        changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
-        reason = f"{', '.join(changed)} changed"
-    note(f"recomputing {piece}: {reason}")
+        if not isinstance(stored, dict):
+            reason = ("its inputs were not recorded (an older ftcnn made it, or a run stopped before "
+                      "recording them)")
+        else:
+            changed = [k for k in sorted(set(stored) | set(key)) if stored.get(k) != key.get(k)]
+            reason = f"{', '.join(changed)} changed"
+        note(f"recomputing {piece}: {reason}")
     key_path(path).unlink(missing_ok=True)
     return False
 
 
 def store_key(path: Path, key: dict[str, Any]) -> None:
-    """Record the inputs of the piece just written at ``path`` (after the piece:
-    a piece without its key is recomputed, never trusted)."""
-    files.write_json(key_path(path), files.jsonable(key), indent=1, sort_keys=True, note=False)
+    """Record the inputs of the piece just written at ``path``, with the piece's own digest
+    (after the piece: a piece without its key, or not matching it, is recomputed, never trusted)."""
+    files.write_json(key_path(path), {**files.jsonable(key), CONTENT_FIELD: content_digest(path)},
+                     indent=1, sort_keys=True, note=False)
 
 
 def analyze_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str = "cpu",
@@ -245,7 +263,7 @@ def train_or_reuse(path: str | Path, builder: str, data_spec: str, *, epochs: in
     """
     say = log or _quiet
     path = Path(path)
-    _make_folder(path.parent)
+    files.make_folder(path.parent)
     train_set = data.load(data_spec, "train")
     trained_from = {"model": builder, **({} if width is None else {"width": width}), "epochs": epochs,
                     "seed": seed, "data": data_spec, "train data": fingerprint.data_digest(*train_set.tensors)}
@@ -321,22 +339,22 @@ def compare_methods(model: nn.Module, data_spec: str, methods: Sequence[str], *,
     for m in methods + [against]:
         vulnerability.get_method(m)
     folder = Path(scores_dir) if scores_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     results = {}
-    for m in dict.fromkeys(methods + [against]):
-        cached = folder / f"{m}.json" if folder is not None else None
-        if cached is not None and cached.exists():
-            results[m] = vulnerability.load_scores(cached)
-            if results[m].get("checkpoint") not in (None, str(source)):
-                say(f"note: {cached} was computed for {results[m]['checkpoint']}")
-            say(f"{m}: scores from {cached}")
-            continue
-        results[m] = analyze_checkpoint(model, data_spec, method=m, limit=limit, settings=settings, source=source,
-                                        device=device)
-        say(f"{m}: computed in {results[m]['seconds']:.1f}s")
-        if cached is not None:
-            vulnerability.save_scores(results[m], cached)
+    # a scores folder has one writer at a time, as a run folder
+    with files.exclusive_folder(folder) if folder is not None else contextlib.nullcontext():
+        for m in dict.fromkeys(methods + [against]):
+            cached = folder / f"{m}.json" if folder is not None else None
+            if cached is not None and cached.exists():
+                results[m] = vulnerability.load_scores(cached)
+                if results[m].get("checkpoint") not in (None, str(source)):
+                    say(f"note: {cached} was computed for {results[m]['checkpoint']}")
+                say(f"{m}: scores from {cached}")
+                continue
+            results[m] = analyze_checkpoint(model, data_spec, method=m, limit=limit, settings=settings,
+                                            source=source, device=device)
+            say(f"{m}: computed in {results[m]['seconds']:.1f}s")
+            if cached is not None:
+                vulnerability.save_scores(results[m], cached)
     blob = {"against": against, "checkpoint": str(source), "data": data_spec,
             "agreement": {m: vulnerability.rank_agreement(results[m], results[against]) for m in methods},
             "settings": {m: results[m].get("settings", {}) for m in results}}
@@ -479,7 +497,8 @@ def inject_checkpoint(model: nn.Module, data_spec: str, config: campaign.Campaig
     One line before the trials says what they will cost (``campaign.expected_time``). With
     ``campaign_file`` (``--config FILE.toml``), its path and SHA-256 go into the summary as
     ``campaign_file``: a record of how the run was asked for, not part of its identity, so
-    the same settings resume with or without the file."""
+    the same settings resume with or without the file. One warning line when float parameters lie
+    outside the fault space (``faults.unattacked_warning``)."""
     inputs, labels = campaign.stack_dataset(data.load(data_spec, "test"), config.device)
     if limit:
         inputs, labels = inputs[:limit], labels[:limit]
@@ -488,13 +507,18 @@ def inject_checkpoint(model: nn.Module, data_spec: str, config: campaign.Campaig
         "path": str(campaign_file), "sha256": hashlib.sha256(Path(campaign_file).read_bytes()).hexdigest()}
     record = {"checkpoint": str(source), "data": data_spec, "inputs": len(inputs),
               "architecture": checkpoint.get_spec(model)}
-    summary = campaign.run_campaign(model, inputs, labels, config, output, record=record,
-                                    announce=lambda line: note(line, "inject"))
-    if asked is not None or "campaign_file" in summary:  # this run's file, or none
-        summary.pop("campaign_file", None)
-        if asked is not None:
-            summary["campaign_file"] = asked
-        campaign.write_summary(Path(output), summary)
+    with files.exclusive_folder(output):  # this process only: its workers write the database under it
+        summary = campaign.run_campaign(model, inputs, labels, config, output, record=record,
+                                        announce=lambda line: note(line, "inject"))
+        if asked is not None or "campaign_file" in summary:  # this run's file, or none
+            summary.pop("campaign_file", None)
+            if asked is not None:
+                summary["campaign_file"] = asked
+            campaign.write_summary(Path(output), summary)
+    if config.target == "parameters":  # learned values no fault hits: said, not only recorded
+        warning = faults.unattacked_warning(model, summary.get("memory", {}).get("unattacked_memory", {}))
+        if warning:
+            progress.console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False, highlight=False)
     return summary
 
 
@@ -544,7 +568,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
-    _make_folder(out)
+    files.make_folder(out)
     x_train, y_train = train_set.tensors[0], train_set.tensors[1]
     input_shape = tuple(x_train.shape[1:])
     data_meta = _data_meta(record)
@@ -556,7 +580,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         config["calibration"] = f"calibration_subset({PIPELINE_CALIBRATION_SIZE}, seed)"
     config_path = out / "pipeline.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
+        previous = readback.read_json(config_path, readback.SETTINGS)
         diff = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
         if diff:
             raise ValueError(f"{out} holds a pipeline run with other settings ({', '.join(diff)}); "
@@ -565,7 +589,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
         files.write_json(config_path, config, indent=1)
     if (out / "summary.json").exists():
         say(f"reusing {out / 'summary.json'} (delete it to measure again)")
-        return json.loads((out / "summary.json").read_text())
+        return readback.read_json(out / "summary.json", readback.SETTINGS)
 
     def scores_for(net: nn.Module, name: str) -> dict[str, Any]:
         path = out / name
@@ -674,7 +698,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
     out = Path(out_dir)
-    _make_folder(out)
+    files.make_folder(out)
     x_train, y_train = train_set.tensors[0], train_set.tensors[1]
     (x_fit, y_fit), _ = validation_split(x_train, y_train, validation_fraction, seed)
     input_shape = tuple(x_train.shape[1:])
@@ -694,10 +718,11 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                                  trials=trials, seed=seed, reference=model, validation_fraction=validation_fraction,
                                  measure_latency=measure_latency, work_dir=out / "campaigns", log=say,
                                  device=device)
-    # the test split, only now that the choice is made
-    protect_mod.evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
+    # the test split, only now that the choice is made; both rows on the end-to-end role's faults
+    # (never the validation trials', paired with each other: ftcnn.seeds)
+    protect_mod.evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns", role="end_to_end")
     original = protect_mod.ProtectResult("original", "", [], {"original": model}, result.config)
-    protect_mod.evaluate_test(original, *test_set.tensors, work_dir=out / "campaigns")
+    protect_mod.evaluate_test(original, *test_set.tensors, work_dir=out / "campaigns", role="end_to_end")
     result.extra["end_to_end"] = {
         "prune_ratio": prune_ratio, "criterion": criterion, "finetune_epochs": finetune_epochs,
         "clean_test": {"original": train.evaluate(model, test_set, device=device),
@@ -724,7 +749,8 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     record = {"data": data_spec, "checkpoint": str(source)}
-    with checkpoint.allowing(allow_builder):  # the stages it saved and reloads share the trusted builder
+    # one writer per run folder for the whole run; the stages it saved and reloads share the trusted builder
+    with files.exclusive_folder(out_dir), checkpoint.allowing(allow_builder):
         if max_macs is not None:
             return prune_and_protect(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                      criterion=criterion, finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs,

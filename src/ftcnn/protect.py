@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, progress, train, vulnerability
+from ftcnn.seeds import role_seed, role_seeds
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -308,7 +309,9 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             counts them whole, as at batch 1).
         max_latency: latency allowed at batch 128 (1 thread, interleaved), ratio to ``reference``'s.
         trials: trials per candidate campaign.
-        seed: seed of the split, the calibration subset, the scores and the campaigns.
+        seed: seed of the split, the calibration subset, the scores and the campaigns (the
+            validation campaigns draw faults with it; test and end-to-end campaigns with
+            seeds derived from it, ``ftcnn.seeds.role_seed``, recorded in ``config``).
         scores: vulnerability scores per layer (default: ``gain`` on 256 fit inputs).
         reference: the model costs are relative to (default: ``model``; the
             end-to-end pipeline passes the unpruned original).
@@ -398,7 +401,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             if not any(rec is r for r in to_run):
                 continue
             say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs) ...")
-            summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, seed,
+            summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, role_seed(seed, "validation"),
                                 root / "validation" / rec["name"], device)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
@@ -422,6 +425,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
               if measure_latency else None,
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
               "fault_model": "float32 bit flips in Conv2d/Linear parameters, protection values attacked",
+              "fault_seeds": role_seeds(seed),  # each role's campaign seed: disjoint fault draws (ftcnn.seeds)
               "device": device}
     models = {n: m for n, m in built.items() if next(r for r in records if r["name"] == n)["validation"]}
     return ProtectResult(chosen, reason, records, models, config)
@@ -430,11 +434,13 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
 def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Tensor, *,
                   names: Sequence[str] | None = None, bers: Sequence[float] | None = None,
                   trials: int | None = None, work_dir: str | Path | None = None,
-                  inputs_per_trial: int | None = None) -> dict[str, Any]:
+                  inputs_per_trial: int | None = None, role: str = "test") -> dict[str, Any]:
     """Test-split numbers (clean, and at ``ber`` and 10x ``ber``) for the chosen protection
     (or ``names``), once the choice is made; stored in ``result.test`` and returned. The
     campaigns run on the device the search ran on (``result.config["device"]``);
     ``inputs_per_trial``: each trial on a random block of the test split (unbiased, cheaper).
+    Their faults come from ``role``'s stream (``ftcnn.seeds``: never the validation trials'
+    fault sets), recorded with each entry as ``role`` and ``fault_seed``.
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -443,14 +449,15 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
     cfg = result.config
     bers = list(bers or (cfg["ber"], min(1.0, 10 * cfg["ber"])))
     trials = trials or cfg["trials"]
+    fault_seed = role_seed(cfg["seed"], role)
     out: dict[str, Any] = dict(result.test or {})
     tmp = tempfile.TemporaryDirectory(prefix="ftcnn-protect-test-") if work_dir is None else None
     try:
         root = Path(work_dir) if work_dir is not None else Path(tmp.name)  # type: ignore[union-attr]
         for name in names or [result.chosen]:
-            summary = _campaign(result.models[name], x_test, y_test, bers, trials, cfg["seed"],
-                                root / "test" / name, cfg.get("device", "cpu"), inputs_per_trial)
-            out[name] = {"clean": summary["golden_accuracy"],
+            summary = _campaign(result.models[name], x_test, y_test, bers, trials, fault_seed,
+                                root / role / name, cfg.get("device", "cpu"), inputs_per_trial)
+            out[name] = {"clean": summary["golden_accuracy"], "role": role, "fault_seed": fault_seed,
                          "bers": {f"{b:g}": _point(summary, b) for b in bers}}
     finally:
         if tmp is not None:
@@ -554,13 +561,9 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
     """
     check_budget(max_macs, max_latency, ber, trials)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
     train_set, test_set = data_mod.load(data, "train"), data_mod.load(data, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
-    with checkpoint.allowing(allow_builder):
+    with files.exclusive_folder(out), checkpoint.allowing(allow_builder):  # one writer for the whole run
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
                          trials=trials, seed=seed, work_dir=out / "campaigns", log=log, device=device)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")

@@ -53,7 +53,7 @@ from ftcnn import checkpoint
 from ftcnn.graph import FAULT_LAYER_TYPES
 from ftcnn.graph import layers as model_layers
 from ftcnn.train import fit
-from ftcnn.vulnerability import l1, layer_scores
+from ftcnn.vulnerability import finite_scores, l1, layer_scores
 
 PRUNABLE = FAULT_LAYER_TYPES  # the model map's layers: what faults hit is what pruning removes
 CRITERIA = ("vulnerability", "l1")
@@ -190,8 +190,7 @@ def group_score(group: ChannelGroup, scores: Mapping[str, Sequence[float]],
         if values.shape != (channel_counts[layer],):
             raise ValueError(f"scores for layer {layer!r} have {values.size} values but the layer has "
                              f"{channel_counts[layer]} output channels")
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"scores for layer {layer!r} contain NaN or Inf")
+        values = finite_scores(layer, values)
         norm = values.sum()
         values = values / norm if norm > 0 else values
         for idx, root_idx in group.index_map[layer]:

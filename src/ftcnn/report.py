@@ -12,6 +12,10 @@ Everything here reads what ``ftcnn compare`` stored and never reruns a trial, so
 The per-trial values the page uses are copied into ``report_data.json`` beside the
 summary; when the SQLite files are gone (an archived run folder), the page is rebuilt
 from that copy and comes out the same.
+
+A run folder is untrusted input (design §8): every file is checked by ``ftcnn.readback``
+before use (a malformed one is refused in one line naming the file and field), every value
+from it is HTML-escaped on the page, and the page's Content-Security-Policy allows no script.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
-from ftcnn import files
+from ftcnn import files, readback
 from ftcnn.files import atomic_write
 from ftcnn.lazy import headless_matplotlib, lazy
+from ftcnn.metrics import BOUNDED_CI_BELOW
 from ftcnn.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber, welch_test,
                           wilson_ci)
 
@@ -125,7 +130,10 @@ def _ber_results(v: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- per-trial data: read from the run's SQLite files, kept in report_data.json ----------------
 
-def _read_trials(db_path: Path, columns: str) -> tuple[list[tuple], int | None] | None:
+def _read_trials(db_path: Path, columns: str, rows_schema: readback.Schema
+                 ) -> tuple[list[tuple], int | None] | None:
+    """The ``columns`` of every trial in ``db_path`` (checked against ``rows_schema``: the file may
+    have been edited) and the seed its identity records; None when there is no readable database."""
     if not db_path.is_file():
         return None
     try:
@@ -135,14 +143,17 @@ def _read_trials(db_path: Path, columns: str) -> tuple[list[tuple], int | None] 
             meta = db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
         finally:
             db.close()
-    except sqlite3.DatabaseError:
+    except sqlite3.Error:
         return None
+    readback.check(rows, rows_schema, f"{db_path} (its trials)")
     seed = None
     if meta:
         try:
             seed = json.loads(meta[0]).get("config", {}).get("seed")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError, TypeError):
             seed = None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        seed = None
     return rows, seed
 
 
@@ -152,7 +163,8 @@ def collect_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
     bits: dict[str, Any] = {}
     for v in summary["variants"]:
         name = v["name"]
-        got = _read_trials(run / "campaigns" / name / "results.sqlite", "point, trial, accuracy")
+        got = _read_trials(run / "campaigns" / name / "results.sqlite", "point, trial, accuracy",
+                           readback.CAMPAIGN_ROWS)
         if got is not None:
             rows, seed = got
             used = {r["ber"]: r["trials"] for r in v["results"] if r.get("ber") is not None}
@@ -166,23 +178,27 @@ def collect_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
         if folder.is_dir():
             per_bit: dict[str, list] = {}
             for sub in sorted(folder.glob("bit[0-9][0-9]")):
-                got = _read_trials(sub / "results.sqlite", "n_faults, critical_sdc, sites")
+                db_path = sub / "results.sqlite"
+                got = _read_trials(db_path, "n_faults, critical_sdc, sites", readback.FLIP_ROWS)
                 if got is None:
                     continue
                 flips = []
                 for n_faults, crit, sites in got[0]:
-                    site = json.loads(sites)[0] if sites and n_faults == 1 else None
+                    site = (readback.parse(sites, readback.SITES, f"{db_path} (a trial's sites)")[0]
+                            if sites and n_faults == 1 else None)
                     flips.append([site[0] if site else None, crit])
                 per_bit[str(int(sub.name[3:]))] = flips
             if per_bit:
                 bits[name] = per_bit
     if not campaigns and not bits:
         return None
-    return {"format": "ftcnn-report-data/1",
+    data = {"format": "ftcnn-report-data/1",
             "note": "per-trial values copied from the run's SQLite files: accuracy of every trial "
                     "(by BER, then trial index) and, per single-flip campaign, [faulted tensor, "
                     "critical SDC share] of every flip",
             "campaigns": campaigns, "bits": bits}
+    readback.check(data, readback.REPORT_DATA, f"the per-trial rows of {run}'s results.sqlite files")
+    return data
 
 
 def load_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,10 +208,7 @@ def load_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
         files.write_json(path, data, indent=None)
         return data
     if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None
+        return readback.read_json(path, readback.REPORT_DATA, readback.MAX_REPORT_DATA_BYTES)
     return None
 
 
@@ -662,6 +675,12 @@ def plot_vulnerability(scores: dict[str, Any], stem: Path) -> None:
 
 # --- HTML ---------------------------------------------------------------------------------------
 
+def _text(x: Any) -> str:
+    """Any value from a run folder's files as HTML text: escaped, whatever its type (a file is
+    untrusted: a string where a number belongs must not become markup)."""
+    return html.escape(str(x))
+
+
 def _fmt(x: Any, pct: bool = False, digits: int = 3) -> str:
     if _nan(x):
         return "–"
@@ -794,8 +813,10 @@ def _definitions(summary: dict[str, Any]) -> str:
         ("DUE (detected unrecoverable error)", "share of inputs whose logits hold NaN or Inf (detectable by a "
          "finiteness check); such inputs also count as wrong and as SDCs."),
         ("Confidence intervals", f"two-sided, at {level_txt}, of the mean over trials; method: {methods} "
-         "(Student-t for a fixed number of trials; the betting confidence sequence for --trials auto, valid "
-         "under its data-dependent stop). Shares are clipped to [0, 1]."),
+         f"(for a fixed number of trials: below {BOUNDED_CI_BELOW:,} trials, or when all trials are equal, the "
+         "betting interval for that number, valid for shares at every size and never of zero width, else "
+         "Student-t; the betting confidence sequence for --trials auto, valid under its data-dependent stop). "
+         "Shares are clipped to [0, 1]."),
         ("Tolerable BER", f"the highest BER of the sweep at which the mean accuracy under faults stays within "
          f"{100 * TOLERANCE:.0f} point of the variant's clean accuracy, there and at every lower BER swept. "
          "Conservative: the same with the CI's lower bound. “≥ x”: it held at the highest BER swept; "
@@ -804,7 +825,8 @@ def _definitions(summary: dict[str, Any]) -> str:
          "decades: the mean accuracy over the swept decades, in [0, 1]. Its CI is normal, from the points' "
          "standard errors (each BER has its own trials, so the points are independent)."),
         ("Paired test", "per trial index, Δ = variant accuracy − baseline accuracy at the same BER "
-         "(same seed, same trial index, same inputs); mean Δ with its Student-t CI, the paired t-test's "
+         "(same seed, same trial index, same inputs); mean Δ with its CI (the campaigns' rule on Δ rescaled "
+         "from [-1, 1] to [0, 1]), the paired t-test's "
          "two-sided p, the exact sign test's p (zero differences dropped), and Holm's adjustment of the t "
          "p-values over all variants compared."),
         ("Critical flip (bit sensitivity)", "a single bit flip at the given bit position of a uniformly drawn "
@@ -824,6 +846,10 @@ def _definitions(summary: dict[str, Any]) -> str:
     return "<dl class=\"defs\">" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
                                            for k, v in items) + "</dl>"
 
+
+# the page runs no script and loads nothing: its images are data: URIs, its style is inline; a
+# script that found its way in (a hostile summary, a bug) is blocked by the browser
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 1.2rem auto; max-width: 1200px;
@@ -952,7 +978,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
     repeats = summary.get("config", {}).get("latency_repeats")
     latency_note = (" Latency bars: interquartile range of the timing rounds, relative to the baseline's median."
                     if spread else
-                    f" Latency is the median of {repeats or 'several'} interleaved timing rounds per variant; "
+                    f" Latency is the median of {_text(repeats or 'several')} interleaved timing rounds per variant; "
                     "this summary records no spread for it (no quartiles or per-round times), so no error bar "
                     "can be drawn on the latency axes: treat latency differences of a few percent, and any on "
                     "a loaded machine, as unresolved.")
@@ -1049,13 +1075,14 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
     trials_txt = str(trials_n[0]) if len(trials_n) == 1 else f"{trials_n[0]}–{trials_n[-1]}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class=lead>{len(variants)} variants under independent bit flips in {html.escape(_fault_target(summary))},
 BERs {sweep_txt}; {trials_txt} trials per variant and BER, each on the whole test
-split ({summary.get('inputs', '?')} inputs), seed {summary.get('config', {}).get('seed', '?')}. Golden (fault-free)
+split ({_text(summary.get('inputs', '?'))} inputs), seed {_text(summary.get('config', {}).get('seed', '?'))}. Golden (fault-free)
 accuracy of the baseline: <b>{_fmt(summary.get('golden_accuracy'), pct=True)}</b>. Intervals: {cih}
 ({html.escape(', '.join(ci_methods(summary)))}). Every metric is defined <a href="#definitions">below</a>.</p>
 <nav><a href="#overview">overview</a><a href="#pareto">Pareto</a><a href="#ber">accuracy vs BER</a>
@@ -1127,15 +1154,11 @@ def build_report(run_dir: str | Path) -> Path:
     path = run / "summary.json"
     if not path.is_file():
         raise ValueError(f"{run} holds no summary.json (run `ftcnn compare` into it first)")
-    try:
-        summary = json.loads(path.read_text())
-        summary["variants"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path} is not a comparison summary") from None
+    summary = readback.read_json(path, readback.COMPARE_SUMMARY)
     scores = None
     scores_path = run / "scores.json"
     if scores_path.is_file():
-        scores = json.loads(scores_path.read_text())
+        scores = readback.read_json(scores_path, readback.SCORES)
     trials = load_trials(run, summary)
     plots, fronts = make_plots(summary, scores, run / "plots", trials)
     write_csv(summary, run / "summary.csv")

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,13 +29,87 @@ from torch import nn
 
 from ftcnn import faults as F
 from ftcnn import fastpath, strata
-from ftcnn.metrics import Golden, trial_metrics
+from ftcnn.constants import PRECISION_INPUTS_PER_TRIAL, THREADS_PER_CORE
+from ftcnn.metrics import Golden, golden_predictions, trial_metrics
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
-# --precision's default inputs per trial: on LeNet-5/mnist5k a trial on 100 of 1,000 inputs costs
-# 1/6-1/9 of one on all and needs 5-11% more trials (between-trial spread dominates;
-# experiments/results/peers_precision_lenet5.txt)
-PRECISION_INPUTS_PER_TRIAL = 100
+
+
+# --- limits of the settings that size the work (issue 19) -----------------------------------------
+# One rule table, asked by CampaignConfig, the campaign file and every CLI command, so that a
+# setting from a flag, a file or the API is refused the same way, in one line, before any work
+# (a trial budget of 10^12, 10^5 threads or a precision of 1e-9 used to exhaust memory, crash
+# the process or never end).
+MAX_TRIALS = 1_000_000     # trials per point: days of LeNet-5 trials; more is a typo, not a plan
+# the floor of --precision and --ci-half-width (a CI half-width): Leveugle's worst case at 95%,
+# (1.96 * 0.5 / e)^2, is ~960,000 trials per point at 1e-3, the trial cap; finer never finishes
+MIN_CI_HALF_WIDTH = 1e-3
+MAX_POINTS = 10_000        # --ber/--count values of one campaign
+MAX_SEED = 2 ** 63 - 1     # a seed is stored as a 64-bit integer
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _in_range(low: int, high: int) -> Callable[[Any], str | None]:
+    def problem(value: Any) -> str | None:
+        if not _whole(value):
+            return f"must be a whole number (got {value!r})"[:200]
+        if not low <= value <= high:
+            return f"must lie in {low:,}..{high:,} (got {value:,})"
+        return None
+    return problem
+
+
+def _half_width(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a number (got {value!r})"[:200]
+    if not MIN_CI_HALF_WIDTH <= value < 1:
+        return (f"must lie in [{MIN_CI_HALF_WIDTH:g}, 1) (got {value:g}; a finer one needs over "
+                f"{MAX_TRIALS:,} trials per point)")
+    return None
+
+
+def _unique_points(values: Any) -> str | None:
+    values = list(values)
+    if len(values) > MAX_POINTS:
+        return f"takes at most {MAX_POINTS:,} values (got {len(values):,})"
+    seen: set[float] = set()
+    for v in values:
+        if v in seen:
+            return f"names {v:g} twice (give each point once)"
+        seen.add(v)
+    return None
+
+
+# setting -> (value -> what is wrong with it, or None); the machine-sized ones read the cores when asked
+LIMITS: dict[str, Callable[[Any], str | None]] = {
+    "trials": lambda v: _in_range(1, MAX_TRIALS)(v),
+    "threads": lambda v: _in_range(1, cores() * THREADS_PER_CORE)(v),
+    "workers": lambda v: _in_range(1, cores())(v),
+    "seed": lambda v: _in_range(0, MAX_SEED)(v),
+    "precision": _half_width,
+    "ci_half_width": _half_width,
+    "points": _unique_points,
+}
+
+
+def check_limit(setting: str, value: Any, name: str | None = None) -> Any:
+    """``value`` when the rule of ``setting`` (a key of ``LIMITS``) allows it, else a one-line
+    ValueError naming it as ``name`` (the flag, ``--trials``, or the file key; default: the setting)."""
+    problem = LIMITS[setting](value)
+    if problem is not None:
+        raise ValueError(f"{name or setting} {problem}")
+    return value
 
 
 def take_old_margin(config: Any, margin: float | None, field: str) -> None:
@@ -100,10 +175,13 @@ class CampaignConfig:
         for count in self.counts:
             if count < 0:
                 raise ValueError(f"fault count {count} must be >= 0")
-        if self.trials is not None and self.trials < 1:
-            raise ValueError(f"trials must be >= 1 (got {self.trials})")
-        if not 0 < self.ci_half_width < 1 or not 0 < self.confidence < 1:
-            raise ValueError("ci_half_width and confidence must lie in (0, 1)")
+        check_limit("points", self.bers or self.counts, "bers" if self.bers else "counts")
+        if self.trials is not None:
+            check_limit("trials", self.trials)
+        check_limit("seed", self.seed)
+        if not 0 < self.confidence < 1:
+            raise ValueError("confidence must lie in (0, 1)")
+        check_limit("ci_half_width", self.ci_half_width)
         if self.min_trials < 1:
             raise ValueError(f"min trials must be >= 1 (got {self.min_trials})")
         if self.dtype not in F.STORAGE_DTYPES:
@@ -113,12 +191,11 @@ class CampaignConfig:
             raise ValueError("batch size must be >= 1")
         if self.batch_trials is not None and self.batch_trials < 1:
             raise ValueError(f"batch trials must be >= 1 (got {self.batch_trials})")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1 (got {self.workers})")
+        check_limit("workers", self.workers)
         if self.cache_bytes < 0:
             raise ValueError(f"cache bytes must be >= 0 (got {self.cache_bytes})")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (got {self.threads})")
+        if self.threads is not None:
+            check_limit("threads", self.threads)
         if self.inputs_per_trial is not None:
             if isinstance(self.inputs_per_trial, bool) or not isinstance(self.inputs_per_trial, int) \
                     or self.inputs_per_trial < 1:
@@ -127,8 +204,7 @@ class CampaignConfig:
                 raise ValueError("--inputs-per-trial is for parameter faults (activation faults are drawn "
                                  "per input)")
         if self.precision is not None:
-            if not 0 < self.precision < 1:
-                raise ValueError(f"precision must lie in (0, 1) (got {self.precision})")
+            check_limit("precision", self.precision)
             if not self.bers:
                 raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
             if self.inputs_per_trial is None:  # its default: a block per trial (design §2)
@@ -427,6 +503,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
     trial's block gives the bits it gives within a whole evaluation.
     """
     model.eval()
+    order = None  # the input position of each evaluated row, when they are reordered
     if config.inputs_per_trial is not None and config.inputs_per_trial < len(inputs):
         order = torch.as_tensor(input_order(config.seed, len(inputs)))
         inputs, labels = inputs[order], labels[order]
@@ -440,7 +517,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
     if memory.total_bits() == 0:
         raise ValueError("model has no Conv2d/Linear parameters to inject faults into")
     golden_logits = predict(model, inputs, config.batch_size)
-    golden = Golden(labels, golden_logits.argmax(dim=1))
+    golden = Golden(labels, golden_predictions(golden_logits, order))
     fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
     return TrialRunner(model, memory, inputs, golden, config, fast, batch, golden_logits)
 
