@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from ftcnn import paired
+from ftcnn import metrics, paired
 
 
 def test_fmt_ber_prints_what_a_reader_writes() -> None:
@@ -38,22 +40,34 @@ def test_sign_test_is_the_exact_binomial() -> None:
     assert paired.sign_test_p([0, 0, 0]) == 1.0
 
 
+# Student's sleep data, rescaled into [0, 1] as (x + 2) / 8 (the tests take shares: accuracies);
+# t statistics, degrees of freedom and p-values are unchanged by the rescaling
+G1 = [(x + 2) / 8 for x in (0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0)]
+G2 = [(x + 2) / 8 for x in (1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4)]
+
+
 def test_paired_t_matches_a_hand_computation() -> None:
-    # Student's sleep data (R: t.test(extra ~ group, data = sleep, paired = TRUE)):
+    # R: t.test(extra ~ group, data = sleep, paired = TRUE):
     # t = -4.0621, df = 9, p-value = 0.002833, 95% CI -2.4598858 -0.7001142, mean difference -1.58
-    g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
-    g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
-    r = paired.paired_test(g2, g1)  # variant - baseline = g1 - g2
-    assert r["n"] == 10 and r["mean_difference"] == pytest.approx(-1.58)
-    assert r["ci"][0] == pytest.approx(-2.4598858, abs=1e-6) and r["ci"][1] == pytest.approx(-0.7001142, abs=1e-6)
+    r = paired.paired_test(G2, G1)  # variant - baseline = g1 - g2
+    assert r["n"] == 10 and r["mean_difference"] == pytest.approx(-1.58 / 8)
     assert r["p_t"] == pytest.approx(0.002833, abs=1e-6)
     # sign test there: 9 negative, 1 zero -> p = 2 / 2^9
     assert r["p_sign"] == pytest.approx(2 / 512)
+    # 10 pairs: the bounded interval (issue 22), not R's t-interval (-2.4598858, -0.7001142) / 8
+    assert r["ci_method"] == metrics.CI_BETTING_FIXED and -1 <= r["ci"][0] < r["mean_difference"] < r["ci"][1] <= 1
+    # from metrics.BOUNDED_CI_BELOW pairs on, the Student-t interval of the differences
+    many = paired.paired_test(G2 * 100, G1 * 100)
+    d = np.subtract(G1 * 100, G2 * 100)
+    low, high = stats.t.interval(0.95, d.size - 1, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(d.size))
+    assert many["ci_method"] == metrics.CI_STUDENT_T and many["ci"] == pytest.approx((low, high), abs=1e-12)
 
 
 def test_paired_test_with_constant_differences() -> None:
     same = paired.paired_test([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
-    assert same["mean_difference"] == 0 and same["ci"] == (0, 0) and same["p_t"] == 1.0
+    assert same["mean_difference"] == 0 and same["p_t"] == 1.0
+    low, high = same["ci"]  # not the zero-width (0, 0) of a t-interval on zero observed variance
+    assert same["ci_method"] == metrics.CI_BETTING_FIXED and -1 <= low < 0 < high <= 1
     with pytest.raises(ValueError, match="differ in size"):
         paired.paired_test([1, 2], [1])
 
@@ -61,11 +75,16 @@ def test_paired_test_with_constant_differences() -> None:
 def test_welch_matches_r() -> None:
     # R: t.test(g1, g2) on the sleep data (Welch): t = -1.8608, df = 17.776, p = 0.07939,
     # 95% CI -3.3654832 0.2054832
-    g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
-    g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
-    r = paired.welch_test(g2, g1)
+    r = paired.welch_test(G2, G1)
     assert r["p_t"] == pytest.approx(0.07939, abs=1e-5)
-    assert r["ci"][0] == pytest.approx(-3.3654832, abs=1e-6) and r["ci"][1] == pytest.approx(0.2054832, abs=1e-6)
+    assert r["ci_method"] == metrics.CI_BETTING_FIXED and -1 <= r["ci"][0] < r["mean_difference"] < r["ci"][1] <= 1
+    many = paired.welch_test(G2 * 100, G1 * 100)  # from 1,000 values: Welch's t-interval
+    a, b = np.array(G2 * 100), np.array(G1 * 100)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    assert many["ci_method"] == metrics.CI_STUDENT_T
+    assert many["ci"] == pytest.approx((b.mean() - a.mean() - half, b.mean() - a.mean() + half), abs=1e-12)
 
 
 def test_holm() -> None:

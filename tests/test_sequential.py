@@ -19,7 +19,7 @@ from scipy import stats
 
 from ftcnn import campaign as C
 from ftcnn import checkpoint, data, train
-from ftcnn.metrics import CI_BETTING, BettingCS, betting_ci, mean_ci, sequential_mean
+from ftcnn.metrics import CI_BETTING, CI_BETTING_FIXED, BettingCS, betting_ci, mean_ci, sequential_mean
 
 BER = 3e-6
 MARGIN = 0.01
@@ -146,7 +146,7 @@ def test_one_trial_ci_is_not_zero_width(tiny_model, tiny_data, tmp_path) -> None
     s = C.run_campaign(tiny_model, x, y, C.CampaignConfig(bers=(1e-2,), trials=1, seed=0), tmp_path,
                        progress=False)
     row = s["results"][0]
-    assert row["ci_method"] == s["ci_method"] == CI_BETTING and row["accuracy_std"] is None
+    assert row["ci_method"] == s["ci_method"] == CI_BETTING_FIXED and row["accuracy_std"] is None
     assert row["accuracy_ci"][1] - row["accuracy_ci"][0] > 0.5
     assert row["sdc_ci"][1] - row["sdc_ci"][0] > 0.5
 
@@ -156,7 +156,7 @@ def test_confidence_level_is_reported_and_cis_are_shares(tiny_model, tiny_data, 
     s = C.run_campaign(tiny_model, x, y, C.CampaignConfig(bers=(1e-2,), trials=5, confidence=0.9, seed=0),
                        tmp_path, progress=False)
     row = s["results"][0]
-    assert s["confidence"] == row["confidence"] == 0.9 and row["ci_method"] == "student-t"
+    assert s["confidence"] == row["confidence"] == 0.9 and row["ci_method"] == CI_BETTING_FIXED  # 5 trials
     for key in ("accuracy_ci", "sdc_ci"):
         assert 0.0 <= row[key][0] <= row[key][1] <= 1.0
     assert C.ci_level(s) == "90%"

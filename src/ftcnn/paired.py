@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ftcnn.lazy import lazy
+from ftcnn.metrics import CI_BETTING_FIXED, CI_STUDENT_T, bounded_ci, needs_bounded_ci
 
 stats = lazy("scipy.stats")  # 0.76 s to import: only when a test is computed
 
@@ -67,55 +68,87 @@ def sign_test_p(differences: Sequence[float]) -> float:
     return float(stats.binomtest(pos, pos + neg, 0.5).pvalue)
 
 
+def _shares(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` checked to lie in [0, 1] (accuracies, shares): what the bounded interval needs."""
+    if values.size and not (np.all(values >= 0.0) and np.all(values <= 1.0)):  # also refuses NaN
+        raise ValueError(f"{what} must lie in [0, 1] for a bounded interval")
+    return values
+
+
 def paired_test(baseline: Sequence[float], variant: Sequence[float], confidence: float = 0.95
                 ) -> dict[str, Any]:
-    """Paired comparison of two variants' per-trial values (trial i with trial i).
+    """Paired comparison of two variants' per-trial values in [0, 1] (trial i with trial i).
 
     Returns the number of pairs, the mean difference (variant - baseline), its
-    Student-t interval, the paired t-test's two-sided p and the exact sign
-    test's. With every difference equal the t statistic is undefined: the
-    interval is that single value and p is 1 when it is 0, else the sign
-    test's (a t-test cannot say more than "all pairs moved the same way").
+    interval (``ci_method``), the paired t-test's two-sided p and the exact sign
+    test's. The interval follows the campaigns' rule (``metrics.needs_bounded_ci``):
+    below ``metrics.BOUNDED_CI_BELOW`` pairs, or with every difference equal, the
+    betting interval of the differences rescaled from [-1, 1] to [0, 1] and back
+    (valid at every n, never of zero width, inside [-1, 1]); else Student-t. With
+    every difference equal the t statistic is undefined: p is 1 when it is 0, else
+    the sign test's (a t-test cannot say more than "all pairs moved the same way").
     """
     a, b = np.asarray(baseline, dtype=np.float64), np.asarray(variant, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in size ({a.size} vs {b.size})")
-    d = b - a
+    d = _shares(b, "paired values") - _shares(a, "paired values")
     n = int(d.size)
     out: dict[str, Any] = {"test": "paired t", "n": n, "mean_difference": float(d.mean()) if n else float("nan"),
-                           "ci": (float("nan"), float("nan")), "p_t": float("nan"),
+                           "ci": (float("nan"), float("nan")), "ci_method": CI_BETTING_FIXED, "p_t": float("nan"),
                            "p_sign": sign_test_p(d), "confidence": confidence}
+    if n == 0:
+        return out
+    if needs_bounded_ci(d):
+        low, high = bounded_ci((d + 1.0) / 2.0, confidence)
+        out["ci"] = (2.0 * low - 1.0, 2.0 * high - 1.0)
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        out["ci"] = (out["mean_difference"], out["mean_difference"])
+    if float(d.min()) == float(d.max()):  # every difference equal: no t statistic
         out["p_t"] = 1.0 if out["mean_difference"] == 0 else out["p_sign"]
         return out
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    out["ci"] = (out["mean_difference"] - half, out["mean_difference"] + half)
+    if not needs_bounded_ci(d):
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+        out["ci"] = (out["mean_difference"] - half, out["mean_difference"] + half)
+        out["ci_method"] = CI_STUDENT_T
     out["p_t"] = float(stats.ttest_rel(b, a).pvalue)
     return out
 
 
 def welch_test(baseline: Sequence[float], variant: Sequence[float], confidence: float = 0.95
                ) -> dict[str, Any]:
-    """Unpaired comparison (Welch's t) for trials that cannot be paired."""
-    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(variant, dtype=np.float64)
+    """Unpaired comparison (Welch's t) of values in [0, 1] for trials that cannot be paired.
+
+    The interval follows the campaigns' rule (``metrics.needs_bounded_ci``, on either
+    sample): where it asks for a bounded interval, each mean's betting interval at
+    confidence 1 - alpha/2 and the difference of their ends (valid by the union bound,
+    never of zero width); else Welch's t-interval.
+    """
+    a = _shares(np.asarray(baseline, dtype=np.float64), "compared values")
+    b = _shares(np.asarray(variant, dtype=np.float64), "compared values")
     diff = float(b.mean() - a.mean()) if a.size and b.size else float("nan")
     out: dict[str, Any] = {"test": "Welch t (unpaired)", "n": int(min(a.size, b.size)), "mean_difference": diff,
-                           "ci": (float("nan"), float("nan")), "p_t": float("nan"), "p_sign": float("nan"),
-                           "confidence": confidence}
+                           "ci": (float("nan"), float("nan")), "ci_method": CI_BETTING_FIXED,
+                           "p_t": float("nan"), "p_sign": float("nan"), "confidence": confidence}
+    if not (a.size and b.size):
+        return out
+    bounded = needs_bounded_ci(a) or needs_bounded_ci(b)
+    if bounded:
+        each = 1.0 - (1.0 - confidence) / 2
+        (a_low, a_high), (b_low, b_high) = bounded_ci(a, each), bounded_ci(b, each)
+        out["ci"] = (b_low - a_high, b_high - a_low)
     if a.size < 2 or b.size < 2:
         return out
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
     if se == 0:
-        out["ci"], out["p_t"] = (diff, diff), 1.0 if diff == 0 else 0.0
+        out["p_t"] = 1.0 if diff == 0 else 0.0
         return out
     dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * se
-    out["ci"] = (diff - half, diff + half)
+    if not bounded:
+        half = float(stats.t.ppf(0.5 + confidence / 2, dof)) * se
+        out["ci"] = (diff - half, diff + half)
+        out["ci_method"] = CI_STUDENT_T
     out["p_t"] = float(2 * stats.t.sf(abs(diff) / se, dof))
     return out
 
