@@ -47,9 +47,10 @@ def lenet() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def hardened(lenet, digits) -> nn.Module:
-    """Half the channels duplicated with the range correction, every layer restricted."""
+    """Half the channels duplicated with the range correction, every layer restricted; one
+    stored copy of each bound, the layout these counts describe (more: test_failsafe_bounds.py)."""
     return H.harden(lenet, _scores(lenet), ratio=0.5, correction="range", restrict="zero",
-                    calibration=digits[2]).eval()
+                    calibration=digits[2], bound_copies=1).eval()
 
 
 def _expected_protection_values(model: nn.Module, ratio: float = 0.5) -> int:
