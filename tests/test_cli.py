@@ -111,7 +111,7 @@ LOGIC_CALLS = {"fit", "evaluate", "seed_everything", "calibration_subset", "vali
 # every other module of the package (listed from the package itself, so a new or renamed module
 # is covered without editing this file) holds logic the CLI must not call
 CLI_MAY_IMPORT = {"campaign", "campaign_file", "checkpoint", "compare", "distributed", "pipeline", "progress",
-                  "protect", "report", "vulnerability", "lazy", "_version", "cli", "__main__"}
+                  "protect", "report", "vulnerability", "lazy", "_version", "cli", "__main__", "constants"}
 
 
 def _package_modules() -> set[str]:

@@ -20,24 +20,43 @@ that per trial. Modules are named for their idea (``hardening``, ``pruning``,
 ``vulnerability``, ``campaign``, ``graph``...) so no verb shadows a module.
 """
 
-from ftcnn._version import __version__
-from ftcnn.campaign import CampaignConfig, run_campaign  # noqa: E402
-from ftcnn.checkpoint import build, load, save  # noqa: E402
-from ftcnn.faults import (  # noqa: E402
-    draw_faults,
-    fault_targets,
-    inject,
-    injected,
-    parameter_memory,
-    restore,
-    targeted,
-)
-from ftcnn.hardening import harden  # noqa: E402
-from ftcnn.pruning import prune  # noqa: E402
-from ftcnn.vulnerability import analyze  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "__version__", "build", "load", "save",
-    "analyze", "harden", "prune", "CampaignConfig", "run_campaign",
-    "draw_faults", "fault_targets", "inject", "injected", "parameter_memory", "restore", "targeted",
-]
+import importlib
+import importlib.util
+from typing import Any
+
+from ftcnn._version import __version__
+from ftcnn.lazy import import_together
+
+# checkpoint.load replays the transforms that hardening and pruning register when they run;
+# the package used to import all three up front (and torch with them, seconds). Now whoever
+# imports checkpoint gets them too, and `ftcnn --help` none of them (issue 24).
+import_together("ftcnn.checkpoint", "ftcnn.hardening", "ftcnn.pruning")
+
+# the public verbs and the module each comes from: imported on first use, so `import ftcnn`
+# (and `ftcnn --help`, which imports ftcnn.cli) costs no torch import (issue 24)
+_API = {
+    "build": "checkpoint", "load": "checkpoint", "save": "checkpoint",
+    "analyze": "vulnerability", "harden": "hardening", "prune": "pruning",
+    "CampaignConfig": "campaign", "run_campaign": "campaign",
+    "draw_faults": "faults", "fault_targets": "faults", "inject": "faults", "injected": "faults",
+    "parameter_memory": "faults", "restore": "faults", "targeted": "faults",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    """A public verb, or a submodule (``ftcnn.faults``), imported when first asked for."""
+    if name in _API:
+        value = getattr(importlib.import_module(f"ftcnn.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"ftcnn.{name}") is not None:
+        return importlib.import_module(f"ftcnn.{name}")
+    raise AttributeError(f"module 'ftcnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

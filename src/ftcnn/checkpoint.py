@@ -21,8 +21,9 @@ people download and pass around:
   make ftcnn allocate more than the tensors it actually holds.
 
 Transforms (hardening, pruning) register their rebuild function here
-(``register_transform``) when imported, and ``import ftcnn`` imports them: this
-module never names, let alone imports, the modules above it.
+(``register_transform``) when imported, and the package imports them together with
+this module (``ftcnn/__init__.py``): this module never names, let alone imports, the
+modules above it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ META_ATTR = "ftcnn_meta"
 # transform kind -> the function that rebuilds the transform's structure on a
 # model (values are then overwritten by the state dict), filled by
 # register_transform: hardening.py and pruning.py register themselves when
-# imported (``import ftcnn`` imports both). A checkpoint can only pick a
+# imported (the package imports both with this module). A checkpoint can only pick a
 # registered kind, never a module.
 _REBUILDERS: dict[str, Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = {}
 _LOAD_CHECKS: dict[str, Callable[[nn.Module, Mapping[str, Any]], None]] = {}

@@ -9,6 +9,10 @@ scores (``tests/test_cli.py`` checks it).
 Every user mistake ends in one line on stderr and exit status 2; set
 FTCNN_DEBUG=1 to see the traceback instead. A ``--device`` that is not there
 (``cuda`` without a GPU) is such a mistake, refused before any work.
+
+Start-up imports no torch (issue 24): the library modules are proxies (``ftcnn.lazy``)
+imported when a command first uses them, so ``ftcnn --help`` and ``--version`` take a
+fraction of a second; help texts take their library numbers from ``ftcnn.constants``.
 """
 
 from __future__ import annotations
@@ -16,14 +20,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed, pipeline as flows,
-                   progress, protect as protect_mod, report as report_mod, vulnerability)
+from ftcnn import constants, progress
+from ftcnn._version import __version__
+from ftcnn.lazy import lazy
+
+if TYPE_CHECKING:  # what the proxies below stand for (the checks in tests/ read this import)
+    import torch
+
+    from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed,
+                       pipeline as flows, protect as protect_mod, report as report_mod, vulnerability)
+else:  # each imported on first use, inside the command that needs it
+    torch = lazy("torch")
+    campaign, campaign_file, checkpoint, compare_mod, distributed, flows, protect_mod, report_mod, vulnerability = (
+        lazy(f"ftcnn.{name}") for name in ("campaign", "campaign_file", "checkpoint", "compare", "distributed",
+                                           "pipeline", "protect", "report", "vulnerability"))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
@@ -44,15 +59,49 @@ MODEL_TRUST_HELP = ("trust the checkpoint's user builder package.module:fn (impo
 
 # `--threads` on every long command (issue 13)
 THREADS_HELP = ("torch threads of this job (default: 1 for a model under 1M parameters, all cores for a "
-                "bigger one; worker processes split the cores)")
+                f"bigger one; worker processes split the cores; at most {constants.THREADS_PER_CORE} per core)")
+
+
+def _limit(setting: str, flag: str, zero_ok: bool = False) -> Callable[[Any], Any]:
+    """A typer callback: the option's value checked against ``trials.LIMITS`` as it is parsed,
+    before any work (one ``error:`` line naming ``flag``); unset values (None, no values) pass,
+    and so does 0 when ``zero_ok`` (``--bit-trials 0``: skip)."""
+    def check(value: Any) -> Any:
+        if value is None or value == [] or (zero_ok and value == 0):
+            return value
+        return campaign_file.check_limit(setting, value, flag)
+    return check
+
+
+SEED = _limit("seed", "--seed")
+
+
+def _inject_trials(value: str) -> str:
+    """``inject --trials``: a whole number within the limit, or "auto" (kept as typed)."""
+    if value == "auto":
+        return value
+    try:
+        trials = int(value)
+    except ValueError:
+        raise ValueError(f"--trials must be a positive integer or 'auto' (got {value!r})"[:200]) from None
+    campaign_file.check_limit("trials", trials, "--trials")
+    return value
+
 
 DATA_HELP = "data set (default: the checkpoint's, if built-in)"
 
 # `--device` on every command that computes (issue 14); checked by _check_device before any work
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (same results within float tolerance; files saved from the CPU)"
 
-_data_spec = flows.resolve_data  # --data, else the checkpoint's built-in data set
-_load_model = flows.load_model   # a checkpoint, or a plain state dict with --model package.module:fn
+
+def _data_spec(data: Optional[str], meta: dict) -> str:
+    """--data, else the checkpoint's built-in data set."""
+    return flows.resolve_data(data, meta)
+
+
+def _load_model(checkpoint_path: Path, model_spec: Optional[str], data: Optional[str]):
+    """A checkpoint, or a plain state dict with --model package.module:fn."""
+    return flows.load_model(checkpoint_path, model_spec, data)
 
 
 def _threads(threads: Optional[int], model=None, workers: int = 1) -> int:
@@ -91,6 +140,18 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device {device} is not available here (no CUDA GPU); use --device cpu")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ftcnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="print the version and exit")) -> None:
+    """Options of ``ftcnn`` itself, given before the command (the page's text is the Typer's)."""
+
+
 # --- train -----------------------------------------------------------------------------------------
 
 @app.command()
@@ -101,8 +162,8 @@ def train(
     lr: float = typer.Option(2e-3),
     batch_size: int = typer.Option(64, min=1),
     width: float = typer.Option(1.0, help="channel width multiplier"),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    seed: int = typer.Option(0, callback=SEED),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
@@ -127,7 +188,7 @@ def analyze(
                                             "test inputs) or l1 (weight norm)"),
     samples: Optional[int] = typer.Option(None, min=1, help="gain: inputs used (default 256); "
                                                             "fi: max faults per channel (default 256)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
     sample_margin: Optional[float] = typer.Option(None, "--sample-margin",
                                                   help="fi: Leveugle's error margin of the fault sample "
                                                        "(default 0.05; was --margin)"),
@@ -141,7 +202,7 @@ def analyze(
     against: str = typer.Option("fi", help="with --compare: the reference method"),
     scores_dir: Optional[Path] = typer.Option(None, help="with --compare: take METHOD.json from here "
                                                          "if present, and store computed scores here"),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="scores JSON (plot beside it as .png); "
                                                                         "with --compare: the agreement JSON"),
@@ -222,9 +283,9 @@ def harden(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
-    seed: int = typer.Option(0, help="seed of the calibration subset"),
+    seed: int = typer.Option(0, help="seed of the calibration subset", callback=SEED),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="hardened checkpoint to write"),
 ) -> None:
@@ -279,8 +340,8 @@ def prune_command(
     finetune_epochs: int = typer.Option(3, min=0),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for gain scores (without --scores)"),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    seed: int = typer.Option(0, callback=SEED),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
@@ -320,14 +381,15 @@ def pipeline(
     finetune_epochs: int = typer.Option(3, min=0),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for the gain scores"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
     max_macs: Optional[float] = typer.Option(None, help="end-to-end mode: prune -> fine-tune -> protect "
                                              "within this many MACs relative to the ORIGINAL model (e.g. 1.0)"),
     max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed relative to "
                                                 "the original (batch 128, 1 thread)"),
     ber: float = typer.Option(1e-4, help="end-to-end mode: bit error rate the protection is chosen for"),
-    trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign"),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign",
+                                callback=_limit("trials", "--trials")),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
@@ -386,19 +448,23 @@ def inject(
                                                "flags given here override its keys"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
-    ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4"),
-    count: List[int] = typer.Option([], help="exact fault counts per trial instead of --ber"),
-    trials: str = typer.Option("100", help="trials per point, or 'auto' (stop when the accuracy CI, a "
+    ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4",
+                                    callback=_limit("points", "--ber")),
+    count: List[int] = typer.Option([], help="exact fault counts per trial instead of --ber",
+                                  callback=_limit("points", "--count")),
+    trials: str = typer.Option("100", callback=_inject_trials,
+                               help="trials per point, or 'auto' (stop when the accuracy CI, a "
                                "betting confidence sequence valid under early stopping, is narrow enough; "
                                "at most Leveugle's size)"),
-    ci_half_width: float = typer.Option(0.01, "--ci-half-width", help="with --trials auto: target half-width "
+    ci_half_width: float = typer.Option(0.01, "--ci-half-width", callback=_limit("ci_half_width", "--ci-half-width"),
+                                        help="with --trials auto: target half-width "
                                         "of the accuracy CI (was --margin)"),
     confidence: float = typer.Option(0.95, help="level of every reported CI"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, callback=SEED),
     dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8 "
                               "(activations: float32, float16, bfloat16)"),
     bits: List[int] = typer.Option([], help="only these bit positions (default: all)"),
-    mode: str = typer.Option("flip", help="fault mode: " + ", ".join(campaign_file.FAULT_MODES)
+    mode: str = typer.Option("flip", help="fault mode: " + ", ".join(constants.FAULT_MODES)
                              + " (activations: flip; stuck0/stuck1 with --activation-mode permanent)"),
     include_bn: bool = typer.Option(False, help="also inject into BatchNorm affine parameters"),
     attack_protection: bool = typer.Option(True, help="also inject into the float values protections add "
@@ -416,18 +482,20 @@ def inject(
     shortcut: bool = typer.Option(True, help="start each trial at its first faulted layer (exact)"),
     batch_trials: Optional[int] = typer.Option(None, min=1, help="faulty trials per batched forward "
                                                "(exact; default: automatic, 1 on CPU)"),
-    workers: int = typer.Option(1, min=1, help="worker processes on this machine"),
+    workers: int = typer.Option(1, help="worker processes on this machine (at most its cores)",
+                                 callback=_limit("workers", "--workers")),
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray started for the campaign "
                              "(needs the optional Ray extra of ftcnn)"),
     ray_address: Optional[str] = typer.Option(None, help="run on an existing Ray cluster at this address"),
-    precision: Optional[float] = typer.Option(None, help="time to precision: stratified trials until the "
+    precision: Optional[float] = typer.Option(None, callback=_limit("precision", "--precision"),
+                                              help="time to precision: stratified trials until the "
                                               "accuracy CI half-width is at most this (e.g. 0.01), per BER point; "
                                               "replaces --trials"),
     inputs_per_trial: Optional[int] = typer.Option(None, min=1, help="inputs each trial evaluates: a seeded "
                                                    "random block of the split per trial, unbiased (default: "
-                                                   f"all; with --precision {campaign.PRECISION_INPUTS_PER_TRIAL}; a "
+                                                   f"all; with --precision {constants.PRECISION_INPUTS_PER_TRIAL}; a "
                                                    "number >= the split's size: all)"),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (resumed if it exists; "
                                           "or output = ... in --config)"),
 ) -> None:
@@ -465,9 +533,11 @@ def compare(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     epochs: int = typer.Option(5, min=1, help="with --model: training epochs"),
     width: float = typer.Option(1.0, help="with --model: width multiplier"),
-    ber: List[float] = typer.Option([], help="BER sweep (default: 9 log-spaced points 1e-7 ... 1e-3)"),
-    trials: int = typer.Option(30, min=1, help="trials per variant and BER"),
-    bit_trials: int = typer.Option(20, min=0, help="single-flip trials per bit position (0: skip)"),
+    ber: List[float] = typer.Option([], help="BER sweep (default: 9 log-spaced points 1e-7 ... 1e-3)",
+                                    callback=_limit("points", "--ber")),
+    trials: int = typer.Option(30, help="trials per variant and BER", callback=_limit("trials", "--trials")),
+    bit_trials: int = typer.Option(20, min=0, help="single-flip trials per bit position (0: skip)",
+                                    callback=_limit("trials", "--bit-trials", zero_ok=True)),
     bits: List[int] = typer.Option([], help="bit positions for the bit-sensitivity chart (default: all 32)"),
     harden_ratio: float = typer.Option(0.1),
     prune_ratio: float = typer.Option(0.3),
@@ -480,8 +550,8 @@ def compare(
     target: str = typer.Option("parameters", help="what faults hit: parameters (weight memory) or activations "
                                "(transient flips in every Conv2d/Linear output, a protection's copies included; "
                                "bit sensitivity: one flip per inference)"),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    seed: int = typer.Option(0, callback=SEED),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
@@ -529,9 +599,9 @@ def report(run: Path = typer.Argument(..., help="a run folder written by `ftcnn 
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="run folder (resumed if it exists)"),
     epochs: int = typer.Option(5, min=1),
-    trials: int = typer.Option(10, min=1, help="trials per variant and BER"),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    trials: int = typer.Option(10, help="trials per variant and BER", callback=_limit("trials", "--trials")),
+    seed: int = typer.Option(0, callback=SEED),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """The main job on built-in data: train LeNet-5 on the MNIST digits, then compare every protection
@@ -581,8 +651,9 @@ def protect(
     max_macs: float = typer.Option(1.15, help="MACs allowed relative to the model's (checks included)"),
     max_latency: Optional[float] = typer.Option(None, help="latency allowed relative to the model's "
                                                 "(batch 128, 1 thread, CPU)"),
-    trials: int = typer.Option(100, help="fault-injection trials per candidate"),
-    seed: int = typer.Option(0),
+    trials: int = typer.Option(100, help="fault-injection trials per candidate",
+                                callback=_limit("trials", "--trials")),
+    seed: int = typer.Option(0, callback=SEED),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
 ) -> None:
