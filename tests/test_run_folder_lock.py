@@ -95,6 +95,7 @@ COMMANDS = {
     "demo": ["demo", "--epochs", "1", "--trials", "1", "-o", "{out}"],
     "analyze": ["analyze", "{ckpt}", "--compare", "l1", "--against", "gain", "--samples", "16",
                 "--scores-dir", "{out}", "-o", "{out}/agreement.json"],  # a scores folder: one writer too
+    "report": ["report", "{out}"],  # redraws a finished comparison: not while a compare writes it
 }
 
 
@@ -105,7 +106,7 @@ def held(finished, tmp_path_factory) -> Iterator[tuple[dict[str, Path], subproce
     root = tmp_path_factory.mktemp("held")
     folders = {name: root / name for name in COMMANDS}
     for name, folder in folders.items():
-        if name == "compare":
+        if name in ("compare", "report"):
             shutil.copytree(finished[0], folder)
         else:
             folder.mkdir()

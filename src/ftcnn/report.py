@@ -1154,14 +1154,15 @@ def build_report(run_dir: str | Path) -> Path:
     path = run / "summary.json"
     if not path.is_file():
         raise ValueError(f"{run} holds no summary.json (run `ftcnn compare` into it first)")
-    summary = readback.read_json(path, readback.COMPARE_SUMMARY)
-    scores = None
-    scores_path = run / "scores.json"
-    if scores_path.is_file():
-        scores = readback.read_json(scores_path, readback.SCORES)
-    trials = load_trials(run, summary)
-    plots, fronts = make_plots(summary, scores, run / "plots", trials)
-    write_csv(summary, run / "summary.csv")
-    out = run / "report.html"
-    _write_text(out, render_html(summary, plots, trials, fronts))
+    with files.exclusive_folder(run):  # one writer: a compare still running there is refused
+        summary = readback.read_json(path, readback.COMPARE_SUMMARY)
+        scores = None
+        scores_path = run / "scores.json"
+        if scores_path.is_file():
+            scores = readback.read_json(scores_path, readback.SCORES)
+        trials = load_trials(run, summary)
+        plots, fronts = make_plots(summary, scores, run / "plots", trials)
+        write_csv(summary, run / "summary.csv")
+        out = run / "report.html"
+        _write_text(out, render_html(summary, plots, trials, fronts))
     return out
