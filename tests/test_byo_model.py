@@ -22,6 +22,7 @@ from _helpers import run_cli
 from ftcnn import checkpoint, hardening, vulnerability
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+USER_NORMALIZE = {"kind": "fixed", "mean": [0.0], "std": [16.0]}  # the README's `normalize="0/16"`
 FTCNN = Path(sys.executable).parent / "ftcnn"  # the installed command, as a user runs it (not python -m)
 
 
@@ -50,6 +51,9 @@ def test_api_example(user_folder) -> None:
     blob = checkpoint.read(user_folder / "mine_hardened.pt")
     assert blob["spec"]["builder"] == "mymodels:TinyResNet"
     assert [t["kind"] for t in blob["spec"]["transforms"]] == ["prune", "harden"]
+    # the user's preprocessing (x / 16) is recorded, and kept through pruning and hardening (issue 23)
+    assert blob["meta"]["normalize"] == USER_NORMALIZE
+    assert checkpoint.read(user_folder / "mine.pt")["meta"]["normalize"] == USER_NORMALIZE
 
 
 def test_cli_example(user_folder) -> None:
@@ -71,6 +75,15 @@ def test_cli_example(user_folder) -> None:
     blob = checkpoint.read(user_folder / "mine_hardened_cli.pt")
     assert blob["spec"]["builder"] == "mymodels:tiny_resnet"
     assert blob["spec"]["kwargs"] == {"num_classes": 10, "in_channels": 1, "input_size": 8}
+    # ftcnn measures the user's model exactly as its owner did: the golden accuracy of mine.pt, on the
+    # normalisation it was saved with, equals the accuracy the user's own evaluation recorded (issue 23)
+    own = checkpoint.read(user_folder / "mine.pt")["meta"]["test_accuracy"]
+    golden = json.loads((user_folder / "runs" / "mine_own" / "summary.json").read_text())["golden_accuracy"]
+    assert golden == pytest.approx(own, abs=1e-6) and own > 0.8  # the same count of right answers
+    for name in ("mine_pruned.pt", "mine_hardened_cli.pt"):  # --normalize 0/16 recorded and kept
+        assert checkpoint.read(user_folder / name)["meta"]["normalize"] == USER_NORMALIZE, name
+    compared = json.loads((user_folder / "runs" / "mine_cmp" / "summary.json").read_text())
+    assert compared["golden_accuracy"] == pytest.approx(own, abs=1e-6)
 
 
 def _one_line_error(r: subprocess.CompletedProcess, match: str) -> None:

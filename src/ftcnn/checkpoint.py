@@ -42,12 +42,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ftcnn import models
+from ftcnn import data, models
 from ftcnn.files import atomic_write, dumps_json  # noqa: F401  (atomic_write: kept importable from here)
 
 FORMAT = "ftcnn/1"
 SPEC_ATTR = "ftcnn_spec"
 META_ATTR = "ftcnn_meta"
+NORMALIZE_META = "normalize"  # the metadata key recording the inputs' normalisation (``data.Normalization``)
 
 # transform kind -> the function that rebuilds the transform's structure on a
 # model (values are then overwritten by the state dict), filled by
@@ -178,7 +179,7 @@ def describe(model: nn.Module, builder: str | None = None, kwargs: Mapping[str, 
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, builder: str | None = None,
-         kwargs: Mapping[str, Any] | None = None, **meta: Any) -> None:
+         kwargs: Mapping[str, Any] | None = None, normalize: Any = None, **meta: Any) -> None:
     """Save ``model`` (tensors + architecture description + JSON metadata) atomically.
 
     Models from ``ftcnn.build``/``load`` carry their description. For a model
@@ -186,6 +187,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, builder: str | None = Non
     rebuild it (default: its class, called with ``kwargs``); see ``describe``.
     The model keeps that description, so a later ``harden``/``prune`` of it is
     recorded and its result saves without naming the builder again.
+
+    ``normalize`` records how the model's inputs are normalised (``"none"``, ``"dataset"``,
+    ``"MEAN/STD"``: ``ftcnn.data``), so ftcnn measures it on the inputs it was trained with. Without
+    it the record the model carries is kept (a hardened or pruned model keeps its original's), else
+    the enclosing ``data.normalized`` block's; a file without any is read as ``dataset``. Give the
+    accuracy you measured as ``test_accuracy=`` too: commands warn when theirs is far below it.
 
     Example (``builder="mymodels:tiny_resnet"`` names a builder function instead of the class):
         >>> import os, tempfile, torch, ftcnn
@@ -206,6 +213,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, builder: str | None = Non
         raise ValueError(f"this model already records builder {spec['builder']!r} with kwargs "
                          f"{spec['kwargs']}; save it without builder=/kwargs=")
     merged = {**getattr(model, META_ATTR, {}), **meta}
+    if normalize is not None:
+        merged[NORMALIZE_META] = data.parse_normalize(normalize, "normalize=").record()
+    elif NORMALIZE_META not in merged and data.active_normalization() is not None:
+        merged[NORMALIZE_META] = data.active_normalization().record()
     blob = {
         "format": FORMAT,
         "spec": dumps_json(spec, indent=None, note=False),
@@ -480,6 +491,11 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
                                   f"({field!r}: {_one_line(exc)[:100]})") from None
     if not isinstance(blob["meta"], dict):
         raise CheckpointError(f"{path}: its metadata must be a JSON object, not {_json_type(blob['meta'])}")
+    if NORMALIZE_META in blob["meta"]:
+        try:
+            data.parse_normalize(blob["meta"][NORMALIZE_META], "its normalisation record")
+        except data.DatasetError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     blob["state_dict"] = _check_tensors(path, blob.get("state_dict"))
     return blob
 

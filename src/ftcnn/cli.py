@@ -90,6 +90,24 @@ def _inject_trials(value: str) -> str:
 
 DATA_HELP = "data set (default: the checkpoint's, if built-in)"
 
+# `--normalize` on every command that loads data (issue 23); parsed by ftcnn.data (via pipeline.check_normalize)
+NORMALIZE_HELP = ("how inputs are normalised: dataset (per channel, by the training split's mean/std; the "
+                  "default), none (raw values, e.g. digits 0..16) or MEAN/STD (e.g. 0.5/0.25, or per channel "
+                  "0.49,0.48,0.45/0.25,0.24,0.26); a checkpoint's record is used, a contradicting value refused")
+
+
+def _normalize(value: Optional[str]) -> Optional[str]:
+    """A typer callback: ``--normalize`` checked as it is parsed, before any work (one line)."""
+    if value is not None:
+        flows.check_normalize(value)
+    return value
+
+
+def _normalize_option() -> Any:
+    return typer.Option(None, "--normalize", metavar="none|dataset|MEAN/STD", help=NORMALIZE_HELP,
+                        callback=_normalize)
+
+
 # `--device` on every command that computes (issue 14); checked by _check_device before any work
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (same results within float tolerance; files saved from the CPU)"
 
@@ -115,6 +133,11 @@ def _loaded(checkpoint_path: Path, model_spec: Optional[str], data: Optional[str
     net = _load_model(checkpoint_path, model_spec, data)
     _threads(threads, net)
     return net, _data_spec(data, checkpoint.meta(net))
+
+
+def _inputs(net, spec: str, normalize: Optional[str], device: str = "cpu"):
+    """The command's block in which data loads and saved checkpoints use ``net``'s normalisation."""
+    return flows.inputs_for(net, spec, normalize, device=device)
 
 
 def _parse_layer_ratios(items: List[str]) -> dict:
@@ -158,6 +181,7 @@ def _options(version: bool = typer.Option(False, "--version", is_eager=True, cal
 def train(
     model: str = typer.Option(..., help="registry name (lenet5, vgg11, ...) or package.module:builder"),
     data: str = typer.Option("mnist5k", help="mnist5k, digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH"),
+    normalize: Optional[str] = _normalize_option(),
     epochs: int = typer.Option(5, min=0),
     lr: float = typer.Option(2e-3),
     batch_size: int = typer.Option(64, min=1),
@@ -173,7 +197,8 @@ def train(
     """
     _check_device(device)
     accuracy = flows.train_checkpoint(model, data, output, epochs=epochs, lr=lr, batch_size=batch_size,
-                                      width=width, seed=seed, threads=threads, device=device)
+                                      width=width, seed=seed, threads=threads, device=device,
+                                      normalize=normalize)
     console.print(f"{model} on {data}: test accuracy {accuracy:.2%} -> {output}")
 
 
@@ -184,6 +209,7 @@ def analyze(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     method: str = typer.Option("gain", help="gain (gradient, training inputs), fi (fault injection, "
                                             "test inputs) or l1 (weight norm)"),
     samples: Optional[int] = typer.Option(None, min=1, help="gain: inputs used (default 256); "
@@ -224,9 +250,17 @@ def analyze(
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     settings = {"samples": samples, "seed": seed, "sample_margin": sample_margin, "confidence": confidence,
                 "bits": list(bits) or None, "pilot": pilot}
+    with _inputs(net, spec, normalize, device):
+        _analyze(net, spec, method, compare, against, scores_dir, limit, settings, str(checkpoint_path), output,
+                 device)
+
+
+def _analyze(net, spec: str, method: str, compare: Optional[str], against: str, scores_dir: Optional[Path],
+             limit: Optional[int], settings: dict, source: str, output: Optional[Path], device: str) -> None:
+    """``ftcnn analyze``'s work and what it prints, inside the model's input block."""
     if compare is None:
         scores = flows.analyze_checkpoint(net, spec, method=method, limit=limit, settings=settings,
-                                          source=str(checkpoint_path), output=output, device=device)
+                                          source=source, output=output, device=device)
         for name, values in scores["layers"].items():
             top = ", ".join(f"#{i} {v:.4g}" for i, v in vulnerability.top_channels(values))
             console.print(f"{name}: {len(values)} channels, top {top}")
@@ -235,7 +269,7 @@ def analyze(
         return
     methods = [m.strip() for m in compare.split(",") if m.strip()]
     blob = flows.compare_methods(net, spec, methods, against=against, scores_dir=scores_dir, limit=limit,
-                                 settings=settings, source=str(checkpoint_path), output=output, log=console.print,
+                                 settings=settings, source=source, output=output, log=console.print,
                                  device=device)
     _print_agreement(blob["agreement"], methods, against)
     if output is not None:
@@ -282,6 +316,7 @@ def harden(
                                                 "zero or clamp out-of-bound values"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
     seed: int = typer.Option(0, help="seed of the calibration subset", callback=SEED),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
@@ -306,10 +341,12 @@ def harden(
     """
     _check_device(device)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
-    record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, budget=budget,
-                                     correction=correction, tmr=tmr, restrict=restrict, range_margin=range_margin,
-                                     check_weights=check_weights, calibration_size=calibration_size, seed=seed,
-                                     onnx=onnx, device=device, restrict_share=restrict_share)
+    with _inputs(net, spec, normalize, device):
+        record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, budget=budget,
+                                         correction=correction, tmr=tmr, restrict=restrict,
+                                         range_margin=range_margin, check_weights=check_weights,
+                                         calibration_size=calibration_size, seed=seed, onnx=onnx, device=device,
+                                         restrict_share=restrict_share)
     cost = record["overheads"]
     rel = cost["relative"]
     n_protected = sum(len(v) for v in record["protected"].values())
@@ -330,6 +367,7 @@ def prune_command(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     scores: Optional[Path] = typer.Option(None, help="vulnerability scores JSON (`ftcnn analyze`); "
                                           "default: gain scores on training inputs"),
     ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove (rounded down)"),
@@ -356,9 +394,10 @@ def prune_command(
     protected = None if not protect else [] if protect == ["none"] else protect
     ratios = _parse_layer_ratios(layer_ratio) if layer_ratio else ratio
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
-    meta = flows.prune_checkpoint(net, spec, output, scores=scores, ratio=ratios, criterion=criterion,
-                                  protect=protected, finetune_epochs=finetune_epochs, lr=lr, samples=samples,
-                                  seed=seed, device=device)
+    with _inputs(net, spec, normalize, device):  # fine-tuning keeps the model's preprocessing
+        meta = flows.prune_checkpoint(net, spec, output, scores=scores, ratio=ratios, criterion=criterion,
+                                      protect=protected, finetune_epochs=finetune_epochs, lr=lr, samples=samples,
+                                      seed=seed, device=device)
     console.print(f"accuracy: original {meta['accuracy_original']:.2%}, pruned {meta['accuracy_before_finetune']:.2%}, "
                   f"fine-tuned ({finetune_epochs} epochs) {meta['test_accuracy']:.2%}")
     p0, p1, m0, m1 = meta["params_before"], meta["params_after"], meta["macs_before"], meta["macs_after"]
@@ -373,6 +412,7 @@ def pipeline(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     prune_ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove"),
     harden_ratio: float = typer.Option(0.1, help="share of each layer's channels to duplicate"),
     correction: str = typer.Option("min", help="hardening correction: min, range or tmr"),
@@ -408,12 +448,13 @@ def pipeline(
     if max_macs is not None:  # a bad budget: one line before loading anything
         protect_mod.check_budget(max_macs, max_latency, ber, trials)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
-    result = flows.run_pipeline(net, spec, output, prune_ratio=prune_ratio, criterion=criterion,
-                                finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
-                                harden_ratio=harden_ratio, correction=correction, restrict=restrict,
-                                max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials,
-                                allow_builder=model_spec, source=str(checkpoint_path), log=console.print,
-                                device=device)
+    with _inputs(net, spec, normalize, device):
+        result = flows.run_pipeline(net, spec, output, prune_ratio=prune_ratio, criterion=criterion,
+                                    finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
+                                    harden_ratio=harden_ratio, correction=correction, restrict=restrict,
+                                    max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials,
+                                    allow_builder=model_spec, source=str(checkpoint_path), log=console.print,
+                                    device=device)
     if max_macs is not None:
         _print_protection(result, f"{criterion} pruning {prune_ratio}, then protections within x{max_macs:g} "
                           f"of the ORIGINAL's MACs (BER {ber:g})")
@@ -448,6 +489,7 @@ def inject(
                                                "flags given here override its keys"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4",
                                     callback=_limit("points", "--ber")),
     count: List[int] = typer.Option([], help="exact fault counts per trial instead of --ber",
@@ -516,8 +558,9 @@ def inject(
     model = _load_model(Path(run.checkpoint), run.model, run.data).to(run.config.device)
     _threads(run.config.threads, model, run.config.workers)
     spec = _data_spec(run.data, checkpoint.meta(model))
-    summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit, source=run.checkpoint,
-                                     campaign_file=run.campaign_file)
+    with _inputs(model, spec, normalize, run.config.device):
+        summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit,
+                                          source=run.checkpoint, campaign_file=run.campaign_file)
     console.print(campaign.format_table(summary))
     console.print(f"results: {run.output}/summary.json")
 
@@ -531,6 +574,7 @@ def compare(
     model: Optional[str] = typer.Option(None, help="without CHECKPOINT: train this model first (registry name "
                                         "or package.module:fn); with CHECKPOINT: " + MODEL_TRUST_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    normalize: Optional[str] = _normalize_option(),
     epochs: int = typer.Option(5, min=1, help="with --model: training epochs"),
     width: float = typer.Option(1.0, help="with --model: width multiplier"),
     ber: List[float] = typer.Option([], help="BER sweep (default: 9 log-spaced points 1e-7 ... 1e-3)",
@@ -579,9 +623,11 @@ def compare(
         prune_ratio=prune_ratio, restrict=restrict, range_margin=range_margin, finetune_epochs=finetune_epochs,
         bit_trials=bit_trials, **({"bits": tuple(bits)} if bits else {}), report_ber=report_ber,
         variants=tuple(v.strip() for v in variants.split(",")) if variants else None, target=target)
-    summary = compare_mod.compare_run(net, spec, output, config, builder=model, epochs=epochs, width=width,
-                                      seed=seed, threads=threads, allow_builder=model,
-                                      source=None if checkpoint_path is None else str(checkpoint_path), device=device)
+    with _inputs(net, spec, normalize, device):
+        summary = compare_mod.compare_run(net, spec, output, config, builder=model, epochs=epochs, width=width,
+                                          seed=seed, threads=threads, allow_builder=model,
+                                          source=None if checkpoint_path is None else str(checkpoint_path),
+                                          device=device)
     console.print(compare_mod.headline(summary))
     console.print(f"report: {output / 'report.html'}")
 
@@ -613,8 +659,9 @@ def demo(
     _threads(threads)  # LeNet-5: a small model
     config = compare_mod.CompareConfig(bers=(1e-6, 1e-5, 3e-5, 1e-4, 3e-4), trials=trials, seed=seed,
                                        bit_trials=5, bits=tuple(range(20, 32)), report_ber=1e-4)
-    summary = compare_mod.compare_run(None, "mnist5k", output, config, builder="lenet5", epochs=epochs,
-                                      seed=seed, threads=threads, log=console.print, device=device)
+    with _inputs(None, "mnist5k", None, device):
+        summary = compare_mod.compare_run(None, "mnist5k", output, config, builder="lenet5", epochs=epochs,
+                                          seed=seed, threads=threads, log=console.print, device=device)
     console.print(compare_mod.headline(summary))
     console.print(f"report: {output / 'report.html'}")
 
@@ -647,6 +694,7 @@ def protect(
     checkpoint_path: Path = typer.Argument(..., metavar="CHECKPOINT"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
+    normalize: Optional[str] = _normalize_option(),
     ber: float = typer.Option(1e-4, help="bit error rate the protection is chosen for"),
     max_macs: float = typer.Option(1.15, help="MACs allowed relative to the model's (checks included)"),
     max_latency: Optional[float] = typer.Option(None, help="latency allowed relative to the model's "
@@ -667,9 +715,10 @@ def protect(
     protect_mod.check_budget(max_macs, max_latency, ber, trials)
     net = _load_model(checkpoint_path, model_spec, data)
     spec = _data_spec(data, checkpoint.meta(net))
-    result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                                     trials=trials, seed=seed, allow_builder=model_spec,
-                                     source=str(checkpoint_path), log=console.print, device=device)
+    with _inputs(net, spec, normalize, device):
+        result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
+                                         trials=trials, seed=seed, allow_builder=model_spec,
+                                         source=str(checkpoint_path), log=console.print, device=device)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" (BER {ber:g})")
     console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")

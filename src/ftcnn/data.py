@@ -6,8 +6,14 @@ data comes in by path as ``"kind:path"`` (``cifar10``, ``cifar100``, ``imagefold
 y int64)``: these sets are small, and fault campaigns re-evaluate the same inputs
 thousands of times, so decoding once beats a DataLoader pipeline.
 
-Inputs are normalised per channel with the mean/std of the *train* split, and the test
-split reuses those constants so evaluation never peeks at test statistics.
+How inputs are normalised is explicit (issue 23): ``normalize="dataset"`` (the default)
+standardises every channel by the mean/std of the *train* split, and the test split reuses
+those constants so evaluation never peeks at test statistics; ``"none"`` gives the raw values
+(as stored: digits 0..16, images 0..255); ``"MEAN/STD"`` (``"0.5/0.25"``, or per channel
+``"0.49,0.48,0.45/0.25,0.24,0.26"``) applies fixed constants. A model is measured with the
+normalisation it was trained with: checkpoints record it (``ftcnn.save(..., normalize=...)``)
+and commands run their data loads inside :func:`normalized`, so every ``load`` of the command
+sees the model's inputs.
 
 Built-ins are decoded once and kept in the user's cache folder (``cache_folder``), keyed
 by the SHA-256 of their source files and ``DECODING_VERSION``: decoding mnist5k's CSV took
@@ -18,15 +24,18 @@ decoded again and replaced. Deleting the folder is always safe.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
+import math
 import importlib.util
 import os
 import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,7 +44,8 @@ from torch.utils.data import TensorDataset
 from ftcnn.files import atomic_write
 
 __all__ = ["DataInfo", "DatasetError", "DatasetNotFoundError", "BUILTINS", "PATH_KINDS",
-           "load", "info", "pad_to"]
+           "Normalization", "DATASET", "parse_normalize", "resolve_normalize",
+           "normalized", "active_normalization", "load", "info", "pad_to"]
 
 BUILTINS = ("mnist5k", "digits")
 PATH_KINDS = ("cifar10", "cifar100", "imagefolder", "npz")
@@ -52,6 +62,143 @@ CACHE_DTYPES = ("float64", "float32", "uint8", "int64")
 
 class DatasetError(ValueError):
     """A dataset spec or file the user supplied is wrong; the message is one line."""
+
+
+# --------------------------------------------------------------------------- normalisation
+
+NORMALIZE_KINDS = ("none", "dataset", "fixed")
+MAX_NORMALIZE_CHANNELS = 64  # a record from a file is bounded (data sets have 1 or 3 channels)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How a model's inputs are normalised: ``kind`` none, dataset (the training split's per-channel
+    mean/std; ``mean``/``std`` empty until resolved on a data set) or fixed (``mean``/``std`` given)."""
+
+    kind: str
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record checkpoints and summaries keep (``parse_normalize`` reads it back)."""
+        if self.kind == "none":
+            return {"kind": "none"}
+        return {"kind": self.kind, **({"mean": list(self.mean), "std": list(self.std)} if self.mean else {})}
+
+    def __str__(self) -> str:
+        """The ``--normalize`` spelling, with the values when known."""
+        if not self.mean:
+            return self.kind
+        values = "/".join(",".join(f"{v:.6g}" for v in part) for part in (self.mean, self.std))
+        return values if self.kind == "fixed" else f"dataset ({values})"
+
+    def agrees(self, other: "Normalization") -> bool:
+        """The same preprocessing: same kind, and the same constants where both know them."""
+        if self.kind != other.kind:
+            return False
+        if not self.mean or not other.mean:
+            return True
+        return len(self.mean) == len(other.mean) and all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(self.mean + self.std, other.mean + other.std))
+
+
+DATASET = Normalization("dataset")
+_ACTIVE: contextvars.ContextVar[Normalization | None] = contextvars.ContextVar("ftcnn_normalization", default=None)
+
+
+def _constants(values: Any, name: str, where: str) -> tuple[float, ...]:
+    """A list of 1..MAX finite numbers (``std``: positive), else one ``DatasetError`` line."""
+    if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_NORMALIZE_CHANNELS or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise DatasetError(f"{where}: {name} must be 1 to {MAX_NORMALIZE_CHANNELS} finite numbers")
+    if name == "std" and not all(v > 0 for v in values):
+        raise DatasetError(f"{where}: every std must be > 0")
+    return tuple(float(v) for v in values)
+
+
+def _parse_text(text: str, where: str) -> Normalization:
+    usage = (f"{where} takes none, dataset or MEAN/STD (e.g. 0.5/0.25, or per channel "
+             f"0.49,0.48,0.45/0.25,0.24,0.26), got {text[:60]!r}")
+    word = text.strip().lower()
+    if word in ("none", "dataset"):
+        return Normalization(word)
+    mean_text, sep, std_text = text.partition("/")
+    if not sep or "/" in std_text:
+        raise DatasetError(usage)
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in (mean_text, std_text))
+    except ValueError:
+        raise DatasetError(usage) from None
+    mean_t, std_t = _constants(mean, "MEAN", where), _constants(std, "std", where)
+    if len(mean_t) != len(std_t):
+        raise DatasetError(f"{where}: {len(mean_t)} means but {len(std_t)} stds (give one pair per channel)")
+    return Normalization("fixed", mean_t, std_t)
+
+
+def parse_normalize(value: Any, where: str = "--normalize") -> Normalization:
+    """A ``Normalization`` from the ``--normalize`` text, a record (``Normalization.record``: read from
+    a checkpoint, so untrusted), or one already made; every problem is one ``DatasetError`` line."""
+    if isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        return _parse_text(value, where)
+    if not isinstance(value, Mapping):
+        raise DatasetError(f"{where} must be none, dataset, MEAN/STD or a record, not {type(value).__name__}")
+    unknown = [k for k in value if k not in ("kind", "mean", "std")]
+    if unknown:
+        raise DatasetError(f"{where}: unknown field {str(unknown[0])[:40]!r} (known: kind, mean, std)")
+    kind = value.get("kind")
+    if kind not in NORMALIZE_KINDS:
+        raise DatasetError(f"{where}: kind must be one of {', '.join(NORMALIZE_KINDS)}, got {str(kind)[:40]!r}")
+    if kind == "none" or (kind == "dataset" and "mean" not in value and "std" not in value):
+        if kind == "none" and ("mean" in value or "std" in value):
+            raise DatasetError(f"{where}: kind none takes no mean/std")
+        return Normalization(kind)
+    mean, std = _constants(value.get("mean"), "mean", where), _constants(value.get("std"), "std", where)
+    if len(mean) != len(std):
+        raise DatasetError(f"{where}: {len(mean)} means but {len(std)} stds")
+    return Normalization(kind, mean, std)
+
+
+def resolve_normalize(spec: str, normalize: Any = None) -> Normalization:
+    """``normalize`` (default: the active one, else dataset) on data set ``spec``: dataset gets the
+    training split's mean/std, so the record is self-contained; constants must fit its channels."""
+    norm = _chosen(normalize)
+    kind, path = _parse(spec)
+    if norm.kind == "dataset" and not norm.mean:
+        _, _, mean, std = _split(kind, path, 0)
+        return Normalization("dataset", tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    _check_channels(norm, info(spec).in_channels, spec)
+    return norm
+
+
+@contextlib.contextmanager
+def normalized(normalize: Any) -> Iterator[Normalization]:
+    """Within the block, ``load`` (without ``normalize=``) and ``checkpoint.save`` (of a model
+    that records none) use ``normalize``: how a command feeds one model its inputs everywhere."""
+    norm = parse_normalize(normalize)
+    token = _ACTIVE.set(norm)
+    try:
+        yield norm
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_normalization() -> Normalization | None:
+    """The normalisation of the enclosing ``normalized`` block, if any."""
+    return _ACTIVE.get()
+
+
+def _chosen(normalize: Any) -> Normalization:
+    if normalize is not None:
+        return parse_normalize(normalize)
+    return _ACTIVE.get() or DATASET
+
+
+def _check_channels(norm: Normalization, channels: int, spec: str) -> None:
+    if norm.mean and len(norm.mean) not in (1, channels):
+        raise DatasetError(f"normalisation {norm} gives {len(norm.mean)} values per part, but {spec} has "
+                           f"{channels} channel{'s' if channels != 1 else ''} (give {'1' if channels == 1 else f'1 or {channels}'})")
 
 
 class DatasetNotFoundError(DatasetError, FileNotFoundError):
@@ -468,12 +615,15 @@ def _split(kind: str, path: str, seed: int) -> tuple[np.ndarray | None, np.ndarr
     return tr, te, mean, std
 
 
-def load(spec: str, split: str, *, seed: int = 0) -> TensorDataset:
+def load(spec: str, split: str, *, seed: int = 0, normalize: Any = None) -> TensorDataset:
     """The ``split`` ("train" or "test") of dataset ``spec`` as normalised tensors.
 
     ``seed`` only matters for datasets without a fixed test set (mnist5k, digits, npz
-    without ``x_test``): it picks the stratified 80/20 split.
+    without ``x_test``): it picks the stratified 80/20 split. ``normalize``: "dataset", "none",
+    "MEAN/STD", a record or a ``Normalization`` (default: the enclosing ``normalized`` block's,
+    else "dataset").
     """
+    norm = _chosen(normalize)
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     kind, path = _parse(spec)
@@ -486,8 +636,14 @@ def load(spec: str, split: str, *, seed: int = 0) -> TensorDataset:
     else:
         x, y = src.x[te], src.y[te]
     assert x is not None and y is not None
-    xn = (x.astype(np.float32) - mean.astype(np.float32)[:, None, None]) / std.astype(
-        np.float32)[:, None, None]
+    if norm.kind == "none":
+        xn = x.astype(np.float32)
+    else:
+        if norm.mean:  # recorded or given constants (a record of `dataset` holds the values computed here)
+            _check_channels(norm, x.shape[1], spec)
+            mean, std = np.asarray(norm.mean, dtype=np.float64), np.asarray(norm.std, dtype=np.float64)
+        xn = (x.astype(np.float32) - mean.astype(np.float32)[:, None, None]) / std.astype(
+            np.float32)[:, None, None]
     return TensorDataset(torch.from_numpy(np.ascontiguousarray(xn, dtype=np.float32)),
                          torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
 

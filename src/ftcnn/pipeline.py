@@ -8,7 +8,8 @@ rules live in ``ftcnn.splits`` (below every module that uses them, so
 nothing imports upward) and are re-exported here.
 
 - loading: :func:`load_model` (a checkpoint, or a user's plain state dict),
-  :func:`resolve_data` (``--data``, else the checkpoint's built-in data set);
+  :func:`resolve_data` (``--data``, else the checkpoint's built-in data set),
+  :func:`inputs_for` (the model's own input normalisation for the whole command, issue 23);
 - training: :func:`train_checkpoint` (``ftcnn train``), :func:`train_or_load`
   (a path), :func:`train_or_reuse` (a run folder's model, keyed by its
   inputs: ``demo``, ``compare --model``);
@@ -43,18 +44,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftcnn import (campaign, checkpoint, cost, data, distributed, faults, files, fingerprint, hardening,
+from ftcnn import (campaign, checkpoint, cost, data, distributed, faults, files, fingerprint, hardening, models,
                    progress, pruning, protect as protect_mod, train, vulnerability)
 from ftcnn import readback
 from ftcnn.splits import calibration_subset, validation_split
 
-__all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "train_checkpoint",
+__all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "check_normalize", "input_normalization",
+           "inputs_for", "golden_gap_warning", "train_checkpoint",
            "train_or_load", "train_or_reuse", "analyze_checkpoint", "compare_methods", "harden_checkpoint",
            "prune_checkpoint", "inject_checkpoint", "run_pipeline", "prune_finetune", "prune_and_harden",
            "prune_and_protect", "is_current", "store_key", "key_path", "content_digest", "cached_scores",
@@ -99,6 +101,78 @@ def resolve_data(data_spec: str | None, model_meta: Mapping[str, Any]) -> str:
                          f"give --data explicitly to use it (only {', '.join(data.BUILTINS)} are taken "
                          "from a checkpoint)")
     return spec
+
+
+# golden accuracy this far below the accuracy a checkpoint recorded at save time: probably other inputs
+GOLDEN_GAP = 0.05
+DEFAULT_NORMALIZE_NOTE = ("inputs standardised by the training split's per-channel mean/std (--normalize "
+                          "dataset, the default for a model that records none); give --normalize none if your "
+                          "model expects raw inputs, or --normalize MEAN/STD for fixed constants")
+
+
+def check_normalize(text: str) -> None:
+    """Refuse a malformed ``--normalize`` in one line (``data.parse_normalize``), before any work."""
+    data.parse_normalize(text)
+
+
+def input_normalization(model: nn.Module | None, data_spec: str, typed: str | None = None,
+                        log: Log | None = None) -> data.Normalization:
+    """How ``model``'s inputs are normalised on ``data_spec`` (constants resolved).
+
+    The checkpoint's record wins; a typed ``--normalize`` that contradicts it is refused in one
+    line (the record says how the model was trained; run it elsewhere with a new checkpoint).
+    Without a record: the typed value, else ``dataset`` (what ``ftcnn train`` always did, so an
+    older ftcnn checkpoint is measured as before), said in one note for a user's model.
+    """
+    say = log or (lambda line: note(line, "normalize"))
+    given = None if typed is None else data.parse_normalize(typed)
+    recorded = None if model is None else checkpoint.meta(model).get(checkpoint.NORMALIZE_META)
+    if recorded is not None:
+        norm = data.parse_normalize(recorded, "the checkpoint's normalisation record")
+        if given is not None and not given.agrees(norm):
+            raise ValueError(f"--normalize {typed} contradicts the checkpoint, which records {norm} (the inputs "
+                             "its model was saved with); omit --normalize")
+        return data.resolve_normalize(data_spec, norm)
+    if given is not None:
+        return data.resolve_normalize(data_spec, given)
+    if model is not None and getattr(model, checkpoint.SPEC_ATTR, {}).get("builder") not in models.MODELS:
+        say(DEFAULT_NORMALIZE_NOTE)
+    return data.resolve_normalize(data_spec, data.DATASET)
+
+
+def golden_gap_warning(recorded: Any, accuracy: float, norm: data.Normalization, data_spec: str) -> str | None:
+    """One warning line when ``accuracy`` (fault-free, test split) is more than ``GOLDEN_GAP`` below
+    the ``test_accuracy`` a checkpoint recorded (untrusted: anything but a share in [0, 1] is ignored)."""
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0.0 <= recorded <= 1.0:
+        return None
+    if accuracy >= recorded - GOLDEN_GAP:
+        return None
+    return (f"golden accuracy {accuracy:.2%} on {data_spec}'s test split is {(recorded - accuracy) * 100:.1f} "
+            f"points below the {recorded:.2%} recorded when the model was saved; its inputs are normalised as "
+            f"{norm}: if the model was trained on other inputs, say how with --normalize (none, dataset or "
+            "MEAN/STD)")
+
+
+@contextlib.contextmanager
+def inputs_for(model: nn.Module | None, data_spec: str, typed: str | None = None, *, device: str = "cpu",
+               log: Log | None = None) -> Iterator[data.Normalization]:
+    """The block of a command that measures ``model`` on ``data_spec``: every ``data.load`` in it
+    normalises as the model's inputs were (:func:`input_normalization`), and every checkpoint saved in
+    it records that. Entering checks a model that records its test accuracy once on the test split
+    (one fault-free pass, the global RNG untouched) and warns when far below (``golden_gap_warning``)."""
+    norm = input_normalization(model, data_spec, typed, log)
+    with data.normalized(norm):
+        recorded = None if model is None else checkpoint.meta(model).get("test_accuracy")
+        if golden_gap_warning(recorded, 0.0, norm, data_spec) is not None:  # a record worth checking
+            test_set = data.load(data_spec, "test")
+            campaign.check_input_shape(model, test_set.tensors[0][:1])
+            with torch.random.fork_rng(devices=[]):  # seeded flows after this draw as before
+                warning = golden_gap_warning(recorded, train.evaluate(model, test_set, device=device), norm,
+                                             data_spec)
+            if warning:
+                progress.console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False,
+                                                                    highlight=False)
+        yield norm
 
 
 def check_output_file(path: str | Path) -> None:
@@ -214,19 +288,21 @@ def _build(builder: str, data_spec: str, width: float = 1.0) -> nn.Module:
 
 def train_checkpoint(builder: str, data_spec: str, output: str | Path, *, epochs: int = 5, lr: float = 2e-3,
                      batch_size: int = 64, width: float = 1.0, seed: int = 0, threads: int | None = None,
-                     device: str = "cpu") -> float:
+                     device: str = "cpu", normalize: Any = None) -> float:
     """``ftcnn train``: train ``builder`` on ``data_spec``'s training split (on ``device``), save it
-    to ``output`` with its test accuracy (returned) and training settings."""
+    to ``output`` with its test accuracy (returned), training settings and input normalisation
+    (``normalize``, default dataset: recorded with its constants, so the file says it all)."""
     check_output_file(output)
     data.info(data_spec)  # an unknown data set: one line before loading anything
-    train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
+    norm = data.resolve_normalize(data_spec, data.DATASET if normalize is None else normalize)
+    train_set, test_set = data.load(data_spec, "train", normalize=norm), data.load(data_spec, "test", normalize=norm)
     train.seed_everything(seed)
     net = _build(builder, data_spec, width)
     distributed.apply_threads(threads, net)
     losses = train.fit(net, train_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
     accuracy = train.evaluate(net, test_set, device=device)
     checkpoint.save(net, output, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed,
-                    lr=lr, batch_size=batch_size, losses=losses)
+                    lr=lr, batch_size=batch_size, losses=losses, normalize=norm)
     return accuracy
 
 
@@ -247,8 +323,7 @@ def train_or_load(path: str | Path, builder: str, data_spec: str, *, epochs: int
     losses = train.fit(net, train_set, epochs=epochs, lr=lr, seed=seed, progress=progress, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(net, path, data=data_spec, test_accuracy=train.evaluate(net, test_set, device=device),
-                    epochs=epochs,
-                    seed=seed, lr=lr, losses=losses)
+                    epochs=epochs, seed=seed, lr=lr, losses=losses, normalize=data.resolve_normalize(data_spec))
     return checkpoint.load(path)
 
 
@@ -275,7 +350,8 @@ def train_or_reuse(path: str | Path, builder: str, data_spec: str, *, epochs: in
     distributed.apply_threads(threads, net)
     train.fit(net, train_set, epochs=epochs, seed=seed, desc=f"train {builder}", device=device)
     accuracy = train.evaluate(net, data.load(data_spec, "test"), device=device)
-    checkpoint.save(net, path, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed)
+    checkpoint.save(net, path, data=data_spec, test_accuracy=accuracy, epochs=epochs, seed=seed,
+                    normalize=data.resolve_normalize(data_spec))  # the active block's, else dataset
     store_key(path, trained_from)
     say(f"{builder} on {data_spec}: test accuracy {accuracy:.2%} -> {path}")
     return net
@@ -506,7 +582,8 @@ def inject_checkpoint(model: nn.Module, data_spec: str, config: campaign.Campaig
     asked = None if campaign_file is None else {  # hashed before the run: the file it read
         "path": str(campaign_file), "sha256": hashlib.sha256(Path(campaign_file).read_bytes()).hexdigest()}
     record = {"checkpoint": str(source), "data": data_spec, "inputs": len(inputs),
-              "architecture": checkpoint.get_spec(model)}
+              "architecture": checkpoint.get_spec(model),
+              "normalize": data.resolve_normalize(data_spec).record()}  # the inputs' (issue 23)
     with files.exclusive_folder(output):  # this process only: its workers write the database under it
         summary = campaign.run_campaign(model, inputs, labels, config, output, record=record,
                                         announce=lambda line: note(line, "inject"))
@@ -748,7 +825,8 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
         protect_mod.check_budget(max_macs, max_latency, ber, trials)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
-    record = {"data": data_spec, "checkpoint": str(source)}
+    record = {"data": data_spec, "checkpoint": str(source),
+              "normalize": data.resolve_normalize(data_spec).record()}
     # one writer per run folder for the whole run; the stages it saved and reloads share the trusted builder
     with files.exclusive_folder(out_dir), checkpoint.allowing(allow_builder):
         if max_macs is not None:
