@@ -405,7 +405,8 @@ def compare_run(model: nn.Module | None, data_spec: str, out_dir: str | Path, co
         distributed.apply_threads(threads, model)
         with checkpoint.allowing(allow_builder):  # the variants it saved and reloads share the trusted builder
             return run_compare(model, data_spec, out, config, record={
-                "checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"]}, device=device)
+                "checkpoint": str(source), "model_name": checkpoint.get_spec(model)["builder"],
+                "normalize": data_mod.resolve_normalize(data_spec).record()}, device=device)  # the inputs'
 
 
 def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821

@@ -321,6 +321,8 @@ SCORES = Obj(required={"method": Text(NAME), "layers": MapOf(TENSOR, ListOf(Num(
 KEY = Obj()
 # pipeline.json and the pipeline's summary.json: settings compared / numbers shown, any fields
 SETTINGS = Obj()
+# a JSON object whose fields its reader checks itself (scores.json: vulnerability.Scores.check)
+ANY_OBJECT = Obj()
 
 
 # --- reading ------------------------------------------------------------------------------------
