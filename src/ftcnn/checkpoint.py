@@ -532,7 +532,8 @@ def load(path: str | os.PathLike, *, allow_builder: str | None = None) -> nn.Mod
             raise CheckpointError(f"{path}: {exc}") from exc.__cause__
         _check_fit(path, model, state)
     else:  # ftcnn's models keep all their state in the state dict: allocate the checked skeleton
-        model = skeleton.to_empty(device="cpu")
+        # to_empty's empty_like on meta tensors imports sympy and symbolic shapes (~0.5 s of start-up)
+        model = skeleton._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -105,7 +105,7 @@ import torch
 from torch import nn
 
 from ftcnn import checkpoint, cost as cost_mod
-from ftcnn import graph
+from ftcnn import graph, trials
 from ftcnn.vulnerability import Scores, finite_scores, layer_scores
 
 # Agreement tolerance between the original channel and a copy (see module doc).
@@ -858,6 +858,17 @@ def _eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
         model.train(was)
 
 
+def _check_calibration_fits(model: nn.Module, calibration: torch.Tensor) -> None:
+    """Inject's one-line shape check (a 28x28 model given 8x8 digits), run in eval mode so
+    that it changes no BatchNorm statistic and draws no dropout mask."""
+    was = model.training
+    model.eval()
+    try:
+        trials.check_input_shape(model, calibration[:1])
+    finally:
+        model.train(was)
+
+
 @torch.inference_mode()
 def profile_ranges(model: nn.Module, calibration: torch.Tensor, layers: Sequence[str] | None = None
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -1027,6 +1038,8 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
     layers = target_layers(model)
     if not layers:
         raise ValueError("model has no Conv2d/Linear layers to harden")
+    if calibration is not None:  # before any profile or MAC count runs the model on it
+        _check_calibration_fits(model, calibration)
     if restrict_share is not None:
         if restrict_layers is not None:
             raise ValueError("give restrict_layers or restrict_share, not both")
