@@ -162,3 +162,15 @@ def test_relative_paths_follow_the_file_not_the_working_directory(tmp_path, monk
     assert cfg["checkpoint"] == str(sub / "m.pt")
     assert cfg["output"] == str(sub / "out")
     assert cfg["data"] == f"imagefolder:{sub / 'imgs'}"
+
+
+def test_normalize_key_is_checked_like_the_flag(tmp_path):
+    """A campaign file says how its inputs are normalised as --normalize does (issue 23), checked the same way."""
+    assert load_text(tmp_path, 'ber = 1e-5\nnormalize = "none"\n')["normalize"] == "none"
+    assert load_text(tmp_path, 'ber = 1e-5\nnormalize = "0/16"\n')["normalize"] == "0/16"
+    assert "normalize" not in CF.config_kwargs({"ber": [1e-5], "normalize": "none"})
+    for bad in ('"bogus"', '"1/0"', "3"):
+        with pytest.raises(ValueError, match="normalize"):
+            load_text(tmp_path, f"ber = 1e-5\nnormalize = {bad}\n")
+    run = CF.inject_settings({"ber": [1e-5], "checkpoint_path": "m.pt", "output": "o"}, ["ber"])
+    assert run.normalize is None

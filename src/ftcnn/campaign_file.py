@@ -192,6 +192,16 @@ def _ber_per_layer(key: str, value: Any) -> dict[str, float]:
     return out
 
 
+def _normalize(key: str, value: Any) -> str:
+    """``--normalize``'s text (none, dataset or MEAN/STD), checked as the flag is."""
+    text = _string(key, value)
+    try:
+        data.parse_normalize(text, key)
+    except ValueError as exc:
+        raise _fail(key, str(exc).splitlines()[0].removeprefix(f"{key} ")[:300]) from None
+    return text
+
+
 def _path(key: str, value: Any) -> str:
     return _string(key, value)
 
@@ -201,6 +211,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "checkpoint": _path,
     "data": _string,
     "model": _string,                       # --model's value: refused unless the person types it too
+    "normalize": _normalize,                # --normalize: how the inputs are normalised (issue 23)
     "ber": _limited("points", _list_of(_rate)),
     "count": _limited("points", _list_of(_at_least(0))),
     "trials": _trials,
@@ -400,7 +411,7 @@ def check_trust(cfg: Mapping[str, Any], typed_model: str | None) -> None:
 # file key -> CampaignConfig field, where they differ
 _CONFIG_FIELDS = {"ber": "bers", "count": "counts"}
 # keys that are not CampaignConfig fields (the CLI uses them: what to load, where to write)
-NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output")
+NOT_CONFIG = ("checkpoint", "data", "model", "limit", "output", "normalize")
 
 
 def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -441,6 +452,7 @@ class InjectSettings:
     data: str | None = None
     limit: int | None = None
     campaign_file: str | None = None
+    normalize: str | None = None
 
 
 def parse_ber_per_layer(items: Sequence[str]) -> dict[str, float]:
@@ -535,4 +547,5 @@ def inject_settings(params: Mapping[str, Any], given: Iterable[str] = (),
         raise ValueError("give -o/--output, or output = \"...\" in the campaign file (--config)")
     config = CampaignConfig(**config_kwargs(settings))
     return InjectSettings(config, str(checkpoint), str(output), settings.get("model"), settings.get("data"),
-                          settings.get("limit"), None if campaign_file is None else os.fspath(campaign_file))
+                          settings.get("limit"), None if campaign_file is None else os.fspath(campaign_file),
+                          settings.get("normalize"))

@@ -558,7 +558,7 @@ def inject(
     model = _load_model(Path(run.checkpoint), run.model, run.data).to(run.config.device)
     _threads(run.config.threads, model, run.config.workers)
     spec = _data_spec(run.data, checkpoint.meta(model))
-    with _inputs(model, spec, normalize, run.config.device):
+    with _inputs(model, spec, run.normalize, run.config.device):
         summary = flows.inject_checkpoint(model, spec, run.config, run.output, limit=run.limit,
                                           source=run.checkpoint, campaign_file=run.campaign_file)
     console.print(campaign.format_table(summary))
