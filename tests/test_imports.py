@@ -176,3 +176,23 @@ def test_trials_sit_below_the_campaign_and_its_executors() -> None:
     assert not _reach(graph, "ftcnn.store") & {"ftcnn.campaign", "ftcnn.distributed"}
     for low in ("ftcnn.faults", "ftcnn.strata", "ftcnn.metrics", "ftcnn.fastpath"):
         assert "ftcnn.trials" not in _reach(graph, low), low
+
+
+
+def _unnamed(page: str, names: list[str]) -> list[str]:
+    return [name for name in names if f"`{name}" not in page and f" {name}" not in page]
+
+
+def test_every_module_is_in_the_architecture_page() -> None:
+    """docs/architecture.md names every module of the package (and every subpackage), so a new
+    or renamed module cannot go unexplained there."""
+    import pkgutil
+    from pathlib import Path
+
+    import ftcnn
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
+    names = [m.name + ("/" if m.ispkg else ".py") for m in pkgutil.iter_modules(ftcnn.__path__)]
+    assert len(names) > 30 and "models/" in names
+    assert not _unnamed(page, names), f"docs/architecture.md does not name {_unnamed(page, names)}"
+    assert _unnamed(page, ["nosuchmodule.py"]) == ["nosuchmodule.py"]  # the check can fail
