@@ -333,9 +333,14 @@ def _check_together(cfg: dict[str, Any]) -> None:
         raise CampaignFileError("campaign file: precision replaces trials; give one of them")
     if "ci_half_width" in cfg and cfg.get("trials") != "auto":
         raise _fail("ci_half_width", "is the stop of trials = \"auto\"; set trials = \"auto\" or drop it")
-    width = {"float16": 16, "bfloat16": 16, "int8": 8}.get(cfg.get("dtype", "float32"), 32)
+    width = bit_width(cfg.get("dtype", "float32"))
     if any(b >= width for b in cfg.get("bits", [])):
         raise _fail("bits", f"{cfg['dtype']} has bits 0..{width - 1}")
+
+
+def bit_width(dtype: str) -> int:
+    """Bits per stored value of ``dtype``: the positions ``bits`` may name are 0..width-1."""
+    return {"float16": 16, "bfloat16": 16, "int8": 8}.get(dtype, 32)
 
 
 # keys that name files, and how to give them on the command line instead (a file may only name
@@ -520,6 +525,9 @@ def inject_settings(params: Mapping[str, Any], given: Iterable[str] = (),
     typed (:func:`load_campaign_file`); both are checked before anything loads.
     Every problem is a ValueError of one line.
     """
+    given = set(given)
+    if {"precision", "trials"} <= given:
+        raise ValueError("--precision and --trials cannot be combined: --precision sets its own trial counts")
     values = _cli_values(params)
     if campaign_file is None:
         settings = values
@@ -540,6 +548,10 @@ def inject_settings(params: Mapping[str, Any], given: Iterable[str] = (),
     if settings.get("target") == "activations" and "ber" not in settings and "count" not in settings \
             and settings.get("ber_per_layer"):
         settings["ber"] = [0.0]                    # only the listed layers, at their rates
+    dtype, width = settings.get("dtype", "float32"), bit_width(settings.get("dtype", "float32"))
+    outside = [b for b in settings.get("bits") or () if not 0 <= b < width]
+    if outside:                                    # before the checkpoint loads, not mid-campaign
+        raise ValueError(f"--bits {outside[0]}: {dtype} has bits 0..{width - 1}")
     checkpoint, output = settings.get("checkpoint"), settings.get("output")
     if checkpoint is None:
         raise ValueError("give a CHECKPOINT, or checkpoint = \"...\" in the campaign file (--config)")

@@ -466,11 +466,35 @@ def _check_tensors(path: Path, state: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_file_kind(path: Path, what: str) -> None:
+    """A folder, a missing file or a text file (JSON, e.g. summary.json) named as ``what`` in one
+    plain line, before torch's loader answers with a message about zip archives and pickles."""
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} not found")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise CheckpointError(f"{path} is not an ftcnn checkpoint (it is JSON text; a checkpoint is the "
+                              "file `ftcnn train` writes)")
+    try:
+        head.decode("utf-8")
+        text = b"\0" not in head     # torch's zip and pickle files hold NUL bytes or non-UTF-8 ones
+    except UnicodeDecodeError as exc:
+        text = exc.start >= len(head) - 3 and b"\0" not in head   # a character cut at 4096 bytes
+    if head and text:
+        raise CheckpointError(f"{path} is not a loadable ftcnn checkpoint (it is text; a checkpoint is the "
+                              "file `ftcnn train` writes)")
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's raw contents, checked; never unpickles objects."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+    _check_file_kind(path, "checkpoint")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad files

@@ -76,6 +76,13 @@ def _limit(setting: str, flag: str, zero_ok: bool = False) -> Callable[[Any], An
 SEED = _limit("seed", "--seed")
 
 
+def _confidence(value: Optional[float]) -> Optional[float]:
+    """``--confidence``: a share in (0, 1), checked as it is parsed (95, a percentage, is refused)."""
+    if value is not None and not 0.0 < value < 1.0:
+        raise ValueError(f"--confidence must lie in (0, 1): a share, e.g. 0.95 (got {value:g})")
+    return value
+
+
 def _inject_trials(value: str) -> str:
     """``inject --trials``: a whole number within the limit, or "auto" (kept as typed)."""
     if value == "auto":
@@ -218,7 +225,8 @@ def analyze(
     sample_margin: Optional[float] = typer.Option(None, "--sample-margin",
                                                   help="fi: Leveugle's error margin of the fault sample "
                                                        "(default 0.05; was --margin)"),
-    confidence: Optional[float] = typer.Option(None, help="fi: Leveugle confidence (default 0.95)"),
+    confidence: Optional[float] = typer.Option(None, help="fi: Leveugle confidence (default 0.95)",
+                                               callback=_confidence),
     bits: List[int] = typer.Option([], help="fi: only these bit positions (default: all 32)"),
     pilot: Optional[int] = typer.Option(None, min=0, help="fi: pilot faults per bit position that steer "
                                                           "the sample to the bits that matter (default 16; "
@@ -501,7 +509,7 @@ def inject(
     ci_half_width: float = typer.Option(0.01, "--ci-half-width", callback=_limit("ci_half_width", "--ci-half-width"),
                                         help="with --trials auto: target half-width "
                                         "of the accuracy CI (was --margin)"),
-    confidence: float = typer.Option(0.95, help="level of every reported CI"),
+    confidence: float = typer.Option(0.95, help="level of every reported CI", callback=_confidence),
     seed: int = typer.Option(0, callback=SEED),
     dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8 "
                               "(activations: float32, float16, bfloat16)"),
