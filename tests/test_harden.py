@@ -438,6 +438,28 @@ def test_cli_harden_check_weights(tmp_path: Path) -> None:
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "d.pt").exists()
 
 
+def test_cli_bound_copies_reach_the_checkpoint(tmp_path: Path) -> None:
+    """`ftcnn harden --bound-copies N` stores every bound N times (all fault targets), recorded in the
+    checkpoint; the default is harden()'s; anything but 1, 2 or 3 is one line before any work."""
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
+    ftcnn.save(model, tmp_path / "m.pt", data="digits")
+    values = {}
+    for copies in (None, 1, 3):
+        out = tmp_path / f"c{copies}.pt"
+        extra = [] if copies is None else ["--bound-copies", str(copies)]
+        r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "zero", *extra,
+                    "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        values[copies] = checkpoint.meta(ftcnn.load(out))["hardening"]["overheads"]["hardened"]["protection_values"]
+        transform = checkpoint.read(out)["spec"]["transforms"][-1]
+        assert transform.get("bound_copies", 1) == (H.DEFAULT_BOUND_COPIES if copies is None else copies)
+    assert values[3] == 3 * values[1] and values[None] == H.DEFAULT_BOUND_COPIES * values[1]
+    r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "zero", "--bound-copies", "4",
+                "-o", str(tmp_path / "d.pt"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --bound-copies must be 1, 2 or 3 (got 4)"]
+    assert not (tmp_path / "d.pt").exists()
+
+
 def test_median0_correction_is_the_median_of_the_two_and_zero() -> None:
     """The issue-11 extension example (one function + one registry line in hardening.py),
     checked against Python's statistics.median, element by element."""

@@ -170,6 +170,13 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device {device} is not available here (no CUDA GPU); use --device cpu")
 
 
+def _bound_copies(value: Optional[int]) -> Optional[int]:
+    """``harden --bound-copies``: 1, 2 or 3, checked as it is parsed (one line, before any work)."""
+    if value is not None and value not in (1, 2, 3):
+        raise ValueError(f"--bound-copies must be 1, 2 or 3 (got {value})")
+    return value
+
+
 def _print_version(value: bool) -> None:
     if value:
         print(f"ftcnn {__version__}")
@@ -319,6 +326,10 @@ def harden(
                                                    "share of the parameters (e.g. 0.9: cheaper, latency)"),
     range_margin: float = typer.Option(0.0, "--range-margin", help="widen profiled ranges by this share of "
                                        "their width (was --margin)"),
+    bound_copies: Optional[int] = typer.Option(None, "--bound-copies", callback=_bound_copies,
+                                               help="stored copies of every bound the protection adds (all "
+                                               "attacked): 2 (default; the looser is used), 3 (the median) "
+                                               "or 1 (one flip can cut a channel)"),
     check_weights: Optional[str] = typer.Option(None, help="parameter-side check of every layer's weights "
                                                 "against their fault-free per-channel bounds, at use: "
                                                 "zero or clamp out-of-bound values"),
@@ -354,7 +365,7 @@ def harden(
                                          correction=correction, tmr=tmr, restrict=restrict,
                                          range_margin=range_margin, check_weights=check_weights,
                                          calibration_size=calibration_size, seed=seed, onnx=onnx, device=device,
-                                         restrict_share=restrict_share)
+                                         restrict_share=restrict_share, bound_copies=bound_copies)
     cost = record["overheads"]
     rel = cost["relative"]
     n_protected = sum(len(v) for v in record["protected"].values())

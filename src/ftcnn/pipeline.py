@@ -456,13 +456,14 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
                       tmr: str | None = None, restrict: str | None = None, range_margin: float = 0.0,
                       check_weights: str | None = None, calibration_size: int = 1000, seed: int = 0,
                       onnx: str | Path | None = None, device: str = "cpu",
-                      restrict_share: float | None = None) -> dict[str, Any]:
+                      restrict_share: float | None = None, bound_copies: int | None = None) -> dict[str, Any]:
     """``ftcnn harden``: protect ``model``, save it to ``output`` (and ``onnx``), and return the
     record stored in its metadata (``hardening``): the settings, protected channels, clean test
     accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads.
 
     Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``, on
-    ``device`` (so are the clean accuracies); the overheads are measured on the CPU.
+    ``device`` (so are the clean accuracies); the overheads are measured on the CPU. ``bound_copies``
+    (None: ``harden``'s default) is recorded in the checkpoint's transform.
     """
     check_output_file(output)
     if onnx is not None:
@@ -476,7 +477,8 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
     hardened = harden_on(model, layer_scores, device, ratio=ratio, budget=budget, correction=correction,
                          tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
-                         check_weights=check_weights, restrict_share=restrict_share)
+                         check_weights=check_weights, restrict_share=restrict_share,
+                         **({} if bound_copies is None else {"bound_copies": bound_copies}))
     test_set = data.load(data_spec, "test")
     input_shape = tuple(train_x.shape[1:])
     acc_original = train.evaluate(model, test_set, device=device)
