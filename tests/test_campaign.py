@@ -242,3 +242,25 @@ def test_resuming_a_finished_campaign_reuses_its_summary_without_preparing(tiny_
     assert len(prepared) == 1  # another record: summarised anew (no trial re-run)
     more = C.run_campaign(tiny_model, x, y, replace(config, trials=5), tmp_path, progress=False)
     assert len(prepared) == 2 and all(r["trials"] == 5 for r in more["results"])
+
+
+def test_a_resumed_run_says_what_it_found(tiny_model, tiny_data, tmp_path) -> None:
+    """Rerunning a campaign says how many trials it found committed (issue 23: a finished rerun
+    said nothing), and the numbers are those of a run that never stopped."""
+    x, y = tiny_data
+
+    def said(trials: int) -> tuple[list[str], dict]:
+        lines: list[str] = []
+        config = C.CampaignConfig(bers=(1e-3, 1e-2), trials=trials, seed=3)
+        summary = C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False, announce=lines.append)
+        return lines, summary
+
+    first, _ = said(10)
+    assert not any(line.startswith("resumed") for line in first) and len(first) == 1
+    again, _ = said(10)
+    assert again == [f"resumed: all 20 trials were already committed in {tmp_path / C.DB_NAME}; "
+                     "its summary is returned, nothing runs"]
+    longer, summary = said(15)
+    assert longer[0] == f"resumed: 20 trials found committed in {tmp_path / C.DB_NAME}; they are not run again"
+    assert "10 to run" in longer[1]
+    assert summary["results"] == _run(tiny_model, tiny_data, tmp_path / "fresh", trials=15)["results"]

@@ -107,6 +107,10 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     try:
         finished = _finished_summary(out, db, config, identity, record) if runner is None else None
         if finished is not None:  # resuming a finished run costs its identity check, nothing more
+            if announce is not None:
+                trials = sum(row.get("trials", 0) for row in finished.get("results", []))
+                announce(f"resumed: all {trials} trials were already committed in {out / DB_NAME}; "
+                         "its summary is returned, nothing runs")
             return finished
         setup = None  # seconds of the set-up (its golden inference included), when timed here
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
@@ -118,8 +122,11 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                 runner, setup = progress_mod.timed(activations.campaign_runner, model, inputs, labels, config)
             budget = trial_budget(config, runner.memory)
             if announce is not None and setup is not None:
-                announce(expected_time(config, budget, [done_trials(db, p) for p in config.points], setup,
-                                       len(inputs)))
+                done = [done_trials(db, p) for p in config.points]
+                found = sum(len(d) for d in done)
+                if found:  # a resumed run says what it found before what is left costs
+                    announce(f"resumed: {found} trials found committed in {out / DB_NAME}; they are not run again")
+                announce(expected_time(config, budget, done, setup, len(inputs)))
             threads = torch.get_num_threads()
             with distributed.executor(model, inputs, labels, config, runner) as pool:
                 _run_points(pool, db, config, budget, progress, runner)
