@@ -33,12 +33,7 @@ PAYLOADS = ("<script>alert(1)</script>", '"><img src=x onerror=alert(1)>')
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory, one_thread) -> Path:
     out = tmp_path_factory.mktemp("hostile_cmp")
-    train.seed_everything(0)
-    model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
-    config = compare.CompareConfig(bers=(1e-4, 1e-3), trials=2, bit_trials=2, bits=(30,), finetune_epochs=0,
-                                   score_samples=16, latency_repeats=1, calibration_size=32,
-                                   variants=("baseline", "restrict"))
-    compare.run_compare(model, "digits", out, config)
+    _small_compare(out)
     return out
 
 
@@ -419,11 +414,11 @@ def _forge(path: Path, change) -> None:
     change(value)
     _write(path, value)
     key = json.loads(pipeline.key_path(path).read_text())
-    key.pop(getattr(pipeline, "CONTENT_FIELD", ""), None)
+    key.pop(pipeline.CONTENT_FIELD, None)
     pipeline.store_key(path, key)
 
 
-def _rerun(run: Path) -> None:
+def _small_compare(run: Path) -> None:
     train.seed_everything(0)
     model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
     config = compare.CompareConfig(bers=(1e-4, 1e-3), trials=2, bit_trials=2, bits=(30,), finetune_epochs=0,
@@ -437,13 +432,13 @@ def test_forged_cached_pieces_are_refused_naming_file_and_field(compare_run, tmp
     shutil.copytree(compare_run, run)
     _forge(run / "models" / "costs.json", lambda costs: costs["restrict"].update(params="5904"))
     with pytest.raises(ValueError, match=re.escape("costs.json: restrict.params must be a number >= 0")):
-        _rerun(run)
+        _small_compare(run)
     shutil.rmtree(run)
     shutil.copytree(compare_run, run)
     summary = run / "campaigns" / "baseline" / "summary.json"
     _write(summary, {**json.loads(summary.read_text()), "results": [{"trials": -7}]})
     with pytest.raises(ValueError, match=re.escape("baseline/summary.json: results[0].trials must be an integer")):
-        _rerun(run)
+        _small_compare(run)
 
 
 def test_a_malformed_key_is_no_key(tmp_path) -> None:

@@ -967,6 +967,12 @@ def _validate(ratio: float, budget: float | None, correction: str, tmr: str | No
         raise ValueError(f"unknown weight check {check_weights!r}; choose from {', '.join(CHECK_MODES)} (or none)")
 
 
+def scores_needed(ratio: float, budget: float | None, tmr: str | None) -> bool:
+    """Whether ``harden`` with these settings duplicates channels, and so needs scores to choose them
+    (full TMR takes every channel; ratio 0 or budget 0 takes none)."""
+    return tmr != "full" and (budget is not None and budget > 0 or budget is None and ratio > 0)
+
+
 def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None, *, ratio: float = 0.1,
            budget: float | None = None, correction: str = "min", tmr: str | None = None,
            restrict: str | None = None, range_margin: float = 0.0, calibration: torch.Tensor | None = None,
@@ -1057,7 +1063,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         correction = "tmr"
         selected = {n: list(range(_out_channels(m))) for n, m in layers.items()}
     else:
-        needs_scores = budget is not None and budget > 0 or budget is None and ratio > 0
+        needs_scores = scores_needed(ratio, budget, tmr)
         if scores is None and needs_scores:
             raise ValueError("scores are needed to choose the channels to protect "
                              "(or use tmr='full', or ratio=0)")

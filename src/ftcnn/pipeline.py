@@ -468,8 +468,7 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     check_output_file(output)
     if onnx is not None:
         check_output_file(onnx)
-    needs_scores = tmr != "full" and (budget is not None and budget > 0 or budget is None and ratio > 0)
-    if scores is None and needs_scores:   # hardening's own message names its Python keywords
+    if scores is None and hardening.scores_needed(ratio, budget, tmr):  # hardening's message names Python keywords
         raise ValueError("--scores is needed to choose the channels to protect (from `ftcnn analyze`; "
                          "or use --tmr full, or --ratio 0)")
     layer_scores = vulnerability.load_scores(scores) if scores is not None else None
