@@ -7,7 +7,8 @@ Without ``--checkpoint`` a LeNet-5 is trained first (``ftcnn train --model lenet
 --epochs 5 --seed 0``; not timed). Rows, each the best of ``--repeats`` fresh processes, timed with
 ``time.perf_counter`` around the whole command (start-up, data loading and writing included):
 
-- ``ftcnn inject M --ber ... --trials N`` with its default threads, and with ``--threads 2``;
+- ``ftcnn inject M --ber ... --trials N`` with its default threads (the thread policy,
+  ``ftcnn.parallelism``: the row says how many it chose; the notes, why), and with ``--threads 2``;
 - ``ftcnn inject M --ber ... --precision 0.01`` (stratified trials until every accuracy CI is
   within +-1 point).
 
@@ -204,8 +205,8 @@ def main() -> None:
         plain_fixed = sum(p.seconds for p in plain)
         plain_precise = sum(p.trials_for_precision() * p.seconds_per_trial for p in plain)
         rows = [
-            (f"`inject --ber {' '.join(BERS)} --trials {args.trials}` (default threads)", fixed.seconds,
-             plain_fixed, ">= 3x"),
+            (f"`inject --ber {' '.join(BERS)} --trials {args.trials}` (default threads: "
+             f"{fixed.summary.get('execution', {}).get('threads', '?')})", fixed.seconds, plain_fixed, ">= 3x"),
             ("same with `--threads 2`", fixed_2.seconds, plain_fixed, ">= 3x"),
             (f"`inject --ber {' '.join(BERS)} --precision {PRECISION}`", precise.seconds, plain_precise,
              ">= 10x"),

@@ -6,7 +6,8 @@ Each run gets a fresh folder (nothing resumed). Prints the wall time of one
 demo alone, of two started at once (until both finish), and the ratio; the
 goal is <= 2.3x on a 2-core machine (torch's default of one intra-op thread
 per core in each job made two jobs many times slower than one after the other).
-Run it on an otherwise quiet machine.
+Run it on an otherwise quiet machine. For 1, 2 and 4 ``ftcnn inject`` jobs under the thread policy
+of issue 24 (every core for a lone job), see benchmarks/parallel_jobs.py.
 """
 
 from __future__ import annotations

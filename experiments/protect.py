@@ -81,7 +81,7 @@ def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2
         rec, t = result.record(member), test[member]
         out["rows"].append({"row": label, "candidate": member, "clean": t["clean"],
                             **{f"{b:g}": t["bers"][f"{b:g}"] for b in BERS},
-                            "macs_ratio": rec["macs_ratio"], "macs_ratio_b1": rec["macs_ratio_b1"],
+                            "macs_ratio": rec["macs_ratio"], "macs_ratio_b1": rec["cost"]["macs_ratio_batch1"],
                             "latency_ratio": rec.get("latency_ratio"), "params_ratio": rec["params_ratio"],
                             "validation": rec["validation"]})
     if e2e:
@@ -94,7 +94,7 @@ def run_model(name: str, root: Path, trials: int, max_macs: float, seed: int, e2
         rec, t = res.record(res.chosen), res.test[res.chosen]
         info = res.extra["end_to_end"]
         out["e2e"] = {"candidate": res.chosen, "clean": t["clean"], **{f"{b:g}": t["bers"][f"{b:g}"] for b in BERS},
-                      "macs_ratio": rec["macs_ratio"], "macs_ratio_b1": rec["macs_ratio_b1"],
+                      "macs_ratio": rec["macs_ratio"], "macs_ratio_b1": rec["cost"]["macs_ratio_batch1"],
                       "latency_ratio": rec.get("latency_ratio"),
                       "params_ratio": rec["params_ratio"], "clean_original": info["clean_test"]["original"],
                       "clean_pruned": info["clean_test"]["pruned"], "seconds": time.time() - start,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import activations as A, campaign_file as CF, checkpoint, compare, trials
+from ftcnn import activations as A, campaign_file as CF, checkpoint, compare, strata, trials
 from _helpers import run_cli, train_digits_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,7 +173,7 @@ def test_parameter_campaigns_keep_their_identity_and_summary_keys():
     ({"target": "activations", "ber_per_layer": {"0": 2.0}}, "outside"),
     ({"target": "activations", "mode": "stuck0"}, "permanent"),
     ({"target": "activations", "dtype": "int8"}, "int8"),
-    ({"target": "activations", "precision": 0.01}, "precision"),
+    ({"target": "activations", "precision": 0.01, "ber_per_layer": {"0": 1e-4}}, "one rate for every layer"),
 ])
 def test_config_refuses_what_does_not_apply(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -294,3 +294,66 @@ def test_bit_sensitivity_against_activations(tmp_path):
     ident = json.loads(sqlite3.connect(tmp_path / "bits" / "bit30" / "results.sqlite").execute(
         "SELECT value FROM meta WHERE key='identity'").fetchone()[0])
     assert ident["config"]["activation_mode"] == "permanent" and ident["config"]["counts"] == [1]
+
+
+# --- --precision for activation faults (issue 24): strata by the flipped exponent MSB ---------------
+
+def test_stratified_draws_are_the_plain_model_conditioned_on_their_stratum():
+    """A stratum's plan holds exactly its MSB flips (bit 30) and, for "faults, no MSB flip", at
+    least one other; sorted per input; a pure function of (seed, point, stratum, index)."""
+    runner = A.prepare(small_cnn(), *data(40), seed=SEED)
+    layout = runner.memory.strata_layout()
+    assert layout.names == tuple(runner.outputs) and layout.msb == 30
+    assert layout.numels == tuple(o.numel * 40 for o in runner.outputs.values())   # every input's values
+    msb_counts = {0: set(), 1: set(), 2: set(), 3: set()}
+    for stratum in (0, 1, 2, 3):
+        for index in range(20):
+            plan = runner.draw_stratum(1e-4, index, stratum)
+            bits = np.concatenate([lf.bit for lf in plan.layers.values()])
+            msb_counts[stratum].add(int((bits == 30).sum()))
+            if stratum == 1:
+                assert len(bits) >= 1
+            for lf in plan.layers.values():
+                assert np.all(np.diff(lf.sample) >= 0) and np.all(lf.sample < 40)
+            again = runner.draw_stratum(1e-4, index, stratum)
+            assert again.as_list() == plan.as_list()
+    assert msb_counts[0] == {0} and msb_counts[1] == {0} and msb_counts[2] == {1} and min(msb_counts[3]) >= 2
+    assert runner.draw_stratum(1e-4, 0, 0).count == 0
+
+
+def test_precision_intervals_cover_a_long_reference_run():
+    """The two-stage stratified design on activation trials: its intervals cover the mean of a
+    long plain run (600 trials) about as often as they say (25 runs at +-0.004, 95%), and the
+    estimates centre on it."""
+    model, (x, y) = small_cnn(), data(64)
+    runner = A.prepare(model, x, y, seed=0)
+    ber = 1e-5
+    reference = float(np.mean([runner.run(ber, t)[1]["accuracy"] for t in range(600)]))
+    weights = strata.weights(runner.memory.strata_layout(), ber)
+    covered, means = 0, []
+    for seed in range(25):
+        other = dataclasses.replace(runner, seed=100 + seed)
+        estimate = strata.precision_run(
+            weights, lambda asked: [other.run(ber, i, h)[1]["accuracy"] for h, i in asked], 0.004,
+            known={0: other.golden_metrics["accuracy"]})
+        covered += estimate.low <= reference <= estimate.high
+        means.append(estimate.mean)
+    assert covered >= 22                                   # P(<= 21 of 25 | 95%) < 4%
+    assert abs(np.mean(means) - reference) < 0.002        # about the reference's own noise x 5
+    assert reference < runner.golden_metrics["accuracy"]   # faults did bite
+
+
+def test_precision_campaign_runs_and_resumes(tmp_path):
+    """``run_campaign`` with target activations and --precision: a stratified row per BER, and
+    a resumed run recomputes the same row from the stored trials."""
+    model, (x, y) = small_cnn(), data(40)
+    config = ftcnn.CampaignConfig(bers=(1e-5, 1e-4), precision=0.02, seed=SEED, target="activations")
+    assert config.inputs_per_trial is None                 # activation trials evaluate every input
+    first = ftcnn.run_campaign(model, x, y, config, tmp_path / "run", progress=False)
+    again = ftcnn.run_campaign(model, x, y, config, tmp_path / "run", progress=False)
+    assert first["results"] == again["results"]
+    for row in first["results"]:
+        assert row["ci_method"] == strata.CI_STRATIFIED and row["precision"] == 0.02
+        assert [s["stratum"] for s in row["strata"]] == list(strata.STRATUM_NAMES)
+        assert row["accuracy_ci"][0] <= row["accuracy_mean"] <= row["accuracy_ci"][1]
+        assert row["trials"] >= 3 * strata.PILOT

@@ -114,7 +114,7 @@ def test_minimal_parameter_campaign(tmp_path):
     ('ber = 1e-5\n[ber_per_layer]\n"a" = 1e-4\n', r"ber_per_layer: applies to activation faults only"),
     ('target = "activations"\nber = 1e-5\ncount = [2]\n', r"give ber or count, not both"),
     ('target = "activations"\nber = 1e-5\ninclude_bn = true\n', r"include_bn: applies to parameter faults only"),
-    ('target = "activations"\nber = 1e-5\nprecision = 0.01\n', r"precision: applies to parameter faults only"),
+    ('target = "activations"\nber = 1e-5\nprecision = 0.01\n[ber_per_layer]\n"a" = 1e-4\n', r"precision: needs one rate"),
     ('target = "activations"\nseed = 1\n', r"activation faults need ber"),
     ('target = "activations"\ncount = [1]\n[ber_per_layer]\n"a" = 1e-3\n',
      r"ber_per_layer: sets rates; with count"),

@@ -111,7 +111,7 @@ LOGIC_CALLS = {"fit", "evaluate", "seed_everything", "calibration_subset", "vali
 # every other module of the package (listed from the package itself, so a new or renamed module
 # is covered without editing this file) holds logic the CLI must not call
 CLI_MAY_IMPORT = {"campaign", "campaign_file", "checkpoint", "compare", "distributed", "pipeline", "progress",
-                  "protect", "report", "vulnerability", "lazy", "_version", "cli", "__main__", "constants"}
+                  "protect", "report", "vulnerability", "lazy", "_version", "cli", "__main__", "constants", "study"}
 
 
 def _package_modules() -> set[str]:
@@ -210,7 +210,7 @@ def test_the_commands_follow_the_data_flow() -> None:
 
     names = [c.name or c.callback.__name__ for c in ftcnn.cli.app.registered_commands]
     assert names == ["train", "analyze", "harden", "prune", "pipeline", "inject", "compare", "report", "demo",
-                     "protect"]
+                     "protect", "study"]
 
 
 # --- one name per idea: --margin is now three options; the old spelling works for one release ------

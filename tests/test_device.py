@@ -34,6 +34,7 @@ COMMANDS = {
     "compare": ["compare", "{out}/none.pt", "-o", "{out}/run"],
     "demo": ["demo", "-o", "{out}/run"],
     "protect": ["protect", "{out}/none.pt", "-o", "{out}/run"],
+    "study": ["study", "--models", "lenet5", "--data", "digits", "-o", "{out}/run"],
 }
 
 

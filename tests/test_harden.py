@@ -91,26 +91,55 @@ def test_ratio_picks_top_scores_per_layer(tiny_model) -> None:
     assert list(F.fault_targets(none)) == list(F.fault_targets(tiny_model))
 
 
-def test_budget_bounds_everything_hardening_adds(tiny_model, tiny_data) -> None:
-    """Issue 14: ``budget=0.2`` means at most +20% MACs as ``cost.macs`` reports them — copies,
-    corrections, restriction and weight checks all counted — and the budget is used, not wasted."""
+def test_max_macs_bounds_everything_hardening_adds(tiny_model, tiny_data) -> None:
+    """Issues 14 and 21: ``max_macs=1.2`` means at most x1.2 MACs per input at the deployment batch,
+    as ``cost.macs_at_batch`` counts them — copies, corrections, restriction and weight checks (shared
+    by the batch) all in — and the budget is used, not wasted."""
     x, _ = tiny_data
-    base = cost.macs(tiny_model, (1, 8, 8))["macs"]
-    assert not H.protected(H.harden(tiny_model, random_scores(tiny_model), budget=0.0, input_shape=(1, 8, 8)))
-    # restriction (+40%) or weight checks (+179%) of this tiny model alone cost a lot at batch 1 (few MACs)
-    for settings, budgets in ((dict(correction="min"), (0.1, 0.3)), (dict(correction="range"), (0.1, 0.3)),
-                              (dict(correction="tmr"), (0.1, 0.3)),
-                              (dict(correction="min", restrict="zero"), (0.5, 0.8)),
-                              (dict(correction="min", check_weights="zero"), (2.0, 2.3))):
-        for budget in budgets:
-            hm = H.harden(tiny_model, random_scores(tiny_model), budget=budget, calibration=x, **settings)
-            total = cost.macs(hm, (1, 8, 8))["macs"]
+    assert not H.protected(H.harden(tiny_model, random_scores(tiny_model), max_macs=1.0, input_shape=(1, 8, 8)))
+    # restriction (+40%) of this tiny model alone costs a lot (few MACs); weight checks +179% at batch 1
+    for settings, ratios, batch in ((dict(correction="min"), (1.1, 1.3), 128), (dict(correction="range"), (1.1, 1.3), 128),
+                                    (dict(correction="tmr"), (1.1, 1.3), 128),
+                                    (dict(correction="min", restrict="zero"), (1.5, 1.8), 128),
+                                    (dict(correction="min", check_weights="zero"), (3.0, 3.3), 1),
+                                    (dict(correction="min", check_weights="zero"), (1.1, 1.3), 128)):
+        base = cost.macs_at_batch(tiny_model, (1, 8, 8), batch)
+        for max_macs in ratios:
+            hm = H.harden(tiny_model, random_scores(tiny_model), max_macs=max_macs, batch=batch, calibration=x,
+                          **settings)
+            total = cost.macs_at_batch(hm, (1, 8, 8), batch)
             assert H.protected(hm), settings
-            assert total <= (1 + budget) * base, (settings, budget, total / base)
+            assert total <= max_macs * base, (settings, max_macs, total / base)
             # not more unspent than the dearest channel: a conv filter, two copies, its ops
-            assert total > (1 + budget) * base - 2 * (4 * 9 * 64 + 40 * 64), (settings, budget, total / base)
+            assert total > max_macs * base - 2 * (4 * 9 * 64 + 40 * 64), (settings, max_macs, total / base)
     with pytest.raises(ValueError, match="restriction/weight checks alone"):
-        H.harden(tiny_model, random_scores(tiny_model), budget=0.001, calibration=x, restrict="zero")
+        H.harden(tiny_model, random_scores(tiny_model), max_macs=1.001, calibration=x, restrict="zero")
+
+
+def test_the_old_budget_share_is_refused_with_the_ratio_to_give(tiny_model, tmp_path) -> None:
+    """Issue 21: ``budget=0.2`` (an extra share) and ``max_macs=1.15`` (a ratio) were two conventions;
+    ``budget=1.15`` silently gave x2.03. The old keyword is refused naming the ratio, and so is a
+    ratio below 1; a checkpoint saved with the old ``budget`` field still loads (a record)."""
+    with pytest.raises(ValueError, match=r"budget was an extra share; give the ratio: max_macs=1\.2"):
+        H.harden(tiny_model, random_scores(tiny_model), budget=0.2)
+    with pytest.raises(ValueError, match="below 1"):
+        H.harden(tiny_model, random_scores(tiny_model), max_macs=0.2)
+    model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8).eval()
+    hm = H.harden(model, random_scores(model), max_macs=1.2, input_shape=(1, 8, 8))
+    transform = checkpoint.get_spec(hm)["transforms"][-1]
+    assert transform["max_macs"] == 1.2 and transform["batch"] == 128 and transform["budget"] is None
+    ftcnn.save(hm, tmp_path / "h.pt")
+    blob = torch.load(tmp_path / "h.pt", weights_only=True)
+    spec = json.loads(blob["spec"])
+    for field in ("max_macs", "batch"):  # what a checkpoint of the old convention holds instead
+        del spec["transforms"][-1][field]
+    spec["transforms"][-1]["budget"] = 0.2
+    blob["spec"] = json.dumps(spec)
+    torch.save(blob, tmp_path / "old.pt")
+    x = torch.randn(4, 1, 8, 8)
+    legacy = ftcnn.load(tmp_path / "old.pt")
+    assert torch.equal(legacy(x), hm(x))
+    assert checkpoint.get_spec(legacy)["transforms"][-1]["budget"] == 0.2
 
 
 def test_duplicated_parameters_are_fault_targets(tiny_model) -> None:
@@ -274,7 +303,9 @@ def test_restriction_with_duplication_and_profiled_ranges(tiny_model, tiny_data)
     (dict(restrict="drop"), "unknown restriction"),
     (dict(restrict="zero"), "calibration"),
     (dict(correction="range"), "calibration"),
-    (dict(budget=-1.0), "budget"),
+    (dict(max_macs=-1.0), "max_macs"),
+    (dict(max_macs=float("nan")), "max_macs"),
+    (dict(max_macs=1.2, batch=0), "batch"),
 ])
 def test_bad_arguments(tiny_model, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -332,7 +363,7 @@ def test_save_load_resnet_budget(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = checkpoint.build("resnet20", num_classes=10, in_channels=3, input_size=8, width=0.25).eval()
     x = torch.randn(4, 3, 8, 8)
-    hm = H.harden(model, random_scores(model), budget=0.2, correction="tmr")
+    hm = H.harden(model, random_scores(model), max_macs=1.2, correction="tmr")
     assert H.protected(hm)
     ftcnn.save(hm, tmp_path / "r.pt")
     assert torch.equal(ftcnn.load(tmp_path / "r.pt")(x), model(x))

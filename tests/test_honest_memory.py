@@ -310,7 +310,7 @@ def test_costs_count_the_bounds(lenet, hardened) -> None:
     assert cost.index_values(hardened) == n_index
     assert cost.parameters(hardened) == sum(p.numel() for p in hardened.parameters()) + n_bounds
     assert cost.parameters(hardened) == cost.parameters(lenet) + H.duplicated_parameters(hardened) + n_bounds
-    over = H.overheads(lenet, hardened, (1, 8, 8), rounds=1)
+    over = H.overheads(lenet, hardened, (1, 8, 8))
     assert over["hardened"]["protection_values"] == n_bounds and over["hardened"]["index_values"] == n_index
     assert over["hardened"]["params"] == cost.parameters(hardened)
     assert over["relative"]["params"] == pytest.approx(cost.parameters(hardened) / cost.parameters(lenet))

@@ -10,7 +10,7 @@ import torch
 
 from _helpers import run_cli, train_digits_model
 from ftcnn import campaign as C
-from ftcnn import distributed, models
+from ftcnn import distributed, models, parallelism
 
 
 @pytest.fixture
@@ -20,19 +20,15 @@ def keep_threads():
     torch.set_num_threads(before)
 
 
-def test_default_rule_and_worker_split(monkeypatch, keep_threads) -> None:
-    monkeypatch.setattr(distributed, "cores", lambda: 8)
-    small, big = models.build("lenet5"), models.build("vgg11", width=0.5)
-    assert sum(p.numel() for p in big.parameters()) >= distributed.SMALL_MODEL_PARAMS
-    assert distributed.default_threads(small) == 1          # small model: leave the other cores alone
-    assert distributed.default_threads(None) == 1
-    assert distributed.default_threads(big) == 8            # one big job: every core
-    assert distributed.default_threads(big, workers=4) == 2  # workers split the cores
+def test_worker_split_and_typed_threads(monkeypatch, keep_threads) -> None:
+    """Workers split the run's threads (or every core); a typed count is set as given.
+    (The default rule, the policy on faked machines: tests/test_parallelism.py.)"""
+    monkeypatch.setattr(parallelism, "cores", lambda: 8)
     assert distributed.worker_threads(4) == 2
     assert distributed.worker_threads(2, 6) == 3             # a run given 6 threads, 2 workers
     assert distributed.worker_threads(4, 2) == 1
+    assert distributed.apply_threads(None, models.build("lenet5"), workers=4) == 2  # workers split the cores
     assert distributed.apply_threads(3) == 3 and torch.get_num_threads() == 3
-    assert distributed.apply_threads(None, small) == 1 and torch.get_num_threads() == 1
     with pytest.raises(ValueError, match="threads"):
         distributed.apply_threads(0)
 
@@ -46,7 +42,8 @@ def test_threads_is_execution_not_identity(tiny_model, tiny_data, tmp_path, keep
     x, y = tiny_data
     s = C.run_campaign(tiny_model, x, y, C.CampaignConfig(bers=(1e-3,), trials=2, threads=2), tmp_path,
                        progress=False)
-    assert s["execution"] == {"workers": 1, "threads": 2}
+    assert {k: s["execution"][k] for k in ("workers", "threads")} == {"workers": 1, "threads": 2}
+    assert s["execution"]["threads_policy"]["chosen_by"] == "--threads"
     assert torch.get_num_threads() == 1  # the API restores the caller's setting
 
 
@@ -69,9 +66,10 @@ def test_cli_threads_reach_torch(tmp_path: Path) -> None:
     r = run_cli(*args, "--threads", "2", "-o", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["execution"]["threads"] == 2
-    r = run_cli(*args, "-o", str(tmp_path / "b"))  # default: LeNet-5 is small -> 1 thread
+    r = run_cli(*args, "-o", str(tmp_path / "b"), threads=1)  # OMP_NUM_THREADS=1, set by the person
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["execution"]["threads"] == 1
+    execution = json.loads((tmp_path / "b" / "summary.json").read_text())["execution"]
+    assert execution["threads"] == 1 and execution["threads_policy"]["chosen_by"] == "OMP_NUM_THREADS"
     r = run_cli(*args, "--threads", "0", "-o", str(tmp_path / "c"))
     assert r.returncode == 2 and "threads" in r.stderr.lower()
 

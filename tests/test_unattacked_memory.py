@@ -74,13 +74,16 @@ def test_a_conv1d_and_a_raw_parameter_are_listed(digits, tmp_path) -> None:
 
 
 def test_batchnorm_parameters_and_statistics_are_listed(digits, tmp_path) -> None:
-    """BatchNorm is not attacked by default (``include_bn``): its parameters and running
-    statistics are unattacked memory; with ``include_bn`` only the statistics are."""
-    stats = {"1.running_mean": 4, "1.running_var": 4, "1.num_batches_tracked": 1}
+    """BatchNorm is attacked by default (``include_bn``, issue 21): its parameters and running
+    statistics are fault targets, and only its int64 batch counter (never read in eval) is
+    unattacked memory; with ``include_bn=False`` all of it is."""
+    counter = {"1.num_batches_tracked": 1}
     default = _memory(bn_net(), digits, tmp_path / "default")
-    assert default["unattacked_memory"] == {"1.weight": 4, "1.bias": 4, **stats}
-    assert default["unattacked_bits"] == 32 * 16 + 64  # num_batches_tracked is an int64
-    assert _memory(bn_net(), digits, tmp_path / "bn", include_bn=True)["unattacked_memory"] == stats
+    assert default["unattacked_memory"] == counter and default["unattacked_bits"] == 64
+    left_out = _memory(bn_net(), digits, tmp_path / "no_bn", include_bn=False)
+    assert left_out["unattacked_memory"] == {"1.weight": 4, "1.bias": 4, "1.running_mean": 4,
+                                             "1.running_var": 4, **counter}
+    assert left_out["unattacked_bits"] == 32 * 16 + 64  # num_batches_tracked is an int64
 
 
 def test_layers_left_out_tied_weights_and_storage_formats(digits, tmp_path) -> None:
@@ -126,7 +129,7 @@ def test_inject_warns_in_one_line_when_float_parameters_are_not_attacked(tmp_pat
 
 
 def test_the_warning_names_batchnorm_and_its_flag() -> None:
-    memory = F.parameter_memory(bn_net())
+    memory = F.parameter_memory(bn_net(), include_bn=False)
     coverage = F.memory_coverage(bn_net(), memory.stored)
     line = F.unattacked_warning(bn_net(), coverage["unattacked_memory"])
     assert line is not None and line.startswith("8 of ") and "1.weight, 1.bias" in line and "--include-bn" in line

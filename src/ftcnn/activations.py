@@ -57,6 +57,27 @@ BER 1e-4 / 1e-3): range restriction (``harden(restrict="zero")``) keeps
 copies' outputs faulted too, 3x the values) 96.37% / 95.69%; both 96.38% /
 96.36%.
 
+Speed (issue 24). ``prepare`` builds the exact shortcut of the parameter
+campaigns for these faults too (``fastpath.ActivationShortcut``, the same
+torch.fx cuts and golden cache): a trial's forwards start at the cut before
+its first hooked layer, and, transient faults staying in their input, an
+input without a fault keeps its golden logits while a faulty one runs from
+the cut before its own first faulted layer. Bit for bit the plain path's
+numbers (tested on LeNet-5 and ResNet-20); untraceable models run the plain
+path, with one warning. Measured (benchmarks/activation_speed.py, LeNet-5 on
+1,000 mnist5k inputs, 1 thread, under load): 11x at BER 1e-7, 5x at 1e-6,
+1.2x at 1e-5, none at 1e-4, where nearly every input has a fault in the
+first layer.
+
+``--precision`` (``draw_stratum``): the parameter campaigns' strata
+(``ftcnn.strata``) over this fault space, every hooked value (of every input,
+for transient faults) an element and its exponent MSB the stratum bit; exact
+weights need one rate in one format, so per-layer rates are refused. Valid
+(coverage tested against a long plain run), but rarely faster than plain
+trials for transient faults: a trial averages independent faults over all
+inputs, so its accuracy barely varies (on the trained LeNet-5 above, +-1
+point takes 2-8 plain trials where the design's pilot alone takes 45).
+
 Storage formats: flips hit the dtype the layer computes in (float32, float16,
 bfloat16). ``dtype="float16"``/``"bfloat16"`` on a float32 model emulates a
 datapath in that format: every hooked output is rounded to it (faulty or
@@ -78,7 +99,8 @@ import torch
 from torch import nn
 
 from ftcnn import faults as F
-from ftcnn import graph
+from ftcnn import fastpath, graph, strata
+from ftcnn.fastpath import ActivationShortcut
 from ftcnn.metrics import METRIC_NAMES, Golden, golden_predictions, trial_metrics
 # activations sits above trials: trials must never import it (campaign and distributed may)
 from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, TrialResult, TrialRunner
@@ -259,6 +281,21 @@ class ActivationPlan:
     def emulated(self, output_dtype: torch.dtype) -> bool:
         return self.dtype is not None and _TORCH_DTYPE[self.dtype] != output_dtype
 
+    def faulty_inputs(self) -> dict[str, np.ndarray] | None:
+        """Per hooked layer, the inputs it changes (sorted, with repeats); None when it changes
+        every input (permanent faults, an emulated format). An input no layer changes keeps
+        its golden logits: transient faults of one input never reach another."""
+        if self.mode != "transient" or any(self.emulated(_TORCH_DTYPE[lf.output.dtype])
+                                           for lf in self.layers.values()):
+            return None
+        return {name: self.layers[name].sample for name in self.hooked()}
+
+    def hooked(self) -> list[str]:
+        """The layers whose outputs this plan changes (faults, or rounding to an emulated
+        format): the only ones it hooks, so every layer before them gives its golden value."""
+        return [name for name, lf in self.layers.items()
+                if lf.count or self.emulated(_TORCH_DTYPE[lf.output.dtype])]
+
 
 def _key(value: str) -> int:
     return int.from_bytes(hashlib.sha256(value.encode()).digest()[:8], "little")
@@ -418,8 +455,17 @@ class ActivationInjector:
     def __init__(self, model: nn.Module, plan: ActivationPlan, offset: int = 0) -> None:
         self.model, self.plan, self.offset = model, plan, int(offset)
         self.applied: dict[str, int] = {name: 0 for name in plan.layers}
+        self.rows: np.ndarray | None = None   # the inputs of the current forward, when not consecutive
         self._batch: int | None = None
         self._calls: dict[str, int] = {}
+
+    def begin(self, offset: int, rows: np.ndarray | None = None) -> None:
+        """Start a forward that the model's root hooks do not see (the shortcut runs a cut
+        of the model's graph, not the model): of the inputs from ``offset`` on, or of the
+        inputs ``rows`` only (sorted input indices, one per row of the forward)."""
+        self.offset = int(offset)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._start(self.model, ())
 
     # root hooks: one forward = one batch of consecutive inputs
     def _start(self, module: nn.Module, args: Any) -> None:
@@ -458,6 +504,14 @@ class ActivationInjector:
         if lf.sample is None:                                       # permanent: every input
             rows = np.repeat(np.arange(batch, dtype=np.int64), lf.count)
             index, bit = np.tile(lf.index, batch), np.tile(lf.bit, batch)
+        elif self.rows is not None:                                  # some inputs only (the shortcut)
+            if len(self.rows) != batch:
+                raise ValueError(f"layer {name!r} sees {batch} inputs where {len(self.rows)} run")
+            lo, hi = np.searchsorted(lf.sample, [self.rows[0], self.rows[-1] + 1]) if batch else (0, 0)
+            sample = lf.sample[lo:hi]
+            at = np.minimum(np.searchsorted(self.rows, sample), max(batch - 1, 0))
+            hit = self.rows[at] == sample                            # repeated rows: the first copy
+            rows, index, bit = at[hit], lf.index[lo:hi][hit], lf.bit[lo:hi][hit]
         else:
             if self.plan.n_inputs is not None and start + batch > self.plan.n_inputs and lf.count:
                 raise ValueError(f"inputs {start}..{start + batch - 1} run, but the plan covers "
@@ -500,9 +554,8 @@ def activation_faults(model: nn.Module, plan: ActivationPlan, *, offset: int = 0
     handles = []
     try:
         handles.append(model.register_forward_pre_hook(injector._start))
-        for name in plan.layers:
-            if plan.layers[name].count or plan.emulated(_TORCH_DTYPE[plan.layers[name].output.dtype]):
-                handles.append(model.get_submodule(name).register_forward_hook(injector._layer_hook(name)))
+        for name in plan.hooked():
+            handles.append(model.get_submodule(name).register_forward_hook(injector._layer_hook(name)))
         handles.append(model.register_forward_hook(injector._end))   # after the layer hooks
         yield injector
     finally:
@@ -522,25 +575,40 @@ def golden_logits(model: nn.Module, inputs: torch.Tensor, outputs: Mapping[str, 
                   dtype: str | None = None, batch_size: int = 1000) -> torch.Tensor:
     """Fault-free logits; with an emulated ``dtype``, of the model whose hooked outputs are rounded to it."""
     model.eval()
-    if dtype is None or all(_TORCH_DTYPE[dtype] == _TORCH_DTYPE[o.dtype] for o in outputs.values()):
+    if not _emulates(outputs, dtype):
         return _predict(model, inputs, batch_size)
     empty = {name: LayerFaults(o, np.zeros(0, np.int64), np.zeros(0, np.int64)) for name, o in outputs.items()}
     with activation_faults(model, ActivationPlan("permanent", empty, None, dtype)):
         return _predict(model, inputs, batch_size)
 
 
+def _emulates(outputs: Mapping[str, LayerOutput], dtype: str | None) -> bool:
+    """Whether ``dtype`` rounds some hooked output (a format the layer does not compute in)."""
+    return dtype is not None and any(_TORCH_DTYPE[dtype] != _TORCH_DTYPE[o.dtype] for o in outputs.values())
+
+
 @dataclass(frozen=True)
 class ActivationSpace:
     """What ``TrialRunner.memory`` is to parameter campaigns, for activation faults:
     the size of the fault space (``total_bits``, Leveugle's population and the
-    summary's ``fault_target_bits``) and the parameter memory attacked (``stored``:
-    none, so every parameter and buffer is reported as unattacked memory)."""
+    summary's ``fault_target_bits``), the parameter memory attacked (``stored``:
+    none, so every parameter and buffer is reported as unattacked memory), and
+    the space the ``--precision`` strata split (``layout``; None, with
+    ``no_strata`` saying why, where they cannot)."""
 
     bits: int
     stored: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    layout: strata.Layout | None = None
+    no_strata: str = ""
 
     def total_bits(self) -> int:
         return self.bits
+
+    def strata_layout(self, bits: Sequence[int] | None = None) -> strata.Layout:
+        """The strata's fault space (``strata.Layout.of`` asks this; ``bits`` are the runner's)."""
+        if self.layout is None:
+            raise ValueError(self.no_strata)
+        return self.layout
 
 
 @dataclass
@@ -568,8 +636,8 @@ class ActivationRunner:
     by: str = "ber"                       # campaign points are rates ("ber") or exact counts ("count")
     golden_output: torch.Tensor | None = None
     golden_metrics: dict[str, float] = field(init=False)
-    fast: None = None                     # no shortcut yet (TrialRunner's attributes)
-    batch: int = 1
+    fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
+    batch: int = 1                            # trials per forward (TrialRunner's attribute)
 
     def __post_init__(self) -> None:
         _check_common(self.mode, self.kind, self.dtype)
@@ -603,20 +671,58 @@ class ActivationRunner:
 
     @property
     def memory(self) -> ActivationSpace:
-        return ActivationSpace(self.total_bits())
+        layout, why = self._strata_layout()
+        return ActivationSpace(self.total_bits(), layout=layout, no_strata=why)
+
+    def _strata_layout(self) -> tuple[strata.Layout | None, str]:
+        """The ``--precision`` strata's fault space: every hooked value (transient: of every
+        input) is an element, its exponent MSB the stratum bit (``strata.strata_bit``), as for
+        parameters. The strata weights are exact only where every site flips at one rate in
+        one format, so per-layer rates and mixed formats have none (and say why)."""
+        if self.overrides:
+            return None, "--precision for activation faults needs one rate for every layer " \
+                         "(the strata weights come from one binomial); drop the per-layer rates"
+        formats = {self.dtype or o.dtype for o in self.outputs.values()}
+        if len(formats) != 1:
+            return None, f"--precision for activation faults needs one format, the layers output {sorted(formats)}"
+        fmt = formats.pop()
+        allowed = F.bit_positions(F.bit_width(_TORCH_DTYPE[fmt]), self.bits)
+        msb = strata.strata_bit(fmt)
+        per = len(self.inputs) if self.mode == "transient" else 1
+        return strata.Layout(tuple(self.outputs), tuple(o.numel * per for o in self.outputs.values()),
+                             msb if msb in allowed else None, allowed[allowed != msb]), ""
+
+    def draw_stratum(self, point: float, index: int, stratum: int) -> ActivationPlan:
+        """Trial ``index`` of ``stratum`` at rate ``point`` (``--precision``): the plain fault
+        model conditioned on the stratum (``strata.draw_sites``), a pure function of
+        (seed, point, stratum, index), drawn apart from every plain trial."""
+        layout = self.memory.strata_layout()
+        sites = strata.draw_sites(layout, strata.trial_rng(self.seed, point, stratum, index), point, stratum)
+        transient = self.mode == "transient"
+        empty = np.zeros(0, dtype=np.int64)
+        layers: dict[str, LayerFaults] = {}
+        for name, out in self.outputs.items():
+            element, bit = sites.get(name, (empty, empty))
+            order = np.lexsort((bit, element))            # by input, value, bit: what the hooks expect
+            element, bit = element[order], bit[order]
+            layers[name] = LayerFaults(out, element % out.numel, bit, element // out.numel if transient else None)
+        return ActivationPlan(self.mode, layers, len(self.inputs) if transient else None, self.dtype, self.kind,
+                              self.rates(point))
 
     def faulty_logits(self, plan: ActivationPlan) -> tuple[torch.Tensor, dict[str, int]]:
+        """Logits with ``plan``'s faults, from the cut before its first hooked layer when the
+        shortcut has one (the same bits), and the bit faults written per layer."""
         with activation_faults(self.model, plan) as injector:
-            logits = _predict(self.model, self.inputs, self.batch_size)
+            logits = None if self.fast is None else self.fast.logits(plan.hooked(), plan.faulty_inputs(),
+                                                                     injector.begin)
+            if logits is None:
+                logits = _predict(self.model, self.inputs, self.batch_size)
         return logits, dict(injector.applied)
 
     def run(self, point: float | Mapping[str, float], trial: int, stratum: int | None = None
             ) -> tuple[ActivationPlan, dict[str, float]]:
         """One trial: its plan and ``trial_metrics``' dict plus ``faults_per_layer``."""
-        if stratum is not None:
-            raise ValueError("stratified trials (precision) are for parameter faults; activation "
-                             "faults have no strata yet")
-        plan = self.draw(point, trial)
+        plan = self.draw(point, trial) if stratum is None else self.draw_stratum(point, trial, stratum)
         if plan.count == 0 and self.skip_fault_free:
             # the golden result, exactly (an emulated format's golden run includes the rounding)
             return plan, {**self.golden_metrics, "faults_per_layer": dict.fromkeys(plan.layers, 0)}
@@ -624,13 +730,15 @@ class ActivationRunner:
         return plan, {**trial_metrics(logits, self.golden), "faults_per_layer": applied}
 
     def run_many(self, tasks: Sequence[tuple[float, int]]) -> list[TrialResult]:
-        """``trials.TrialResult`` per (point, trial), as ``TrialRunner.run_many`` returns them
-        (the plan stands for the parameter ``Faults``: it has ``count`` and ``as_list``)."""
+        """``trials.TrialResult`` per (point, trial), or per (point, index, stratum) of a
+        ``--precision`` campaign, as ``TrialRunner.run_many`` returns them (the plan stands
+        for the parameter ``Faults``: it has ``count`` and ``as_list``)."""
         results = []
         for point, trial, *rest in tasks:
             start = time.perf_counter()
-            plan, metrics = self.run(point, trial, rest[0] if rest else None)
-            results.append(TrialResult.of(point, trial, plan, metrics, time.perf_counter() - start))
+            stratum = rest[0] if rest else None
+            plan, metrics = self.run(point, trial, stratum)
+            results.append(TrialResult.of(point, trial, plan, metrics, time.perf_counter() - start, stratum))
         return results
 
 
@@ -639,17 +747,25 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
             bits: Sequence[int] | None = None, dtype: str | None = None, seed: int = 0,
             batch_size: int = 1000, overrides: Mapping[str, float] | None = None,
             device: str | torch.device | None = None, skip_fault_free: bool = True,
-            by: str = "ber") -> ActivationRunner:
+            by: str = "ber", shortcut: bool = True,
+            cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES) -> ActivationRunner:
     """Probe the layers, compute the golden run once, and return the trial runner
-    (what ``trials.prepare`` does for parameter faults)."""
+    (what ``trials.prepare`` does for parameter faults). ``shortcut``: start each
+    trial at the cut before its first hooked layer, from golden activations cached
+    within ``cache_bytes`` (``fastpath.ActivationShortcut``; the same bits)."""
     model.eval()
     if device is not None:
         model, inputs, labels = model.to(device), inputs.to(device), labels.to(device)
     outputs = probe(model, inputs, layers)
     logits = golden_logits(model, inputs, outputs, dtype=dtype, batch_size=batch_size)
     golden = Golden(labels, golden_predictions(logits))
+    fast = None
+    if shortcut and cache_bytes > 0:
+        # the trace is checked against the model with no hook: with an emulated format, unrounded
+        plain = _predict(model, inputs, batch_size) if _emulates(outputs, dtype) else logits
+        fast = fastpath.build_for_activations(model, list(outputs), inputs, batch_size, plain, cache_bytes)
     return ActivationRunner(model, inputs, golden, outputs, mode, kind, bits, dtype, seed, batch_size,
-                            overrides, skip_fault_free, by, logits)
+                            overrides, skip_fault_free, by, logits, fast=fast)
 
 
 def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Any
@@ -672,7 +788,8 @@ def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                    mode=getattr(config, "activation_mode", "transient"), kind=config.mode, bits=config.bits,
                    dtype=None if config.dtype == "float32" else config.dtype, seed=config.seed,
                    batch_size=config.batch_size, overrides=dict(getattr(config, "ber_per_layer", None) or {}),
-                   device=config.device, skip_fault_free=config.skip_fault_free, by=config.by)
+                   device=config.device, skip_fault_free=config.skip_fault_free, by=config.by,
+                   shortcut=config.shortcut, cache_bytes=config.cache_bytes)
 
 
 def run_trial(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, golden: Golden | None = None,

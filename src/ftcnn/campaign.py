@@ -93,6 +93,7 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     ``announce``: called with one line, before the trials, saying what they will cost
     (:func:`expected_time`, from the timed set-up); numbers are not touched.
     """
+    config = config.for_model(model)  # include_bn as it applies to this model (recorded, identity)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +133,8 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                 _run_points(pool, db, config, budget, progress, runner)
         summary = summarize(db, config, runner.golden.accuracy, record, budget, runner=runner)
         summary["memory"] = memory_report(runner.model, runner.memory, config)
-        # how it ran (not identity): the torch threads trials ran with, per process
-        summary["execution"] = {"workers": config.workers, "threads": threads if not config.parallel else
-                                distributed.worker_threads(config.workers, config.threads)}
+        # how it ran (not identity): workers, the torch threads trials ran with per process, and why
+        summary["execution"] = distributed.execution_record(config, threads, pool)
     finally:
         db.close()
     summary["digests"] = {"model": identity["model"], "data": identity["data"]}

@@ -241,8 +241,8 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "ber_per_layer": _ber_per_layer,
 }
 
-# keys that mean something only for parameter faults (their memory, their strata)
-PARAMETER_ONLY = ("include_bn", "attack_protection", "precision", "inputs_per_trial")
+# keys that mean something only for parameter faults (their memory, their blocks of inputs)
+PARAMETER_ONLY = ("include_bn", "attack_protection", "inputs_per_trial")
 ACTIVATION_ONLY = ("activation_mode", "ber_per_layer")
 
 
@@ -319,6 +319,9 @@ def _check_together(cfg: dict[str, Any]) -> None:
                                     "or a [ber_per_layer] table")
         if "count" in cfg and "ber_per_layer" in cfg:
             raise _fail("ber_per_layer", "sets rates; with count = [...] the faults per trial are exact")
+        if "precision" in cfg and "ber_per_layer" in cfg:
+            raise _fail("precision", "needs one rate for every layer (the strata weights come from one "
+                        "binomial); drop [ber_per_layer]")
         if cfg.get("dtype", "float32") not in ACTIVATION_DTYPES:
             raise _fail("dtype", f"activation faults support {', '.join(ACTIVATION_DTYPES)}")
         if cfg.get("mode", "flip") != "flip" and cfg.get("activation_mode", "transient") == "transient":

@@ -1,9 +1,9 @@
 """The ``ftcnn`` command line: parses arguments, calls one library function per command, prints.
 
 The commands follow the data flow: train, analyze, harden, prune, pipeline,
-inject, compare, report, demo, protect. Every flow they run lives in
+inject, compare, report, demo, protect, study. Every flow they run lives in
 ``ftcnn.pipeline`` (or ``protect.protect_run``, ``compare.compare_run``,
-``report.build_report``); nothing here trains, evaluates, calibrates or
+``report.build_report``, ``study.run_study``); nothing here trains, evaluates, calibrates or
 scores (``tests/test_cli.py`` checks it).
 
 Every user mistake ends in one line on stderr and exit status 2; set
@@ -34,20 +34,23 @@ if TYPE_CHECKING:  # what the proxies below stand for (the checks in tests/ read
 
     from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed,
                        pipeline as flows, protect as protect_mod, report as report_mod, vulnerability)
+    from ftcnn import study as study_mod
 else:  # each imported on first use, inside the command that needs it
     torch = lazy("torch")
     campaign, campaign_file, checkpoint, compare_mod, distributed, flows, protect_mod, report_mod, vulnerability = (
         lazy(f"ftcnn.{name}") for name in ("campaign", "campaign_file", "checkpoint", "compare", "distributed",
                                            "pipeline", "protect", "report", "vulnerability"))
+    study_mod = lazy("ftcnn.study")  # `ftcnn study` (issue 22)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
 console = progress.console()  # full-width tables, no escape codes, when not a terminal
 
 # options that take several values after one flag, as in `--ber 1e-6 1e-5`
-MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--protect", "--layer-ratio", "--ber-per-layer"}
+MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--protect", "--layer-ratio", "--ber-per-layer",
+                       "--models", "--seeds"}
 # ...of them, those whose values are names (not numbers)
-NAME_VALUE_OPTIONS = {"--layers", "--protect", "--layer-ratio", "--ber-per-layer"}
+NAME_VALUE_OPTIONS = {"--layers", "--protect", "--layer-ratio", "--ber-per-layer", "--models"}
 
 # `--margin` meant three things (issue 11); its old spelling is accepted for one release
 MARGIN_RENAMED = {"inject": "--ci-half-width", "analyze": "--sample-margin", "harden": "--range-margin",
@@ -57,9 +60,10 @@ MARGIN_RENAMED = {"inject": "--ci-half-width", "analyze": "--sample-margin", "ha
 MODEL_TRUST_HELP = ("trust the checkpoint's user builder package.module:fn (importing it runs its code); "
                     "must equal the name the checkpoint stores")
 
-# `--threads` on every long command (issue 13)
-THREADS_HELP = ("torch threads of this job (default: 1 for a model under 1M parameters, all cores for a "
-                f"bigger one; worker processes split the cores; at most {constants.THREADS_PER_CORE} per core)")
+# `--threads` on every long command (issue 13; the default policy: issue 24, ftcnn.parallelism)
+THREADS_HELP = ("torch threads of this job (default: OMP_NUM_THREADS if set, else every core of an idle "
+                "machine, a fair share next to other ftcnn jobs or load; worker processes split the cores; "
+                f"at most {constants.THREADS_PER_CORE} per core)")
 
 
 def _limit(setting: str, flag: str, zero_ok: bool = False) -> Callable[[Any], Any]:
@@ -95,6 +99,13 @@ def _inject_trials(value: str) -> str:
     return value
 
 
+def _batch(value: Optional[int]) -> Optional[int]:
+    """``--batch``: a deployment batch size, checked as it is parsed (one line, before any work)."""
+    if value is not None and not 1 <= value <= 2**20:
+        raise ValueError(f"--batch must be an integer in [1, {2**20}] (got {value})")
+    return value
+
+
 DATA_HELP = "data set (default: the checkpoint's, if built-in)"
 
 # `--normalize` on every command that loads data (issue 23); parsed by ftcnn.data (via pipeline.check_normalize)
@@ -117,6 +128,9 @@ def _normalize_option() -> Any:
 
 # `--device` on every command that computes (issue 14); checked by _check_device before any work
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (same results within float tolerance; files saved from the CPU)"
+# `--batch` on the commands that price a protection (issue 21: one price, with its batch)
+BATCH_HELP = ("deployment batch: every cost is quoted at it and budgets apply there (work done once per "
+              "forward, like weight checks, is shared by the batch); latency at batch 1 is shown beside it")
 
 
 def _data_spec(data: Optional[str], meta: dict) -> str:
@@ -130,8 +144,13 @@ def _load_model(checkpoint_path: Path, model_spec: Optional[str], data: Optional
 
 
 def _threads(threads: Optional[int], model=None, workers: int = 1) -> int:
-    """Fit torch's intra-op threads to the machine (``distributed.apply_threads``) before the work."""
-    return distributed.apply_threads(threads, model, workers)
+    """Fit torch's intra-op threads to the machine (``distributed.apply_threads``: the thread policy,
+    ``ftcnn.parallelism``) before the work; a terminal is told the choice and why, once (a log file
+    is not: summary.json records it)."""
+    n = distributed.apply_threads(threads, model, workers)
+    if progress.is_terminal():
+        print(distributed.parallelism.applied().line(), file=sys.stderr)
+    return n
 
 
 def _loaded(checkpoint_path: Path, model_spec: Optional[str], data: Optional[str],
@@ -317,7 +336,10 @@ def harden(
     scores: Optional[Path] = typer.Option(None, help="vulnerability scores JSON (from `ftcnn analyze`); "
                                           "not needed for --tmr full or --ratio 0"),
     ratio: float = typer.Option(0.1, help="share of each layer's channels to duplicate (top by score)"),
-    budget: Optional[float] = typer.Option(None, help="instead of --ratio: extra MACs allowed, e.g. 0.2 = +20%"),
+    max_macs: Optional[float] = typer.Option(None, help="instead of --ratio: MACs per input allowed, a ratio to "
+                                             "the model's at --batch, all protection included (1.2 = +20%)"),
+    batch: int = typer.Option(constants.DEFAULT_BATCH, help=BATCH_HELP, callback=_batch),
+    budget: Optional[float] = typer.Option(None, hidden=True, help="removed (an extra share): use --max-macs"),
     correction: str = typer.Option("min", help="min (the paper's), range or tmr (selective TMR)"),
     tmr: Optional[str] = typer.Option(None, help="'full': full TMR of every layer (baseline)"),
     restrict: Optional[str] = typer.Option(None, help="range restriction of every layer: zero or clamp"),
@@ -333,6 +355,11 @@ def harden(
     check_weights: Optional[str] = typer.Option(None, help="parameter-side check of every layer's weights "
                                                 "against their fault-free per-channel bounds, at use: "
                                                 "zero or clamp out-of-bound values"),
+    fold_bn: bool = typer.Option(False, "--fold-bn", help="protect the deployed form: every BatchNorm that "
+                                 "follows a conv folded into it first (all its memory then attacked as weights)"),
+    code: Optional[str] = typer.Option(None, "--code", help="stored-word code on every layer's weights, its "
+                                       "check bits attacked too, decoded at use: secded, parity, "
+                                       "parity_exponent or tmr3 (weight-level TMR)"),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
@@ -352,27 +379,36 @@ def harden(
 
       ftcnn harden lenet5.pt --tmr full -o tmr.pt
 
+      ftcnn harden lenet5.pt --scores scores.json --max-macs 1.2 --batch 128 -o dup.pt
+
       ftcnn harden lenet5.pt --ratio 0 --restrict zero --range-margin 0.1 -o ranger.pt
 
       ftcnn harden lenet5.pt --ratio 0 --check-weights zero -o checked.pt
 
       ftcnn harden lenet5.pt --ratio 0 --check-weights zero --restrict zero --range-margin 0.1 --restrict-share 0.9 -o cheap.pt
     """
+    if budget is not None:  # the old convention (issue 21), refused before any work with the new spelling
+        raise ValueError(f"--budget was an extra share; give the ratio: --max-macs {1 + budget:g}")
     _check_device(device)
+    if max_macs is not None:
+        protect_mod.check_budget(max_macs, batch=batch)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
-        record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, budget=budget,
+        record = flows.harden_checkpoint(net, spec, output, scores=scores, ratio=ratio, max_macs=max_macs,
+                                         batch=batch,
                                          correction=correction, tmr=tmr, restrict=restrict,
                                          range_margin=range_margin, check_weights=check_weights,
                                          calibration_size=calibration_size, seed=seed, onnx=onnx, device=device,
-                                         restrict_share=restrict_share, bound_copies=bound_copies)
+                                         restrict_share=restrict_share, bound_copies=bound_copies,
+                                         fold_bn=fold_bn, code=code)
     cost = record["overheads"]
     rel = cost["relative"]
     n_protected = sum(len(v) for v in record["protected"].values())
+    if fold_bn:
+        console.print(f"BatchNorm folded into the conv before it: {len(record['folded_bn'])} layers")
     console.print(f"protected channels: {n_protected} in {len(record['protected'])} layers")
-    console.print(f"parameters x{rel['params']:.3f}, MACs x{rel['macs']:.3f} "
-                  f"(correction {cost['hardened']['elementwise']:,} ops), latency x{rel['latency_b1_ms']:.2f} "
-                  f"at batch 1, x{rel['latency_b128_ms']:.2f} at batch 128 (CPU)")
+    console.print(f"cost: {_price(cost['cost'])}; parameters x{rel['params']:.3f} "
+                  f"(protection ops {cost['hardened']['elementwise']:,} per forward at batch 1)")
     console.print(f"clean test accuracy: original {record['original_test_accuracy']:.2%}, hardened "
                   f"{record['test_accuracy']:.2%} -> {output}")
     if onnx is not None:
@@ -443,8 +479,9 @@ def pipeline(
     seed: int = typer.Option(0, callback=SEED),
     max_macs: Optional[float] = typer.Option(None, help="end-to-end mode: prune -> fine-tune -> protect "
                                              "within this many MACs relative to the ORIGINAL model (e.g. 1.0)"),
-    max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed relative to "
-                                                "the original (batch 128, 1 thread)"),
+    max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed at --batch "
+                                                "relative to the original (1 thread)"),
+    batch: int = typer.Option(constants.DEFAULT_BATCH, help="end-to-end mode: " + BATCH_HELP, callback=_batch),
     ber: float = typer.Option(1e-4, help="end-to-end mode: bit error rate the protection is chosen for"),
     trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign",
                                 callback=_limit("trials", "--trials")),
@@ -465,25 +502,25 @@ def pipeline(
     """
     _check_device(device)
     if max_macs is not None:  # a bad budget: one line before loading anything
-        protect_mod.check_budget(max_macs, max_latency, ber, trials)
+        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
         result = flows.run_pipeline(net, spec, output, prune_ratio=prune_ratio, criterion=criterion,
                                     finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
                                     harden_ratio=harden_ratio, correction=correction, restrict=restrict,
-                                    max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials,
+                                    max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials, batch=batch,
                                     allow_builder=model_spec, source=str(checkpoint_path), log=console.print,
                                     device=device)
     if max_macs is not None:
         _print_protection(result, f"{criterion} pruning {prune_ratio}, then protections within x{max_macs:g} "
-                          f"of the ORIGINAL's MACs (BER {ber:g})")
+                          f"of the ORIGINAL's MACs at batch {batch} (BER {ber:g})")
         e2e = result.extra["end_to_end"]
         console.print(f"clean test accuracy: original {e2e['clean_test']['original']:.2%}, pruned "
                       f"{e2e['clean_test']['pruned']:.2%}, protected {e2e['clean_test']['protected']:.2%}")
         console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
         return
     table = Table(title=f"pipeline ({criterion} pruning {prune_ratio}, hardening {harden_ratio} {correction})")
-    for col in ("stage", "accuracy", "params", "MACs", "latency b1 (ms)", "latency b128 (ms)"):
+    for col in ("stage", "accuracy", "params", "MACs b1", "latency b1 (ms)", "latency b128 (ms)"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, row in result["stages"].items():
         acc = row.get("accuracy")
@@ -491,7 +528,7 @@ def pipeline(
                       f"{row['latency_b1_ms']:.3f}", f"{row['latency_b128_ms']:.2f}")
     console.print(table)
     rel = result["relative"]["hardened_pruned_vs_hardened_unpruned"]
-    console.print(f"hardened-pruned vs hardened-unpruned: params {rel['params']:.2f}x, MACs {rel['macs']:.2f}x, "
+    console.print(f"hardened-pruned vs hardened-unpruned: params {rel['params']:.2f}x, MACs b1 {rel['macs']:.2f}x, "
                   f"latency b1 {rel['latency_b1_ms']:.2f}x, b128 {rel['latency_b128_ms']:.2f}x")
     console.print(f"results: {output}/summary.json")
 
@@ -527,7 +564,9 @@ def inject(
     bits: List[int] = typer.Option([], help="only these bit positions (default: all)"),
     mode: str = typer.Option("flip", help="fault mode: " + ", ".join(constants.FAULT_MODES)
                              + " (activations: flip; stuck0/stuck1 with --activation-mode permanent)"),
-    include_bn: bool = typer.Option(False, help="also inject into BatchNorm affine parameters"),
+    include_bn: Optional[bool] = typer.Option(None, "--include-bn/--no-include-bn",
+                                              help="parameter faults: attack BatchNorm parameters and running "
+                                              "statistics too (default: on; --no-include-bn leaves them out)"),
     attack_protection: bool = typer.Option(True, help="also inject into the float values protections add "
                                            "(correction and restriction bounds); reported in the summary"),
     layers: List[str] = typer.Option([], help="only these layers (module names)"),
@@ -652,8 +691,10 @@ def compare(
 
 
 @app.command()
-def report(run: Path = typer.Argument(..., help="a run folder written by `ftcnn compare`")) -> None:
-    """Rebuild the plots, summary.csv and report.html of a comparison from its stored results.
+def report(run: Path = typer.Argument(..., help="a run folder written by `ftcnn inject`, `protect`, `compare` "
+                                                 "or `pipeline`")) -> None:
+    """Rebuild report.html and its figures of any run folder (inject, protect, compare, pipeline) from
+    its stored results; nothing is recomputed.
 
     Example: ftcnn report runs/cmp
     """
@@ -687,21 +728,44 @@ def demo(
 
 # --- protect ---------------------------------------------------------------------------------------
 
+def _price(cost: dict) -> str:
+    """A price (``cost.price``: ratios to the unprotected model) as one line, every number with its batch."""
+    b = cost["batch"]
+    text = f"MACs x{cost['macs_ratio']:.3f} at batch {b}"
+    if b != 1:
+        text += f" (x{cost['macs_ratio_batch1']:.3f} at batch 1)"
+    text += f", memory x{cost['memory_ratio']:.3f} (all stored bits)"
+    if cost.get("latency_ratio") is not None:
+        text += f", latency x{cost['latency_ratio']:.2f} at batch {b}"
+        if cost.get("latency_ratio_batch1") is not None and b != 1:
+            text += f", x{cost['latency_ratio_batch1']:.2f} at batch 1"
+        text += " (CPU, 1 thread)"
+    return text
+
+
 def _print_protection(result, title: str) -> None:
     """The candidates of a protection search: costs, validation accuracy, front, choice."""
-    ber = result.config["ber"]
+    ber, b = result.config["ber"], result.config.get("batch", constants.DEFAULT_BATCH)
     table = Table(title=title)
-    for col in ("candidate", "MACs x", "latency x", f"val acc @{ber:g}", "95% CI", "front", "fits"):
+    for col in ("candidate", f"MACs x b{b}", f"latency x b{b}", "latency x b1", "memory x", f"val acc @{ber:g}",
+                "95% CI", "vs best (pts)", "front", "fits"):
         table.add_column(col, justify="left" if col == "candidate" else "right")
+
+    def ratio(value: Optional[float], digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
     for r in result.records:
-        v = r["validation"]
-        lat = r.get("latency_ratio")
-        table.add_row(("* " if r["chosen"] else "") + r["name"], f"{r['macs_ratio']:.3f}" if r.get("built") else "-",
-                      "-" if lat is None else f"{lat:.2f}", "-" if v is None else f"{v['accuracy']:.2%}",
-                      "-" if v is None else f"[{v['accuracy_ci'][0]:.2%}, {v['accuracy_ci'][1]:.2%}]",
+        v, price = r["validation"], r.get("cost") or {}
+        versus = (r.get("choice") or {}).get("versus_best") or {}
+        gap = "-" if versus.get("difference") is None else \
+            f"{100 * versus['difference']:+.2f}" + (" *" if versus.get("significantly_below") else "")
+        table.add_row(("* " if r["chosen"] else "") + r["name"], ratio(price.get("macs_ratio"), 3),
+                      ratio(price.get("latency_ratio"), 2), ratio(price.get("latency_ratio_batch1"), 2),
+                      ratio(price.get("memory_ratio"), 3), "-" if v is None else f"{v['accuracy']:.2%}",
+                      "-" if v is None else f"[{v['accuracy_ci'][0]:.2%}, {v['accuracy_ci'][1]:.2%}]", gap,
                       "yes" if r["pareto"] else "", "yes" if r["within_budget"] else "no")
     console.print(table)
-    console.print(f"chosen: {result.chosen} ({result.reason})")
+    console.print(f"chosen: {result.chosen} ({result.reason}); vs best *: significantly below it")
+    console.print(f"chosen cost: {_price(result.record(result.chosen)['cost'])}")
     for name, t in (result.test or {}).items():
         at = ", ".join(f"{p['accuracy']:.2%} [{p['accuracy_ci'][0]:.2%}, {p['accuracy_ci'][1]:.2%}] at BER {b}"
                        for b, p in t["bers"].items())
@@ -715,9 +779,11 @@ def protect(
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
     ber: float = typer.Option(1e-4, help="bit error rate the protection is chosen for"),
-    max_macs: float = typer.Option(1.15, help="MACs allowed relative to the model's (checks included)"),
-    max_latency: Optional[float] = typer.Option(None, help="latency allowed relative to the model's "
-                                                "(batch 128, 1 thread, CPU)"),
+    max_macs: float = typer.Option(1.15, help="MACs per input allowed at --batch, a ratio to the model's "
+                                   "(checks included; 1.15 = +15%)"),
+    max_latency: Optional[float] = typer.Option(None, help="latency allowed at --batch relative to the model's "
+                                                "(1 thread, CPU)"),
+    batch: int = typer.Option(constants.DEFAULT_BATCH, help=BATCH_HELP, callback=_batch),
     trials: int = typer.Option(100, help="fault-injection trials per candidate",
                                 callback=_limit("trials", "--trials")),
     seed: int = typer.Option(0, callback=SEED),
@@ -731,16 +797,62 @@ def protect(
     Example: ftcnn protect lenet5.pt --data mnist5k --ber 1e-4 --max-macs 1.15 --max-latency 1.2 -o runs/protect
     """
     _check_device(device)
-    protect_mod.check_budget(max_macs, max_latency, ber, trials)
+    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch)
     net = _load_model(checkpoint_path, model_spec, data)
     spec = _data_spec(data, checkpoint.meta(net))
     with _inputs(net, spec, normalize, device):
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                                         trials=trials, seed=seed, allow_builder=model_spec,
+                                         trials=trials, seed=seed, batch=batch, allow_builder=model_spec,
                                          source=str(checkpoint_path), log=console.print, device=device)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
-                      + (f", x{max_latency:g} latency" if max_latency else "") + f" (BER {ber:g})")
+                      + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch} (BER {ber:g})")
     console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
+
+
+# --- study ----------------------------------------------------------------------------------------
+
+@app.command()
+def study(
+    models: List[str] = typer.Option([], "--models", help="registry models (default: lenet5 vgg11 resnet20)"),
+    data: str = typer.Option("mnist5k", help="data set: mnist5k, digits, cifar10:PATH, imagefolder:PATH, npz:PATH"),
+    seeds: List[int] = typer.Option([], "--seeds", help="training seeds (default: 0 1 2; a verdict needs >= 3)"),
+    ber: List[float] = typer.Option([], help="BERs the claims are tested at (default: 1e-6 1e-5 1e-4)",
+                                    callback=_limit("points", "--ber")),
+    trials: int = typer.Option(100, help="trials per variant and BER", callback=_limit("trials", "--trials")),
+    epochs: Optional[int] = typer.Option(None, help="training epochs (default: each model's own)"),
+    finetune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning"),
+    prune_ratio: float = typer.Option(0.3, help="pruning ratio of both criteria (claim 2)"),
+    tmr_margin: float = typer.Option(0.01, help="claim 1: accuracy drop allowed above full TMR's (a share)"),
+    alpha: float = typer.Option(0.05, help="level of the Holm-corrected tests"),
+    latency_rounds: int = typer.Option(30, help="claim 3: interleaved CPU timing rounds (batch 1, one thread)"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
+    output: Path = typer.Option(Path("runs/study"), "-o", "--output", help="study folder (resumed if it exists)"),
+    results: Optional[Path] = typer.Option(None, help="where study.md and study.json go (default: the study "
+                                           "folder; the reported run: experiments/results)"),
+) -> None:
+    """The paper's claims as tests: several training seeds, per BER, Holm-corrected, results generated.
+
+    Resumes cell by cell. Example (the reported run):
+
+      ftcnn study --seeds 0 1 2 -o runs/study --results experiments/results
+    """
+    _check_device(device)
+    config = study_mod.StudyConfig(
+        **({"models": tuple(models)} if models else {}), data=data, **({"seeds": tuple(seeds)} if seeds else {}),
+        **({"bers": tuple(ber)} if ber else {}), trials=trials, epochs=epochs, finetune_epochs=finetune_epochs,
+        prune_ratio=prune_ratio, tmr_margin=tmr_margin, alpha=alpha, latency_rounds=latency_rounds, device=device)
+    _threads(threads)
+    with _inputs(None, data, None):
+        result = study_mod.run_study(config, output, results)
+    table = Table(title="verdicts (mean difference: the arm's accuracy drop minus the reference's, in points; "
+                  "latency: the arm's change, in %)")
+    for col in ("claim", "model", "BER", "mean difference", "spread", "verdict"):
+        table.add_column(col)
+    for row in study_mod.verdict_table(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"results: {Path(results or output) / 'study.md'}, {Path(results or output) / 'study.json'}")
 
 
 # --- the entry point -------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ one's campaigns and mixing their pieces.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import InitVar, asdict, dataclass
@@ -235,6 +234,7 @@ def _campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignCon
               digests: tuple[str, str], piece: str | None, **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
     """``run_campaign``, first discarding a stale campaign in ``folder`` (said in one
     line when ``piece`` names it); returns the summary and the differences."""
+    cfg = cfg.for_model(net)  # the identity run_campaign records
     identity = campaign.run_identity(net, x, y, cfg, model_digest=digests[0], data_digest=digests[1])
     differences = _discard_stale_run(folder, identity)
     if differences and piece is not None:
@@ -289,9 +289,12 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
     """Parameters, MACs, and CPU latency timed round-robin across all variants
     (one thread), so that load on a shared machine hits every variant alike: the median
     (``latency_bB_ms``) and the interquartile range of the rounds (``latency_bB_ms_iqr``:
-    [p25, p75] ms)."""
+    [p25, p75] ms). MACs per input at batch 1 (``macs``) and at batch 128 (``macs_b128``:
+    ``cost.macs_at_batch``, once-per-forward work such as weight checks shared by the batch,
+    the price ``harden`` and ``protect`` quote), so every cost carries its batch (issue 21)."""
     out = {name: {"params": cost.parameters(net), "protection_values": cost.protection_values(net),
-                  **cost.macs(net, input_shape)} for name, net in nets.items()}
+                  **cost.macs(net, input_shape), "macs_b128": cost.macs_at_batch(net, input_shape, 128)}
+           for name, net in nets.items()}
     for batch in (1, 128):
         times = cost.interleaved_timings(nets, input_shape, batch=batch, rounds=rounds, threads=1)
         for name, t in times.items():
@@ -415,13 +418,15 @@ def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
     ber = summary["report_ber"]
     table = Table(title=f"{summary['model_name']} on {summary['data']}: protections at BER {ber:g}")
     table.add_column("variant", no_wrap=True)
-    for col in ("clean", f"acc@{ber:g} ±CI", "+params", "+MACs", "+lat b1"):
+    for col in ("clean", f"acc@{ber:g} ±CI", "+params", "+MACs b128", "+MACs b1", "+lat b128", "+lat b1"):
         table.add_column(col, justify="right", no_wrap=True)
     for v in summary["variants"]:
         r = next((r for r in v["results"] if r["ber"] and math.isclose(r["ber"], ber)), None)
         rel = v["relative_cost"]
         acc = "-" if r is None else \
             f"{r['accuracy_mean']:.1%} ±{(r['accuracy_ci'][1] - r['accuracy_ci'][0]) / 2:.1%}"
-        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, f"{rel['params'] - 1:+.0%}",
-                      f"{rel['macs'] - 1:+.0%}", f"{rel['latency_b1_ms'] - 1:+.0%}")
+        def extra(key: str) -> str:  # summaries written before issue 21 hold no macs_b128
+            return "-" if rel.get(key) is None else f"{rel[key] - 1:+.0%}"
+        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, extra("params"), extra("macs_b128"),
+                      extra("macs"), extra("latency_b128_ms"), extra("latency_b1_ms"))
     return table

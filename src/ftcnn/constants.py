@@ -17,3 +17,7 @@ THREADS_PER_CORE = 4  # --threads: at most this many per core (more only thrashe
 
 # the fault modes ftcnn ships (faults.FAULT_MODES holds what each does), in the order help lists them
 FAULT_MODES = ("flip", "stuck0", "stuck1", "random-value")
+
+# the deployment batch every cost is quoted at and every MACs budget applies at unless --batch says
+# otherwise (issue 21: weight checks run once per forward, so their share depends on it)
+DEFAULT_BATCH = 128

@@ -14,6 +14,9 @@ interface, ``map(tasks) -> results as they finish``:
 
 In every case the driver alone writes SQLite, one commit per finished trial,
 so killing it loses no committed trial and running it again resumes.
+
+How many torch threads each process takes is ``ftcnn.parallelism``'s policy (issue 24);
+``apply_threads`` sets it, ``execution_record`` says in the summary what ran and why.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from ftcnn import activations
+from ftcnn import activations, parallelism
+from ftcnn.parallelism import worker_threads
 from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner, check_limit, cores
 
 Task = tuple[float, int]
@@ -46,42 +50,41 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def worker_threads(workers: int, threads: int | None = None) -> int:
-    """Torch threads per worker: the run's cores (``threads``, else all this process
-    may use) split among the workers, so that they do not oversubscribe the cores."""
-    return max(1, (threads or cores()) // workers)
-
-
-# Models below this many parameters get 1 intra-op thread by default: a job that takes every
-# core slows every other job on the machine many times over (issue 13: `ftcnn demo`, LeNet-5,
-# took ~2 min alone and over 12 CPU-min next to another ftcnn job, both at torch's default of
-# all cores), and a small model's forwards gain little from a second thread. Bigger models
-# (VGG-11 w0.5 and up, ResNet-18) get every core: one such job is the common case.
-SMALL_MODEL_PARAMS = 1_000_000
-
-
-def default_threads(model: nn.Module | None = None, workers: int = 1) -> int:
-    """The torch intra-op threads of one process when ``--threads`` is not given.
-
-    The rule: worker processes split the cores (``worker_threads``); one process
-    gets 1 thread for a small model (under ``SMALL_MODEL_PARAMS`` parameters, or
-    when the model is not known yet) and all cores for a big one.
-    """
-    if workers > 1:
-        return worker_threads(workers)
-    if model is None or sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-        return 1
-    return cores()
+def model_params(model: nn.Module | None) -> int | None:
+    """Parameters of ``model`` (None when it is not known yet), as the thread policy weighs it."""
+    return None if model is None else sum(p.numel() for p in model.parameters())
 
 
 def apply_threads(threads: int | None, model: nn.Module | None = None, workers: int = 1) -> int:
-    """Set this process's torch intra-op threads (``threads``, else ``default_threads``)
-    and return the number set. The CLI calls it at the start of every long command."""
+    """Set this process's torch intra-op threads (``threads``, else the policy's choice,
+    ``parallelism.plan``), remember why for the summary, and return the number set. The CLI calls
+    it at the start of every long command."""
     if threads is not None:
         check_limit("threads", threads)  # 10^5 threads crashed torch (and starved the machine)
-    n = threads if threads is not None else default_threads(model, workers)
-    torch.set_num_threads(n)
-    return n
+    chosen = parallelism.remember(parallelism.plan(model_params(model), threads, workers))
+    torch.set_num_threads(chosen.threads)
+    return chosen.threads
+
+
+def execution_record(config: CampaignConfig, threads: int, pool: Executor | None = None) -> dict[str, Any]:
+    """How a campaign ran (not identity): workers, torch threads per process, and who chose them
+    and why (``threads_policy``; its name says "threads": it depends on the machine, not the numbers).
+    ``threads``: what this process's trials started with, when they ran here; ``pool``: the executor
+    they ran on (its changes of threads, if it made any)."""
+    rebalanced = getattr(pool, "rebalance", None)
+    if isinstance(rebalanced, parallelism.Rebalance):
+        return {"workers": config.workers, "threads": threads, "threads_policy": rebalanced.record()}
+    if config.parallel:
+        per_worker = worker_threads(config.workers, config.threads)
+        chosen = parallelism.plan(None, config.threads, config.workers)
+        return {"workers": config.workers, "threads": per_worker, "threads_policy": chosen.record()}
+    if config.threads is not None:
+        chosen = parallelism.plan(None, config.threads)
+    else:
+        last = parallelism.applied()
+        chosen = last if last is not None and last.threads == threads and last.workers == 1 else \
+            parallelism.Plan(threads, 1, "caller", "torch's threads as the caller set them")
+    return {"workers": config.workers, "threads": threads, "threads_policy": chosen.record()}
 
 
 @contextlib.contextmanager
@@ -109,15 +112,19 @@ def _worker_config(config: CampaignConfig) -> CampaignConfig:
 
 
 class LocalExecutor:
-    """Trials in this process, ``runner.batch`` at a time."""
+    """Trials in this process, ``runner.batch`` at a time; threads the policy chose follow the
+    machine between chunks (``parallelism.Rebalance``)."""
 
     def __init__(self, runner: TrialRunner) -> None:
         self.runner = runner
         self.round_size = runner.batch
+        self.rebalance = parallelism.rebalance(torch.get_num_threads())
 
     def map(self, tasks: Iterable[Task]) -> Iterator[TrialResult]:
         for chunk in chunks(tasks, self.runner.batch):
             yield from self.runner.run_many(chunk)
+            if self.rebalance is not None and (threads := self.rebalance.due()) is not None:
+                torch.set_num_threads(threads)
 
     def close(self) -> None:
         pass

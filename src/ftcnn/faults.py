@@ -45,6 +45,7 @@ _INT_VIEW = {
     torch.bfloat16: torch.int16,
     torch.int8: torch.int8,
     torch.float64: torch.int64,
+    torch.int32: torch.int32,  # raw stored words of codes (``ftcnn.codes``): check bits, bitwise copies
 }
 
 
@@ -257,7 +258,8 @@ def memory_coverage(model: nn.Module, targets: Iterable[str]) -> dict[str, Any]:
     modules declare (``fault_buffers``); ``unattacked_memory``: name -> elements of every
     parameter and buffer no fault hits, each piece of memory once under its first name in
     module order (layers that are no fault target such as ``Conv1d``, raw ``nn.Parameter``s,
-    BatchNorm parameters unless ``include_bn`` and its running statistics, layers left out by
+    BatchNorm parameters and running statistics with ``include_bn=False``, BatchNorm's int64
+    ``num_batches_tracked`` counter (eval never reads it), layers left out by
     ``layers``, int64 protection indices, bounds left unattacked); ``unattacked_bits``: their
     size in bits. Why all of it: a summary that says ``{}`` while 80 values are never attacked
     overstates what the campaign measured.
@@ -296,7 +298,7 @@ def unattacked_warning(model: nn.Module, unattacked: Mapping[str, int]) -> str |
     names = ", ".join(list(outside)[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
     modules = dict(model.named_modules())
     in_bn = any(isinstance(modules.get(name.rpartition(".")[0]), BN_LAYER_TYPES) for name in outside)
-    hint = " (BatchNorm ones: --include-bn attacks them)" if in_bn else ""
+    hint = " (BatchNorm ones: --include-bn, the default, attacks them)" if in_bn else ""
     return (f"{sum(outside.values()):,} of {total:,} float parameter values are never attacked: {names}{hint}; "
             "summary.json lists them under memory.unattacked_memory")
 
@@ -310,7 +312,7 @@ def _int8_scale(tensor: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
 
 
-def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bool = False,
+def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bool = True,
                      layers: Sequence[str] | None = None, per_channel: bool = True,
                      include_protection: bool = True) -> ParameterMemory:
     """Map ``model``'s fault targets to a storage format (design §1).
@@ -318,18 +320,29 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
     For any format but float32 this rounds the model's parameters in place to
     the values the format stores, so the fault-free model is the one deployed
     in that format; the golden reference must be computed after this call.
+    BatchNorm's parameters and running statistics are memory a deployed network
+    reads, so they are attacked unless ``include_bn=False`` (fold them into the
+    convolutions, ``ftcnn.fold``, to deploy without them).
     Protection values (``include_protection``) are stored in the same format;
     in int8 each gets its own scale (a bound shares no range with its
     neighbours: a shared scale would move small bounds by up to half a step
     and change the fault-free model), and an infinite (unprofiled) bound,
     which int8 cannot hold, is refused.
+    Code words (int32 ``fault_words`` of ``ftcnn.codes`` layers) are float32
+    storage's own 32-bit words: a coded model is refused in any other format.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     params = fault_targets(model, include_bn=include_bn, layers=layers,
                            include_protection=include_protection)
     protection = {b.data_ptr() for m in model.modules() for b in protection_buffers(m).values()}
+    words = {b.data_ptr() for m in model.modules() for b in protection_buffers(m).values() if b.dtype == torch.int32}
+    if words and dtype != "float32":
+        raise ValueError(f"the model stores code words (ftcnn.codes), which encode float32 values: "
+                         f"use --dtype float32, not {dtype}")
     for name, p in params.items():
+        if p.dtype == torch.int32 and p.data_ptr() in words:
+            continue  # a code's raw words: every one of their 32 bits is stored memory
         if p.dtype != torch.float32:
             raise ValueError(f"parameter {name} is {p.dtype}; ftcnn computes in float32")
         if not p.is_contiguous():

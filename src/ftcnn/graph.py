@@ -4,8 +4,9 @@ Every other module asks this one about a network's structure, and nothing
 else walks modules or traces graphs:
 
 - **Fault targets** (``fault_targets``): the weights and biases of every
-  Conv2d/Linear (hardened copies included), optionally BatchNorm's, and the
-  float values protection modules declare (``protection_buffers``). One piece
+  Conv2d/Linear (hardened copies included), BatchNorm's parameters and running
+  statistics when asked, and the float values protection modules declare
+  (``protection_buffers``). One piece
   of memory is one target however many modules share it (``storage_key``,
   ``tied_names``): a tied weight listed twice would take twice the BER.
 - **Layers and channels** (``layers``): every Conv2d/Linear as output
@@ -59,26 +60,46 @@ BN_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 # --- fault targets: what memory faults can hit ----------------------------------------
 
 PROTECTION_ATTR = "fault_buffers"
+WORDS_ATTR = "fault_words"
 
 
 def protection_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The float buffers ``module`` declares as attackable protection memory.
+    """The buffers ``module`` declares as attackable protection memory.
 
     A protection module (``ftcnn.hardening.Correction``, ``Restrict``) lists in a
     class attribute ``fault_buffers`` the names of the float values it adds
     to the model (range bounds, thresholds): they sit in the same memory as
-    the weights, so faults hit them like any parameter. Unset names (None)
-    are skipped; a declared buffer that is not floating point is a bug.
+    the weights, so faults hit them like any parameter. A coded layer
+    (``ftcnn.codes``) lists in ``fault_words`` its raw stored words (int32
+    check bits, bitwise copies), attacked at their own 32 bits, after the
+    float ones. Unset names (None) are skipped; a declared float buffer that is
+    not floating point, or a declared word buffer that is not int32, is a bug.
     """
     out: dict[str, torch.Tensor] = {}
-    for name in getattr(module, PROTECTION_ATTR, ()):
-        buf = module._buffers.get(name)
-        if buf is None:
-            continue
-        if not buf.is_floating_point():
-            raise TypeError(f"{type(module).__name__}.{name} is declared a fault buffer but is {buf.dtype}")
-        out[name] = buf
+    for attr, fits, kind in ((PROTECTION_ATTR, torch.Tensor.is_floating_point, "a fault buffer"),
+                             (WORDS_ATTR, lambda b: b.dtype == torch.int32, "an int32 word buffer")):
+        for name in getattr(module, attr, ()):
+            buf = module._buffers.get(name)
+            if buf is None:
+                continue
+            if not fits(buf):
+                raise TypeError(f"{type(module).__name__}.{name} is declared {kind} but is {buf.dtype}")
+            out[name] = buf
     return out
+
+
+# the float statistics a BatchNorm stores and uses in eval (its int64 ``num_batches_tracked``
+# counter is memory too, but eval never reads it: recorded as unattacked, not attacked)
+BN_STATISTICS = ("running_mean", "running_var")
+
+
+def bn_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics ``module`` holds if it is a BatchNorm that tracks them (else {}):
+    a deployed network reads them at every inference, so they are memory faults hit."""
+    if not isinstance(module, BN_LAYER_TYPES):
+        return {}
+    return {name: buf for name in BN_STATISTICS
+            if (buf := module._buffers.get(name)) is not None and buf.is_floating_point()}
 
 
 def fault_targets(model: nn.Module, *, include_bn: bool = False,
@@ -88,8 +109,9 @@ def fault_targets(model: nn.Module, *, include_bn: bool = False,
 
     This is the one place that decides what memory faults can hit: weights and
     biases of every Conv2d and Linear (duplicated copies in hardened models are
-    such modules too, so they are hit at the same rate), optionally BatchNorm
-    affine parameters, and (``include_protection``, the default) the float
+    such modules too, so they are hit at the same rate), with ``include_bn``
+    BatchNorm's affine parameters and running statistics (``bn_statistics``;
+    campaigns attack them by default, this structural query only when asked), and (``include_protection``, the default) the float
     values a protection adds, as its modules declare them (see
     :func:`protection_buffers`; e.g. ``features.0.restrict.low``, listed
     where the module sits in module order). ``layers`` restricts to modules
@@ -121,6 +143,8 @@ def fault_targets(model: nn.Module, *, include_bn: bool = False,
         for pname, param in module.named_parameters(recurse=False):
             if param is not None:
                 add(f"{name}.{pname}" if name else pname, param, param.data)
+        for bname, buf in bn_statistics(module).items():  # empty unless BN is attacked
+            add(f"{name}.{bname}" if name else bname, buf, buf)
         if include_protection:
             for bname, buf in protection_buffers(module).items():
                 add(f"{name}.{bname}" if name else bname, buf, buf)

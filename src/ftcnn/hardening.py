@@ -104,8 +104,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import checkpoint, cost as cost_mod
-from ftcnn import graph, trials
+from ftcnn import checkpoint, codes, cost as cost_mod
+from ftcnn import fold, graph, trials
 from ftcnn.vulnerability import Scores, finite_scores, layer_scores
 
 # Agreement tolerance between the original channel and a copy (see module doc).
@@ -535,8 +535,12 @@ class _ProtectedLayer(_StoredBounds):
             self.set_bound("bias_low", self.bias.min())
             self.set_bound("bias_high", self.bias.max())
 
+    def stored_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias as read from memory (a coded layer decodes them: ``ftcnn.codes``)."""
+        return self.weight, self.bias
+
     def checked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = self.weight, self.bias
+        w, b = self.stored_values()
         if self.check is not None:
             w = check_values(w, self.bound("weight_low"), self.bound("weight_high"), self.check)
             if b is not None:
@@ -582,6 +586,100 @@ class ProtectedLinear(_ProtectedLayer, nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, check={self.check}, parts={self.parts}"
+
+
+# --- coded layers ---------------------------------------------------------------------
+
+class _Coded:
+    """What :class:`CodedConv2d` / :class:`CodedLinear` add to a ``Protected*`` layer: the
+    code words of ``weight`` and ``bias`` as int32 buffers declared raw stored words
+    (``fault_words``), and the decode at every forward (``stored_values``), before the
+    weight check if there is one."""
+
+    fault_words: tuple[str, ...] = ("weight_code", "bias_code")
+    code: str
+
+    def _setup_code(self, name: str) -> None:
+        self.code = name
+        scheme = codes.CODES[name]
+        # sizes as plain ints: the decode then runs no size query (traceable, see above)
+        self.code_sizes = tuple(0 if p is None else p.numel() for p in (self.weight, self.bias))
+        for pname in ("weight", "bias"):
+            p = getattr(self, pname)
+            words = None if p is None else torch.zeros(scheme.words(p.numel()), dtype=torch.int32, device=p.device)
+            self.register_buffer(f"{pname}_code", words)
+
+    @torch.no_grad()
+    def encode(self) -> None:
+        """Code words of the current (fault-free) ``weight`` and ``bias``."""
+        scheme = codes.CODES[self.code]
+        for pname in ("weight", "bias"):
+            p = getattr(self, pname)
+            if p is not None and p.device.type != "meta":
+                getattr(self, f"{pname}_code").copy_(scheme.encode(p.detach()))
+
+    def stored_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scheme = codes.CODES[self.code]
+        w = scheme.decode(self.weight, self.weight_code, self.code_sizes[0])
+        b = None if self.bias is None else scheme.decode(self.bias, self.bias_code, self.code_sizes[1])
+        return w, b
+
+    def code_ops(self) -> int:
+        """Integer passes of one decode of every value, per forward (shared by the batch)."""
+        values = self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+        return values * codes.CODES[self.code].ops_per_value
+
+    def elementwise_ops(self, output: Any) -> int:
+        return super().elementwise_ops(output) + self.code_ops()  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, code={self.code}"  # type: ignore[misc]
+
+
+class CodedConv2d(_Coded, ProtectedConv2d):
+    """A Conv2d whose weight and bias are decoded from their stored code at every forward."""
+
+
+class CodedLinear(_Coded, ProtectedLinear):
+    """A Linear whose weight and bias are decoded from their stored code at every forward."""
+
+
+def coded_layer(layer: nn.Module, name: str) -> nn.Module:
+    """``layer`` (a Conv2d/Linear, plain or ``Protected*``) as a coded layer taking over its
+    parameters, bounds and copies layout, with the code words of its current values (left
+    as zeros on the ``meta`` device, where ``checkpoint.load`` fills them)."""
+    codes.code(name)
+    if isinstance(layer, _Coded):
+        raise ValueError("layer is already coded")
+    if isinstance(layer, nn.Conv2d):
+        new: Any = CodedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                               padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                               bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta")
+    elif isinstance(layer, nn.Linear):
+        new = CodedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    else:
+        raise ValueError(f"cannot code a {type(layer).__name__}")
+    new.weight, new.bias = layer.weight, layer.bias
+    new._setup(getattr(layer, "check", None), getattr(layer, "parts", 1), getattr(layer, "bound_copies", 1))
+    for bname in _ProtectedLayer.fault_buffers:  # the check's bounds, as the layer holds them
+        if layer._buffers.get(bname) is not None:
+            new._buffers[bname] = layer._buffers[bname]
+    new._setup_code(name)
+    new.encode()
+    new.train(layer.training)
+    return new
+
+
+def code_hardened(wrapper: nn.Module, name: str) -> None:
+    """Code the original and the copies of a ``hardening.Hardened`` wrapper, in place."""
+    wrapper.original = coded_layer(wrapper.original, name)
+    if wrapper.copies is not None:
+        wrapper.copies = coded_layer(wrapper.copies, name)
+
+
+def is_coded(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` stores code words."""
+    return any(isinstance(m, _Coded) for m in model.modules())
 
 
 def _protected_layer(layer: nn.Module, check: str | None, parts: int = 1, out: int | None = None,
@@ -801,36 +899,38 @@ def select_by_budget(scores: Mapping[str, np.ndarray], cost: Mapping[str, float]
 
 
 def _total_macs(model: nn.Module, layers: Mapping[str, nn.Module], transform: Mapping[str, Any],
-                input_shape: Sequence[int]) -> int:
-    """``cost.macs`` of ``model`` hardened by ``transform`` (structure only: no values
-    are profiled, op counts do not depend on them): what the reported overhead counts."""
+                input_shape: Sequence[int], batch: int) -> float:
+    """``cost.macs_at_batch`` of ``model`` hardened by ``transform`` (structure only: no
+    values are profiled, op counts do not depend on them): what the reported cost counts."""
     net = copy.deepcopy(model)
     _apply(net, transform)
-    return cost_mod.macs(net, tuple(input_shape))["macs"]
+    return cost_mod.macs_at_batch(net, tuple(input_shape), batch)
 
 
 def select_within_total(model: nn.Module, layers: Mapping[str, nn.Module], scores: Mapping[str, np.ndarray],
-                        budget: float, transform: Mapping[str, Any], input_shape: Sequence[int]
-                        ) -> dict[str, list[int]]:
-    """Channels to duplicate so that everything hardening adds — copies, their
-    corrections, range restriction and weight checks (at batch 1, as
-    ``cost.macs`` and every reported overhead count them) — stays within
-    ``budget`` x the model's MACs (issue 14: ``--budget 0.2`` means +20%, all in).
+                        max_macs: float, transform: Mapping[str, Any], input_shape: Sequence[int],
+                        batch: int = cost_mod.DEFAULT_BATCH) -> dict[str, list[int]]:
+    """Channels to duplicate so that the hardened model's MACs per input at the
+    deployment ``batch`` (``cost.macs_at_batch``: copies, their corrections, range
+    restriction, and weight checks shared by the batch) stay within ``max_macs`` x
+    the model's (issue 21: one price, a ratio; ``max_macs=1.2`` means +20%, all in).
 
     The fixed part (restriction, checks of the originals) is measured first; the
     rest is filled greedily by score per extra MAC of one channel (its copies,
-    the correction's element-wise ops on its outputs, the copies' checks); the
-    result is measured again and trimmed, lowest score per MAC first, until it fits."""
-    base = cost_mod.macs(model, tuple(input_shape))["macs"]
-    allowed = budget * base
+    the correction's element-wise ops on its outputs, the copies' checks shared by
+    the batch); the result is measured again and trimmed, lowest score per MAC
+    first, until it fits."""
+    base = cost_mod.macs_at_batch(model, tuple(input_shape), batch)
+    allowed = (max_macs - 1.0) * base
     rule = CORRECTIONS[transform["correction"]]
-    fixed_layers = {n: [] for n in layers} if transform["restrict"] or transform["check_weights"] else {}
-    fixed = _total_macs(model, layers, {**transform, "layers": fixed_layers}, input_shape) - base
-    if fixed > allowed:
-        raise ValueError(f"the budget +{budget:.1%} MACs is below what restriction/weight checks alone add "
-                         f"(+{fixed / base:.1%}): raise it or drop them")
+    fixed_layers = {n: [] for n in layers} if transform["restrict"] or transform["check_weights"] \
+        or transform.get("code") else {}
+    fixed = _total_macs(model, layers, {**transform, "layers": fixed_layers}, input_shape, batch) - base
+    if fixed > allowed + 1e-9 * base:
+        raise ValueError(f"max MACs x{max_macs:g} (batch {batch}) is below what restriction/weight checks alone "
+                         f"cost (x{1 + fixed / base:.3f}): raise it or drop them")
     per_copy = channel_macs(model, layers, input_shape)
-    checks = CHECK_OPS if transform["check_weights"] else 0
+    checks = CHECK_OPS / batch if transform["check_weights"] else 0
     cost = {n: rule.copies * (per_copy[n] + checks * layers[n].weight[0].numel())
             + rule.ops * per_copy[n] // layers[n].weight[0].numel() for n in layers}
     selected = select_by_budget(scores, cost, allowed - fixed)
@@ -838,7 +938,7 @@ def select_within_total(model: nn.Module, layers: Mapping[str, nn.Module], score
                    key=lambda t: t[0])
     while selected:
         chosen = {n: selected.get(n, []) for n in layers if selected.get(n) or n in fixed_layers}
-        if _total_macs(model, layers, {**transform, "layers": chosen}, input_shape) - base <= allowed:
+        if _total_macs(model, layers, {**transform, "layers": chosen}, input_shape, batch) - base <= allowed:
             break
         _, name, i = order.pop(0)
         selected[name].remove(i)
@@ -949,12 +1049,24 @@ def restriction_layers(model: nn.Module, share: float, input_shape: Sequence[int
     return [n for n in layers if n in chosen]  # in model order
 
 
-def _validate(ratio: float, budget: float | None, correction: str, tmr: str | None,
+BUDGET_HINT = "budget was an extra share; give the ratio: max_macs={ratio:g} (at the deployment batch)"
+
+
+def check_max_macs(max_macs: Any, flag: str = "max_macs") -> None:
+    """A MACs budget is a ratio to the model's MACs (1.2 = +20%): one line unless a finite number >= 1."""
+    if isinstance(max_macs, bool) or not isinstance(max_macs, (int, float)) or not math.isfinite(max_macs):
+        raise ValueError(f"{flag} must be a finite ratio >= 1, e.g. 1.2 for +20% MACs (got {max_macs!r})")
+    if max_macs < 1:
+        raise ValueError(f"{flag} {max_macs:g} is below 1: it is a ratio to the model's MACs (1.2 = +20%), "
+                         "not an extra share")
+
+
+def _validate(ratio: float, max_macs: float | None, correction: str, tmr: str | None,
               restrict: str | None, margin: float, check_weights: str | None = None) -> None:
     if not (0.0 <= ratio <= 1.0):
         raise ValueError(f"ratio {ratio} outside [0, 1]")
-    if budget is not None and not (budget >= 0 and math.isfinite(budget)):
-        raise ValueError(f"budget {budget} must be a finite number >= 0")
+    if max_macs is not None:
+        check_max_macs(max_macs)
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; choose from {', '.join(CORRECTIONS)}")
     if tmr is not None and tmr not in TMR_MODES:
@@ -967,18 +1079,20 @@ def _validate(ratio: float, budget: float | None, correction: str, tmr: str | No
         raise ValueError(f"unknown weight check {check_weights!r}; choose from {', '.join(CHECK_MODES)} (or none)")
 
 
-def scores_needed(ratio: float, budget: float | None, tmr: str | None) -> bool:
+def scores_needed(ratio: float, max_macs: float | None, tmr: str | None) -> bool:
     """Whether ``harden`` with these settings duplicates channels, and so needs scores to choose them
-    (full TMR takes every channel; ratio 0 or budget 0 takes none)."""
-    return tmr != "full" and (budget is not None and budget > 0 or budget is None and ratio > 0)
+    (full TMR takes every channel; ratio 0 or max_macs 1 takes none)."""
+    return tmr != "full" and (max_macs is not None and max_macs > 1 or max_macs is None and ratio > 0)
 
 
 def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None, *, ratio: float = 0.1,
-           budget: float | None = None, correction: str = "min", tmr: str | None = None,
+           max_macs: float | None = None, batch: int = cost_mod.DEFAULT_BATCH, correction: str = "min",
+           tmr: str | None = None,
            restrict: str | None = None, range_margin: float = 0.0, calibration: torch.Tensor | None = None,
            input_shape: Sequence[int] | None = None, check_weights: str | None = None,
            restrict_layers: Sequence[str] | None = None, restrict_share: float | None = None,
-           margin: float | None = None, bound_copies: int = DEFAULT_BOUND_COPIES) -> nn.Module:
+           margin: float | None = None, bound_copies: int = DEFAULT_BOUND_COPIES,
+           fold_bn: bool = False, budget: float | None = None, code: str | None = None) -> nn.Module:
     """A hardened copy of ``model`` (the input is left untouched).
 
     Args:
@@ -989,14 +1103,17 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
             ``tmr="full"`` or when nothing is duplicated.
         ratio: share of each layer's channels to duplicate, the top
             ``ceil(ratio * channels)`` by score (0: none).
-        budget: instead of ``ratio``, the MACs hardening may add in all (copies,
-            corrections, restriction, weight checks, counted as ``cost.macs``
-            counts them) as a share of the model's: 0.2 = at most +20%. Filled
-            greedily by score per extra MAC.
+        max_macs: instead of ``ratio``, the MACs per input allowed, as a ratio to the
+            model's, at the deployment ``batch`` (copies, corrections, restriction and
+            weight checks all in, counted by ``cost.macs_at_batch``): 1.2 = at most +20%.
+            Filled greedily by score per extra MAC. (The old ``budget=0.2``, an extra
+            share, is refused with this hint.)
+        batch: the deployment batch ``max_macs`` applies at (work done once per
+            forward, such as weight checks, is shared by it). Recorded with ``max_macs``.
         correction: ``min`` (the paper's), ``range`` (needs ``calibration``) or
             ``tmr`` (two copies, majority vote).
         tmr: ``"full"``: every channel of every layer gets two copies and the
-            vote (full TMR baseline; ``scores``, ``ratio``, ``budget`` and
+            vote (full TMR baseline; ``scores``, ``ratio``, ``max_macs`` and
             ``correction`` are ignored).
         restrict: ``zero`` or ``clamp``: every Conv2d/Linear output channel is
             checked against its range profiled on ``calibration``, after the
@@ -1004,7 +1121,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         range_margin: widen every profiled range by this share of its width (used by
             ``restrict`` and by the ``range`` correction).
         calibration: inputs to profile ranges on (training data).
-        input_shape: (C, H, W) for a ``budget``; default: from ``calibration``
+        input_shape: (C, H, W) for ``max_macs``; default: from ``calibration``
             or the model's checkpoint spec.
         check_weights: ``zero`` or ``clamp``: parameter-side checks on every
             Conv2d/Linear (copies included): each weight outside its output
@@ -1019,6 +1136,14 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
             range, weight check) to store, all attacked: 1 (one flip can cut a
             channel), 2 (the looser is used: a flip can only loosen) or 3 (the
             median: a flip is outvoted). See :func:`fail_safe_bound`.
+        code: a stored-word code on every Conv2d/Linear (copies included), its words
+            attacked like the weights, decoded at every forward before any check:
+            ``secded``, ``parity``, ``parity_exponent`` or ``tmr3`` (``ftcnn.codes.CODES``).
+        fold_bn: first fold every BatchNorm that follows a conv into it
+            (``ftcnn.fold.fold_batchnorm``; the model must be in eval mode): the
+            deployed form, whose memory is all weights and biases, protected and
+            attacked like them. Scores must then name the folded model's layers
+            (the same names: folding keeps them).
 
     Returns:
         The hardened model; with no fault its outputs equal the original's bit
@@ -1036,11 +1161,18 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
     if margin is not None:  # the old name, for one release
         warnings.warn("harden(margin=...) is deprecated; use range_margin=...", DeprecationWarning, stacklevel=2)
         range_margin = margin
-    _validate(ratio, budget, correction, tmr, restrict, range_margin, check_weights)
+    if budget is not None:  # the old convention (issue 21): refused before any work, with the new spelling
+        raise ValueError(BUDGET_HINT.format(ratio=1 + budget if isinstance(budget, (int, float)) else 1.2))
+    cost_mod.check_batch(batch)
+    _validate(ratio, max_macs, correction, tmr, restrict, range_margin, check_weights)
     if type(bound_copies) is not int or bound_copies not in BOUND_COPIES:
         raise ValueError(f"bound_copies {bound_copies!r} must be one of {', '.join(map(str, BOUND_COPIES))}")
+    if code is not None:
+        codes.code(code)
     if any(isinstance(m, Hardened) for m in model.modules()):
         raise ValueError("model is already hardened")
+    if fold_bn:  # the deployed form: recorded in the checkpoint spec as a fold_bn transform
+        model = fold.fold_batchnorm(model)
     layers = target_layers(model)
     if not layers:
         raise ValueError("model has no Conv2d/Linear layers to harden")
@@ -1063,19 +1195,19 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
         correction = "tmr"
         selected = {n: list(range(_out_channels(m))) for n, m in layers.items()}
     else:
-        needs_scores = scores_needed(ratio, budget, tmr)
+        needs_scores = scores_needed(ratio, max_macs, tmr)
         if scores is None and needs_scores:
             raise ValueError("scores are needed to choose the channels to protect "
                              "(or use tmr='full', or ratio=0)")
         checked = check_scores(layers, scores) if scores is not None else {}
         if not needs_scores:
             selected = {}
-        elif budget is not None:
+        elif max_macs is not None:
             selected = select_within_total(
-                model, layers, checked, budget,
+                model, layers, checked, max_macs,
                 {"correction": correction, "restrict": restrict, "check_weights": check_weights,
-                 "restrict_layers": restrict_layers, "bound_copies": bound_copies},
-                _input_shape(model, calibration, input_shape))
+                 "restrict_layers": restrict_layers, "bound_copies": bound_copies, "code": code},
+                _input_shape(model, calibration, input_shape), batch)
         else:
             selected = select_by_ratio(checked, ratio)
     needs_ranges = restrict is not None or (bool(selected) and CORRECTIONS[correction].needs_ranges)
@@ -1085,13 +1217,19 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
 
     transform = {
         "kind": "harden", "correction": correction, "tmr": tmr, "restrict": restrict,
-        "margin": range_margin, "ratio": ratio, "budget": budget, "check_weights": check_weights,
-        "layers": {n: selected.get(n, []) for n in layers if selected.get(n) or n in restricted or check_weights},
+        # "budget" (the old extra share) stays null: older checkpoints hold a number there, a record
+        "margin": range_margin, "ratio": ratio, "budget": None, "check_weights": check_weights,
+        "layers": {n: selected.get(n, []) for n in layers
+                   if selected.get(n) or n in restricted or check_weights or code},
     }
+    if code is not None:  # recorded only when given: older files and digests stay as they were
+        transform["code"] = code
     if restrict_layers is not None:  # recorded only when given: older files and digests stay as they were
         transform["restrict_layers"] = list(restrict_layers)
     if bound_copies != 1:  # absent in older files: one stored copy, the layout they were saved with
         transform["bound_copies"] = bound_copies
+    if max_macs is not None:  # recorded only when given (older files and digests stay as they were)
+        transform["max_macs"], transform["batch"] = max_macs, batch
     hardened = copy.deepcopy(model)
     _apply(hardened, transform)
     with torch.no_grad():
@@ -1123,13 +1261,17 @@ def _apply(model: nn.Module, transform: Mapping[str, Any]) -> None:
         if name not in layers:
             raise checkpoint.CheckpointError(f"hardening names unknown layer {name!r}")
         restrict = transform["restrict"] if only is None or name in only else None
-        _set_module(model, name, _wrap(layers[name], index, transform["correction"], restrict,
-                                       transform.get("check_weights"), transform.get("bound_copies", 1)))
+        wrapper = _wrap(layers[name], index, transform["correction"], restrict,
+                        transform.get("check_weights"), transform.get("bound_copies", 1))
+        if transform.get("code") is not None:  # decode first, then any check: ftcnn.codes
+            code_hardened(wrapper, transform["code"])
+        _set_module(model, name, wrapper)
 
 
 # the fields of a {"kind": "harden"} transform (a checkpoint naming any other is refused)
-TRANSFORM_FIELDS = ("kind", "correction", "tmr", "restrict", "margin", "ratio", "budget", "layers",
-                    "check_weights", "restrict_layers", "bound_copies")
+TRANSFORM_FIELDS = ("kind", "correction", "tmr", "restrict", "margin", "ratio", "budget", "max_macs", "batch",
+                    "layers",
+                    "check_weights", "restrict_layers", "bound_copies", "code")
 
 
 def check_transform(model: nn.Module, transform: Any) -> None:
@@ -1156,9 +1298,14 @@ def check_transform(model: nn.Module, transform: Any) -> None:
     choice("tmr", TMR_MODES, optional=True)
     choice("restrict", RESTRICT_MODES, optional=True)
     choice("check_weights", CHECK_MODES, optional=True)
+    choice("code", tuple(codes.CODES), optional=True)
     number("margin", 0.0, math.inf, optional=True)
     number("ratio", 0.0, 1.0, optional=True)
-    number("budget", 0.0, math.inf, optional=True)
+    number("budget", 0.0, math.inf, optional=True)  # the old extra share: a record of older checkpoints
+    number("max_macs", 1.0, math.inf, optional=True)
+    batch = transform.get("batch")
+    if batch is not None and (type(batch) is not int or not 1 <= batch <= 2**31):
+        raise error(f"harden transform: batch must be an integer >= 1 or null, got {str(batch)[:60]!r}")
     copies = transform.get("bound_copies", 1)
     if type(copies) is not int or copies not in BOUND_COPIES:
         raise error(f"harden transform: bound_copies must be one of {', '.join(map(str, BOUND_COPIES))}, "
@@ -1225,21 +1372,26 @@ def duplicated_parameters(model: nn.Module) -> int:
                for p in m.copies.parameters())
 
 
-def overheads(original: nn.Module, hardened: nn.Module, input_shape: Sequence[int], rounds: int = 3
-              ) -> dict[str, Any]:
-    """Measured cost of both models and the hardened one's relative to the original.
-
-    Latency is measured in ``rounds`` alternating rounds (original, hardened,
-    original, ...) and the smallest median of each is kept: other load on
-    the machine only ever adds time, so the minimum is the fairest estimate.
-    """
+def overheads(original: nn.Module, hardened: nn.Module, input_shape: Sequence[int],
+              batch: int = cost_mod.DEFAULT_BATCH) -> dict[str, Any]:
+    """Measured cost of both models, the hardened one's relative to the original, and
+    ``cost``: the one price (``cost.price``) at the deployment ``batch`` that ``protect``
+    records for the same protection. Latency: ``cost.stable_latency`` (interleaved
+    rounds until two timings of the same model agree) at batch 1 and ``batch``."""
     shape = tuple(input_shape)
-    best: list[dict[str, float]] = [{}, {}]
-    for _ in range(max(1, rounds)):
-        for i, net in enumerate((original, hardened)):
-            m = cost_mod.measure(net, shape)
-            best[i] = {k: min(v, best[i].get(k, v)) for k, v in m.items()}
-    return {"original": best[0], "hardened": best[1], "relative": cost_mod.relative(best[1], best[0])}
+    nets = {"original": original, "hardened": hardened}
+    timings = {b: cost_mod.stable_latency(nets, shape, b) for b in dict.fromkeys((1, batch))}
+    out: dict[str, Any] = {}
+    for name, net in nets.items():
+        out[name] = {"params": cost_mod.parameters(net), "protection_values": cost_mod.protection_values(net),
+                     "index_values": cost_mod.index_values(net), **cost_mod.macs(net, shape)}
+        for b, timing in timings.items():
+            out[name][f"latency_b{b}_ms"] = timing["ms"][name]
+            out[name][f"latency_b{b}_ms_iqr"] = timing["iqr"][name]
+    out["relative"] = cost_mod.relative(out["hardened"], out["original"])
+    out["cost"] = cost_mod.price(hardened, original, shape, batch, timings, name="hardened",
+                                 reference_name="original")
+    return out
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int],

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -452,43 +451,57 @@ def harden_on(model: nn.Module, scores: Any, device: str = "cpu", *, calibration
 
 
 def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, scores: str | Path | None = None,
-                      ratio: float = 0.1, budget: float | None = None, correction: str = "min",
+                      ratio: float = 0.1, max_macs: float | None = None, batch: int = cost.DEFAULT_BATCH,
+                      correction: str = "min",
                       tmr: str | None = None, restrict: str | None = None, range_margin: float = 0.0,
                       check_weights: str | None = None, calibration_size: int = 1000, seed: int = 0,
                       onnx: str | Path | None = None, device: str = "cpu",
-                      restrict_share: float | None = None, bound_copies: int | None = None) -> dict[str, Any]:
+                      restrict_share: float | None = None, bound_copies: int | None = None,
+                      fold_bn: bool = False, code: str | None = None) -> dict[str, Any]:
     """``ftcnn harden``: protect ``model``, save it to ``output`` (and ``onnx``), and return the
     record stored in its metadata (``hardening``): the settings, protected channels, clean test
-    accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads.
+    accuracy of the original and (``test_accuracy``) of the hardened model, measured overheads
+    (``overheads["cost"]``: the price at the deployment ``batch``, where ``max_macs`` applies; the
+    same price ``protect`` records for the same protection).
 
     Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``, on
     ``device`` (so are the clean accuracies); the overheads are measured on the CPU. ``bound_copies``
-    (None: ``harden``'s default) is recorded in the checkpoint's transform.
+    (None: ``harden``'s default) is recorded in the checkpoint's transform. ``fold_bn``: protect
+    the deployed form, BatchNorm folded into its conv (``ftcnn.fold``); the folded pairs are recorded.
     """
     check_output_file(output)
     if onnx is not None:
         check_output_file(onnx)
-    if scores is None and hardening.scores_needed(ratio, budget, tmr):  # hardening's message names Python keywords
+        if code is not None:  # the decode reads float32 bits as int32 words, which ONNX cannot express
+            raise ValueError("--onnx cannot export a model with --code (ONNX has no float32-to-int32 bit "
+                             "cast); export it without the code")
+    if scores is None and hardening.scores_needed(ratio, max_macs, tmr):  # hardening's message names Python keywords
         raise ValueError("--scores is needed to choose the channels to protect (from `ftcnn analyze`; "
                          "or use --tmr full, or --ratio 0)")
     layer_scores = vulnerability.load_scores(scores) if scores is not None else None
     train_x, _ = campaign.stack_dataset(data.load(data_spec, "train"))
     calibration = calibration_subset(train_x, calibration_size, seed)  # the one rule (ftcnn.splits)
-    hardened = harden_on(model, layer_scores, device, ratio=ratio, budget=budget, correction=correction,
+    hardened = harden_on(model, layer_scores, device, ratio=ratio, max_macs=max_macs, batch=batch,
+                         correction=correction,
                          tmr=tmr, restrict=restrict, range_margin=range_margin, calibration=calibration,
-                         check_weights=check_weights, restrict_share=restrict_share,
-                         **({} if bound_copies is None else {"bound_copies": bound_copies}))
+                         check_weights=check_weights, restrict_share=restrict_share, fold_bn=fold_bn,
+                         code=code, **({} if bound_copies is None else {"bound_copies": bound_copies}))
     test_set = data.load(data_spec, "test")
     input_shape = tuple(train_x.shape[1:])
     acc_original = train.evaluate(model, test_set, device=device)
     acc_hardened = train.evaluate(hardened, test_set, device=device)
-    overheads = hardening.overheads(model, hardened, input_shape)
-    record = {"scores": str(scores) if scores else None, "ratio": ratio, "budget": budget,
+    overheads = hardening.overheads(model, hardened, input_shape, batch)
+    record = {"scores": str(scores) if scores else None, "ratio": ratio, "max_macs": max_macs, "batch": batch,
               "correction": "tmr" if tmr == "full" else correction, "tmr": tmr, "restrict": restrict,
               "range_margin": range_margin, "check_weights": check_weights,
               "calibration_size": len(calibration), "seed": seed,
               "protected": hardening.protected(hardened),
               "original_test_accuracy": acc_original, "overheads": overheads}
+    if code is not None:  # only when asked: records of older runs keep their keys
+        record["code"] = code
+    if fold_bn:  # only when asked: records of older runs keep their keys
+        record["folded_bn"] = next((t["layers"] for t in checkpoint.get_spec(hardened)["transforms"]
+                                    if t["kind"] == "fold_bn"), {})
     if restrict_share is not None:  # only when asked: records of older runs keep their keys
         record["restrict_share"] = restrict_share
         record["restrict_layers"] = [n for n, m in hardened.named_modules()
@@ -752,8 +765,8 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                       finetune_epochs: int = 3, lr: float = 1e-3, max_macs: float = 1.0,
                       max_latency: float | None = None, ber: float = 1e-4, trials: int = 100, seed: int = 0,
                       validation_fraction: float = 0.2, samples: int = 256, measure_latency: bool = True,
-                      record: dict[str, Any] | None = None, log: Log | None = None, device: str = "cpu"
-                      ) -> protect_mod.ProtectResult:
+                      record: dict[str, Any] | None = None, log: Log | None = None, device: str = "cpu",
+                      batch: int = cost.DEFAULT_BATCH) -> protect_mod.ProtectResult:
     """Prune -> fine-tune -> protect within a budget relative to the original (unpruned) model.
 
     Writes into ``out_dir``: ``pruned.pt`` (pruned, fine-tuned on the fit
@@ -772,7 +785,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                                        max_macs=1.0, ber=1e-4, trials=50)
     """
     say = log or _quiet
-    protect_mod.check_budget(max_macs, max_latency, ber, trials)
+    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune ratio must lie in [0, 1) (got {prune_ratio})")
     if criterion not in pruning.CRITERIA:
@@ -797,7 +810,8 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     checkpoint.save(pruned, out / "pruned.pt", stage="pruned_finetuned", criterion=criterion,
                     prune_ratio=prune_ratio, **data_meta)
     result = protect_mod.protect(pruned, x_train, y_train, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                                 trials=trials, seed=seed, reference=model, validation_fraction=validation_fraction,
+                                 trials=trials, seed=seed, batch=batch, reference=model,
+                                 validation_fraction=validation_fraction,
                                  measure_latency=measure_latency, work_dir=out / "campaigns", log=say,
                                  device=device)
     # the test split, only now that the choice is made; both rows on the end-to-end role's faults
@@ -823,11 +837,12 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
                  seed: int = 0, harden_ratio: float = 0.1, correction: str = "min", restrict: str | None = None,
                  max_macs: float | None = None, max_latency: float | None = None, ber: float = 1e-4,
                  trials: int = 100, allow_builder: str | None = None, source: str | None = None,
-                 log: Log | None = None, device: str = "cpu") -> dict[str, Any] | protect_mod.ProtectResult:
+                 log: Log | None = None, device: str = "cpu", batch: int = cost.DEFAULT_BATCH
+                 ) -> dict[str, Any] | protect_mod.ProtectResult:
     """``ftcnn pipeline``: :func:`prune_and_harden` on ``data_spec`` (its summary), or with
     ``max_macs`` (end-to-end mode) :func:`prune_and_protect` (its ``ProtectResult``), on ``device``."""
     if max_macs is not None:
-        protect_mod.check_budget(max_macs, max_latency, ber, trials)
+        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     record = {"data": data_spec, "checkpoint": str(source),
@@ -838,7 +853,7 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
             return prune_and_protect(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                      criterion=criterion, finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs,
                                      max_latency=max_latency, ber=ber, trials=trials, seed=seed, samples=samples,
-                                     record=record, log=log, device=device)
+                                     record=record, log=log, device=device, batch=batch)
         return prune_and_harden(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                 harden_ratio=harden_ratio, correction=correction, criterion=criterion,
                                 finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,

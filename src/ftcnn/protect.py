@@ -5,13 +5,25 @@ candidate protection (none; range restriction, zero or clamp, with and
 without a margin; parameter-side weight checks when ``ftcnn.hardening``
 offers them, alone and with restriction; duplication of the channels with
 the highest exposure plus restriction; full TMR as the baseline), measures
-each one's cost with ``ftcnn.cost`` (MACs including corrections and checks;
-latency at batch 128 on one thread, all models timed interleaved), drops
-those over budget, and runs the same fault campaign on each survivor
-(float32 bit flips in the parameters at ``ber``, every value a protection
-adds attacked too). It picks the highest accuracy under faults; candidates
-within ``tie`` of the best count as tied and the cheapest of them (MACs)
-wins.
+each one's price with ``ftcnn.cost.price`` at the deployment ``batch``
+(default 128: MACs per input including corrections and checks, the once-per-
+forward work shared by the batch; memory as all stored bits; latency at the
+batch and at batch 1, one thread, all models timed interleaved until two
+timings of the same model agree, ``cost.stable_latency``), drops those over
+budget, and runs the same fault campaign on each survivor (float32 bit flips
+in the parameters at ``ber``, every value a protection adds attacked too).
+
+The choice respects noise (issue 21): every candidate's campaign draws trial
+``i`` from the same generator (same seed, BER and validation inputs), so
+candidates are compared paired by trial. Among those within budget, the
+CHEAPEST (MACs at the batch, then latency) whose validation accuracy is not
+significantly below the most accurate one's wins: a one-sided paired sign-flip
+(permutation) test at ``ALPHA`` on the per-trial differences (``paired.sign_flip_test``:
+valid at every number of trials, it weighs each pair by its size). A tolerance
+in points (the old 0.1-point ``tie``) sat below the validation CIs and chose
+x1.50 latency over a statistically tied x1.05. With fewer than 5 trials no
+difference can reach ``ALPHA`` (2^-4 > 0.05) and the cheapest candidate wins:
+the reason says so.
 
 No tuning on test: the campaigns run on a stratified validation split
 carved from the training data (``ftcnn.splits.validation_split``); the
@@ -44,7 +56,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data as data_mod, files, hardening, progress, train, vulnerability
+from ftcnn import (campaign, checkpoint, cost, data as data_mod, files, hardening, plots, progress, readback, store, train,
+                   vulnerability)
+from ftcnn.paired import paired_test, sign_flip_test
 from ftcnn.seeds import role_seed, role_seeds
 from ftcnn.splits import calibration_subset, validation_split
 
@@ -58,7 +72,8 @@ CORRECTIONS: tuple[str, ...] = ("min", "range")
 RESTRICT_SHARE = 0.9
 # shares of the leftover MAC budget tried for duplication, largest first
 BUDGET_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-LATENCY_BATCH = 128
+# one-sided level of "significantly below the best" (the choice, see the module doc)
+ALPHA = 0.05
 
 
 def weight_checks_available() -> bool:
@@ -181,54 +196,52 @@ class ProtectResult:
         return next(r for r in self.records if r["name"] == name)
 
 
-def check_budget(max_macs: float, max_latency: float | None, ber: float, trials: int) -> None:
-    """One-line errors for budgets and campaign settings, before any work."""
-    if not (isinstance(max_macs, (int, float)) and math.isfinite(max_macs) and max_macs > 0):
-        raise ValueError(f"max MACs ratio must be a finite number > 0 (got {max_macs})")
+def check_budget(max_macs: float, max_latency: float | None = None, ber: float | None = None,
+                 trials: int | None = None, *, batch: int = cost.DEFAULT_BATCH, at_least_one: bool = True) -> None:
+    """One-line errors for budgets and campaign settings, before any work (``harden``,
+    ``protect`` and ``pipeline`` share it: one budget convention, a ratio at ``batch``).
+
+    ``at_least_one``: a budget relative to the model itself cannot lie below 1 (nothing
+    costs less than the unprotected model); the end-to-end pipeline's budget is relative
+    to the unpruned original, where 0.9 is a goal a pruned model can meet."""
+    if at_least_one:
+        hardening.check_max_macs(max_macs)
+    elif isinstance(max_macs, bool) or not (isinstance(max_macs, (int, float)) and math.isfinite(max_macs)
+                                            and max_macs > 0):
+        raise ValueError(f"max_macs must be a finite ratio > 0 (got {max_macs!r})")
     if max_latency is not None and not (isinstance(max_latency, (int, float)) and math.isfinite(max_latency)
                                         and max_latency > 0):
         raise ValueError(f"max latency ratio must be a finite number > 0 (got {max_latency})")
-    if not (isinstance(ber, (int, float)) and 0 < ber <= 0.1):
+    if ber is not None and not (isinstance(ber, (int, float)) and 0 < ber <= 0.1):
         raise ValueError(f"bit error rate must lie in (0, 0.1] (got {ber})")
-    if not (isinstance(trials, int) and trials >= 1):
+    if trials is not None and not (isinstance(trials, int) and trials >= 1):
         raise ValueError(f"trials must be an integer >= 1 (got {trials})")
-
-
-def _layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    return cost.macs(model, input_shape)["layer_macs"]
-
-
-def _macs_at_batch(macs: Mapping[str, int], batch: int) -> float:
-    """MACs per input when ``batch`` inputs share one forward: weight checks run once per
-    forward whatever the batch (``cost.macs`` counts them at batch 1), the rest per input."""
-    checks = macs.get("weight_checks", 0) * hardening.CHECK_OPS
-    return macs["macs"] - checks + checks / batch
+    cost.check_batch(batch)
 
 
 def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] | None,
-           calibration: torch.Tensor, base_macs: int, max_macs: float, input_shape: tuple[int, ...],
-           check_batch: int) -> tuple[nn.Module | None, dict[str, Any]]:
+           calibration: torch.Tensor, base_macs: float, max_macs: float, input_shape: tuple[int, ...],
+           batch: int) -> tuple[nn.Module | None, dict[str, Any]]:
     """The candidate's model and its final settings; for duplication, the largest share of
-    the leftover MAC budget that fits (None when nothing fits)."""
+    the leftover MAC budget that fits (None when nothing fits). ``base_macs``: the
+    reference's MACs per input at ``batch`` (``cost.macs_at_batch``), as every count here."""
     if cand.settings is None:
         return model, {}
     if not cand.duplicate:
         return hardening.harden(model, calibration=calibration, **cand.settings), dict(cand.settings)
     rest = {k: v for k, v in cand.settings.items() if k != "correction"}
     without = hardening.harden(model, ratio=0.0, calibration=calibration, **rest)
-    without_macs = cost.macs(without, input_shape)
-    slack = max_macs * base_macs - _macs_at_batch(without_macs, check_batch)
+    without_macs = cost.macs_at_batch(without, input_shape, batch)
+    slack = max_macs * base_macs - without_macs
     if slack <= 0 or scores is None:
         return None, dict(cand.settings)
-    model_layer = _layer_macs(model, input_shape)
-    fixed = without_macs["macs"] - model_layer  # restriction and checks, at batch 1 (harden's budget counts so)
+    model_macs = cost.macs_at_batch(model, input_shape, batch)
     for share in BUDGET_SHARES:
-        budget = (fixed + share * slack) / model_layer  # harden's budget: all it adds, at batch 1
-        hard = hardening.harden(model, scores, budget=budget, calibration=calibration,
+        ratio = (without_macs + share * slack) / model_macs  # harden's max_macs: relative to ``model``
+        hard = hardening.harden(model, scores, max_macs=ratio, batch=batch, calibration=calibration,
                                  input_shape=input_shape, **cand.settings)
-        if hardening.protected(hard) and \
-                _macs_at_batch(cost.macs(hard, input_shape), check_batch) <= max_macs * base_macs:
-            return hard, {**cand.settings, "budget": budget,
+        if hardening.protected(hard) and cost.macs_at_batch(hard, input_shape, batch) <= max_macs * base_macs:
+            return hard, {**cand.settings, "max_macs": ratio, "batch": batch,
                           "duplicated_channels": sum(len(v) for v in hardening.protected(hard).values())}
     return None, dict(cand.settings)
 
@@ -246,11 +259,12 @@ def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[M
                   device: str = "cpu") -> str:
     """What the validation campaigns will cost, said before they start (issue 14): one timed
     inference of ``reference`` over ``x_val`` x each candidate's cost ratio to it (measured
-    latency, else MACs at batch 1) x ``trials``. An upper bound: exact shortcuts cut it."""
+    latency at batch 1, else MACs at batch 1: the campaigns' forwards) x ``trials``. An upper
+    bound: exact shortcuts cut it."""
     reference.eval()
     with train.on_device(reference, device), torch.inference_mode():
         _, seconds = progress.timed(campaign.predict, reference, x_val.to(device))
-    ratios = [max(1.0, r.get("latency_ratio") or r["macs_ratio_b1"]) for r in records]
+    ratios = [max(1.0, r["cost"]["latency_ratio_batch1"] or r["cost"]["macs_ratio_batch1"]) for r in records]
     return progress.expected(seconds * trials * sum(ratios), "validation campaigns",
                              f"{len(records)} candidates x {trials} trials of {len(x_val)} inputs, from one "
                              f"timed inference ({seconds:.2g} s) x each candidate's cost ratio; shortcuts cut it")
@@ -262,37 +276,102 @@ def _point(summary: dict[str, Any], ber: float) -> dict[str, Any]:
             "trials": row["trials"], "sdc": row["sdc_mean"], "due": row["due_mean"]}
 
 
-def _choose(records: list[dict[str, Any]], tie: float, ber: float, max_macs: float,
-            max_latency: float | None) -> tuple[str, str]:
+def trial_accuracies(folder: Path, ber: float, trials: int) -> dict[str, float]:
+    """Per-trial validation accuracy at ``ber`` (trial index as text -> accuracy) of the
+    campaign in ``folder``: what the paired choice compares. Read-only, every row checked
+    (the folder may be a resumed, hand-edited one: ``report``'s reader)."""
+    got = store.read_trials(folder / campaign.DB_NAME, "point, trial, accuracy", readback.CAMPAIGN_ROWS)
+    rows = got[0] if got is not None else []
+    return {str(t): float(a) for p, t, a in rows if math.isclose(p, ber, rel_tol=1e-9) and 0 <= t < trials}
+
+
+def versus_best(best: Mapping[str, Any], rec: Mapping[str, Any], alpha: float = ALPHA) -> dict[str, Any]:
+    """``rec``'s validation accuracy minus ``best``'s, paired by trial (the trials both ran:
+    same seed, BER and inputs, so trial ``i`` shares its random numbers): the mean
+    difference, the one-sided p of the paired sign-flip test that it lies below 0
+    (``paired.sign_flip_test``; significantly below when p < ``alpha``) and, for the
+    reader, ``paired.paired_test``'s interval at ``1 - 2 alpha`` (the campaigns' interval
+    rule; below 1,000 pairs the betting interval, wider than the test). Without per-trial
+    accuracies nothing can be tested: counted as below unless it IS the best."""
+    a = best["validation"].get("trial_accuracy") or {}
+    b = rec["validation"].get("trial_accuracy") or {}
+    common = sorted(set(a) & set(b), key=int)
+    out: dict[str, Any] = {"test": "paired sign-flip, one-sided", "alpha": alpha, "trials": len(common),
+                           "difference": None, "p_one_sided": None, "ci": None, "confidence": 1 - 2 * alpha,
+                           "ci_method": None, "significantly_below": rec is not best}
+    if rec is best:
+        out.update(difference=0.0, ci=[0.0, 0.0])
+    if rec is best or not common:
+        return out
+    ours, theirs = [b[t] for t in common], [a[t] for t in common]
+    interval = paired_test(theirs, ours, confidence=1 - 2 * alpha)
+    p = sign_flip_test([x - y for x, y in zip(ours, theirs)], alternative="less")
+    out.update(difference=interval["mean_difference"], p_one_sided=p, ci=list(interval["ci"]),
+               ci_method=interval["ci_method"], significantly_below=bool(p < alpha))
+    return out
+
+
+def _price_key(rec: Mapping[str, Any]) -> tuple[float, float]:
+    """Cheapest first: MACs at the deployment batch, then latency (untimed: last)."""
+    latency = rec.get("latency_ratio")
+    return rec["macs_ratio"], math.inf if latency is None else latency
+
+
+def choose(records: list[dict[str, Any]], ber: float, max_macs: float, max_latency: float | None,
+           batch: int = cost.DEFAULT_BATCH, alpha: float = ALPHA) -> tuple[str, str]:
+    """The cheapest candidate within budget whose validation accuracy is not significantly
+    below the most accurate one's (:func:`versus_best`), and why; records ``choice`` on every
+    evaluated candidate (its paired difference to the best, interval, p, verdict, why)."""
     eligible = [r for r in records if r["within_budget"] and r["validation"] is not None]
+    budget = f"MACs <= x{max_macs:g}" + (f" and latency <= x{max_latency:g}" if max_latency else "") + \
+        f" at batch {batch}"
     if not eligible:
-        raise ValueError(f"no candidate fits the budget (MACs <= x{max_macs:g}"
-                         + (f", latency <= x{max_latency:g}" if max_latency else "") + ")")
-    best = max(r["validation"]["accuracy"] for r in eligible)
-    tied = [r for r in eligible if r["validation"]["accuracy"] >= best - tie]
-    pick = min(tied, key=lambda r: (r["macs_ratio"], -r["validation"]["accuracy"]))
+        raise ValueError(f"no candidate fits the budget ({budget})")
+    best = max(eligible, key=lambda r: (r["validation"]["accuracy"], [-x for x in _price_key(r)]))
+    tests = {r["name"]: versus_best(best, r, alpha) for r in eligible}
+    tied = [r for r in eligible if not tests[r["name"]]["significantly_below"]]
+    pick = min(tied, key=lambda r: (*_price_key(r), -r["validation"]["accuracy"], r["name"]))
     acc, (lo, hi) = pick["validation"]["accuracy"], pick["validation"]["accuracy_ci"]
-    budget = f"MACs <= x{max_macs:g}" + (f" and latency <= x{max_latency:g}" if max_latency else "")
-    reason = (f"highest validation accuracy at BER {ber:g} among the {len(eligible)} candidates within "
-              f"budget ({budget}): {acc:.2%} [{lo:.2%}, {hi:.2%}] at x{pick['macs_ratio']:.3f} MACs")
-    top = max(eligible, key=lambda r: (r["validation"]["accuracy"], -r["macs_ratio"]))
-    if top is not pick:
-        reason = (f"the cheapest of the candidates within {100 * tie:.2g} point(s) of the most accurate "
-                  f"one within budget ({budget}; {len(eligible)} candidates): {acc:.2%} [{lo:.2%}, {hi:.2%}] at "
-                  f"validation BER {ber:g} and x{pick['macs_ratio']:.3f} MACs, vs {top['name']} "
-                  f"{top['validation']['accuracy']:.2%} at x{top['macs_ratio']:.3f}")
+    where = (f"{acc:.2%} [{lo:.2%}, {hi:.2%}] at validation BER {ber:g}, x{pick['macs_ratio']:.3f} MACs at "
+             f"batch {batch}")
+    rule = (f"the cheapest (MACs at batch {batch}, then latency) of the {len(tied)} of {len(eligible)} candidates "
+            f"within budget ({budget}) not significantly below the most accurate (one-sided paired sign-flip "
+            f"test by trial, alpha {alpha:g})")
+    fewest = min(tests[r["name"]]["trials"] for r in eligible)
+    if len(eligible) > 1 and 0.5 ** fewest >= alpha:
+        rule += f"; with {fewest} trials no difference can be significant: add trials to tell candidates apart"
+    if pick is best:
+        reason = f"{rule}: the most accurate itself, {where}"
     else:
-        rest = sorted((r for r in eligible if r is not pick), key=lambda r: -r["validation"]["accuracy"])
-        if rest:
-            reason += f"; runner-up: {rest[0]['name']} {rest[0]['validation']['accuracy']:.2%}"
+        t = tests[pick["name"]]
+        reason = (f"{rule}: {where}; vs {best['name']} {best['validation']['accuracy']:.2%} at "
+                  f"x{best['macs_ratio']:.3f}: {100 * t['difference']:+.2f} points "
+                  f"[{100 * t['ci'][0]:+.2f}, {100 * t['ci'][1]:+.2f}], one-sided p {t['p_one_sided']:.2g}")
+    for rec in records:
+        if rec.get("validation") is None:
+            continue
+        if not any(rec is r for r in eligible):
+            rec["choice"] = {"versus_best": None, "why": "over budget: evaluated as a baseline, never chosen"}
+            continue
+        t = tests[rec["name"]]
+        if rec is pick:
+            why = "chosen: " + ("the most accurate, and nothing cheaper is statistically tied with it"
+                                if rec is best else f"the cheapest not significantly below {best['name']}")
+        elif t["significantly_below"]:
+            why = (f"significantly below {best['name']} (one-sided p {t['p_one_sided']:.2g} < {alpha:g})"
+                   if t["difference"] is not None else f"no per-trial accuracies to compare with {best['name']}")
+        else:
+            why = (f"not significantly below {best['name']}, but costs more than {pick['name']} "
+                   f"(x{rec['macs_ratio']:.3f} vs x{pick['macs_ratio']:.3f} MACs at batch {batch})")
+        rec["choice"] = {"versus_best": {"best": best["name"], **t}, "why": why}
     return pick["name"], reason
 
 
 def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, ber: float = 1e-4,
             max_macs: float = 1.15, max_latency: float | None = None, trials: int = 100, seed: int = 0,
             scores: Mapping[str, Sequence[float]] | None = None, reference: nn.Module | None = None,
-            validation_fraction: float = 0.2, calibration_size: int = 1000, tie: float = 0.001,
-            measure_latency: bool = True, check_batch: int = LATENCY_BATCH,
+            validation_fraction: float = 0.2, calibration_size: int = 1000,
+            measure_latency: bool = True, batch: int = cost.DEFAULT_BATCH,
             space: Sequence[Candidate] | None = None,
             work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
             device: str = "cpu") -> ProtectResult:
@@ -303,11 +382,11 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         x_train, y_train: its TRAINING data; split here into fit (scores,
             calibration ranges) and validation (the campaigns). No test data.
         ber: bit error rate of the selection campaigns (float32 parameter flips).
-        max_macs: MACs per input allowed, as a ratio to ``reference``'s: copies, corrections,
-            restrictions and weight checks included; weight checks run once per forward,
-            so they count divided by ``check_batch`` (``macs_ratio_b1`` in the records
-            counts them whole, as at batch 1).
-        max_latency: latency allowed at batch 128 (1 thread, interleaved), ratio to ``reference``'s.
+        max_macs: MACs per input allowed at ``batch``, as a ratio to ``reference``'s: copies,
+            corrections, restrictions and weight checks included (``cost.macs_at_batch``:
+            work done once per forward is shared by the batch; each record's ``cost`` holds
+            the ratio at batch 1 beside it).
+        max_latency: latency allowed at ``batch`` (1 thread, interleaved), ratio to ``reference``'s.
         trials: trials per candidate campaign.
         seed: seed of the split, the calibration subset, the scores and the campaigns (the
             validation campaigns draw faults with it; test and end-to-end campaigns with
@@ -317,9 +396,9 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             end-to-end pipeline passes the unpruned original).
         validation_fraction: share of the training data held out per class.
         calibration_size: fit inputs the ranges are profiled on.
-        tie: accuracies within this of the best count as tied; the cheapest wins.
         measure_latency: time every candidate (needed when ``max_latency`` is given).
-        check_batch: inputs per forward the weight checks are shared by (the latency batch).
+        batch: the deployment batch: budgets apply and costs are quoted there (latency also
+            at batch 1, recorded beside it).
         space: the candidates (default: :func:`candidates`).
         work_dir: where campaign folders go (resumable); default a temporary folder.
         log: called with progress lines.
@@ -335,11 +414,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             result.chosen, result.record(result.chosen)["macs_ratio"] <= 1.15
         ('restrict_zero_m0.1', True)
     """
-    check_budget(max_macs, max_latency, ber, trials)
-    if not 0 <= tie < 1:
-        raise ValueError(f"tie must lie in [0, 1) (got {tie})")
-    if check_batch < 1:
-        raise ValueError(f"check batch must be >= 1 (got {check_batch})")
+    check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=reference is None)
     say = log or (lambda *_: None)
     reference = model if reference is None else reference
     measure_latency = measure_latency or max_latency is not None
@@ -356,13 +431,15 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             scores = vulnerability.analyze(model, x_fit.to(device), y_fit.to(device), method="gain", samples=256,
                                            seed=seed)["layers"]
     ranked = exposure(model, scores) if scores is not None else None
-    ref_cost = {"params": cost.parameters(reference), **cost.macs(reference, input_shape)}
+    ref_cost = {"params": cost.parameters(reference), **cost.macs(reference, input_shape),
+                "macs_at_batch": cost.macs_at_batch(reference, input_shape, batch),
+                "memory_bits": cost.memory_bits(reference)}
 
     records: list[dict[str, Any]] = []
     built: dict[str, nn.Module] = {}
     for cand in space:
-        net, settings = _build(model, cand, ranked, calibration, ref_cost["macs"], max_macs, input_shape,
-                               check_batch)
+        net, settings = _build(model, cand, ranked, calibration, ref_cost["macs_at_batch"], max_macs,
+                               input_shape, batch)
         rec: dict[str, Any] = {"name": cand.name, "family": cand.family, "settings": settings,
                                "baseline": cand.baseline}
         if net is None:
@@ -370,24 +447,28 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             records.append(rec)
             continue
         c = {"params": cost.parameters(net), **cost.macs(net, input_shape)}
-        amortised = _macs_at_batch(c, check_batch)
-        rec.update(built=True, params=c["params"], macs=amortised, macs_b1=c["macs"], elementwise=c["elementwise"],
-                   weight_checks=c.get("weight_checks", 0), params_ratio=c["params"] / ref_cost["params"],
-                   macs_ratio=amortised / ref_cost["macs"], macs_ratio_b1=c["macs"] / ref_cost["macs"])
+        price = cost.price(net, reference, input_shape, batch)
+        rec.update(built=True, batch=batch, params=c["params"], macs=price["macs_ratio"] * ref_cost["macs_at_batch"],
+                   macs_b1=c["macs"], elementwise=c["elementwise"], weight_checks=c.get("weight_checks", 0),
+                   memory_bits=cost.memory_bits(net), params_ratio=c["params"] / ref_cost["params"],
+                   macs_ratio=price["macs_ratio"], memory_ratio=price["memory_ratio"], cost=price)
         rec["within_budget"] = rec["macs_ratio"] <= max_macs + 1e-12
         built[cand.name] = net
         records.append(rec)
 
     timed = {n: m for n, m in built.items() if measure_latency and
              (next(r for r in records if r["name"] == n)["within_budget"] or n == "full_tmr")}
+    timings: dict[int, dict[str, Any]] = {}
     if timed:
-        say(f"timing {len(timed)} candidates (batch {LATENCY_BATCH}, 1 thread, interleaved) ...")
-        ms = cost.interleaved_latency({"__reference__": reference, **timed}, input_shape,
-                                      batch=LATENCY_BATCH, rounds=9, threads=1)
+        say(f"timing {len(timed)} candidates (batch {batch} and 1, 1 thread, interleaved until two timings "
+            f"of the same model agree within {cost.AGREEMENT:g}) ...")
+        timings = {b: cost.stable_latency({"__reference__": reference, **timed}, input_shape, b, threads=1)
+                   for b in dict.fromkeys((batch, 1))}
         for rec in records:
             if rec["name"] in timed:
-                rec["latency_b128_ms"] = ms[rec["name"]]
-                rec["latency_ratio"] = ms[rec["name"]] / ms["__reference__"]
+                rec["cost"] = cost.price(built[rec["name"]], reference, input_shape, batch, timings,
+                                         name=rec["name"], reference_name="__reference__")
+                rec["latency_ratio"] = rec["cost"]["latency_ratio"]
                 if max_latency is not None and rec["latency_ratio"] > max_latency:
                     rec["within_budget"] = False
     work = Path(work_dir) if work_dir is not None else None
@@ -400,11 +481,14 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             rec["validation"] = None
             if not any(rec is r for r in to_run):
                 continue
-            say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs) ...")
+            say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs at batch {batch}) ...")
+            folder = root / "validation" / rec["name"]
             summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, role_seed(seed, "validation"),
-                                root / "validation" / rec["name"], device)
+                                folder, device)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
+            # what the paired choice compares: every candidate's trial i drew from the same generator
+            rec["validation"]["trial_accuracy"] = trial_accuracies(folder, ber, rec["validation"]["trials"])
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -414,14 +498,20 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         rec["pareto"] = False
     for rec, flag in zip(evaluated, flags):
         rec["pareto"] = flag
-    chosen, reason = _choose(records, tie, ber, max_macs, max_latency)
+    chosen, reason = choose(records, ber, max_macs, max_latency, batch)
     for rec in records:
         rec["chosen"] = rec["name"] == chosen
     config = {"ber": ber, "max_macs": max_macs, "max_latency": max_latency, "trials": trials, "seed": seed,
               "validation_fraction": validation_fraction, "validation_size": len(x_val),
-              "fit_size": len(x_fit), "calibration_size": len(calibration), "tie": tie,
-              "check_batch": check_batch,
-              "latency": {"batch": LATENCY_BATCH, "threads": 1, "method": "cost.interleaved_latency"}
+              "fit_size": len(x_fit), "calibration_size": len(calibration), "batch": batch,
+              "choice": {"rule": "cheapest (MACs at batch, then latency) not significantly below the most "
+                                 "accurate, paired by trial", "test": "paired sign-flip (paired.sign_flip_test)",
+                         "alpha": ALPHA, "one_sided": True,
+                         "paired_by": "trial index: same validation seed, BER and inputs for every candidate"},
+              "latency": {"batches": sorted({batch, 1}), "threads": 1, "method": "cost.stable_latency",
+                          "agreement": cost.AGREEMENT,
+                          "rounds": {str(b): t["rounds"] for b, t in timings.items()},
+                          "converged": {str(b): t["converged"] for b, t in timings.items()}}
               if measure_latency else None,
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
               "fault_model": "float32 bit flips in Conv2d/Linear parameters, protection values attacked",
@@ -474,65 +564,9 @@ def front_json(result: ProtectResult) -> str:
 
 
 def plot_front(result: ProtectResult, path: str | Path) -> None:
-    """Validation accuracy under faults vs MACs ratio, 95% CI bars, the Pareto front as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (the formatter below)
-
-    recs = [r for r in result.records if r["validation"] is not None]
-    accs = [100 * r["validation"]["accuracy"] for r in recs]
-    # zoom on the candidates that matter (within 15 points of the best); those below sit on the
-    # bottom edge with their accuracy written beside them
-    floor = max(0.0, min(min(100 * r["validation"]["accuracy_ci"][0] for r, a in zip(recs, accs)
-                             if a >= max(accs) - 15) - 1.0, max(accs) - 15))
-    fig, (ax, key) = plt.subplots(1, 2, figsize=(11, 5.5), gridspec_kw={"width_ratios": [2.2, 1]})
-    lines = []
-    for i, (r, acc) in enumerate(zip(recs, accs), 1):
-        lo, hi = (100 * v for v in r["validation"]["accuracy_ci"])
-        color = "tab:red" if r["chosen"] else "tab:blue" if r["within_budget"] else "tab:gray"
-        shown = max(acc, floor + 0.3)
-        ax.errorbar(r["macs_ratio"], shown, yerr=[[max(0.0, shown - max(lo, floor))], [max(0.0, hi - shown)]],
-                    fmt="v" if acc < floor else "o", color=color, capsize=3,
-                    markersize=7 if r["chosen"] else 5, alpha=0.85)
-        # numbers, not names, beside the markers (the key on the right names them): candidates
-        # often share a MACs ratio, so those alternate sides
-        same = sum(1 for q in recs[:i - 1] if abs(q["macs_ratio"] - r["macs_ratio"]) < 0.005 * r["macs_ratio"])
-        dx = 5 + 9 * (same // 2) if same % 2 == 0 else -12 - 9 * (same // 2)
-        ax.annotate(str(i) + (f" ({acc:.0f}%)" if acc < floor else ""), (r["macs_ratio"], shown),
-                    textcoords="offset points", xytext=(dx, 3), fontsize=7.5, color=color)
-        lines.append((f"{i:>2}  {r['name']}  {acc:.1f}% x{r['macs_ratio']:.2f}"
-                      + ("  (front)" if r["pareto"] else ""), color))
-    front = sorted((r["macs_ratio"], max(a, floor + 0.3)) for r, a in zip(recs, accs) if r["pareto"])
-    if front:
-        ax.step(*zip(*front), where="post", color="tab:green", lw=1, label="Pareto front")
-    ax.set_ylim(floor, min(100.0, max(100 * r["validation"]["accuracy_ci"][1] for r in recs) + 0.5))
-    ax.axvline(result.config["max_macs"], color="tab:orange", ls="--", lw=1,
-               label=f"budget x{result.config['max_macs']:g} MACs")
-    key.axis("off")
-    for j, (text, color) in enumerate(lines):
-        key.text(0.0, 1.0 - j * 0.055, text, transform=key.transAxes, fontsize=7.5, color=color,
-                 family="monospace", va="top")
-    key.text(0.0, 1.0 - (len(lines) + 1) * 0.055, "red: chosen; gray: over budget (baseline);\n"
-             "triangles: below the plotted range (accuracy in brackets)",
-             transform=key.transAxes, fontsize=7.5, va="top")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
-    ax.set_xlabel("MACs relative to the reference model (log scale)")
-    ax.set_ylabel(f"validation accuracy at BER {result.config['ber']:g} (%)")
-    ax.set_title(f"protection candidates (chosen in red: {result.chosen})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=130)
-    try:
-        files.atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    """Draw the front (``ftcnn.plots.protect_front``) from what ``front.json`` stores, so that
+    ``ftcnn report`` redraws the same figure from the file."""
+    plots.protect_front(files.loads_strict(front_json(result)), Path(path))
 
 
 def write_result(result: ProtectResult, out: str | Path, **meta: Any) -> dict[str, Path]:
@@ -549,7 +583,7 @@ def write_result(result: ProtectResult, out: str | Path, **meta: Any) -> dict[st
 
 
 def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e-4, max_macs: float = 1.15,
-                max_latency: float | None = None, trials: int = 100, seed: int = 0,
+                max_latency: float | None = None, trials: int = 100, seed: int = 0, batch: int = cost.DEFAULT_BATCH,
                 allow_builder: str | None = None, source: str | None = None,
                 log: Callable[[str], Any] | None = None, device: str = "cpu") -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
@@ -559,13 +593,14 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
 
             protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
-    check_budget(max_macs, max_latency, ber, trials)
+    check_budget(max_macs, max_latency, ber, trials, batch=batch)
     out = Path(out)
     train_set, test_set = data_mod.load(data, "train"), data_mod.load(data, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     with files.exclusive_folder(out), checkpoint.allowing(allow_builder):  # one writer for the whole run
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                         trials=trials, seed=seed, work_dir=out / "campaigns", log=log, device=device)
+                         trials=trials, seed=seed, batch=batch, work_dir=out / "campaigns", log=log,
+                         device=device)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
         write_result(result, out, data=data, source=source)
     return result

@@ -121,12 +121,13 @@ class Text(Schema):
 
 @dataclass(frozen=True)
 class ListOf(Schema):
-    """A list of ``item``s (exactly ``length`` of them when given, at least ``min_len``)."""
+    """A list of ``item``s (exactly ``length`` of them when given, at least ``min_len``, at most ``max_len``)."""
 
     item: Schema
     length: int | None = None
     min_len: int = 0
     nullable: bool = False
+    max_len: int | None = None
 
     def check(self, value: Any, where: str) -> None:
         if value is None and self.nullable:
@@ -137,8 +138,23 @@ class ListOf(Schema):
             raise Invalid(where, f"must hold {self.length} values (got {len(value)})")
         if len(value) < self.min_len:
             raise Invalid(where, f"must hold at least {self.min_len} value(s) (got {len(value)})")
+        if self.max_len is not None and len(value) > self.max_len:
+            raise Invalid(where, f"must hold at most {self.max_len} values (got {len(value)})")
         for i, item in enumerate(value):
             self.item.check(item, _join(where, i))
+
+
+@dataclass(frozen=True)
+class Flag(Schema):
+    """true or false (or null with ``nullable``)."""
+
+    nullable: bool = False
+
+    def check(self, value: Any, where: str) -> None:
+        if value is None and self.nullable:
+            return
+        if not isinstance(value, bool):
+            raise Invalid(where, f"must be true or false (got {_got(value)})")
 
 
 @dataclass(frozen=True)
@@ -323,6 +339,44 @@ KEY = Obj()
 SETTINGS = Obj()
 # a JSON object whose fields its reader checks itself (scores.json: vulnerability.Scores.check)
 ANY_OBJECT = Obj()
+
+
+# front.json of ``ftcnn protect`` (and of ``ftcnn pipeline --max-macs``: its ``end_to_end``): what
+# ``ftcnn report`` redraws the front and its tables from. A candidate's name is a plot label: letters,
+# digits and ``_.+-`` only (no mathtext, no markup); at most ``MAX_CANDIDATES`` candidates are drawn.
+MAX_CANDIDATES = 500
+CANDIDATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}")
+RATIO = Num(0.0, 1e12, nullable=True)  # null: undefined (a reference cost of 0)
+POINT = Obj(required={"accuracy": Num(0.0, 1.0), "accuracy_ci": Ordered(Num(0.0, 1.0))},
+            optional={"trials": COUNT, "sdc": SHARE, "due": SHARE})
+TEST_ENTRY = Obj(optional={"clean": SHARE, "role": Text(), "bers": MapOf(_ber_key, POINT, "BER")})
+CANDIDATE = Obj(
+    required={"name": Text(CANDIDATE_NAME)},
+    optional={"family": Text(), "built": Flag(), "baseline": Flag(), "within_budget": Flag(), "pareto": Flag(),
+              "chosen": Flag(), "macs_ratio": RATIO, "macs_ratio_b1": RATIO, "params_ratio": RATIO,
+              "latency_ratio": RATIO, "batch": Num(1, MAX_INT, integer=True, nullable=True),
+              "validation": Obj(required=POINT.required, optional=POINT.optional, nullable=True),
+              "validation_clean": SHARE})
+PROTECT_FRONT = Obj(
+    required={"chosen": Text(CANDIDATE_NAME), "candidates": UniqueBy(ListOf(CANDIDATE, min_len=1,
+                                                                            max_len=MAX_CANDIDATES), "name")},
+    optional={"format": Text(), "reason": Text(),
+              "config": Obj(optional={"ber": BER, "max_macs": Num(0.0, 1e12, nullable=True),
+                                      "max_latency": Num(0.0, 1e12, nullable=True), "trials": COUNT,
+                                      "check_batch": Num(1, MAX_INT, integer=True, nullable=True),
+                                      "batch": Num(1, MAX_INT, integer=True, nullable=True),
+                                      "validation_size": COUNT}),
+              "test": MapOf(CANDIDATE_NAME, TEST_ENTRY, "candidate name", nullable=True),
+              "end_to_end": Obj(optional={"prune_ratio": Num(0.0, 1.0), "criterion": Text(),
+                                          "clean_test": MapOf(NAME, SHARE, "model name"),
+                                          "original_test": TEST_ENTRY}, nullable=True)})
+
+# summary.json of ``ftcnn pipeline`` (prune -> harden): per stage its costs and clean test accuracy
+STAGE = Obj(optional={**{k: NONNEG for k in COST_KEYS}, "accuracy": SHARE})
+PIPELINE_SUMMARY = Obj(
+    required={"stages": MapOf(NAME, STAGE, "stage name")},
+    optional={"relative": MapOf(NAME, MapOf(NAME, Num(nullable=True), "cost"), "comparison"),
+              "config": Obj(), "record": Obj(), "device": Text(nullable=True)})
 
 
 # --- reading ------------------------------------------------------------------------------------

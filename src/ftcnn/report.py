@@ -1,7 +1,11 @@
-"""Plots and a self-contained HTML page from a comparison's stored results (design §6).
+"""A self-contained HTML page from any run folder's stored results (design §6): the data of its
+figures here, the drawing in ``ftcnn.plots``.
 
-Everything here reads what ``ftcnn compare`` stored and never reruns a trial, so
-``ftcnn report RUN`` can rebuild the page at any time:
+``ftcnn report RUN`` reads the kind of run from its files (``run_kind``): a protect run (or
+``ftcnn pipeline --max-macs``) by its ``front.json``, a comparison, a pipeline and an inject
+campaign by their ``summary.json`` (variants, stages, results), each checked by its ``readback``
+schema; anything else is refused in one line. It never reruns a trial, so the page can be rebuilt
+at any time. For a comparison it reads what ``ftcnn compare`` stored:
 
 - ``summary.json``: per variant and BER the campaign statistics, costs, clean accuracy;
 - the per-trial rows of each variant's campaign (``campaigns/NAME/results.sqlite``) for
@@ -26,20 +30,14 @@ import html
 import io
 import json
 import math
-import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
-from ftcnn import files, readback
-from ftcnn.files import atomic_write
-from ftcnn.lazy import headless_matplotlib, lazy
+from ftcnn import files, plots, readback, store
 from ftcnn.metrics import BOUNDED_CI_BELOW
 from ftcnn.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber, welch_test,
                           wilson_ci)
-
-# 0.4 s to import: only when a report is drawn, not at every command's start
-plt = lazy("matplotlib.pyplot", setup=headless_matplotlib)
-ticker = lazy("matplotlib.ticker")
+from ftcnn.plots import MIN_FLIPS
 
 PLOTS = ("pareto", "accuracy_vs_ber", "bit_sensitivity", "layer_bit_heatmap", "vulnerability")
 CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high",
@@ -48,12 +46,8 @@ CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "a
               "relative_latency_b1_ms", "relative_latency_b128_ms")
 REPORT_DATA = "report_data.json"
 TOLERANCE = 0.01          # "within 1 point of clean accuracy"
-MIN_FLIPS = 30            # fewer single flips per cell than this: the rate is flagged as too noisy
 COSTS = (("params", "parameters (protection values included)"), ("macs", "MACs per input"),
          ("latency_b1_ms", "CPU latency, batch 1"), ("latency_b128_ms", "CPU latency, batch 128"))
-# matplotlib's tab10, written out (reading it from pyplot would import pyplot at start-up), then four more
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf", "#6b3e26", "#1a5e63", "#8c6d31", "#393b79")
 
 
 # --- numbers and rows --------------------------------------------------------------------------
@@ -130,40 +124,13 @@ def _ber_results(v: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- per-trial data: read from the run's SQLite files, kept in report_data.json ----------------
 
-def _read_trials(db_path: Path, columns: str, rows_schema: readback.Schema
-                 ) -> tuple[list[tuple], int | None] | None:
-    """The ``columns`` of every trial in ``db_path`` (checked against ``rows_schema``: the file may
-    have been edited) and the seed its identity records; None when there is no readable database."""
-    if not db_path.is_file():
-        return None
-    try:
-        db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            rows = db.execute(f"SELECT {columns} FROM trials ORDER BY point, trial").fetchall()
-            meta = db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    readback.check(rows, rows_schema, f"{db_path} (its trials)")
-    seed = None
-    if meta:
-        try:
-            seed = json.loads(meta[0]).get("config", {}).get("seed")
-        except (ValueError, AttributeError, RecursionError, TypeError):
-            seed = None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        seed = None
-    return rows, seed
-
-
 def collect_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
     """The per-trial values the page needs, from the run folder's SQLite files (None if none)."""
     campaigns: dict[str, Any] = {}
     bits: dict[str, Any] = {}
     for v in summary["variants"]:
         name = v["name"]
-        got = _read_trials(run / "campaigns" / name / "results.sqlite", "point, trial, accuracy",
+        got = store.read_trials(run / "campaigns" / name / "results.sqlite", "point, trial, accuracy",
                            readback.CAMPAIGN_ROWS)
         if got is not None:
             rows, seed = got
@@ -179,7 +146,7 @@ def collect_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
             per_bit: dict[str, list] = {}
             for sub in sorted(folder.glob("bit[0-9][0-9]")):
                 db_path = sub / "results.sqlite"
-                got = _read_trials(db_path, "n_faults, critical_sdc, sites", readback.FLIP_ROWS)
+                got = store.read_trials(db_path, "n_faults, critical_sdc, sites", readback.FLIP_ROWS)
                 if got is None:
                     continue
                 flips = []
@@ -297,139 +264,7 @@ def bit_rows(summary: dict[str, Any], trials: dict[str, Any] | None) -> dict[str
     return out
 
 
-# --- plots --------------------------------------------------------------------------------------
-
-def _save(fig: plt.Figure, stem: Path) -> None:
-    for ext in ("png", "svg"):
-        atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110,
-                                                                                 bbox_inches="tight"))
-    plt.close(fig)
-
-
-def _ber_axis(ax: plt.Axes, bers: Sequence[float]) -> None:
-    """Log x axis with ticks at the decades the sweep spans, labelled 1e-5 (not 10^-5 or 9.99e-06)."""
-    ax.set_xscale("log")
-    lo, hi = math.floor(math.log10(min(bers)) + 1e-9), math.ceil(math.log10(max(bers)) - 1e-9)
-    ticks = [10.0 ** e for e in range(lo, hi + 1)]
-    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: fmt_ber(x)))
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlim(min(bers) / 1.5, max(bers) * 1.5)
-
-
-def _empty_figure(stem: Path, message: str, height: float) -> None:
-    """A figure that says why there is nothing to draw (a missing plot reads as 'not measured')."""
-    fig, ax = plt.subplots(figsize=(6, height))
-    ax.text(0.5, 0.5, message, ha="center", va="center")
-    ax.axis("off")
-    _save(fig, stem)
-
-
-def _panel_grid(n: int, height: float, **shared: bool) -> tuple[Any, Any]:
-    """Small multiples: ``n`` panels, 3 (4 past six) to a row, each 3.1 wide and ``height`` tall."""
-    cols = 4 if n > 6 else min(3, n)
-    nrows = math.ceil(n / cols)
-    return plt.subplots(nrows, cols, figsize=(3.1 * cols, height * nrows), squeeze=False, **shared)
-
-
-def plot_accuracy_vs_ber(summary: dict[str, Any], stem: Path, tol: list[dict[str, Any]]) -> None:
-    """Small multiples: one panel per variant (its line and CI band), the baseline in grey in each."""
-    variants = [v for v in summary["variants"] if _ber_results(v)]
-    if not variants:
-        _empty_figure(stem, "no BER results", 2)
-        return
-    fig, axes = _panel_grid(len(variants), 2.5, sharex=True, sharey=True)
-    base = next((v for v in summary["variants"] if v["name"] == "baseline"), None)
-    all_bers = [r["ber"] for v in variants for r in _ber_results(v)]
-    tol_by = {t["name"]: t for t in tol}
-    for i, ax in enumerate(axes.flat):
-        if i >= len(variants):
-            ax.axis("off")
-            continue
-        v = variants[i]
-        res = _ber_results(v)
-        bers = [r["ber"] for r in res]
-        if base is not None and v is not base:
-            bres = _ber_results(base)
-            ax.plot([r["ber"] for r in bres], [r["accuracy_mean"] for r in bres], color="0.6", lw=1.2,
-                    ls="--", label="baseline")
-        color = COLORS[i % len(COLORS)]
-        ax.fill_between(bers, [r["accuracy_ci"][0] for r in res], [r["accuracy_ci"][1] for r in res],
-                        color=color, alpha=0.25, lw=0)
-        ax.plot(bers, [r["accuracy_mean"] for r in res], color=color, marker="o", ms=3.5, lw=1.8)
-        clean = _clean(v)
-        if not _nan(clean):
-            ax.axhline(clean, color=color, lw=0.8, ls=":")
-        t = tol_by.get(v["name"], {}).get("tolerable_ci", (None, ""))
-        if t[0] is not None and t[1] != "<":
-            ax.axvline(t[0], color="k", lw=0.7, alpha=0.5)
-        ax.set_title(f"{i + 1}. {v['name']}", fontsize=9, loc="left")
-        ax.grid(True, which="major", alpha=0.3)
-        _ber_axis(ax, all_bers)
-        ax.tick_params(labelsize=8)
-        ax.set_ylim(0, 1.02)
-    for ax in axes[-1]:
-        ax.set_xlabel("bit error rate", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy under faults", fontsize=8)
-    fig.suptitle(f"{summary.get('model_name', 'model')} on {summary.get('data', '')}: accuracy vs BER "
-                 f"(band: {ci_header(summary)}; dashed grey: baseline; dotted: clean accuracy; "
-                 "vertical line: conservative tolerable BER)", fontsize=9, y=1.0)
-    fig.tight_layout()
-    _save(fig, stem)
-
-
-def _place_labels(ax: plt.Axes, points: list[tuple[float, float]], labels: list[tuple[int, list[str], dict]],
-                  obstacles: Sequence[tuple[float, float, float, float]] = ()) -> None:
-    """Place each label near its point where it overlaps no marker, no other label and stays in
-    the axes (greedy, nearest free spot first), with a leader line when pushed away."""
-    fig = ax.figure
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    px = [to_px(p) for p in points]
-    box = ax.get_window_extent(renderer)
-    taken = [(x - 5, y - 5, x + 5, y + 5) for x, y in px]
-    for x0, y0, x1, y1 in obstacles:  # data-space rectangles (error bars, the front's line)
-        (a, b), (c, d) = to_px((x0, y0)), to_px((x1, y1))
-        taken.append((min(a, c) - 2, min(b, d) - 2, max(a, c) + 2, max(b, d) + 2))
-    scale = fig.dpi / 72.0
-
-    def free(b: tuple[float, float, float, float]) -> bool:
-        if b[0] < box.x0 + 2 or b[2] > box.x1 - 2 or b[1] < box.y0 + 2 or b[3] > box.y1 - 2:
-            return False
-        return not any(b[0] < t[2] and t[0] < b[2] and b[1] < t[3] and t[1] < b[3] for t in taken)
-
-    for index, texts, style in labels:
-        x, y = px[index]
-        chosen = None
-        for text in texts:  # the full label first, then a shorter one (the number) where it fits no place
-            t = ax.annotate(text, points[index], xytext=(0, 0), textcoords="offset points", **style)
-            ext = t.get_window_extent(renderer)
-            t.remove()
-            w, h = ext.width, ext.height
-            for r in (7, 13, 20, 30, 42, 56, 72, 90, 115, 140):
-                for dx, dy in ((1, 0), (1, 1), (1, -1), (-1, 0), (0, 1), (0, -1), (-1, 1), (-1, -1)):
-                    cx, cy = x + dx * r, y + dy * r * 0.8
-                    left = cx if dx > 0 else cx - w if dx < 0 else cx - w / 2
-                    bottom = cy if dy > 0 else cy - h if dy < 0 else cy - h / 2
-                    cand = (left, bottom, left + w, bottom + h)
-                    if free(cand):
-                        chosen = (text, cand, r)
-                        break
-                if chosen:
-                    break
-            if chosen:
-                break
-        if chosen is None:  # nowhere free: the shortest label, next to the point
-            chosen = (texts[-1], (x + 6, y, x + 6 + w, y + h), 7)
-        text, (left, bottom, right, top), r = chosen
-        offset = ((left + w / 2 - x) / scale, (bottom + h / 2 - y) / scale)
-        arrow = {"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": 3} if r > 7 else None
-        ax.annotate(text, points[index], xytext=offset, textcoords="offset points", ha="center", va="center",
-                    arrowprops=arrow, **style)
-        taken.append((left, bottom, right, top))
-
+# --- figures: the data each needs (``ftcnn.plots`` draws them) ----------------------------------
 
 def _latency_spread(v: dict[str, Any], key: str, variants: list[dict[str, Any]]) -> tuple[float, float] | None:
     """The interquartile range of a variant's latency relative to the baseline's median, when the
@@ -448,125 +283,6 @@ def _iqr_text(iqr: Any) -> str:
     if not (isinstance(iqr, list) and len(iqr) == 2 and all(isinstance(q, (int, float)) for q in iqr)):
         return ""
     return f" (IQR {_fmt(float(iqr[0]))}-{_fmt(float(iqr[1]))})"
-
-
-def plot_pareto(summary: dict[str, Any], stem: Path) -> dict[str, list[str]]:
-    """Accuracy at the report BER (with its CI) against each cost relative to the baseline,
-    one panel per cost, the Pareto front drawn; returns each cost's front (variant names)."""
-    ber = summary["report_ber"]
-    variants = summary["variants"]
-    numbers = {v["name"]: i + 1 for i, v in enumerate(variants)}
-    panels = [(k, what) for k, what in COSTS if any(not _nan(v.get("relative_cost", {}).get(k)) for v in variants)]
-    fronts: dict[str, list[str]] = {}
-    fig, axes = plt.subplots(math.ceil(len(panels) / 2) or 1, 2, figsize=(12, 4.6 * max(1, math.ceil(len(panels) / 2))),
-                             squeeze=False)
-    pending = []
-    for ax, (key, what) in zip(axes.flat, panels):
-        pts, names = [], []
-        xerr: dict[int, tuple[float, float]] = {}
-        for v in variants:
-            r, rel = _at_ber(v, ber), v.get("relative_cost", {}).get(key)
-            if r is None or _nan(rel) or _nan(r["accuracy_mean"]):
-                continue
-            pts.append((float(rel), float(r["accuracy_mean"]), r["accuracy_ci"]))
-            names.append(v["name"])
-            spread = _latency_spread(v, key, variants)
-            if spread is not None:
-                xerr[len(pts) - 1] = spread
-        if not pts:
-            ax.axis("off")
-            continue
-        front = pareto_front([p[0] for p in pts], [p[1] for p in pts])
-        fronts[key] = [names[i] for i in front]
-        fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
-        ax.step(fx, fy, where="post", color="tab:red", lw=1.4, alpha=0.8, zorder=1, label="Pareto front")
-        for j, (x, y, ci) in enumerate(pts):
-            on = j in front
-            xe = None if j not in xerr else [[max(0.0, x - xerr[j][0])], [max(0.0, xerr[j][1] - x)]]
-            ax.errorbar([x], [y], yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], xerr=xe, fmt="o",
-                        ms=6 if on else 5, color="tab:red" if on else "0.45", mfc="tab:red" if on else "white",
-                        ecolor="tab:red" if on else "0.6", elinewidth=1, capsize=2, zorder=3)
-        labels = [(j, [f"{numbers[names[j]]} {names[j]}", str(numbers[names[j]])],
-                   {"fontsize": 8, "color": "darkred", "weight": "bold"}) for j in front]
-        labels += [(j, [str(numbers[names[j]])], {"fontsize": 8, "color": "0.25"})
-                   for j in range(len(pts)) if j not in front]
-        xs = [p[0] for p in pts]
-        # log scale: a ratio reads the same at x1.1 as at x3, and the cheap cluster near x1 spreads out
-        ax.set_xscale("log")
-        lo, hi = min(xs + [1.0]) / 1.08, max(xs + [1.0]) * 1.3
-        ax.set_xlim(lo, hi)
-        ticks = [t for t in (0.25, 0.35, 0.5, 0.7, 0.85, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-                 if lo <= t <= hi]
-        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"×{x:g}"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        # the accuracies' range (CIs included), not always 0-1: crowded points need the room for labels
-        ax.set_ylim(max(-0.02, min(p[2][0] for p in pts) - 0.08), min(1.04, max(p[2][1] for p in pts) + 0.08))
-        ax.axvline(1.0, color="0.7", lw=0.8, ls=":")
-        ax.set_xlabel(f"{what}, relative to the baseline (log scale)", fontsize=9)
-        ax.set_ylabel(f"accuracy at BER {fmt_ber(ber)}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.tick_params(labelsize=8)
-        ax.set_title(f"accuracy vs {what}", fontsize=10, loc="left")
-        obstacles = [(x, ci[0], x, ci[1]) for x, _, ci in pts]
-        obstacles += [(xerr[j][0], pts[j][1], xerr[j][1], pts[j][1]) for j in xerr]
-        obstacles += [(fx[k], fy[k], fx[k + 1], fy[k]) for k in range(len(fx) - 1)]   # the step's runs
-        obstacles += [(fx[k + 1], fy[k], fx[k + 1], fy[k + 1]) for k in range(len(fx) - 1)]  # and rises
-        pending.append((ax, [(p[0], p[1]) for p in pts], labels, obstacles))
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(f"Pareto fronts at BER {fmt_ber(ber)}: red = not dominated (no other variant is cheaper "
-                 f"and at least as accurate); bars: {ci_header(summary)}; numbers: see the table",
-                 fontsize=9)
-    fig.tight_layout()
-    for args in pending:  # after the layout is final: labels are placed in pixels
-        _place_labels(*args)
-    _save(fig, stem)
-    return fronts
-
-
-def plot_bit_sensitivity(summary: dict[str, Any], stem: Path, bits: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Small multiples: per variant, the share of single flips at each measured bit that turned at
-    least one correctly classified input wrong, with Wilson CIs (hollow: fewer than MIN_FLIPS flips)."""
-    names = [v["name"] for v in summary["variants"] if v["name"] in bits]
-    numbers = {v["name"]: i + 1 for i, v in enumerate(summary["variants"])}
-    if not names:
-        _empty_figure(stem, "no single-flip campaigns in this run (--bit-trials 0)", 1.5)
-        return
-    fig, axes = _panel_grid(len(names), 2.3, sharey=True)
-    have_rates = any(b["rate"] is not None for n in names for b in bits[n].values())
-    for i, ax in enumerate(axes.flat):
-        if i >= len(names):
-            ax.axis("off")
-            continue
-        per = bits[names[i]]
-        labels = list(per)
-        xs = list(range(len(labels)))
-        color = COLORS[(numbers[names[i]] - 1) % len(COLORS)]
-        for x, b in zip(xs, labels):
-            row = per[b]
-            if row["rate"] is None:  # no per-flip data: the summary's mean share, no CI
-                ax.plot([x], [row["mean_share"]], "s", color=color, ms=4)
-                continue
-            lo, hi = row["ci"]
-            solid = row["n"] >= MIN_FLIPS
-            ax.errorbar([x], [row["rate"]], yerr=[[max(0.0, row["rate"] - lo)], [max(0.0, hi - row["rate"])]],
-                        fmt="o", ms=4,
-                        color=color, mfc=color if solid else "white", elinewidth=1, capsize=2)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.tick_params(axis="y", labelsize=8)
-        ax.set_title(f"{numbers[names[i]]}. {names[i]}", fontsize=9, loc="left")
-    for ax in axes[-1]:
-        ax.set_xlabel("bit (31 sign, 30-23 exponent, 22-0 mantissa)", fontsize=7)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("critical flips" if have_rates else "mean critical SDC", fontsize=8)
-    fig.suptitle("share of single flips that cause a critical SDC, per measured bit "
-                 f"({ci_header(summary)}, Wilson); hollow: fewer than {MIN_FLIPS} flips", fontsize=9, y=1.0)
-    fig.tight_layout()
-    _save(fig, stem)
 
 
 def _short_tensor(name: str) -> str:
@@ -604,73 +320,55 @@ def heatmap_data(summary: dict[str, Any], trials: dict[str, Any] | None, layer_o
     return out
 
 
-def plot_layer_bit_heatmap(summary: dict[str, Any], stem: Path,
-                           data: dict[str, tuple[list[str], list[str], list[list[tuple[int, int]]]]]) -> bool:
-    """Per variant, the share of single flips in each tensor x bit that caused a critical SDC,
-    each cell annotated k/n (grey: no flip landed there). False when there is nothing to draw."""
-    if not data:
-        return False
-    numbers = {v["name"]: i + 1 for i, v in enumerate(summary["variants"])}
-    names = list(data)
-    cols = 2 if len(names) > 1 else 1
-    nrows = math.ceil(len(names) / cols)
-    heights = [max(len(data[n][0]) for n in names[r * cols:(r + 1) * cols]) for r in range(nrows)]
-    fig, axes = plt.subplots(nrows, cols, figsize=(7.0 * cols, sum(0.3 * h + 0.9 for h in heights) + 0.6),
-                             squeeze=False, layout="constrained",
-                             gridspec_kw={"height_ratios": [h + 2.2 for h in heights]})
-    cmap = plt.get_cmap("Reds").with_extremes(bad="0.85")
-    image = None
-    for i, ax in enumerate(axes.flat):
-        if i >= len(names):
-            ax.axis("off")
+def curves(summary: dict[str, Any], tol: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Per variant with BER results, its accuracy curve for ``plots.accuracy_vs_ber``; and the baseline's."""
+    tol_by = {t["name"]: t for t in tol}
+    out, baseline = [], None
+    for v in summary["variants"]:
+        res = _ber_results(v)
+        if not res:
             continue
-        tensors, bits, cells = data[names[i]]
-        rates = [[(k / n if n else float("nan")) for k, n in row] for row in cells]
-        image = ax.imshow(rates, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        for r, row in enumerate(cells):
-            for c, (k, n) in enumerate(row):
-                if n:
-                    ax.text(c, r, f"{k}/{n}", ha="center", va="center", fontsize=6,
-                            color="white" if k / n > 0.6 else "black")
-        ax.set_xticks(range(len(bits)))
-        ax.set_xticklabels(bits, fontsize=7)
-        ax.set_yticks(range(len(tensors)))
-        ax.set_yticklabels(tensors, fontsize=7)
-        ax.set_title(f"{numbers[names[i]]}. {names[i]}", fontsize=9, loc="left")
-        ax.tick_params(length=2)
-    for ax in axes[-1]:
-        ax.set_xlabel("bit (31 sign, 30-23 exponent, 22-0 mantissa)", fontsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.5, aspect=40, label="share of flips causing a critical SDC")
-    fig.suptitle("critical-SDC rate of single flips by faulted tensor and bit (cell: critical flips / flips; "
-                 "grey: no flip landed there)", fontsize=9)
-    _save(fig, stem)
-    return True
+        t = tol_by.get(v["name"], {}).get("tolerable_ci", (None, ""))
+        clean = _clean(v)
+        curve = {"name": v["name"], "number": len(out) + 1, "bers": [r["ber"] for r in res],
+                 "means": [r["accuracy_mean"] for r in res], "lows": [r["accuracy_ci"][0] for r in res],
+                 "highs": [r["accuracy_ci"][1] for r in res], "clean": None if _nan(clean) else clean,
+                 "tolerable": t[0] if t[0] is not None and t[1] != "<" else None}
+        out.append(curve)
+        if v["name"] == "baseline":
+            baseline = curve
+    return out, baseline
 
 
-def plot_vulnerability(scores: dict[str, Any], stem: Path) -> None:
-    """Per layer, the channels' scores sorted from most to least vulnerable (on one scale, so
-    layers compare; the scores are as ``analyze`` stored them)."""
-    layers = scores.get("layers", {})
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
-    for i, (name, values) in enumerate(layers.items()):
-        vals = sorted((float(x) for x in values), reverse=True)
-        xs = [(k + 0.5) / len(vals) for k in range(len(vals))]
-        ax.plot(xs, vals, label=f"{name} ({len(vals)})", color=COLORS[i % len(COLORS)], marker="os^Dv<>p"[i % 8],
-                markersize=3)
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("channel rank (share of the layer's filters/neurons)")
-    ax.set_ylabel(f"{scores.get('method', '?')} score")
-    ax.grid(True, alpha=0.3)
-    if layers:
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        ax.text(0.5, 0.5, "no vulnerability scores in this run folder", ha="center", va="center",
-                transform=ax.transAxes)
-    normalized = (scores.get("settings") or {}).get("normalize")
-    ax.set_title(f"per-layer vulnerability ({scores.get('method', '?')} scores"
-                 + (", normalised per layer by analyze" if normalized else "") + ")", fontsize=10)
-    _save(fig, stem)
+def pareto_panels(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Per cost, the points of ``plots.pareto`` (accuracy at the report BER, its CI, the cost
+    relative to the baseline, a latency's spread) and the front; and each cost's front (names)."""
+    ber = summary["report_ber"]
+    variants = summary["variants"]
+    numbers = {v["name"]: i + 1 for i, v in enumerate(variants)}
+    panels, fronts = [], {}
+    for key, what in COSTS:
+        if not any(not _nan(v.get("relative_cost", {}).get(key)) for v in variants):
+            continue
+        pts = []
+        for v in variants:
+            r, rel = _at_ber(v, ber), v.get("relative_cost", {}).get(key)
+            if r is None or _nan(rel) or _nan(r["accuracy_mean"]):
+                continue
+            pts.append((float(rel), float(r["accuracy_mean"]), r["accuracy_ci"], numbers[v["name"]], v["name"],
+                        _latency_spread(v, key, variants)))
+        front = pareto_front([p[0] for p in pts], [p[1] for p in pts]) if pts else []
+        if pts:
+            fronts[key] = [pts[i][4] for i in front]
+        panels.append({"title": f"accuracy vs {what}", "xlabel": f"{what}, relative to the baseline (log scale)",
+                       "ylabel": f"accuracy at BER {fmt_ber(ber)}", "points": pts, "front": list(front)})
+    return panels, fronts
+
+
+def bit_panels(summary: dict[str, Any], bits: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    numbers = {v["name"]: i + 1 for i, v in enumerate(summary["variants"])}
+    return [{"name": v["name"], "number": numbers[v["name"]], "bits": bits[v["name"]]}
+            for v in summary["variants"] if v["name"] in bits]
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -1053,8 +751,9 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
                          "Single-flip campaigns record the faulted tensor and bit of every flip "
                          "(bits/VARIANT/bitNN/results.sqlite), so each cell is the share of flips that landed in "
                          "that tensor at that bit and caused a critical SDC, with its counts. Flips land in "
-                         "proportion to a tensor's size: small tensors get few or none, and a cell with a "
-                         f"handful of flips (well under {MIN_FLIPS}) is an anecdote, not a rate.")
+                         "proportion to a tensor's size: small tensors get few or none, and a "
+                         f"cell with fewer than {MIN_FLIPS} flips is grey and labelled “n &lt; {MIN_FLIPS}” "
+                         "(a cell no flip landed in is grey and blank): no rate is drawn from it.")
     else:
         heat_html = ("<p class=warn>No tensor x bit heatmap: this run folder holds no per-flip records with "
                      "their faulted tensor (single-flip campaigns missing, or --bit-trials 0).</p>")
@@ -1111,7 +810,9 @@ over the swept decades of log10(BER).</p></section>
 {pair_html}</section>
 <section id="bits"><h2>Bit sensitivity (single flips)</h2>
 {fig("bit_sensitivity", "bit sensitivity", "Share of single flips at each measured bit that cause a critical SDC, "
-     "per variant, with Wilson " + cih + "s; hollow points: fewer than " + str(MIN_FLIPS) + " flips.")}
+     "per variant, with Wilson " + cih + "s, drawn only for a bit with at least " + str(MIN_FLIPS) + " flips; "
+     "a bit with fewer is a grey column labelled “n &lt; " + str(MIN_FLIPS) + "” (no rate: its "
+     "interval would span most of [0, 1]).")}
 {bit_html}</section>
 <section id="heatmap"><h2>Where flips hurt: tensor × bit</h2>
 {heat_html}</section>
@@ -1132,37 +833,256 @@ over the swept decades of log10(BER).</p></section>
 def make_plots(summary: dict[str, Any], scores: dict[str, Any] | None, folder: Path,
                trials: dict[str, Any] | None = None) -> tuple[dict[str, Path], dict[str, list[str]]]:
     folder.mkdir(parents=True, exist_ok=True)
-    fronts = plot_pareto(summary, folder / "pareto")
-    plot_accuracy_vs_ber(summary, folder / "accuracy_vs_ber", tolerance_rows(summary))
-    plot_bit_sensitivity(summary, folder / "bit_sensitivity", bit_rows(summary, trials))
+    cih = ci_header(summary)
+    ber = fmt_ber(summary["report_ber"])
+    panels, fronts = pareto_panels(summary)
+    plots.pareto(panels, f"Pareto fronts at BER {ber}: red = not dominated (no other variant is cheaper and at "
+                 f"least as accurate); bars: {cih}; numbers: see the table", folder / "pareto")
+    lines, baseline = curves(summary, tolerance_rows(summary))
+    plots.accuracy_vs_ber(lines, baseline, f"{summary.get('model_name', 'model')} on {summary.get('data', '')}: "
+                          f"accuracy vs BER (band: {cih}; dashed grey: baseline; dotted: clean accuracy; "
+                          "vertical line: conservative tolerable BER)", folder / "accuracy_vs_ber")
+    bits = bit_rows(summary, trials)
+    have_rates = any(b["rate"] is not None for per in bits.values() for b in per.values())
+    plots.bit_sensitivity(bit_panels(summary, bits), "critical flips" if have_rates else "mean critical SDC",
+                          f"share of single flips that cause a critical SDC, per measured bit ({cih}, Wilson); "
+                          f"grey: fewer than {MIN_FLIPS} flips, no rate drawn", folder / "bit_sensitivity")
     made = list(PLOTS)
     layer_order = list((scores or {}).get("layers", {}))
-    if not plot_layer_bit_heatmap(summary, folder / "layer_bit_heatmap", heatmap_data(summary, trials, layer_order)):
+    numbers = {v["name"]: i + 1 for i, v in enumerate(summary["variants"])}
+    heat = [{"name": name, "number": numbers[name], "tensors": tensors, "bits": bit_labels, "cells": cells}
+            for name, (tensors, bit_labels, cells) in heatmap_data(summary, trials, layer_order).items()]
+    if not plots.layer_bit_heatmap(heat, "critical-SDC rate of single flips by faulted tensor and bit (cell: "
+                                   f"critical flips / flips; grey: no flip, or fewer than {MIN_FLIPS} "
+                                   f"({plots.FEW}): no rate)",
+                                   folder / "layer_bit_heatmap"):
         made.remove("layer_bit_heatmap")
         for ext in ("png", "svg"):
             (folder / f"layer_bit_heatmap.{ext}").unlink(missing_ok=True)
-    plot_vulnerability(scores or {"layers": {}}, folder / "vulnerability")
+    plots.vulnerability_profiles(scores or {"layers": {}}, folder / "vulnerability")
     for old in ("overhead_vs_resilience",):  # the previous report's plot, replaced by the Pareto plot
         for ext in ("png", "svg"):
             (folder / f"{old}.{ext}").unlink(missing_ok=True)
     return {name: folder / f"{name}.png" for name in made}, fronts
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Rebuild the plots, summary.csv and ``report.html`` of a comparison from its stored results."""
-    run = Path(run_dir)
+# --- the other run folders: inject, protect, pipeline -----------------------------------------------
+
+KINDS = ("compare", "inject", "protect", "pipeline")
+
+
+def _page(title: str, lead: str, sections: Sequence[tuple[str, str, str]], config: dict[str, Any] | None) -> str:
+    """One self-contained page (the comparison's style and policy): a title, a lead paragraph
+    (already HTML), then (id, heading, HTML) sections and the run's settings."""
+    nav = "".join(f'<a href="#{sid}">{html.escape(heading)}</a>' for sid, heading, _ in sections)
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(heading)}</h2>\n{content}</section>\n'
+                   for sid, heading, content in sections)
+    settings = (f'<section id="config"><h2>Configuration</h2>\n{_config_table(config)}</section>'
+                if config else "")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class=lead>{lead}</p>
+<nav>{nav}</nav>
+{body}{settings}
+</body></html>
+"""
+
+
+def _point_cells(point: Any) -> list[str]:
+    """Accuracy and its CI of a stored point (``{accuracy, accuracy_ci}``), or dashes."""
+    if not isinstance(point, dict):
+        return ["–", "–"]
+    return [_fmt(point["accuracy"], pct=True), _ci(point["accuracy_ci"])]
+
+
+def render_protect(front: dict[str, Any], figure: Path) -> str:
+    """The page of a protect run (or of ``ftcnn pipeline --max-macs``): the front, every candidate,
+    the test split's numbers for the choice, and the end-to-end comparison when there is one."""
+    config = front.get("config", {})
+    e2e = front.get("end_to_end")
+    chosen = front["chosen"]
+    batch = plots.front_batch(front)
+    B = fmt_ber(config["ber"]) if "ber" in config else "?"
+    rows = plots.front_rows(front)
+    numbers = {r["name"]: i + 1 for i, r in enumerate(rows)}
+    title = (f"ftcnn pipeline (prune, then protect): {chosen} chosen" if isinstance(e2e, dict)
+             else f"ftcnn protect: {chosen} chosen")
+    budget = config.get("max_macs")
+    lead = (f"{len(front['candidates'])} candidate protections, {len(rows)} attacked on the validation split "
+            f"({_text(config.get('validation_size', '?'))} inputs, {_text(config.get('trials', '?'))} trials each) "
+            f"with float32 bit flips at BER {B}; budget: MACs ≤ ×{_text(budget if budget is not None else '?')} of "
+            f"{html.escape(plots.front_reference(front))} (batch {batch}). "
+            f"<b>{html.escape(chosen)}</b> was chosen: {html.escape(front.get('reason', ''))}")
+    caption = (f"Each point: a candidate's validation accuracy at BER {B} (bars: 95% CI) against its MACs relative "
+               f"to {html.escape(plots.front_reference(front))} (weight checks shared by a batch of {batch}); "
+               "numbers as in the table, one label per spot. Red: chosen; blue: within budget; grey: over "
+               "budget. A candidate far beyond the budget (full TMR) is an arrow at the right edge with its ratio.")
+    table = []
+    for r in front["candidates"]:
+        validation = r.get("validation")
+        table.append([str(numbers.get(r["name"], "–")), html.escape(r["name"]), html.escape(str(r.get("family", ""))),
+                      _rel(r.get("macs_ratio")), _rel(r.get("params_ratio")), _rel(r.get("latency_ratio")),
+                      "yes" if r.get("within_budget") else "no", *_point_cells(validation),
+                      "◆" if r.get("pareto") else "", "<b>chosen</b>" if r.get("chosen") else ""])
+    sections = [
+        ("front", "Candidates: accuracy under faults vs MACs", _img(figure, "protect front", caption)),
+        ("candidates", "Every candidate", _table(
+            ["#", "candidate", "family", f"MACs (batch {batch})", "params", "latency b128", "within budget",
+             f"validation acc. @ BER {B}", "95% CI", "front", ""], table, "candidates")),
+    ]
+    test_rows = []
+    entries = dict(front.get("test") or {})
+    if isinstance(e2e, dict) and isinstance(e2e.get("original_test"), dict):
+        entries["original (unpruned, unprotected)"] = e2e["original_test"]
+    for name, entry in entries.items():
+        for ber, point in (entry.get("bers") or {}).items():
+            test_rows.append([html.escape(name), html.escape(str(entry.get("role", "test"))),
+                              _fmt(entry.get("clean"), pct=True), fmt_ber(float(ber)), *_point_cells(point)])
+    if test_rows:
+        sections.append(("test", "On the test split (after the choice)", _table(
+            ["model", "role", "clean acc.", "BER", "accuracy under faults", "95% CI"], test_rows, "test")))
+    if isinstance(e2e, dict):
+        clean = e2e.get("clean_test") or {}
+        sections.append(("end_to_end", "End to end: original, pruned, protected", _table(
+            ["model", "clean test accuracy"], [[html.escape(k), _fmt(v, pct=True)] for k, v in clean.items()], "e2e")
+            + f"<p class=note>Pruned by {_text(e2e.get('criterion', '?'))} at ratio "
+            f"{_text(e2e.get('prune_ratio', '?'))}"
+            "; costs are relative to the original (unpruned, unprotected) model.</p>"))
+    return _page(title, lead, sections, config)
+
+
+def render_inject(summary: dict[str, Any], figure: Path) -> str:
+    """The page of one campaign (``ftcnn inject``): accuracy under faults per BER (or fault count)."""
+    config = summary["config"]
+    results = summary["results"]
+    title = f"ftcnn inject: {config.get('checkpoint', 'model')} on {config.get('data', '')}"
+    target = str(config.get("target") or "parameters")
+    lead = (f"{len(results)} point(s) of bit flips in the model's {html.escape(target)}, "
+            f"{_text(config.get('inputs', '?'))} inputs per trial, "
+            f"seed {_text(summary.get('seed', config.get('seed', '?')))}. "
+            f"Golden (fault-free) accuracy: <b>{_fmt(summary.get('golden_accuracy'), pct=True)}</b>. Intervals: "
+            f"{_text(summary.get('ci_method') or 'see each row')} at "
+            + (_fmt(summary.get("confidence"), pct=True) if summary.get("confidence") else "the level each row states")
+            + ".")
+    rows = [[fmt_ber(r["ber"]) if r.get("ber") is not None else f"{_text(r.get('count'))} fault(s)",
+             str(r["trials"]), _fmt(r["accuracy_mean"], pct=True), _ci(r["accuracy_ci"]), _fmt(r["sdc_mean"], pct=True),
+             _fmt(r["critical_sdc_mean"], pct=True), _fmt(r["due_mean"], pct=True)] for r in results]
+    sections = [
+        ("curve", "Accuracy under faults", _img(figure, "accuracy vs BER", "Mean accuracy under faults per BER with "
+                                                 "its interval (band); dotted: golden accuracy.")),
+        ("results", "Every point", _table(["BER / faults", "trials", "accuracy", "CI", "SDC", "critical SDC", "DUE"],
+                                          rows, "results")),
+    ]
+    return _page(title, lead, sections, config)
+
+
+def render_pipeline(summary: dict[str, Any], figure: Path | None) -> str:
+    """The page of ``ftcnn pipeline`` (prune -> fine-tune -> harden): every stage's costs and clean accuracy."""
+    stages = summary["stages"]
+    config = summary.get("config", {})
+    record = summary.get("record", {})
+    title = f"ftcnn pipeline: {record.get('checkpoint', 'model')} on {record.get('data', '')}"
+    lead = (f"Pruned at ratio {_text(config.get('prune_ratio', '?'))} by {_text(config.get('criterion', '?'))}, "
+            f"fine-tuned {_text(config.get('finetune_epochs', '?'))} epoch(s), hardened at ratio "
+            f"{_text(config.get('harden_ratio', '?'))} ({_text(config.get('correction', '?'))}). Clean test accuracy "
+            "and costs of every stage; latency: median ms per forward, one thread, timed interleaved.")
+    rows = [[html.escape(name), _fmt(st.get("accuracy"), pct=True), _fmt(st.get("params")), _fmt(st.get("macs")),
+             _fmt(st.get("latency_b1_ms")), _fmt(st.get("latency_b128_ms"))] for name, st in stages.items()]
+    rel_rows = [[html.escape(name), *(_rel(rel.get(k)) for k in ("params", "macs", "latency_b1_ms", "latency_b128_ms"))]
+                for name, rel in (summary.get("relative") or {}).items()]
+    sections = [("stages", "Stages", _table(["stage", "clean test acc.", "params", "MACs", "latency b1 (ms)",
+                                             "latency b128 (ms)"], rows, "stages"))]
+    if rel_rows:
+        sections.append(("relative", "Relative costs", _table(["comparison", "params", "MACs", "latency b1",
+                                                               "latency b128"], rel_rows, "relative")))
+    if figure is not None:
+        sections.append(("vulnerability", "Per-layer vulnerability of the original",
+                         _img(figure, "vulnerability", "Channel scores of each layer of the original model, sorted; "
+                              "these chose the channels pruning removed and hardening protected.")))
+    return _page(title, lead, sections, config)
+
+
+def run_kind(run: Path) -> tuple[str, Path, Any]:
+    """What ``run`` holds: (kind, the file that says so, its parsed content), each file read with its
+    ``readback`` schema; one line naming the folder when it is none of ``KINDS``."""
+    if not run.is_dir():
+        raise ValueError(f"{run} is not a folder (ftcnn report takes a run folder of "
+                         "inject, protect, compare or pipeline)")
+    front = run / "front.json"
+    if front.is_file():
+        return "protect", front, readback.read_json(front, readback.PROTECT_FRONT)
     path = run / "summary.json"
     if not path.is_file():
-        raise ValueError(f"{run} holds no summary.json (run `ftcnn compare` into it first)")
-    with files.exclusive_folder(run):  # one writer: a compare still running there is refused
-        summary = readback.read_json(path, readback.COMPARE_SUMMARY)
-        scores = None
-        scores_path = run / "scores.json"
-        if scores_path.is_file():
-            scores = readback.read_json(scores_path, readback.SCORES)
-        trials = load_trials(run, summary)
-        plots, fronts = make_plots(summary, scores, run / "plots", trials)
-        write_csv(summary, run / "summary.csv")
+        raise ValueError(f"{run} holds no summary.json or front.json: not a run folder of ftcnn inject, protect, "
+                         "compare or pipeline")
+    blob = readback.read_json(path, readback.SETTINGS)
+    if "variants" in blob:
+        readback.check(blob, readback.COMPARE_SUMMARY, str(path))
+        return "compare", path, blob
+    if "stages" in blob:
+        readback.check(blob, readback.PIPELINE_SUMMARY, str(path))
+        return "pipeline", path, blob
+    if "results" in blob:
+        readback.check(blob, readback.CAMPAIGN_SUMMARY, str(path))
+        return "inject", path, blob
+    raise ValueError(f"{path}: holds no variants, stages or results (not a summary of ftcnn compare, pipeline or "
+                     "inject)")
+
+
+def _build_compare(run: Path, summary: dict[str, Any]) -> str:
+    scores = None
+    scores_path = run / "scores.json"
+    if scores_path.is_file():
+        scores = readback.read_json(scores_path, readback.SCORES)
+    trials = load_trials(run, summary)
+    drawn, fronts = make_plots(summary, scores, run / "plots", trials)
+    write_csv(summary, run / "summary.csv")
+    return render_html(summary, drawn, trials, fronts)
+
+
+def _build_inject(run: Path, summary: dict[str, Any]) -> str:
+    points = [{"ber": r["ber"], "mean": r["accuracy_mean"], "low": r["accuracy_ci"][0], "high": r["accuracy_ci"][1]}
+              for r in sorted((r for r in summary["results"] if r.get("ber")), key=lambda r: r["ber"])
+              if r["accuracy_mean"] is not None and None not in r["accuracy_ci"]]
+    stem = run / "plots" / "accuracy_vs_ber"
+    stem.parent.mkdir(exist_ok=True)
+    plots.campaign_curve(points, summary.get("golden_accuracy"), "accuracy under faults (band: CI; dotted: golden)",
+                         stem)
+    return render_inject(summary, stem.with_suffix(".png"))
+
+
+def _build_protect(run: Path, front: dict[str, Any]) -> str:
+    figure = run / "front.png"
+    plots.protect_front(front, figure)
+    return render_protect(front, figure)
+
+
+def _build_pipeline(run: Path, summary: dict[str, Any]) -> str:
+    figure = None
+    scores_path = run / "scores_original.json"
+    if scores_path.is_file():
+        scores = readback.read_json(scores_path, readback.SCORES)
+        stem = run / "plots" / "vulnerability"
+        stem.parent.mkdir(exist_ok=True)
+        plots.vulnerability_profiles(scores, stem)
+        figure = stem.with_suffix(".png")
+    return render_pipeline(summary, figure)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Rebuild ``report.html`` (and its figures; a comparison's summary.csv too) of any run folder,
+    inject, protect, compare or pipeline, from its stored results: nothing is recomputed."""
+    run = Path(run_dir)
+    run_kind(run)  # a folder of no known kind is refused before anything is written there (its lock included)
+    with files.exclusive_folder(run):  # one writer: a run still writing there is refused
+        kind, _, blob = run_kind(run)  # read again under the lock: what a finished writer left
+        build = {"compare": _build_compare, "inject": _build_inject, "protect": _build_protect,
+                 "pipeline": _build_pipeline}[kind]
         out = run / "report.html"
-        _write_text(out, render_html(summary, plots, trials, fronts))
+        _write_text(out, build(run, blob))
     return out

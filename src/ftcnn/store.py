@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import checkpoint, files, fingerprint, strata
+from ftcnn import checkpoint, files, fingerprint, readback, strata
 from ftcnn._version import __version__
 from ftcnn.metrics import METRIC_NAMES
 from ftcnn.trials import CampaignConfig, TrialResult
@@ -447,3 +447,30 @@ def discard_run(folder: Path) -> None:
     (``files.exclusive_folder``): no other run has the database open."""
     for name in (*DB_FILES, "summary.json", "summary.csv"):
         (Path(folder) / name).unlink(missing_ok=True)
+
+
+def read_trials(db_path: Path, columns: str, rows_schema: readback.Schema
+                 ) -> tuple[list[tuple], int | None] | None:
+    """Read-only: the ``columns`` of every trial in ``db_path`` (checked against ``rows_schema``: the file may
+    have been edited) and the seed its identity records; None when there is no readable database."""
+    if not db_path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute(f"SELECT {columns} FROM trials ORDER BY point, trial").fetchall()
+            meta = db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    readback.check(rows, rows_schema, f"{db_path} (its trials)")
+    seed = None
+    if meta:
+        try:
+            seed = json.loads(meta[0]).get("config", {}).get("seed")
+        except (ValueError, AttributeError, RecursionError, TypeError):
+            seed = None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        seed = None
+    return rows, seed

@@ -133,6 +133,10 @@ class Layout:
 
     @classmethod
     def of(cls, memory: F.ParameterMemory, bits: Sequence[int] | None) -> "Layout":
+        """The layout of parameter memory; an activation-fault space brings its own
+        (``activations.ActivationSpace.strata_layout``: its values are the elements)."""
+        if hasattr(memory, "strata_layout"):
+            return memory.strata_layout(bits)
         allowed = F.allowed_bits(memory, bits)
         bit = strata_bit(memory.dtype)
         names = tuple(memory.stored)
@@ -206,14 +210,21 @@ def draw_faults(memory: F.ParameterMemory, rng: np.random.Generator, ber: float,
     conditioned on the stratum, then placed uniformly without replacement (given
     its count, a set of independent equal-probability flips is uniform).
     """
+    sites = draw_sites(Layout.of(memory, bits), rng, ber, stratum)
+    return F.drawn_faults(sites, mode, rng)
+
+
+def draw_sites(layout: Layout, rng: np.random.Generator, ber: float, stratum: int
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The sites of one trial of ``stratum`` (see ``draw_faults``): per tensor of ``layout``
+    with any, (element indices, bit positions). Parameter and activation strata share it."""
     if stratum not in STRATA:
         raise ValueError(f"unknown stratum {stratum}")
-    layout = Layout.of(memory, bits)
     n, m = layout.n_msb, layout.n_other
     if (stratum >= 2 and not n) or (stratum == 1 and not m):
         raise ValueError(f"stratum {STRATUM_NAMES[stratum]!r} is empty for these bits")
     if stratum == 0:
-        return F.drawn_faults({}, mode, rng)
+        return {}
     s = {1: 0, 2: 1}.get(stratum) if stratum < 3 else _conditional_binomial(rng, n, ber, 2)
     t = _conditional_binomial(rng, m, ber, 1) if stratum == 1 else (int(rng.binomial(m, ber)) if m else 0)
     idx: dict[str, list[np.ndarray]] = {}
@@ -224,9 +235,8 @@ def draw_faults(memory: F.ParameterMemory, rng: np.random.Generator, ber: float,
     for tensor, elements, slot in _spread(rng, t, layout.numels, len(layout.others)):
         idx.setdefault(layout.names[tensor], []).append(elements)
         bit.setdefault(layout.names[tensor], []).append(layout.others[slot])
-    return F.drawn_faults({name: (np.concatenate(idx[name]).astype(np.int64),
-                                  np.concatenate(bit[name]).astype(np.int64))
-                           for name in layout.names if name in idx}, mode, rng)
+    return {name: (np.concatenate(idx[name]).astype(np.int64), np.concatenate(bit[name]).astype(np.int64))
+            for name in layout.names if name in idx}
 
 # --- the two-stage design ------------------------------------------------------------------------
 

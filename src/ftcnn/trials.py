@@ -138,7 +138,10 @@ class CampaignConfig:
     dtype: str = "float32"
     bits: tuple[int, ...] | None = None
     mode: str = "flip"
-    include_bn: bool = False
+    # attack BatchNorm's parameters and running statistics (memory a deployed network reads); None:
+    # the default, True for parameter faults, False for activation faults (no memory); for_model()
+    # records False on a model with no BatchNorm, where both choices attack the same bits
+    include_bn: bool | None = None
     # attack the float values protections add (correction/restriction bounds) like parameters
     attack_protection: bool = True
     layers: tuple[str, ...] | None = None
@@ -152,7 +155,7 @@ class CampaignConfig:
     ray_address: str | None = None    # run on an existing Ray cluster
     device: str | None = None         # move model and data there (None: where they are)
     cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES  # golden activations kept by the shortcut
-    # torch intra-op threads of the whole run, split among workers (None: distributed.default_threads)
+    # torch intra-op threads of the whole run, split among workers (None: parallelism.plan's choice)
     threads: int | None = None
     # what faults hit (issue 14): "parameters" (the weight memory) or "activations" (layer outputs,
     # ``ftcnn.activations``); for activations, "transient" (per value per inference) or "permanent"
@@ -207,11 +210,13 @@ class CampaignConfig:
             check_limit("precision", self.precision)
             if not self.bers:
                 raise ValueError("--precision needs fault rates (--ber): strata come from the binomial fault model")
-            if self.inputs_per_trial is None:  # its default: a block per trial (design §2)
+            if self.inputs_per_trial is None and self.target == "parameters":  # a block per trial (design §2)
                 object.__setattr__(self, "inputs_per_trial", PRECISION_INPUTS_PER_TRIAL)
         self._check_target()
 
     def _check_target(self) -> None:
+        if self.include_bn is None:
+            object.__setattr__(self, "include_bn", self.target == "parameters")
         if isinstance(self.ber_per_layer, Mapping):  # {layer: rate} from the API: pairs, in name order
             object.__setattr__(self, "ber_per_layer", tuple(sorted(self.ber_per_layer.items())))
         elif isinstance(self.ber_per_layer, (list, tuple)):
@@ -242,8 +247,9 @@ class CampaignConfig:
             return
         if self.ber_per_layer and self.counts:
             raise ValueError("per-layer rates need fault rates (ber), not exact counts")
-        if self.precision is not None:
-            raise ValueError("--precision (stratified trials) is for parameter faults; use --trials")
+        if self.precision is not None and self.ber_per_layer:
+            raise ValueError("--precision for activation faults needs one rate for every layer (the strata "
+                             "weights come from one binomial); drop --ber-per-layer or use --trials")
         if self.include_bn:
             raise ValueError("--include-bn is for parameter faults; name BatchNorm modules in --layers instead")
         if self.dtype not in ACTIVATION_DTYPES:
@@ -253,6 +259,14 @@ class CampaignConfig:
                              "--activation-mode permanent")
         if self.mode not in ACTIVATION_KINDS:
             raise ValueError(f"activation faults take modes {', '.join(ACTIVATION_KINDS)}, not {self.mode}")
+
+    def for_model(self, model: nn.Module) -> CampaignConfig:
+        """This configuration as it applies to ``model``: ``include_bn`` is False when the model
+        holds no BatchNorm (the same bits are attacked either way). So a model without BatchNorm
+        records, and resumes, the identity it had before BatchNorm was attacked by default."""
+        if self.include_bn and not any(isinstance(m, F.BN_LAYER_TYPES) for m in model.modules()):
+            return replace(self, include_bn=False)
+        return self
 
     @property
     def by(self) -> str:
