@@ -174,7 +174,8 @@ def test_fault_free_shortcut_is_exact(tiny_model, tiny_data, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"bers": (1.5,)}, "outside"), ({"bers": (-0.1,)}, "outside"), ({"trials": 0}, "trials"),
+    ({"bers": (1.5,)}, r"bers must lie in \[0, 1\] \(got 1.5\)"), ({"bers": (-0.1,)}, "bers must lie in"),
+    ({"trials": 0}, "trials"),
     ({"bers": (), "counts": ()}, "fault rates"), ({"dtype": "int4"}, "dtype"),
 ])
 def test_bad_config_is_refused(kwargs, match) -> None:

@@ -296,8 +296,8 @@ def test_restriction_with_duplication_and_profiled_ranges(tiny_model, tiny_data)
 # --- bad input ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(ratio=1.5), r"ratio 1.5 outside \[0, 1\]"),
-    (dict(ratio=-0.1), "outside"),
+    (dict(ratio=1.5), r"ratio must lie in \[0, 1\] \(got 1.5\)"),
+    (dict(ratio=-0.1), r"ratio must lie in \[0, 1\] \(got -0.1\)"),
     (dict(correction="max"), "unknown correction 'max'"),
     (dict(tmr="half"), "unknown tmr mode"),
     (dict(restrict="drop"), "unknown restriction"),

@@ -1,6 +1,6 @@
 """Settings that size the work have limits, checked before any work (issue 19, items 5 and 8).
 
-One rule table (``trials.LIMITS``) is asked by CampaignConfig, the campaign file
+One rule table (``ftcnn.rules``, issue 20) is asked by CampaignConfig, the campaign file
 and every command's flags: trials <= ``MAX_TRIALS``, threads <= cores x
 ``THREADS_PER_CORE``, workers <= cores, precision and CI half-width >=
 ``MIN_CI_HALF_WIDTH``, unique points, seed >= 0. A flag is refused as it is
@@ -46,17 +46,18 @@ def _commands(tmp: Path) -> dict[str, list[str]]:
         "compare": ["compare", "--model", "lenet5", "--data", "digits", "-o", str(tmp / "out")],
         "demo": ["demo", "-o", str(tmp / "out")],
         "protect": ["protect", missing, "-o", str(tmp / "out")],
+        "study": ["study", "-o", str(tmp / "out")],
     }
 
 
 CASES = [  # (commands, extra arguments, the flag the error names)
     (("train", "analyze", "harden", "prune", "pipeline", "inject", "compare", "demo", "protect"),
      ["--seed", "-1"], "--seed"),
-    (("train", "analyze", "harden", "prune", "pipeline", "inject", "compare", "demo"),
+    (("train", "analyze", "harden", "prune", "pipeline", "inject", "compare", "demo", "protect", "study"),
      ["--threads", "100000"], "--threads"),
     (("inject",), ["--threads", MANY_THREADS], "--threads"),
-    (("inject", "compare", "demo", "protect", "pipeline"), ["--trials", "999999999999"], "--trials"),
-    (("inject", "compare", "demo"), ["--trials", "0"], "--trials"),
+    (("inject", "compare", "demo", "protect", "pipeline", "study"), ["--trials", "999999999999"], "--trials"),
+    (("inject", "compare", "demo", "protect", "pipeline", "study"), ["--trials", "0"], "--trials"),
     (("compare",), ["--bit-trials", "999999999999"], "--bit-trials"),
     (("inject",), ["--workers", MANY_WORKERS], "--workers"),
     (("inject",), ["--workers", "0"], "--workers"),
@@ -65,6 +66,18 @@ CASES = [  # (commands, extra arguments, the flag the error names)
     (("inject",), ["--ber", "1e-3", "1e-3"], "--ber"),
     (("compare",), ["--ber", "1e-4", "1e-3", "1e-4"], "--ber"),
     (("inject",), ["--count", "1", "2", "1"], "--count"),
+    # every setting with a rule (issue 20), refused as parsed, before the checkpoint is looked for
+    (("inject", "analyze"), ["--confidence", "95"], "--confidence"),
+    (("inject", "compare", "study"), ["--ber", "2"], "--ber"),
+    (("protect", "pipeline"), ["--ber", "2"], "--ber"),
+    (("prune", "pipeline"), ["--criterion", "magic"], "--criterion"),
+    (("inject", "compare"), ["--target", "weights"], "--target"),
+    (("harden", "compare"), ["--range-margin", "-1"], "--range-margin"),
+    (("prune", "pipeline", "compare", "study"), ["--finetune-epochs", "-1"], "--finetune-epochs"),
+    (("pipeline", "compare", "study"), ["--prune-ratio", "1"], "--prune-ratio"),
+    (("pipeline", "compare"), ["--harden-ratio", "1.5"], "--harden-ratio"),
+    (("harden", "protect", "pipeline"), ["--batch", "0"], "--batch"),
+    (("compare",), ["--report-ber", "2"], "--report-ber"),
 ]
 
 
@@ -73,7 +86,7 @@ def test_limits_are_checked_as_flags_are_parsed(tmp_path, monkeypatch, capsys, c
     table = _commands(tmp_path)
     for command in commands:
         args = table[command]
-        if command == "inject" and extra[0] in ("--ber", "--count"):
+        if command == "inject" and extra[0] in ("--ber", "--count"):  # the command's own --ber goes
             args = [a for a in args if a not in ("--ber", "1e-3")]
         r = cli_in_process(monkeypatch, capsys, *args, *extra)
         assert_one_line_refusal(r, flag)

@@ -158,6 +158,25 @@ def test_weights_are_the_plain_draws_frequencies(lenet_runner) -> None:
     assert np.all(np.abs(counts / n - weights) <= 4 * sigma + 1e-12), (counts / n, weights)
 
 
+def test_unprotected_lenet_measures_bit_30_catastrophic_and_keeps_its_draws(lenet_runner) -> None:
+    """The pilot's single-flip pass (``strata.measure_sensitivity``) finds exactly bit 30 of the
+    weights and of the biases catastrophic on LeNet-5/digits, so its strata, weights and draws
+    are those of the bit-30 design (the numbers campaigns produced before stay byte-identical)."""
+    memory = lenet_runner.memory
+    assert memory.catastrophic.groups == {"weight": (30,), "bias": (30,)}
+    assert memory.catastrophic.drops["weight"][30] > 0.3 and memory.catastrophic.drops["weight"][29] < 0.05
+    layout = strata.Layout.of(memory, None)
+    assert layout.hot is None and layout.msb == 30
+    measured = [strata.draw_faults(memory, strata.trial_rng(0, 1e-4, h, i), 1e-4, h).as_list()
+                for h in (1, 2, 3) for i in range(5)]
+    sensitivity, memory.catastrophic = memory.catastrophic, None
+    try:
+        assert measured == [strata.draw_faults(memory, strata.trial_rng(0, 1e-4, h, i), 1e-4, h).as_list()
+                            for h in (1, 2, 3) for i in range(5)]
+    finally:
+        memory.catastrophic = sensitivity
+
+
 def test_stratum_draws_hold_what_their_stratum_says(lenet_runner) -> None:
     memory = lenet_runner.memory
     for h, check in ((1, lambda c, m: c >= 1 and m == 0), (2, lambda c, m: m == 1), (3, lambda c, m: m >= 2)):

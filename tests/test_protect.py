@@ -137,6 +137,9 @@ def test_candidates_include_weight_checks_only_when_offered():
     assert not any("weights" in n for n in without) and without[0] == "none" and without[-1] == "full_tmr"
     with_checks = P.candidates(weight_checks=True)
     assert any(c.settings and c.settings.get("check_weights") == "zero" for c in with_checks)
+    # codes behind the weight check need it; the codes alone are baselines either way (issue 21)
+    coded = [c for c in P.candidates(weight_checks=False, codes=True) if "code" in (c.settings or {})]
+    assert [c.name for c in coded] == ["weight_tmr", "ecc", "parity"] and all(c.baseline for c in coded)
 
 
 def test_protect_fits_the_budget_and_never_reads_test(lenet, digits, monkeypatch, tmp_path):
@@ -223,7 +226,7 @@ def test_budget_errors_are_one_line_before_any_work():
         P.check_budget(1.15, None, 1e-4, 10, batch=0)
     with pytest.raises(ValueError, match="max latency"):
         P.check_budget(1.15, 0.0, 1e-4, 10)
-    with pytest.raises(ValueError, match="bit error rate"):
+    with pytest.raises(ValueError, match=r"ber must lie in \(0, 0\.1\]"):  # ftcnn.rules' one message
         P.check_budget(1.15, None, 0.0, 10)
 
 
@@ -258,6 +261,8 @@ def test_prune_and_protect_stays_within_the_original_cost(lenet, digits, tmp_pat
     (["--max-macs", "0.15"], "below 1"),
     (["--batch", "0"], "--batch"),
     (["--max-latency", "0"], "max latency ratio"),
+    (["--max-memory", "0.9"], "max_memory 0.9 is below 1"),
+    (["--max-memory", "inf"], "max_memory must be a finite ratio"),
 ])
 def test_cli_protect_bad_budgets_are_one_line_errors(lenet, tmp_path, args, message):
     _, path = lenet

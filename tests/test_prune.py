@@ -188,7 +188,7 @@ def test_pruned_then_hardened_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kwargs, match", [
     ({"ratio": 1.5, "criterion": "l1"}, "outside"),
     ({"ratio": -0.1, "criterion": "l1"}, "outside"),
-    ({"ratio": 0.3, "criterion": "magic"}, "unknown pruning criterion"),
+    ({"ratio": 0.3, "criterion": "magic"}, "criterion 'magic' is not one of vulnerability, l1"),
     ({"ratio": 0.3}, "needs scores"),
     ({"ratio": 0.3, "scores": {"2": [1.0] * 8}}, "no score for layer '6'"),
     ({"ratio": 0.3, "scores": {"2": [1.0] * 7, "6": [1.0] * 12}}, "has 8 output channels"),
@@ -241,17 +241,17 @@ def test_prune_cli(digits_model: Path, tmp_path: Path) -> None:
     assert meta["params_after"] == sum(p.numel() for p in pruned.parameters()) < meta["params_before"]
     assert meta["removed_channels"] == {"features.3": 8, "classifier.0": 60, "classifier.2": 42}
 
-    # l1 with per-layer ratios, protect lists, gain scored on the fly, one fine-tune epoch
+    # l1 with per-layer ratios, --keep lists, gain scored on the fly, one fine-tune epoch
     out2 = tmp_path / "pruned2.pt"
     r = run_cli("prune", str(digits_model), "--criterion", "l1", "--layer-ratio", "features.0=0.5",
-                "classifier.0=0.25", "--protect", "classifier.2", "--finetune-epochs", "1", "-o", str(out2))
+                "classifier.0=0.25", "--keep", "classifier.2", "--finetune-epochs", "1", "-o", str(out2))
     assert r.returncode == 0, r.stderr
     assert checkpoint.meta(ftcnn.load(out2))["removed_channels"] == {"features.0": 3, "classifier.0": 30}
 
 
 @pytest.mark.parametrize("args, match", [
     (["--ratio", "1.5"], "outside [0, 1]"),
-    (["--protect", "nolayer"], "unknown layer 'nolayer'"),
+    (["--keep", "nolayer"], "unknown layer 'nolayer'"),
     (["--layer-ratio", "features.3"], "name=ratio"),
 ])
 def test_prune_cli_bad_input(digits_model: Path, tmp_path: Path, args, match) -> None:

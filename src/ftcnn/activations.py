@@ -15,6 +15,9 @@ layer reads them.
   bit) sites, flipped or stuck at 0/1 for *every* input of the trial (a
   faulty MAC unit or output register), drawn per layer as
   Binomial(values * bits, ber) distinct sites, or given by hand.
+- exact counts: ``count`` distinct transient sites over the whole trial (all its
+  inputs), or, with ``per_input`` (``--per-input``, PyTorchFI's convention),
+  ``count`` in every input image.
 
 Where. By default every ``Conv2d`` and ``Linear`` output (a hardened layer's
 copies are such modules too, so duplication is attacked honestly: each copy's
@@ -328,7 +331,7 @@ def _check_common(mode: str, kind: str, dtype: str | None) -> None:
 def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | Mapping[str, float] | None = None,
                            count: int | None = None, n_inputs: int | None = None, mode: str = "transient",
                            bits: Sequence[int] | None = None, seed: int = 0, trial: int = 0,
-                           dtype: str | None = None, kind: str = "flip") -> ActivationPlan:
+                           dtype: str | None = None, kind: str = "flip", per_input: bool = False) -> ActivationPlan:
     """Draw one trial's activation faults (see the module docstring for the model).
 
     ``outputs``: the fault-target layers and their output shapes (``probe``).
@@ -336,6 +339,8 @@ def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | M
     ``count``: instead of ``ber``, exactly that many distinct sites, uniform
     over the whole fault space of the trial (every layer of ``outputs``;
     transient: every input too), as ``faults.draw_faults`` does for counts.
+    ``per_input`` (transient counts only): ``count`` distinct sites in *each* input's
+    fault space instead (PyTorchFI's convention: faults per image), see :func:`_draw_count_per_input`.
     ``n_inputs``: inputs the trial evaluates (transient only).
     ``bits``: only these bit positions (default: all of the format).
     Transient: per layer and block of ``BLOCK`` inputs, Binomial(BLOCK * values *
@@ -348,7 +353,11 @@ def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | M
             raise ValueError("transient activation faults need n_inputs >= 0 (the inputs of the trial)")
     if (ber is None) == (count is None):
         raise ValueError("give exactly one of ber or count")
+    if per_input and (count is None or mode != "transient"):
+        raise ValueError("faults per input (--per-input) need an exact --count of transient activation faults")
     if count is not None:
+        if per_input:
+            return _draw_count_per_input(outputs, count, n_inputs, bits, seed, trial, dtype)
         return _draw_count(outputs, count, n_inputs, mode, bits, seed, trial, dtype, kind)
     rates = layer_bers(list(outputs), ber)
     layers: dict[str, LayerFaults] = {}
@@ -385,10 +394,55 @@ def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | M
     return ActivationPlan(mode, layers, n_inputs if mode == "transient" else None, dtype, kind, rates)
 
 
-def _draw_count(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int | None, mode: str,
-                bits: Sequence[int] | None, seed: int, trial: int, dtype: str | None, kind: str) -> ActivationPlan:
+_PER_INPUT_TAG = 0x50455249  # in the seeds of per-input counts: never those of a whole-trial count
+
+
+def _draw_count_per_input(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int,
+                          bits: Sequence[int] | None, seed: int, trial: int, dtype: str | None) -> ActivationPlan:
+    """``count`` distinct transient sites in each input's fault space (every bit of every hooked
+    value of that input), uniform there: PyTorchFI users count faults per image, where ``_draw_count``
+    spreads ``count`` over the whole evaluation (``--count 1``: one fault in 1,000 inputs). Drawn per
+    block of ``BLOCK`` inputs (a truncated last block drawn whole and cut), so input ``i``'s faults
+    do not depend on how many inputs the trial evaluates."""
+    _check_count(count)
+    names = list(outputs)
+    widths = [F.bit_positions(F.bit_width(_TORCH_DTYPE[dtype or outputs[n].dtype]), bits) for n in names]
+    sizes = np.array([outputs[n].numel * len(w) for n, w in zip(names, widths)], dtype=np.int64)
+    per_sample = int(sizes.sum())
+    if count > per_sample:
+        raise ValueError(f"fault count {count} per input outside [0, {per_sample}]")
+    chunks = []
+    for block in range(-(-n_inputs // BLOCK)):
+        rng = np.random.default_rng(np.random.SeedSequence(
+            [_DOMAIN["transient"], seed, trial, _PER_INPUT_TAG, int(count), block]))
+        if count == 1:  # the usual case (PyTorchFI's one fault per image): one draw per block
+            chunks.append(rng.integers(0, per_sample, size=(BLOCK, 1)))
+        else:
+            chunks += [rng.choice(per_sample, size=(1, int(count)), replace=False) for _ in range(BLOCK)]
+    pos = np.concatenate(chunks)[:n_inputs] if chunks and count else np.zeros((n_inputs, 0), np.int64)
+    sample = np.repeat(np.arange(n_inputs, dtype=np.int64), pos.shape[1])
+    pos = pos.reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(starts, pos, side="right") - 1
+    layers: dict[str, LayerFaults] = {}
+    for t, (name, allowed) in enumerate(zip(names, widths)):
+        mine = which == t
+        local, rows = pos[mine] - starts[t], sample[mine]
+        order = np.lexsort((local, rows))                     # by input, then site: what the hooks expect
+        local, rows = local[order], rows[order]
+        nb = len(allowed)
+        layers[name] = LayerFaults(outputs[name], local // nb, allowed[local % nb], rows)
+    return ActivationPlan("transient", layers, n_inputs, dtype, "flip")
+
+
+def _check_count(count: Any) -> None:
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"fault count {count!r} must be an integer >= 0")
+
+
+def _draw_count(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int | None, mode: str,
+                bits: Sequence[int] | None, seed: int, trial: int, dtype: str | None, kind: str) -> ActivationPlan:
+    _check_count(count)
     names = list(outputs)
     widths = [F.bit_positions(F.bit_width(_TORCH_DTYPE[dtype or outputs[n].dtype]), bits) for n in names]
     inputs = n_inputs if mode == "transient" else 1
@@ -634,6 +688,7 @@ class ActivationRunner:
     overrides: Mapping[str, float] | None = None
     skip_fault_free: bool = True          # exact: a plan with no fault is the golden result
     by: str = "ber"                       # campaign points are rates ("ber") or exact counts ("count")
+    per_input: bool = False               # counts per input image (PyTorchFI), not per trial
     golden_output: torch.Tensor | None = None
     golden_metrics: dict[str, float] = field(init=False)
     fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
@@ -657,7 +712,7 @@ class ActivationRunner:
         if self.by == "count":
             return draw_activation_faults(self.outputs, count=int(point), n_inputs=len(self.inputs),
                                           mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
-                                          dtype=self.dtype, kind=self.kind)
+                                          dtype=self.dtype, kind=self.kind, per_input=self.per_input)
         return draw_activation_faults(self.outputs, ber=self.rates(point), n_inputs=len(self.inputs),
                                       mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
                                       dtype=self.dtype, kind=self.kind)
@@ -748,7 +803,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
             batch_size: int = 1000, overrides: Mapping[str, float] | None = None,
             device: str | torch.device | None = None, skip_fault_free: bool = True,
             by: str = "ber", shortcut: bool = True,
-            cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES) -> ActivationRunner:
+            cache_bytes: int = fastpath.DEFAULT_CACHE_BYTES, per_input: bool = False) -> ActivationRunner:
     """Probe the layers, compute the golden run once, and return the trial runner
     (what ``trials.prepare`` does for parameter faults). ``shortcut``: start each
     trial at the cut before its first hooked layer, from golden activations cached
@@ -765,7 +820,7 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
         plain = _predict(model, inputs, batch_size) if _emulates(outputs, dtype) else logits
         fast = fastpath.build_for_activations(model, list(outputs), inputs, batch_size, plain, cache_bytes)
     return ActivationRunner(model, inputs, golden, outputs, mode, kind, bits, dtype, seed, batch_size,
-                            overrides, skip_fault_free, by, logits, fast=fast)
+                            overrides, skip_fault_free, by, per_input, logits, fast=fast)
 
 
 def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Any
@@ -789,7 +844,8 @@ def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                    dtype=None if config.dtype == "float32" else config.dtype, seed=config.seed,
                    batch_size=config.batch_size, overrides=dict(getattr(config, "ber_per_layer", None) or {}),
                    device=config.device, skip_fault_free=config.skip_fault_free, by=config.by,
-                   shortcut=config.shortcut, cache_bytes=config.cache_bytes)
+                   shortcut=config.shortcut, cache_bytes=config.cache_bytes,
+                   per_input=getattr(config, "per_input", False))
 
 
 def run_trial(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, golden: Golden | None = None,

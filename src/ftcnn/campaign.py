@@ -22,7 +22,7 @@ import sqlite3
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -95,10 +95,7 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     """
     config = config.for_model(model)  # include_bn as it applies to this model (recorded, identity)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output folder {out}: {exc.strerror}") from None
+    files.make_folder(out)
     if not _writable(out):
         raise ValueError(f"output folder {out} is not writable")
     # digests of the model as given: before prepare() rounds a copy to the storage format
@@ -127,10 +124,11 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                 found = sum(len(d) for d in done)
                 if found:  # a resumed run says what it found before what is left costs
                     announce(f"resumed: {found} trials found committed in {out / DB_NAME}; they are not run again")
-                announce(expected_time(config, budget, done, setup, len(inputs)))
+                rates = None if config.parallel else _timed_sample(db, config, runner, budget, done)
+                announce(expected_time(config, budget, done, setup, len(inputs), rates))
             threads = torch.get_num_threads()
             with distributed.executor(model, inputs, labels, config, runner) as pool:
-                _run_points(pool, db, config, budget, progress, runner)
+                _run_points(pool, db, config, budget, progress, runner, announce)
         summary = summarize(db, config, runner.golden.accuracy, record, budget, runner=runner)
         summary["memory"] = memory_report(runner.model, runner.memory, config)
         # how it ran (not identity): workers, the torch threads trials ran with per process, and why
@@ -142,25 +140,86 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     return summary
 
 
+SAMPLE_TRIALS = 3  # trials per point a campaign times before saying its cost (committed, not wasted)
+
+
+def _timed_sample(db: sqlite3.Connection, config: CampaignConfig, runner: TrialRunner, budget: int,
+                  done: Sequence[Iterable[int]]) -> dict[float, tuple[int, float]]:
+    """Per point, (trials timed, seconds per trial) over its first ``SAMPLE_TRIALS`` trials still to
+    run (``--precision``: the first pilot trial of each sampled stratum), committed like any trial:
+    a trial is a pure function of (seed, point, trial), so running these first changes no number.
+    Why: the set-up's time (tracing, caches, the golden run) put a fixed campaign's estimate at
+    6-14x its actual time (issue 23)."""
+    rates: dict[float, tuple[int, float]] = {}
+    for point, committed in zip(config.points, done):
+        if config.precision is not None:
+            weights = strata.weights(strata.Layout.of(runner.memory, config.bits), point)
+            stored = done_strata_trials(db, point)
+            tasks: list[tuple[Any, ...]] = [(point, 0, h) for h, w in enumerate(weights)
+                                            if w > 0 and h != strata.KNOWN and (h, 0) not in stored]
+        else:
+            tasks = [(point, t) for t in range(budget) if t not in committed][:SAMPLE_TRIALS]
+        if tasks:
+            results, seconds = progress_mod.timed(runner.run_many, tasks)
+            for result in results:
+                commit_result(db, result)
+            rates[point] = (len(tasks), seconds / len(tasks))
+    return rates
+
+
 def expected_time(config: CampaignConfig, budget: int, done: Sequence[Iterable[int]], setup: float,
-                  inputs: int) -> str:
-    """What a campaign's trials will cost, said up front (issue 14): the set-up's time (one
-    golden inference over the inputs, plus preparing the model: more than one trial's forward)
-    x the trials still to run. An upper bound on this machine: exact shortcuts, batched trials,
-    workers and an early stop only cut it. ``done``: the committed trial indices per point."""
+                  inputs: int, rates: Mapping[float, tuple[int, float]] | None = None) -> str:
+    """What a campaign's trials will cost, said up front (issue 14). With ``rates`` (per point, the
+    trials :func:`_timed_sample` ran and their seconds each): a fixed budget's trials left x the
+    seconds per trial measured at their point; an auto or --precision stop's range, from the
+    fewest trials it can take to its cap, at those rates (the trials it expects follow its pilot,
+    ``progress.StopEstimate``). Without (workers run the trials): the set-up's time (one golden
+    inference over the inputs, plus preparing the model: more than one trial's forward) x the
+    trials still to run, an upper bound on this machine. ``done``: the committed trial indices
+    per point (before the sample)."""
     capped = config.trials is None or config.precision is not None
+    stop = "--precision" if config.precision is not None else "--trials auto"
     if capped:  # an auto or --precision stop: only the cap is known
-        todo, cap = len(config.points) * budget, " (the cap of " + (
-            "--precision" if config.precision is not None else "--trials auto") + ")"
+        todo, cap = len(config.points) * budget, f" (the cap of {stop})"
     else:
         todo, cap = sum(budget - len([t for t in d if t < budget]) for d in done), ""
-    share = min(1.0, (config.inputs_per_trial or inputs) / max(inputs, 1))  # a block of the inputs per trial
+    per_trial = min(config.inputs_per_trial or inputs, inputs)  # a block of the inputs per trial
+    share = per_trial / max(inputs, 1)
     points = len(config.points)
+    of = f"{per_trial} inputs" + (f" (a block of {inputs})" if per_trial < inputs else "")
+    after = "; the trials expected follow the pilot" if capped else ""
+    if rates:
+        timed = {p: rates.get(p, (0, 0.0)) for p in config.points}
+        sampled = sum(n for n, _ in timed.values())
+        mean = sum(n * rate for n, rate in timed.values()) / max(sampled, 1)
+        measured = f"{sampled} of them timed first ({mean:.2g} s per trial; each point at its own rate)"
+        if capped:  # from the fewest trials the stop can take to its cap
+            least = {p: min(budget, _fewest_trials(config, n)) for p, (n, _) in timed.items()}
+            low = sum(max(0, least[p] - n) * rate for p, (n, rate) in timed.items())
+            high = sum(max(0, budget - n) * rate for p, (n, rate) in timed.items())
+            return progress_mod.expected_range(
+                low, high, "trials",
+                f"{points} {config.by} point{'s' if points != 1 else ''} x {min(least.values())} to {budget} trials "
+                f"(the fewest a stop takes, to the cap of {stop}) of {of}: {measured}{after}")
+        left = [budget - len([t for t in d if t < budget]) - timed[p][0] for p, d in zip(config.points, done)]
+        return progress_mod.expected(
+            sum(n * rate for n, (_, rate) in zip(left, timed.values())), "trials",
+            f"{points} {config.by} point{'s' if points != 1 else ''} x {budget} trials of {of}: {todo} to run, "
+            f"{measured}", bound=False)
     return progress_mod.expected(
         setup * share * todo, "trials",
         f"{points} {config.by} point{'s' if points != 1 else ''} x {'at most ' if capped else ''}{budget} "
-        f"trials{cap} of {inputs} inputs: {todo} to run, from the timed set-up ({setup:.2g} s, golden "
-        "inference included); shortcuts and early stops cut it")
+        f"trials{cap} of {of}: {todo} to run, from the timed set-up ({setup:.2g} s, golden "
+        f"inference included); shortcuts and early stops cut it{after}")
+
+
+def _fewest_trials(config: CampaignConfig, sampled: int) -> int:
+    """About the fewest trials a stop takes at one point: ``--precision``, its pilot and least final
+    sample in each sampled stratum (``sampled``: :func:`_timed_sample` ran one per stratum);
+    ``--trials auto``, what identical outcomes need (``progress.auto_least_trials``)."""
+    if config.precision is not None:
+        return (strata.PILOT + strata.MIN_FINAL) * sampled
+    return progress_mod.auto_least_trials(config.ci_half_width, config.confidence, config.min_trials)
 
 
 def _finished_summary(out: Path, db: sqlite3.Connection, config: CampaignConfig, identity: dict[str, Any],
@@ -211,7 +270,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, budget: int,
-                progress: bool, runner: TrialRunner | None = None) -> None:
+                progress: bool, runner: TrialRunner | None = None,
+                announce: Callable[[str], Any] | None = None) -> None:
     """Hand out the missing trials and commit each result as it arrives.
 
     A fixed budget sends all trials at once. ``--trials auto`` goes in rounds
@@ -222,7 +282,7 @@ def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, 
     if config.precision is not None:
         for point in config.points:
             assert runner is not None, "a --precision campaign needs the trial runner"
-            _run_point_precision(pool, db, config, point, budget, progress, runner)
+            _run_point_precision(pool, db, config, point, budget, progress, runner, announce)
         return
     if config.trials is not None:
         done = {p: done_trials(db, p) for p in config.points}
@@ -236,14 +296,20 @@ def _run_points(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, 
                 bar.update(1)
         return
     for point in config.points:
-        _run_point_auto(pool, db, config, point, budget, progress)
+        _run_point_auto(pool, db, config, point, budget, progress, announce)
 
 
 def _run_point_auto(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, point: float,
-                    budget: int, progress: bool) -> None:
-    """Feed ``auto_stop`` the point's trials in order, running missing ones as it asks."""
+                    budget: int, progress: bool, announce: Callable[[str], Any] | None = None) -> None:
+    """Feed ``auto_stop`` the point's trials in order, running missing ones as it asks; the bar
+    counts toward the stop expected from the spread so far (``progress.StopEstimate``)."""
     done = done_trials(db, point)
-    with _progress(budget, f"{config.by} {point:g}", progress) as bar:
+    label = f"{config.by} {point:g}"
+    with _progress(budget, f"{label} (at most {budget})", progress) as bar:
+        estimate = progress_mod.StopEstimate(bar, budget, label, announce)
+        estimate.pilot(progress_mod.auto_pilot(config.ci_half_width, config.confidence))
+        spread = progress_mod.RunningSpread()
+
         def accuracies() -> Iterator[float]:
             for trial in range(budget):
                 if trial not in done:
@@ -251,8 +317,14 @@ def _run_point_auto(pool: Executor, db: sqlite3.Connection, config: CampaignConf
                     for result in pool.map([(point, t) for t in todo]):
                         commit_result(db, result)
                         done[result.trial] = result.metrics
+                    estimate.ran_trials(len(todo))
+                accuracy = done[trial]["accuracy"]
+                spread.add(accuracy)
+                estimate.update(progress_mod.auto_expected_trials(
+                    spread.n, spread.variance, config.ci_half_width, config.confidence, budget,
+                    config.min_trials), spread.n)
                 bar.update(1)
-                yield done[trial]["accuracy"]
+                yield accuracy
 
         auto_stop(accuracies(), config, budget)
 
@@ -269,15 +341,28 @@ def precision_stop(config: CampaignConfig, memory: F.ParameterMemory, point: flo
 
 
 def _run_point_precision(pool: Executor, db: sqlite3.Connection, config: CampaignConfig, point: float,
-                         budget: int, progress: bool, runner: TrialRunner) -> None:
-    """Run the stratified trials ``precision_stop`` asks for, committing each as it arrives."""
+                         budget: int, progress: bool, runner: TrialRunner,
+                         announce: Callable[[str], Any] | None = None) -> None:
+    """Run the stratified trials ``precision_stop`` asks for, committing each as it arrives. The
+    bar counts to the pilot, then to the pilot plus the final sizes its spread fixed (the second
+    ask), the cap named apart (``progress.StopEstimate``)."""
     done = done_strata_trials(db, point)
-    with _progress(budget, f"{config.by} {point:g} (+-{config.precision:g})", progress) as bar:
+    label = f"{config.by} {point:g} (+-{config.precision:g})"
+    with _progress(budget, f"{label} (at most {budget})", progress) as bar:
+        estimate = progress_mod.StopEstimate(bar, budget, label, announce)
+        fetched: list[int] = []  # trials asked per call: the pilot's, then the final sample's
+
         def fetch(asked: list[tuple[int, int]]) -> list[float]:
+            if not fetched:
+                estimate.pilot(len(asked))
+            else:  # the final sample: its size is the design's, from the pilot's spread
+                estimate.update(sum(fetched) + len(asked), sum(fetched))
+            fetched.append(len(asked))
             missing = [(point, i, h) for h, i in asked if (h, i) not in done]
             for result in pool.map(missing):
                 commit_result(db, result)
                 done[(result.stratum, result.trial)] = result.metrics
+            estimate.ran_trials(len(missing))
             bar.update(len(asked))
             return [done[key]["accuracy"] for key in asked]
 
@@ -323,6 +408,9 @@ def _precision_row(db: sqlite3.Connection, config: CampaignConfig, runner: Trial
                       "trials": stop.trials[h], "accuracy_mean": None if _isnan(stop.means[h]) else stop.means[h],
                       "accuracy_std": None if _isnan(stop.stds[h]) else stop.stds[h]}
                      for h in range(len(weights))]
+    sensitivity = getattr(runner.memory, "catastrophic", None)  # what the MSB strata count (strata.Sensitivity)
+    if sensitivity is not None:
+        row["catastrophic"] = sensitivity.record()
     return row
 
 

@@ -21,7 +21,7 @@ ValueError line naming the key (never a traceback). It grants nothing (issue
 19): its paths must stay inside its folder unless the person types them, and
 its ``model`` (a builder to trust, whose import runs code) takes effect only
 when the person types the same ``--model``. Settings that size the work obey
-``trials.LIMITS``, as flags do. :func:`load_campaign_file` returns plain Python
+the one rule table, ``ftcnn.rules``, as flags do. :func:`load_campaign_file` returns plain Python
 values (lists, not tuples; relative paths resolved inside the file's folder)
 for only the keys the file sets: the caller's defaults (the CLI's) fill the rest. :func:`config_kwargs` maps them onto
 ``campaign.CampaignConfig``'s field names.
@@ -38,16 +38,15 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
-from ftcnn import activations, data, faults
-# the limits of the settings that size the work: one table, which the CLI's flags ask through here
-from ftcnn.trials import LIMITS, THREADS_PER_CORE, CampaignConfig, check_limit  # noqa: F401
+from ftcnn import activations, data, faults, rules
+from ftcnn.trials import CampaignConfig
 
 MAX_BYTES = 1 << 20          # 1 MiB: a campaign is a page of settings, not data
 
 STORAGE_DTYPES = tuple(faults.STORAGE_DTYPES)
 ACTIVATION_DTYPES = tuple(activations.DTYPES)
 FAULT_MODES = tuple(faults.MODES)
-TARGETS = ("parameters", "activations")
+TARGETS = rules.TARGETS
 ACTIVATION_MODES = tuple(activations.MODES)
 DATA_PATH_KINDS = tuple(data.PATH_KINDS)
 
@@ -81,18 +80,20 @@ def _integer(key: str, value: Any) -> int:
     return value
 
 
+def _ruled(setting: str, checker: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``checker`` (the TOML type), then the rule of ``setting`` (``ftcnn.rules``: the CLI and
+    CampaignConfig ask it too), one line naming the key."""
+    def check(key: str, value: Any) -> Any:
+        v = checker(key, value)
+        problem = rules.problem(setting, v)
+        if problem is not None:
+            raise _fail(key, problem)
+        return v
+    return check
+
+
 def _rate(key: str, value: Any) -> float:
-    v = _number(key, value)
-    if not 0.0 <= v <= 1.0:
-        raise _fail(key, f"bit error rate {v:g} outside [0, 1]")
-    return v
-
-
-def _open_unit(key: str, value: Any) -> float:
-    v = _number(key, value)
-    if not 0.0 < v < 1.0:
-        raise _fail(key, f"must lie in (0, 1) (got {v:g})")
-    return v
+    return _ruled("ber", _number)(key, value)
 
 
 def _at_least(low: int) -> Callable[[str, Any], int]:
@@ -144,23 +145,12 @@ def _list_of(item: Callable[[str, Any], Any], *, scalar_ok: bool = True,
     return check
 
 
-def _limited(setting: str, checker: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-    """``checker``, then the limit of ``setting`` (``trials.LIMITS``: the CLI and CampaignConfig ask it too)."""
-    def check(key: str, value: Any) -> Any:
-        v = checker(key, value)
-        problem = LIMITS[setting](v)
-        if problem is not None:
-            raise _fail(key, problem)
-        return v
-    return check
-
-
 def _trials(key: str, value: Any) -> int | str:
     if value == "auto":
         return "auto"
     if isinstance(value, str):
         raise _fail(key, f"must be a positive integer or \"auto\" (got {value!r})"[:200])
-    return _limited("trials", _at_least(1))(key, value)
+    return _ruled("trials", _integer)(key, value)
 
 
 def _bit(key: str, value: Any) -> int:
@@ -212,12 +202,12 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "data": _string,
     "model": _string,                       # --model's value: refused unless the person types it too
     "normalize": _normalize,                # --normalize: how the inputs are normalised (issue 23)
-    "ber": _limited("points", _list_of(_rate)),
-    "count": _limited("points", _list_of(_at_least(0))),
+    "ber": _ruled("points", _list_of(_rate)),
+    "count": _ruled("count_points", _list_of(_at_least(0))),
     "trials": _trials,
-    "ci_half_width": _limited("ci_half_width", _open_unit),   # --margin
-    "confidence": _open_unit,
-    "seed": _limited("seed", _at_least(0)),
+    "ci_half_width": _ruled("ci_half_width", _number),   # --margin
+    "confidence": _ruled("confidence", _number),
+    "seed": _ruled("seed", _integer),
     "dtype": _choice(*STORAGE_DTYPES),
     "bits": _list_of(_bit),
     "mode": _choice(*FAULT_MODES),
@@ -229,21 +219,22 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "device": _device,
     "shortcut": _boolean,
     "batch_trials": _at_least(1),
-    "workers": _limited("workers", _at_least(1)),
+    "workers": _ruled("workers", _integer),
     "ray": _boolean,
     "ray_address": _string,
-    "precision": _limited("precision", _open_unit),
+    "precision": _ruled("precision", _number),
     "inputs_per_trial": _at_least(1),
-    "threads": _limited("threads", _at_least(1)),
+    "threads": _ruled("threads", _integer),
     "output": _path,
-    "target": _choice(*TARGETS),
+    "target": _ruled("target", _string),
     "activation_mode": _choice(*ACTIVATION_MODES),
     "ber_per_layer": _ber_per_layer,
+    "per_input": _boolean,                  # --per-input: activation counts per input image
 }
 
 # keys that mean something only for parameter faults (their memory, their blocks of inputs)
 PARAMETER_ONLY = ("include_bn", "attack_protection", "inputs_per_trial")
-ACTIVATION_ONLY = ("activation_mode", "ber_per_layer")
+ACTIVATION_ONLY = ("activation_mode", "ber_per_layer", "per_input")
 
 
 def _unknown(key: str) -> CampaignFileError:
@@ -474,8 +465,7 @@ def parse_ber_per_layer(items: Sequence[str]) -> dict[str, float]:
             rate = float(value)
         except ValueError:
             raise ValueError(f"--ber-per-layer {item!r}: {value!r} is not a number") from None
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"--ber-per-layer {item!r}: bit error rate outside [0, 1]")
+        rules.check("ber", rate, f"--ber-per-layer {item!r}:")
         if name in out:
             raise ValueError(f"--ber-per-layer names layer {name!r} twice")
         out[name] = rate
@@ -483,15 +473,8 @@ def parse_ber_per_layer(items: Sequence[str]) -> dict[str, float]:
 
 
 def _cli_trials(value: Any) -> int | str:
-    if value in (None, "auto") or isinstance(value, int):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"--trials must be a positive integer or 'auto' (got {value!r})") from None
-    if n < 1:
-        raise ValueError(f"--trials must be >= 1 (got {n})")
-    return n
+    """``--trials`` as typed (a number or "auto"), by the rule every command's --trials follows."""
+    return value if value is None else rules.trials(value, "inject")
 
 
 def _cli_values(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -575,12 +576,46 @@ def load(path: str | os.PathLike, *, allow_builder: str | None = None) -> nn.Mod
     return model
 
 
+# other names builders give the data's shapes (torchvision, timm, PyTorchFI examples, hand-written nets)
+SHAPE_ALIASES = {
+    "num_classes": ("n_classes", "classes", "num_class", "nclasses", "n_class", "out_classes", "num_outputs",
+                    "n_out", "outputs", "output_dim", "out_features"),
+    "in_channels": ("in_ch", "in_chans", "channels", "n_channels", "num_channels", "in_c", "input_channels",
+                    "inchannels", "nc"),
+    "input_size": ("img_size", "image_size", "size", "input_dim", "resolution", "in_size", "input_shape"),
+}
+
+
+class BuilderArgumentsWarning(UserWarning):
+    """A user builder's arguments do not take some of the data's shapes (``from_state_dict``)."""
+
+
+def builder_arguments_warning(builder: str, params: Sequence[str], offered: Mapping[str, Any],
+                              used: Mapping[str, Any]) -> str | None:
+    """One line when ``builder`` leaves some of the data's shapes (``offered``) untaken while it has
+    arguments of other names (``MyNet(n_classes=10, in_ch=1)`` gets none of ``num_classes``,
+    ``in_channels``, ``input_size`` and is built with its own defaults: silently right only while
+    they happen to match the data, issue 23). None when every shape is taken, when it takes no
+    argument (shapes fixed in the class), or when it takes some shapes and none of its other
+    arguments is another name of the rest (``tiny(num_classes, width)``: a deliberate choice)."""
+    missed = [k for k in offered if k not in used]
+    others = [p for p in params if p not in offered]
+    alike = [p for p in others if any(p.lower() in SHAPE_ALIASES.get(k, ()) for k in missed)]
+    if not missed or not others or (used and not alike):  # e.g. tiny(num_classes, width): deliberate
+        return None
+    others = alike or others
+    given = ", ".join(f"{k}={offered[k]}" for k in missed)
+    return (f"{builder} takes {', '.join(others)} but not {', '.join(missed)}: it is built with its own defaults "
+            f"for those, not the data's {given}; arguments of those names receive them")
+
+
 def from_state_dict(path: str | os.PathLike, builder: str, **kwargs: Any) -> nn.Module:
     """A model of your own from a plain state dict file (``torch.save(model.state_dict(), path)``).
 
     ``builder`` (``package.module:fn`` or ``:Class``) is imported because the
     caller names it; it is called with those of ``kwargs`` it accepts (e.g. the
-    data's ``num_classes``, ``in_channels``, ``input_size``), and the file's
+    data's ``num_classes``, ``in_channels``, ``input_size``; a ``BuilderArgumentsWarning`` when
+    it takes other names instead, :func:`builder_arguments_warning`), and the file's
     tensors, read with ``weights_only=True``, must fit it exactly (strict).
     The model carries its description, so ``save`` round-trips it. Every
     problem is a one-line ``CheckpointError``.
@@ -606,10 +641,14 @@ def from_state_dict(path: str | os.PathLike, builder: str, **kwargs: Any) -> nn.
     try:
         params = inspect.signature(fn).parameters.values()
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        names = {p.name for p in params}
+        names = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)]
     except (TypeError, ValueError):
-        takes_any, names = True, set()
+        takes_any, names = True, []
     used = {k: v for k, v in kwargs.items() if takes_any or k in names}
+    warning = builder_arguments_warning(builder, names, kwargs, used)
+    if warning:
+        warnings.warn(warning, BuilderArgumentsWarning, stacklevel=2)
     spec = check_spec({"builder": builder, "kwargs": used, "transforms": []})
     model = _build(fn, spec, None)
     _check_fit(path, model, state)

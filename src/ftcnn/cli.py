@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional
 import typer
 from rich.table import Table
 
-from ftcnn import constants, progress
+from ftcnn import constants, progress, rules
 from ftcnn._version import __version__
 from ftcnn.lazy import lazy
 
@@ -47,63 +47,54 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = progress.console()  # full-width tables, no escape codes, when not a terminal
 
 # options that take several values after one flag, as in `--ber 1e-6 1e-5`
-MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--protect", "--layer-ratio", "--ber-per-layer",
-                       "--models", "--seeds"}
+MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--keep", "--protect", "--layer-ratio",
+                       "--ber-per-layer", "--models", "--seeds"}
 # ...of them, those whose values are names (not numbers)
-NAME_VALUE_OPTIONS = {"--layers", "--protect", "--layer-ratio", "--ber-per-layer", "--models"}
+NAME_VALUE_OPTIONS = {"--layers", "--keep", "--protect", "--layer-ratio", "--ber-per-layer", "--models"}
 
 # `--margin` meant three things (issue 11); its old spelling is accepted for one release
 MARGIN_RENAMED = {"inject": "--ci-half-width", "analyze": "--sample-margin", "harden": "--range-margin",
                   "compare": "--range-margin"}
+# command -> {old spelling: new}: accepted for one release, with one line on stderr; `prune --protect`
+# (layers never pruned) read as `ftcnn protect` (issue 23): now `prune --keep`
+RENAMED_OPTIONS = {**{command: {"--margin": new} for command, new in MARGIN_RENAMED.items()},
+                   "prune": {"--protect": "--keep"}}
 
 # `--model` on the commands that load a checkpoint: the opt-in to a user builder
 MODEL_TRUST_HELP = ("trust the checkpoint's user builder package.module:fn (importing it runs its code); "
                     "must equal the name the checkpoint stores")
 
-# `--threads` on every long command (issue 13; the default policy: issue 24, ftcnn.parallelism)
-THREADS_HELP = ("torch threads of this job (default: OMP_NUM_THREADS if set, else every core of an idle "
-                "machine, a fair share next to other ftcnn jobs or load; worker processes split the cores; "
-                f"at most {constants.THREADS_PER_CORE} per core)")
-
-
-def _limit(setting: str, flag: str, zero_ok: bool = False) -> Callable[[Any], Any]:
-    """A typer callback: the option's value checked against ``trials.LIMITS`` as it is parsed,
-    before any work (one ``error:`` line naming ``flag``); unset values (None, no values) pass,
-    and so does 0 when ``zero_ok`` (``--bit-trials 0``: skip)."""
+def _limit(setting: str, flag: str) -> Callable[[Any], Any]:
+    """A typer callback: the option's value checked by the rule of ``setting`` (``ftcnn.rules``) as
+    it is parsed, before any work (one ``error:`` line naming ``flag``); unset values (None, no
+    values) pass."""
     def check(value: Any) -> Any:
-        if value is None or value == [] or (zero_ok and value == 0):
+        if value is None or value == []:
             return value
-        return campaign_file.check_limit(setting, value, flag)
+        return rules.check(setting, value, flag)
     return check
 
 
-SEED = _limit("seed", "--seed")
+def _option(setting: str, command: str, *decls: str, **extra: Any) -> Any:
+    """The typer option of ``setting`` in ``command``, built from its rule (``ftcnn.rules``): its
+    default and help there, and its check as the value is parsed (a sweep, like ``--ber 1e-6 1e-5``,
+    by the rule of points). One rule per setting is what makes an option mean the same in every
+    command (``tests/test_vocabulary.py``)."""
+    rule = rules.rule(setting)
+    flag = decls[0] if decls else "--" + setting.replace("_", "-")
+    default = rule.default_for(command)
+    many = isinstance(default, tuple)
+    return typer.Option(list(default) if many else default, *decls, help=rule.help_for(command),
+                        callback=_limit("points" if many else setting, flag), **extra)
 
 
-def _confidence(value: Optional[float]) -> Optional[float]:
-    """``--confidence``: a share in (0, 1), checked as it is parsed (95, a percentage, is refused)."""
-    if value is not None and not 0.0 < value < 1.0:
-        raise ValueError(f"--confidence must lie in (0, 1): a share, e.g. 0.95 (got {value:g})")
-    return value
-
-
-def _inject_trials(value: str) -> str:
-    """``inject --trials``: a whole number within the limit, or "auto" (kept as typed)."""
-    if value == "auto":
-        return value
-    try:
-        trials = int(value)
-    except ValueError:
-        raise ValueError(f"--trials must be a positive integer or 'auto' (got {value!r})"[:200]) from None
-    campaign_file.check_limit("trials", trials, "--trials")
-    return value
-
-
-def _batch(value: Optional[int]) -> Optional[int]:
-    """``--batch``: a deployment batch size, checked as it is parsed (one line, before any work)."""
-    if value is not None and not 1 <= value <= 2**20:
-        raise ValueError(f"--batch must be an integer in [1, {2**20}] (got {value})")
-    return value
+def _trials_option(command: str) -> Any:
+    """``--trials``: a number, or "auto" where the command has a stopping rule (``rules.trials``:
+    elsewhere refused in one line that says why); the command receives an int (or "auto")."""
+    rule = rules.rule("trials")
+    return typer.Option(str(rule.default_for(command)), "--trials", help=rule.help_for(command),
+                        metavar="N|auto" if command in rules.TRIALS_AUTO else "N",
+                        callback=lambda value: rules.trials(value, command))
 
 
 DATA_HELP = "data set (default: the checkpoint's, if built-in)"
@@ -128,9 +119,6 @@ def _normalize_option() -> Any:
 
 # `--device` on every command that computes (issue 14); checked by _check_device before any work
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (same results within float tolerance; files saved from the CPU)"
-# `--batch` on the commands that price a protection (issue 21: one price, with its batch)
-BATCH_HELP = ("deployment batch: every cost is quoted at it and budgets apply there (work done once per "
-              "forward, like weight checks, is shared by the batch); latency at batch 1 is shown beside it")
 
 
 def _data_spec(data: Optional[str], meta: dict) -> str:
@@ -219,8 +207,8 @@ def train(
     lr: float = typer.Option(2e-3),
     batch_size: int = typer.Option(64, min=1),
     width: float = typer.Option(1.0, help="channel width multiplier"),
-    seed: int = typer.Option(0, callback=SEED),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    seed: int = _option("seed", "train"),
+    threads: Optional[int] = _option("threads", "train"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
@@ -247,12 +235,11 @@ def analyze(
                                             "test inputs) or l1 (weight norm)"),
     samples: Optional[int] = typer.Option(None, min=1, help="gain: inputs used (default 256); "
                                                             "fi: max faults per channel (default 256)"),
-    seed: int = typer.Option(0, callback=SEED),
+    seed: int = _option("seed", "analyze"),
     sample_margin: Optional[float] = typer.Option(None, "--sample-margin",
                                                   help="fi: Leveugle's error margin of the fault sample "
                                                        "(default 0.05; was --margin)"),
-    confidence: Optional[float] = typer.Option(None, help="fi: Leveugle confidence (default 0.95)",
-                                               callback=_confidence),
+    confidence: Optional[float] = _option("confidence", "analyze"),
     bits: List[int] = typer.Option([], help="fi: only these bit positions (default: all 32)"),
     pilot: Optional[int] = typer.Option(None, min=0, help="fi: pilot faults per bit position that steer "
                                                           "the sample to the bits that matter (default 16; "
@@ -262,7 +249,7 @@ def analyze(
     against: str = typer.Option("fi", help="with --compare: the reference method"),
     scores_dir: Optional[Path] = typer.Option(None, help="with --compare: take METHOD.json from here "
                                                          "if present, and store computed scores here"),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    threads: Optional[int] = _option("threads", "analyze"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="scores JSON (plot beside it as .png); "
                                                                         "with --compare: the agreement JSON"),
@@ -338,7 +325,7 @@ def harden(
     ratio: float = typer.Option(0.1, help="share of each layer's channels to duplicate (top by score)"),
     max_macs: Optional[float] = typer.Option(None, help="instead of --ratio: MACs per input allowed, a ratio to "
                                              "the model's at --batch, all protection included (1.2 = +20%)"),
-    batch: int = typer.Option(constants.DEFAULT_BATCH, help=BATCH_HELP, callback=_batch),
+    batch: int = _option("batch", "harden"),
     budget: Optional[float] = typer.Option(None, hidden=True, help="removed (an extra share): use --max-macs"),
     correction: str = typer.Option("min", help="min (the paper's), range or tmr (selective TMR)"),
     tmr: Optional[str] = typer.Option(None, help="'full': full TMR of every layer (baseline)"),
@@ -346,8 +333,7 @@ def harden(
     restrict_share: Optional[float] = typer.Option(None, help="with --restrict: restrict only the layers with "
                                                    "the fewest output values per parameter that hold this "
                                                    "share of the parameters (e.g. 0.9: cheaper, latency)"),
-    range_margin: float = typer.Option(0.0, "--range-margin", help="widen profiled ranges by this share of "
-                                       "their width (was --margin)"),
+    range_margin: float = _option("range_margin", "harden", "--range-margin"),
     bound_copies: Optional[int] = typer.Option(None, "--bound-copies", callback=_bound_copies,
                                                help="stored copies of every bound the protection adds (all "
                                                "attacked): 2 (default; the looser is used), 3 (the median) "
@@ -364,9 +350,9 @@ def harden(
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
     calibration_size: int = typer.Option(1000, min=1, help="training inputs to profile ranges on"),
-    seed: int = typer.Option(0, help="seed of the calibration subset", callback=SEED),
+    seed: int = _option("seed", "harden"),
     onnx: Optional[Path] = typer.Option(None, help="also export the hardened model to this ONNX file"),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    threads: Optional[int] = _option("threads", "harden"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="hardened checkpoint to write"),
 ) -> None:
@@ -427,14 +413,15 @@ def prune_command(
                                           "default: gain scores on training inputs"),
     ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove (rounded down)"),
     layer_ratio: List[str] = typer.Option([], help="per-layer ratios instead of --ratio: name=0.5 ..."),
-    criterion: str = typer.Option("vulnerability", help="vulnerability (lowest score goes) or l1"),
-    protect: List[str] = typer.Option([], help="layers never pruned (default: the first conv/linear; "
-                                      "'none' for no layer); the output layer is always kept"),
-    finetune_epochs: int = typer.Option(3, min=0),
+    criterion: str = _option("criterion", "prune"),
+    keep: List[str] = typer.Option([], "--keep", metavar="LAYER", help="layers never pruned (default: the "
+                                   "first conv/linear; 'none' for no layer); the output layer is always kept "
+                                   "(was --protect)"),
+    finetune_epochs: int = _option("finetune_epochs", "prune"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for gain scores (without --scores)"),
-    seed: int = typer.Option(0, callback=SEED),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    seed: int = _option("seed", "prune"),
+    threads: Optional[int] = _option("threads", "prune"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint to write"),
 ) -> None:
@@ -444,9 +431,11 @@ def prune_command(
     pruning and after fine-tuning, and the parameters and MACs before and after.
 
     Example: ftcnn prune lenet5.pt --data mnist5k --scores scores.json --ratio 0.3 --finetune-epochs 3 -o pruned.pt
+
+    Example: ftcnn prune lenet5.pt --keep features.0 classifier.0 -o pruned.pt
     """
     _check_device(device)
-    protected = None if not protect else [] if protect == ["none"] else protect
+    protected = None if not keep else [] if keep == ["none"] else keep
     ratios = _parse_layer_ratios(layer_ratio) if layer_ratio else ratio
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):  # fine-tuning keeps the model's preprocessing
@@ -468,24 +457,23 @@ def pipeline(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
-    prune_ratio: float = typer.Option(0.3, help="share of each layer's output channels to remove"),
-    harden_ratio: float = typer.Option(0.1, help="share of each layer's channels to duplicate"),
+    prune_ratio: float = _option("prune_ratio", "pipeline"),
+    harden_ratio: float = _option("harden_ratio", "pipeline"),
     correction: str = typer.Option("min", help="hardening correction: min, range or tmr"),
-    criterion: str = typer.Option("vulnerability", help="pruning criterion: vulnerability or l1 (baseline)"),
+    criterion: str = _option("criterion", "pipeline"),
     restrict: Optional[str] = typer.Option(None, help="also range-restrict: zero or clamp"),
-    finetune_epochs: int = typer.Option(3, min=0),
+    finetune_epochs: int = _option("finetune_epochs", "pipeline"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     samples: int = typer.Option(256, min=1, help="training inputs for the gain scores"),
-    seed: int = typer.Option(0, callback=SEED),
+    seed: int = _option("seed", "pipeline"),
     max_macs: Optional[float] = typer.Option(None, help="end-to-end mode: prune -> fine-tune -> protect "
                                              "within this many MACs relative to the ORIGINAL model (e.g. 1.0)"),
     max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed at --batch "
                                                 "relative to the original (1 thread)"),
-    batch: int = typer.Option(constants.DEFAULT_BATCH, help="end-to-end mode: " + BATCH_HELP, callback=_batch),
-    ber: float = typer.Option(1e-4, help="end-to-end mode: bit error rate the protection is chosen for"),
-    trials: int = typer.Option(100, help="end-to-end mode: trials per candidate campaign",
-                                callback=_limit("trials", "--trials")),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    batch: int = _option("batch", "pipeline"),
+    ber: float = _option("ber", "pipeline"),
+    trials: str = _trials_option("pipeline"),
+    threads: Optional[int] = _option("threads", "pipeline"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
@@ -546,19 +534,13 @@ def inject(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
-    ber: List[float] = typer.Option([], help="bit error rates, e.g. --ber 1e-6 1e-5 1e-4",
-                                    callback=_limit("points", "--ber")),
+    ber: List[float] = _option("ber", "inject"),
     count: List[int] = typer.Option([], help="exact fault counts per trial instead of --ber",
-                                  callback=_limit("points", "--count")),
-    trials: str = typer.Option("100", callback=_inject_trials,
-                               help="trials per point, or 'auto' (stop when the accuracy CI, a "
-                               "betting confidence sequence valid under early stopping, is narrow enough; "
-                               "at most Leveugle's size)"),
-    ci_half_width: float = typer.Option(0.01, "--ci-half-width", callback=_limit("ci_half_width", "--ci-half-width"),
-                                        help="with --trials auto: target half-width "
-                                        "of the accuracy CI (was --margin)"),
-    confidence: float = typer.Option(0.95, help="level of every reported CI", callback=_confidence),
-    seed: int = typer.Option(0, callback=SEED),
+                                    callback=_limit("count_points", "--count")),
+    trials: str = _trials_option("inject"),
+    ci_half_width: float = _option("ci_half_width", "inject", "--ci-half-width"),
+    confidence: float = _option("confidence", "inject"),
+    seed: int = _option("seed", "inject"),
     dtype: str = typer.Option("float32", help="storage format faults hit: float32, float16, bfloat16, int8 "
                               "(activations: float32, float16, bfloat16)"),
     bits: List[int] = typer.Option([], help="only these bit positions (default: all)"),
@@ -570,32 +552,29 @@ def inject(
     attack_protection: bool = typer.Option(True, help="also inject into the float values protections add "
                                            "(correction and restriction bounds); reported in the summary"),
     layers: List[str] = typer.Option([], help="only these layers (module names)"),
-    target: str = typer.Option("parameters", help="what faults hit: parameters (weight memory) or "
-                               "activations (layer outputs)"),
+    target: str = _option("target", "inject"),
     activation_mode: str = typer.Option("transient", help="with --target activations: transient (each "
                                         "value, each inference) or permanent (same sites for every input)"),
     ber_per_layer: List[str] = typer.Option([], "--ber-per-layer", help="with --target activations: "
                                             "NAME=RATE ..., these layers take this rate at every point"),
+    per_input: bool = typer.Option(False, "--per-input", help="with --target activations --count N: N "
+                                   "faults in every input image (PyTorchFI's convention), not N per trial"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N test inputs"),
     batch_size: int = typer.Option(1000, min=1),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     shortcut: bool = typer.Option(True, help="start each trial at its first faulted layer (exact)"),
     batch_trials: Optional[int] = typer.Option(None, min=1, help="faulty trials per batched forward "
                                                "(exact; default: automatic, 1 on CPU)"),
-    workers: int = typer.Option(1, help="worker processes on this machine (at most its cores)",
-                                 callback=_limit("workers", "--workers")),
+    workers: int = _option("workers", "inject"),
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray started for the campaign "
                              "(needs the optional Ray extra of ftcnn)"),
     ray_address: Optional[str] = typer.Option(None, help="run on an existing Ray cluster at this address"),
-    precision: Optional[float] = typer.Option(None, callback=_limit("precision", "--precision"),
-                                              help="time to precision: stratified trials until the "
-                                              "accuracy CI half-width is at most this (e.g. 0.01), per BER point; "
-                                              "replaces --trials"),
+    precision: Optional[float] = _option("precision", "inject"),
     inputs_per_trial: Optional[int] = typer.Option(None, min=1, help="inputs each trial evaluates: a seeded "
                                                    "random block of the split per trial, unbiased (default: "
                                                    f"all; with --precision {constants.PRECISION_INPUTS_PER_TRIAL}; a "
                                                    "number >= the split's size: all)"),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    threads: Optional[int] = _option("threads", "inject"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (resumed if it exists; "
                                           "or output = ... in --config)"),
 ) -> None:
@@ -635,25 +614,20 @@ def compare(
     normalize: Optional[str] = _normalize_option(),
     epochs: int = typer.Option(5, min=1, help="with --model: training epochs"),
     width: float = typer.Option(1.0, help="with --model: width multiplier"),
-    ber: List[float] = typer.Option([], help="BER sweep (default: 9 log-spaced points 1e-7 ... 1e-3)",
-                                    callback=_limit("points", "--ber")),
-    trials: int = typer.Option(30, help="trials per variant and BER", callback=_limit("trials", "--trials")),
-    bit_trials: int = typer.Option(20, min=0, help="single-flip trials per bit position (0: skip)",
-                                    callback=_limit("trials", "--bit-trials", zero_ok=True)),
+    ber: List[float] = _option("ber", "compare"),
+    trials: str = _trials_option("compare"),
+    bit_trials: int = _option("bit_trials", "compare"),
     bits: List[int] = typer.Option([], help="bit positions for the bit-sensitivity chart (default: all 32)"),
-    harden_ratio: float = typer.Option(0.1),
-    prune_ratio: float = typer.Option(0.3),
+    harden_ratio: float = _option("harden_ratio", "compare"),
+    prune_ratio: float = _option("prune_ratio", "compare"),
     restrict: str = typer.Option("zero", help="range restriction mode: zero or clamp"),
-    range_margin: float = typer.Option(0.1, "--range-margin", help="range restriction margin (share of the "
-                                       "profiled range; was --margin)"),
-    finetune_epochs: int = typer.Option(2, min=0),
-    report_ber: Optional[float] = typer.Option(None, help="BER of the overview table and overhead plot"),
+    range_margin: float = _option("range_margin", "compare", "--range-margin"),
+    finetune_epochs: int = _option("finetune_epochs", "compare"),
+    report_ber: Optional[float] = _option("report_ber", "compare"),
     variants: Optional[str] = typer.Option(None, help="comma-separated subset of variants"),
-    target: str = typer.Option("parameters", help="what faults hit: parameters (weight memory) or activations "
-                               "(transient flips in every Conv2d/Linear output, a protection's copies included; "
-                               "bit sensitivity: one flip per inference)"),
-    seed: int = typer.Option(0, callback=SEED),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    target: str = _option("target", "compare"),
+    seed: int = _option("seed", "compare"),
+    threads: Optional[int] = _option("threads", "compare"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="run folder (resumed if it exists)"),
 ) -> None:
@@ -705,9 +679,9 @@ def report(run: Path = typer.Argument(..., help="a run folder written by `ftcnn 
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="run folder (resumed if it exists)"),
     epochs: int = typer.Option(5, min=1),
-    trials: int = typer.Option(10, help="trials per variant and BER", callback=_limit("trials", "--trials")),
-    seed: int = typer.Option(0, callback=SEED),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    trials: str = _trials_option("demo"),
+    seed: int = _option("seed", "demo"),
+    threads: Optional[int] = _option("threads", "demo"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """The main job on built-in data: train LeNet-5 on the MNIST digits, then compare every protection
@@ -778,15 +752,17 @@ def protect(
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     model_spec: Optional[str] = typer.Option(None, "--model", help=MODEL_TRUST_HELP),
     normalize: Optional[str] = _normalize_option(),
-    ber: float = typer.Option(1e-4, help="bit error rate the protection is chosen for"),
+    ber: float = _option("ber", "protect"),
     max_macs: float = typer.Option(1.15, help="MACs per input allowed at --batch, a ratio to the model's "
                                    "(checks included; 1.15 = +15%)"),
     max_latency: Optional[float] = typer.Option(None, help="latency allowed at --batch relative to the model's "
                                                 "(1 thread, CPU)"),
-    batch: int = typer.Option(constants.DEFAULT_BATCH, help=BATCH_HELP, callback=_batch),
-    trials: int = typer.Option(100, help="fault-injection trials per candidate",
-                                callback=_limit("trials", "--trials")),
-    seed: int = typer.Option(0, callback=SEED),
+    max_memory: Optional[float] = typer.Option(None, help="stored bits allowed (weights, bounds, copies, code "
+                                               "words), a ratio to the model's (1.10 = +10%); default no limit"),
+    batch: int = _option("batch", "protect"),
+    trials: str = _trials_option("protect"),
+    seed: int = _option("seed", "protect"),
+    threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
 ) -> None:
@@ -797,15 +773,16 @@ def protect(
     Example: ftcnn protect lenet5.pt --data mnist5k --ber 1e-4 --max-macs 1.15 --max-latency 1.2 -o runs/protect
     """
     _check_device(device)
-    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch)
-    net = _load_model(checkpoint_path, model_spec, data)
-    spec = _data_spec(data, checkpoint.meta(net))
+    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
+    net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                                         trials=trials, seed=seed, batch=batch, allow_builder=model_spec,
-                                         source=str(checkpoint_path), log=console.print, device=device)
+                                         max_memory=max_memory, trials=trials, seed=seed, batch=batch,
+                                         allow_builder=model_spec, source=str(checkpoint_path),
+                                         log=console.print, device=device)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
-                      + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch} (BER {ber:g})")
+                      + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
+                      + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")
     console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
 
 
@@ -816,16 +793,15 @@ def study(
     models: List[str] = typer.Option([], "--models", help="registry models (default: lenet5 vgg11 resnet20)"),
     data: str = typer.Option("mnist5k", help="data set: mnist5k, digits, cifar10:PATH, imagefolder:PATH, npz:PATH"),
     seeds: List[int] = typer.Option([], "--seeds", help="training seeds (default: 0 1 2; a verdict needs >= 3)"),
-    ber: List[float] = typer.Option([], help="BERs the claims are tested at (default: 1e-6 1e-5 1e-4)",
-                                    callback=_limit("points", "--ber")),
-    trials: int = typer.Option(100, help="trials per variant and BER", callback=_limit("trials", "--trials")),
+    ber: List[float] = _option("ber", "study"),
+    trials: str = _trials_option("study"),
     epochs: Optional[int] = typer.Option(None, help="training epochs (default: each model's own)"),
-    finetune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning"),
-    prune_ratio: float = typer.Option(0.3, help="pruning ratio of both criteria (claim 2)"),
+    finetune_epochs: int = _option("finetune_epochs", "study"),
+    prune_ratio: float = _option("prune_ratio", "study"),
     tmr_margin: float = typer.Option(0.01, help="claim 1: accuracy drop allowed above full TMR's (a share)"),
     alpha: float = typer.Option(0.05, help="level of the Holm-corrected tests"),
     latency_rounds: int = typer.Option(30, help="claim 3: interleaved CPU timing rounds (batch 1, one thread)"),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP, callback=_limit("threads", "--threads")),
+    threads: Optional[int] = _option("threads", "study"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(Path("runs/study"), "-o", "--output", help="study folder (resumed if it exists)"),
     results: Optional[Path] = typer.Option(None, help="where study.md and study.json go (default: the study "
@@ -888,17 +864,20 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
 
 
 def _renamed_options(argv: list[str]) -> list[str]:
-    """The old spelling `--margin` of the command's renamed option (one release), with one
-    deprecation line on stderr."""
+    """The old spellings of the command's renamed options (``RENAMED_OPTIONS``, one release), each
+    with one deprecation line on stderr."""
     command = next((t for t in argv if not t.startswith("-")), None)
-    new = MARGIN_RENAMED.get(command or "")
-    if new is None:
+    renamed = RENAMED_OPTIONS.get(command or "")
+    if not renamed:
         return argv
-    out = []
+    out, told = [], set()
     for token in argv:
-        if token == "--margin" or token.startswith("--margin="):
-            token = new + token[len("--margin"):]
-            print(f"note: --margin is deprecated; use {new}", file=sys.stderr)
+        old = token.partition("=")[0]
+        if old in renamed:
+            token = renamed[old] + token[len(old):]
+            if old not in told:
+                print(f"note: {old} is deprecated; use {renamed[old]}", file=sys.stderr)
+                told.add(old)
         out.append(token)
     return out
 

@@ -30,13 +30,13 @@ from torch import nn
 
 from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
                    progress, report, store, train)
-from ftcnn import readback
+from ftcnn import readback, rules
 from ftcnn.campaign import CampaignConfig, run_campaign
 from ftcnn.trials import take_old_margin
 from ftcnn.pipeline import is_current, store_key
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
-TARGETS = ("parameters", "activations")
+TARGETS = rules.TARGETS
 # how the calibration inputs are picked (``splits.calibration_subset``), recorded in variant keys
 CALIBRATION_RULE = "randperm(seed)[:calibration_size]"
 
@@ -62,6 +62,13 @@ def default_variants(harden_ratio: float = 0.1, prune_ratio: float = 0.3,
         Variant("weights_restrict", "weight check + range restriction",
                 {"ratio": 0.0, "check_weights": "zero", "restrict": restrict}),
         Variant("tmr_full", "full TMR: every Conv2d/Linear triplicated, median vote", {"tmr": "full"}),
+        # memory-fault baselines (issue 21; ``ftcnn.codes``, the names ``ftcnn protect`` gives them)
+        Variant("weight_tmr", "weight-level TMR: two stored copies of every weight, bitwise majority (x3 memory)",
+                {"ratio": 0.0, "code": "tmr3"}),
+        Variant("ecc", "SEC-DED ECC on 64-bit words: one flip corrected, two detected and zeroed (x1.125 memory)",
+                {"ratio": 0.0, "code": "secded"}),
+        Variant("parity", "one parity bit per weight, a failed check zeroes the weight (x1.031 memory)",
+                {"ratio": 0.0, "code": "parity"}),
         Variant("tmr_selective", f"selective TMR of the top {r:.0%} channels", {"ratio": r, "correction": "tmr"}),
         Variant("harden_min", f"duplicate top {r:.0%}, min correction (paper)", {"ratio": r, "correction": "min"}),
         Variant("harden_range", f"duplicate top {r:.0%}, range correction", {"ratio": r, "correction": "range"}),
@@ -85,7 +92,7 @@ class CompareConfig:
     prune_ratio: float = 0.3
     restrict: str = "zero"
     range_margin: float = 0.1  # widen profiled ranges by this share of their width (was `margin`)
-    finetune_epochs: int = 2
+    finetune_epochs: int = rules.RULES["finetune_epochs"].default  # one default in every command
     score_method: str = "gain"
     score_samples: int = 256
     calibration_size: int = 1000
@@ -101,15 +108,16 @@ class CompareConfig:
 
     def __post_init__(self, margin: float | None = None) -> None:
         take_old_margin(self, margin, "range_margin")
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
-        for b in self.bers:
-            if not 0 <= b <= 1:
-                raise ValueError(f"bit error rate {b} outside [0, 1]")
-        if self.trials < 1 or self.bit_trials < 0:
-            raise ValueError("trials must be >= 1 and bit trials >= 0")
-        if not 0 <= self.harden_ratio <= 1 or not 0 <= self.prune_ratio < 1:
-            raise ValueError("ratios must lie in [0, 1]")
+        rules.check("target", self.target)
+        rules.check("points", self.bers, "bers")
+        rules.check("trials", self.trials)
+        rules.check("bit_trials", self.bit_trials)
+        rules.check("harden_ratio", self.harden_ratio)
+        rules.check("prune_ratio", self.prune_ratio)
+        rules.check("range_margin", self.range_margin)
+        rules.check("finetune_epochs", self.finetune_epochs)
+        if self.report_ber is not None:
+            rules.check("report_ber", self.report_ber)
 
     def recorded(self) -> dict[str, Any]:
         """``asdict`` for summary.json: ``target`` only when not "parameters" (summaries of parameter
@@ -293,6 +301,7 @@ def _measure_all(nets: dict[str, nn.Module], input_shape: tuple[int, ...], round
     ``cost.macs_at_batch``, once-per-forward work such as weight checks shared by the batch,
     the price ``harden`` and ``protect`` quote), so every cost carries its batch (issue 21)."""
     out = {name: {"params": cost.parameters(net), "protection_values": cost.protection_values(net),
+                  "memory_bits": cost.memory_bits(net),  # all stored bits: what a memory code pays (issue 21)
                   **cost.macs(net, input_shape), "macs_b128": cost.macs_at_batch(net, input_shape, 128)}
            for name, net in nets.items()}
     for batch in (1, 128):
@@ -418,7 +427,7 @@ def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
     ber = summary["report_ber"]
     table = Table(title=f"{summary['model_name']} on {summary['data']}: protections at BER {ber:g}")
     table.add_column("variant", no_wrap=True)
-    for col in ("clean", f"acc@{ber:g} ±CI", "+params", "+MACs b128", "+MACs b1", "+lat b128", "+lat b1"):
+    for col in ("clean", f"acc@{ber:g} ±CI", "+params", "+memory", "+MACs b128", "+MACs b1", "+lat b128", "+lat b1"):
         table.add_column(col, justify="right", no_wrap=True)
     for v in summary["variants"]:
         r = next((r for r in v["results"] if r["ber"] and math.isclose(r["ber"], ber)), None)
@@ -427,6 +436,7 @@ def headline(summary: dict[str, Any]) -> "rich.table.Table":  # noqa: F821
             f"{r['accuracy_mean']:.1%} ±{(r['accuracy_ci'][1] - r['accuracy_ci'][0]) / 2:.1%}"
         def extra(key: str) -> str:  # summaries written before issue 21 hold no macs_b128
             return "-" if rel.get(key) is None else f"{rel[key] - 1:+.0%}"
-        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, extra("params"), extra("macs_b128"),
+        table.add_row(v["name"], f"{v['clean_accuracy']:.1%}", acc, extra("params"), extra("memory_bits"),
+                      extra("macs_b128"),
                       extra("macs"), extra("latency_b128_ms"), extra("latency_b1_ms"))
     return table

@@ -105,7 +105,7 @@ import torch
 from torch import nn
 
 from ftcnn import checkpoint, codes, cost as cost_mod
-from ftcnn import fold, graph, trials
+from ftcnn import fold, graph, rules, trials
 from ftcnn.vulnerability import Scores, finite_scores, layer_scores
 
 # Agreement tolerance between the original channel and a copy (see module doc).
@@ -1063,8 +1063,7 @@ def check_max_macs(max_macs: Any, flag: str = "max_macs") -> None:
 
 def _validate(ratio: float, max_macs: float | None, correction: str, tmr: str | None,
               restrict: str | None, margin: float, check_weights: str | None = None) -> None:
-    if not (0.0 <= ratio <= 1.0):
-        raise ValueError(f"ratio {ratio} outside [0, 1]")
+    rules.check("harden_ratio", ratio, "ratio")
     if max_macs is not None:
         check_max_macs(max_macs)
     if correction not in CORRECTIONS:
@@ -1073,8 +1072,7 @@ def _validate(ratio: float, max_macs: float | None, correction: str, tmr: str | 
         raise ValueError(f"unknown tmr mode {tmr!r}; choose from {', '.join(TMR_MODES)} (or none)")
     if restrict is not None and restrict not in RESTRICT_MODES:
         raise ValueError(f"unknown restriction {restrict!r}; choose from {', '.join(RESTRICT_MODES)}")
-    if not (margin >= 0 and math.isfinite(margin)):
-        raise ValueError(f"margin {margin} must be a finite number >= 0")
+    rules.check("range_margin", margin, "range_margin")
     if check_weights is not None and check_weights not in CHECK_MODES:
         raise ValueError(f"unknown weight check {check_weights!r}; choose from {', '.join(CHECK_MODES)} (or none)")
 

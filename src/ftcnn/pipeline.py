@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -51,7 +52,7 @@ from torch.utils.data import TensorDataset
 
 from ftcnn import (campaign, checkpoint, cost, data, distributed, faults, files, fingerprint, hardening, models,
                    progress, pruning, protect as protect_mod, train, vulnerability)
-from ftcnn import readback
+from ftcnn import readback, rules
 from ftcnn.splits import calibration_subset, validation_split
 
 __all__ = ["calibration_subset", "validation_split", "load_model", "resolve_data", "check_normalize", "input_normalization",
@@ -83,8 +84,17 @@ def load_model(path: str | Path, model_spec: str | None = None, data_spec: str |
         raise ValueError(f"{path} is not an ftcnn checkpoint and records no data set: give --data, whose "
                          f"shapes {model_spec} is built with, to load it as a plain state dict")
     info = data.info(data_spec)
-    return checkpoint.from_state_dict(path, model_spec, num_classes=info.num_classes,
-                                      in_channels=info.in_channels, input_size=info.input_size)
+    with warnings.catch_warnings(record=True) as caught:  # said in one line, not Python's two with a path
+        warnings.simplefilter("always", checkpoint.BuilderArgumentsWarning)
+        model = checkpoint.from_state_dict(path, model_spec, num_classes=info.num_classes,
+                                           in_channels=info.in_channels, input_size=info.input_size)
+    for warning in caught:
+        if issubclass(warning.category, checkpoint.BuilderArgumentsWarning):
+            progress.console(stderr=True, soft_wrap=True).print(f"warning: {warning.message}", markup=False,
+                                                                highlight=False)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
 
 
 def resolve_data(data_spec: str | None, model_meta: Mapping[str, Any]) -> str:
@@ -551,8 +561,7 @@ def prune_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, sc
     (``test_accuracy``) model, params and MACs before and after, ``removed_channels``.
     """
     check_output_file(output)
-    if criterion not in pruning.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
+    rules.check("criterion", criterion)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     input_shape = tuple(train_set.tensors[0].shape[1:])
@@ -659,8 +668,7 @@ def prune_and_harden(model: nn.Module, train_set: TensorDataset, test_set: Tenso
     out = Path(out_dir)
     pruning.check_ratio(prune_ratio, "prune ratio")
     pruning.check_ratio(harden_ratio, "harden ratio")
-    if criterion not in pruning.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
+    rules.check("criterion", criterion)
     if finetune_epochs < 0:
         raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
     files.make_folder(out)
@@ -786,12 +794,9 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     """
     say = log or _quiet
     protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
-    if not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune ratio must lie in [0, 1) (got {prune_ratio})")
-    if criterion not in pruning.CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(pruning.CRITERIA)}")
-    if finetune_epochs < 0:
-        raise ValueError(f"finetune epochs must be >= 0 (got {finetune_epochs})")
+    rules.check("prune_ratio", prune_ratio)
+    rules.check("criterion", criterion)
+    rules.check("finetune_epochs", finetune_epochs)
     out = Path(out_dir)
     files.make_folder(out)
     x_train, y_train = train_set.tensors[0], train_set.tensors[1]

@@ -18,7 +18,7 @@ Rules, chosen so results are predictable:
 - per group, ``floor(ratio * channels)`` channels are removed (round down),
   and at least one channel always stays;
 - the model's output layer (the classifier: removing a logit would change the
-  task) is never pruned; ``protect`` lists further layers to keep intact, by
+  task) is never pruned; ``ignored_layers`` (older name: ``protect``) lists further layers to keep intact, by
   default the first Conv2d/Linear (it sees the raw input and is tiny). A
   group is kept whole when any of its coupled layers is protected, so in a
   ResNet protecting the stem also keeps the first stage's residual width;
@@ -49,14 +49,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ftcnn import checkpoint
+from ftcnn import checkpoint, rules
 from ftcnn.graph import FAULT_LAYER_TYPES
 from ftcnn.graph import layers as model_layers
 from ftcnn.train import fit
 from ftcnn.vulnerability import finite_scores, l1, layer_scores
 
 PRUNABLE = FAULT_LAYER_TYPES  # the model map's layers: what faults hit is what pruning removes
-CRITERIA = ("vulnerability", "l1")
+CRITERIA = rules.CRITERIA
 
 
 @dataclass(frozen=True)
@@ -242,15 +242,54 @@ def _check_names(names: Any, known: Sequence[str], what: str) -> None:
             raise ValueError(f"unknown layer {name!r} in {what} (Conv2d/Linear layers: {', '.join(known)})")
 
 
+def shape_of(example_inputs: Any = None, input_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One input's ``(C, H, W)`` from ``input_shape`` or from Torch-Pruning's ``example_inputs``
+    (a batch: ``torch.randn(1, C, H, W)``); giving both is fine when they agree."""
+    if example_inputs is not None:
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
+            raise ValueError("example_inputs must be a batch tensor (N, C, H, W), e.g. torch.randn(1, 1, 8, 8), "
+                             f"got {getattr(example_inputs, 'shape', type(example_inputs).__name__)}")
+        shape = tuple(int(v) for v in example_inputs.shape[1:])
+        if input_shape is not None and tuple(input_shape) != shape:
+            raise ValueError(f"input_shape {tuple(input_shape)} and example_inputs {shape} disagree; give one")
+        return _check_input_shape(shape)
+    if input_shape is None:
+        raise ValueError("give input_shape=(C, H, W) or example_inputs=torch.randn(1, C, H, W) to trace the model")
+    return _check_input_shape(input_shape)
+
+
+def kept_layers(model: nn.Module, ignored_layers: Sequence[Any] | None, protect: Sequence[str] | None
+                ) -> Sequence[str] | None:
+    """The layers never pruned, by name: ``ignored_layers`` (Torch-Pruning's name; names or the
+    modules themselves) or ``protect`` (ftcnn's older keyword, still accepted); not both."""
+    if ignored_layers is None:
+        return protect
+    if protect is not None:
+        raise ValueError("give ignored_layers or protect (its older name), not both")
+    if isinstance(ignored_layers, (str, nn.Module)):
+        ignored_layers = [ignored_layers]
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for layer in ignored_layers:
+        if isinstance(layer, nn.Module):
+            if id(layer) not in names:
+                raise ValueError(f"ignored_layers: a {type(layer).__name__} that is not a module of this model")
+            out.append(names[id(layer)])
+        else:
+            out.append(layer)
+    return out
+
+
 def check_arguments(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
-                    protect: Sequence[str] | None = None, input_shape: tuple[int, int, int]
-                    ) -> tuple[list[str], set[str]]:
+                    protect: Sequence[str] | None = None, input_shape: tuple[int, int, int],
+                    global_pruning: bool = False) -> tuple[list[str], set[str]]:
     """Validate :func:`prune`'s arguments cheaply (before anyone computes scores).
 
     Returns the Conv2d/Linear names in execution order and the protected set.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if global_pruning and isinstance(ratio, Mapping):
+        raise ValueError("global pruning ranks every layer together at one ratio; per-layer ratios are local")
+    rules.check("criterion", criterion)
     input_shape = _check_input_shape(input_shape)
     if isinstance(ratio, Mapping):
         for name, value in ratio.items():
@@ -272,13 +311,13 @@ def check_arguments(model: nn.Module, *, ratio: float | Mapping[str, float], cri
 
 def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str = "vulnerability",
          scores: Mapping[str, Any] | None = None, protect: Sequence[str] | None = None,
-         input_shape: tuple[int, int, int]) -> list[tuple[str, list[int]]]:
+         input_shape: tuple[int, int, int], global_pruning: bool = False) -> list[tuple[str, list[int]]]:
     """Which channels :func:`prune` removes: ``[(root layer, [channel indices]), ...]``.
 
     Pure (does not change ``model``); see :func:`prune` for the arguments.
     """
     order, protected = check_arguments(model, ratio=ratio, criterion=criterion, protect=protect,
-                                       input_shape=input_shape)
+                                       input_shape=input_shape, global_pruning=global_pruning)
     groups = channel_groups(model, input_shape)
     ratios = _group_ratios(groups, ratio)
     if isinstance(ratio, Mapping):
@@ -296,14 +335,35 @@ def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str
     modules = dict(model.named_modules())
     counts = {n: modules[n].out_channels if isinstance(modules[n], nn.Conv2d) else modules[n].out_features
               for n in order}
+    eligible = [(g, r) for g, r in zip(groups, ratios) if r > 0 and not protected.intersection(g.layers)]
+    if global_pruning:
+        return lowest_overall([(g, group_score(g, per_layer, counts)) for g, _ in eligible], float(ratio))
     result = []
-    for group, r in zip(groups, ratios):
-        if r == 0 or protected.intersection(group.layers):
-            continue
+    for group, r in eligible:
         idxs = lowest(group_score(group, per_layer, counts), r)
         if idxs:
             result.append((group.root, idxs))
     return result
+
+
+def lowest_overall(scored: Sequence[tuple[ChannelGroup, np.ndarray]], ratio: float) -> list[tuple[str, list[int]]]:
+    """Global pruning (Torch-Pruning's ``global_pruning=True``): one ranking of every eligible
+    channel, the ``floor(ratio * total)`` lowest removed wherever they are, so layers lose
+    different shares and the model as a whole ``ratio`` of its eligible channels. A group's
+    scores are rescaled to mean 1 (``group_score`` makes each coupled layer sum to 1, which
+    alone would favour removing the channels of wide layers); each group keeps at least one
+    channel; ties go to the earlier group, then the lower index."""
+    channels = sorted((float(score) * len(s) / max(len(g.layers), 1), gi, int(i))
+                      for gi, (g, s) in enumerate(scored) for i, score in enumerate(s))
+    budget = math.floor(ratio * len(channels) + 1e-9)
+    removed: dict[int, list[int]] = {}
+    for _, gi, i in channels:
+        if budget == 0:
+            break
+        if len(removed.get(gi, [])) < len(scored[gi][1]) - 1:  # never a whole group
+            removed.setdefault(gi, []).append(i)
+            budget -= 1
+    return [(scored[gi][0].root, sorted(idxs)) for gi, idxs in sorted(removed.items())]
 
 
 def apply_plan(model: nn.Module, removals: Sequence[tuple[str, Sequence[int]]],
@@ -321,7 +381,8 @@ def apply_plan(model: nn.Module, removals: Sequence[tuple[str, Sequence[int]]],
 
 def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: float | Mapping[str, float],
           criterion: str = "vulnerability", protect: Sequence[str] | None = None,
-          input_shape: tuple[int, int, int]) -> nn.Module:
+          input_shape: tuple[int, int, int] | None = None, example_inputs: torch.Tensor | None = None,
+          ignored_layers: Sequence[str | nn.Module] | None = None, global_pruning: bool = False) -> nn.Module:
     """Structured channel pruning; returns a new, smaller model (``model`` is untouched).
 
     Args:
@@ -331,9 +392,12 @@ def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: f
         criterion: ``"vulnerability"`` (remove the lowest-scored channels) or ``"l1"``.
         scores: ``{layer: [score per output channel]}`` or the dict returned by
             ``ftcnn.vulnerability.analyze``; required for ``"vulnerability"``.
-        protect: layers never pruned (default: the first Conv2d/Linear); the
-            output layer is always protected.
-        input_shape: ``(C, H, W)`` of one input, to trace the model.
+        ignored_layers: layers never pruned, by name or module (Torch-Pruning's name; default:
+            the first Conv2d/Linear); the output layer is always kept. ``protect``: its older name.
+        input_shape: ``(C, H, W)`` of one input, to trace the model; or
+        example_inputs: a batch as Torch-Pruning takes it (``torch.randn(1, C, H, W)``).
+        global_pruning: rank the channels of all layers together (:func:`lowest_overall`):
+            ``ratio`` of the eligible channels overall, more from the layers that score low.
 
     Returns:
         The pruned copy, with the transform recorded so ``ftcnn.save``/``load`` round-trip it.
@@ -350,8 +414,10 @@ def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: f
     if any(t.get("kind") == "harden" for t in spec.get("transforms", [])) or \
             any(type(m).__name__ == "Hardened" for m in model.modules()):
         raise ValueError("prune before hardening: this model is already hardened")
+    input_shape = shape_of(example_inputs, input_shape)
+    protect = kept_layers(model, ignored_layers, protect)
     removals = plan(model, ratio=ratio, criterion=criterion, scores=scores, protect=protect,
-                    input_shape=input_shape)
+                    input_shape=input_shape, global_pruning=global_pruning)
     pruned = copy.deepcopy(model)
     history = apply_plan(pruned, removals, input_shape)
     if hasattr(model, checkpoint.SPEC_ATTR):

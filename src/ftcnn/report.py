@@ -728,8 +728,11 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
                     cells.append(f"{count}{mark}<br><span class=note>{100 * lo:.0f}–{100 * hi:.0f}%"
                                  f"<br>({_fmt(row['mean_share'], pct=True)})</span>")
             rows.append([f"bit {b}<br><span class=note>{_bit_kind(int(b))}</span>", *cells])
-        bit_table = _table(["bit", *[f"{numbers[n]}. {html.escape(n).replace('_', '_<wbr>')}" for n in bits]],
-                           rows, "bits")
+        names, per_table = list(bits), 8  # more variant columns overflow an A4 page: one table per 8
+        bit_table = "".join(
+            _table(["bit", *[f"{numbers[n]}. {html.escape(n).replace('_', '_<wbr>')}" for n in names[i:i + per_table]]],
+                   [[r[0], *r[1 + i:1 + i + per_table]] for r in rows], "bits")
+            for i in range(0, len(names), per_table))
         no_flip_data = all(r["rate"] is None for per in bits.values() for r in per.values())
         bit_note = ("Cells: critical flips / flips (bold when any), the Wilson interval of that share, and in "
                     "parentheses the mean share of inputs turned into critical SDCs per flip (severity). Only the "

@@ -14,6 +14,15 @@ over the M other eligible sites. Four strata with exact weights: "no fault"
 (S = 0, T = 0), "faults, no MSB flip" (S = 0, T >= 1), "1 MSB flip" (S = 1)
 and ">=2 MSB flips" (S >= 2).
 
+What is catastrophic is the model's, not the format's (issue 22): a hardened model clamps a
+huge weight, while a restriction bound's sign flip or the flips of bits 23-29 that shrink a
+bound of about 1 wreck it. So for parameter faults the "MSB" sites are measured before any
+trial (``measure_sensitivity``, a single-flip pass per target group and bit): the S sites are
+the elements' bits in the (group, bit) pairs found catastrophic, the T sites all other eligible
+bits, each count still exactly binomial over its sites (``Layout``). Where the pass finds bit
+30 of every group (unprotected LeNet-5), layout and draws are the bit-30 design's, bit for bit.
+The names keep "MSB" for that reason; summary.json records the measured pairs.
+
 Drawing a trial of a stratum (``draw_faults``): S and T from their binomials
 conditioned on the stratum (exact, from the probability tables), then S
 elements uniform without replacement over all N elements and T sites uniform
@@ -94,6 +103,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from ftcnn import faults as F
 from ftcnn.lazy import lazy
@@ -123,33 +133,60 @@ def trial_rng(seed: int, point: float, stratum: int, index: int) -> np.random.Ge
 
 @dataclass(frozen=True)
 class Layout:
-    """The fault space split for stratification: N elements whose MSB may flip, and the
-    M = elements x other eligible bits sites of the rest."""
+    """The fault space split for stratification: the catastrophic sites (each element's stratum
+    bits) and the M other eligible sites.
+
+    Without ``hot`` every element has one stratum bit, ``msb`` (N = elements such sites), and
+    ``others`` are the remaining eligible bits of every element. With ``hot`` (a measured
+    ``Sensitivity``), tensor t's catastrophic bits are ``hot[t]`` and its other eligible bits
+    ``cold[t]``: the stratum sites are sum_t numel_t x |hot[t]|, the rest sum_t numel_t x |cold[t]|.
+    """
 
     names: tuple[str, ...]
     numels: tuple[int, ...]
     msb: int | None            # the stratum bit, None when it is not among the eligible bits
     others: np.ndarray         # the other eligible bits
+    hot: tuple[np.ndarray, ...] | None = None    # per tensor: its catastrophic bits (replaces msb)
+    cold: tuple[np.ndarray, ...] | None = None   # per tensor: its other eligible bits (replaces others)
 
     @classmethod
     def of(cls, memory: F.ParameterMemory, bits: Sequence[int] | None) -> "Layout":
         """The layout of parameter memory; an activation-fault space brings its own
-        (``activations.ActivationSpace.strata_layout``: its values are the elements)."""
+        (``activations.ActivationSpace.strata_layout``: its values are the elements). A memory
+        whose catastrophic bits were measured (``memory.catastrophic``, ``measure_sensitivity``)
+        is split by them, tensor by tensor; where they are the stratum bit everywhere, the
+        layout (and every draw) is the unmeasured one's."""
         if hasattr(memory, "strata_layout"):
             return memory.strata_layout(bits)
         allowed = F.allowed_bits(memory, bits)
         bit = strata_bit(memory.dtype)
         names = tuple(memory.stored)
-        return cls(names, tuple(memory.numel(n) for n in names), bit if bit in allowed else None,
-                   allowed[allowed != bit])
+        numels = tuple(memory.numel(n) for n in names)
+        plain = cls(names, numels, bit if bit in allowed else None, allowed[allowed != bit])
+        sensitivity: Sensitivity | None = getattr(memory, "catastrophic", None)
+        if sensitivity is None:
+            return plain
+        hot = tuple(allowed[np.isin(allowed, sensitivity.bits_of(n))] for n in names)
+        if all(np.array_equal(h, allowed[allowed == bit]) for h in hot):
+            return plain
+        return cls(names, numels, plain.msb, plain.others, hot,
+                   tuple(allowed[~np.isin(allowed, h)] for h in hot))
+
+    def bits_of(self, tensor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tensor number ``tensor``'s (catastrophic bits, other eligible bits)."""
+        if self.hot is not None and self.cold is not None:
+            return self.hot[tensor], self.cold[tensor]
+        msb = np.array([] if self.msb is None else [self.msb], dtype=np.int64)
+        return msb, self.others
 
     @property
     def n_msb(self) -> int:
-        return sum(self.numels) if self.msb is not None else 0
+        """Catastrophic sites (N): the sites whose flips the strata count."""
+        return sum(n * len(self.bits_of(t)[0]) for t, n in enumerate(self.numels))
 
     @property
     def n_other(self) -> int:
-        return sum(self.numels) * len(self.others)
+        return sum(n * len(self.bits_of(t)[1]) for t, n in enumerate(self.numels))
 
 
 def weights(layout: Layout, ber: float) -> np.ndarray:
@@ -188,17 +225,18 @@ def _conditional_binomial(rng: np.random.Generator, size: int, ber: float, at_le
     return int(rng.choice(ks, p=probs))
 
 
-def _spread(rng: np.random.Generator, count: int, numels: Sequence[int], per_element: int
+def _spread(rng: np.random.Generator, count: int, numels: Sequence[int], per_element: Sequence[int]
             ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``count`` distinct sites uniform over the tensors' numel x per_element slots:
+    """``count`` distinct sites uniform over the tensors' numel x per_element slots (per tensor):
     (tensor number, element indices, slot within the element)."""
     if not count:
         return []
-    sizes = np.asarray(numels, dtype=np.int64) * per_element
+    per = np.asarray(per_element, dtype=np.int64)
+    sizes = np.asarray(numels, dtype=np.int64) * per
     pos = np.sort(rng.choice(int(sizes.sum()), size=count, replace=False))
     starts = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(starts, pos, side="right") - 1
-    return [(int(t), (pos[which == t] - starts[t]) // per_element, (pos[which == t] - starts[t]) % per_element)
+    return [(int(t), (pos[which == t] - starts[t]) // per[t], (pos[which == t] - starts[t]) % per[t])
             for t in np.unique(which)]
 
 
@@ -229,14 +267,96 @@ def draw_sites(layout: Layout, rng: np.random.Generator, ber: float, stratum: in
     t = _conditional_binomial(rng, m, ber, 1) if stratum == 1 else (int(rng.binomial(m, ber)) if m else 0)
     idx: dict[str, list[np.ndarray]] = {}
     bit: dict[str, list[np.ndarray]] = {}
-    for tensor, elements, _ in _spread(rng, s, layout.numels, 1):
-        idx.setdefault(layout.names[tensor], []).append(elements)
-        bit.setdefault(layout.names[tensor], []).append(np.full(len(elements), layout.msb, dtype=np.int64))
-    for tensor, elements, slot in _spread(rng, t, layout.numels, len(layout.others)):
-        idx.setdefault(layout.names[tensor], []).append(elements)
-        bit.setdefault(layout.names[tensor], []).append(layout.others[slot])
+    per_tensor = [layout.bits_of(k) for k in range(len(layout.names))]
+    for which, count in ((0, s), (1, t)):  # the catastrophic sites, then the others
+        for tensor, elements, slot in _spread(rng, count, layout.numels, [len(b[which]) for b in per_tensor]):
+            idx.setdefault(layout.names[tensor], []).append(elements)
+            bit.setdefault(layout.names[tensor], []).append(per_tensor[tensor][which][slot])
     return {name: (np.concatenate(idx[name]).astype(np.int64), np.concatenate(bit[name]).astype(np.int64))
             for name in layout.names if name in idx}
+
+# --- what is catastrophic for this model: a single-flip sensitivity pass ------------------------
+
+SENSITIVITY_SAMPLES = 8     # values flipped one at a time per (target group, bit)
+CATASTROPHIC_DROP = 0.1     # a (group, bit) pair whose single flips cost more accuracy than this, on average
+_SENSITIVITY_TAG = 0x534E53  # in the pass's seed: never the seed of a trial
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """The (target group, bit) pairs whose single flip is catastrophic for one model: the
+    catastrophic stratum's sites (``Layout.of``), and what summary.json records.
+
+    ``groups``: group -> its catastrophic bits; ``tensors``: stored tensor -> its group;
+    ``drops``: group -> per measured bit, the mean accuracy drop of its single flips."""
+
+    groups: dict[str, tuple[int, ...]]
+    tensors: dict[str, str]
+    drops: dict[str, dict[int, float]]
+
+    def bits_of(self, name: str) -> tuple[int, ...]:
+        return self.groups[self.tensors[name]]
+
+    def record(self) -> dict[str, object]:
+        """What summary.json says about the catastrophic stratum (``catastrophic`` of each row)."""
+        return {"method": f"single-flip sensitivity: {SENSITIVITY_SAMPLES} sampled values per (group, bit), "
+                          f"catastrophic where the mean accuracy drop > {CATASTROPHIC_DROP}",
+                "bits": {g: list(b) for g, b in self.groups.items()},
+                "max_drop": {g: round(max(d.values()), 6) if d else None for g, d in self.drops.items()}}
+
+
+def target_groups(model: torch.nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Per stored tensor name, its target group: ``weight``/``bias`` of the layers,
+    ``batchnorm.<name>`` of BatchNorm parameters and statistics, ``<Module>.<buffer>`` of
+    each protection value kind and code word (a bound, a check's bound, a copy). Values of a
+    group play one role, so one bit is about as catastrophic for all of them."""
+    modules = dict(model.named_modules())
+    groups = {}
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        module = modules.get(path)
+        if isinstance(module, F.BN_LAYER_TYPES):
+            groups[name] = f"batchnorm.{attr}"
+        elif module is not None and attr in F.protection_buffers(module):
+            groups[name] = f"{type(module).__name__}.{attr}"
+        else:
+            groups[name] = attr
+    return groups
+
+
+def measure_sensitivity(model: torch.nn.Module, memory: F.ParameterMemory,
+                        accuracy: Callable[[F.Faults], float], *, seed: int,
+                        bits: Sequence[int] | None = None, mode: str = "flip") -> Sensitivity:
+    """The pilot's single-flip pass: per target group, ``SENSITIVITY_SAMPLES`` values drawn
+    uniformly over the group's elements (seeded by ``seed`` alone), each flipped alone at each
+    eligible bit; a (group, bit) pair is catastrophic when the mean accuracy drop of its flips
+    (``accuracy(faults)`` against ``accuracy`` without faults) exceeds ``CATASTROPHIC_DROP``.
+
+    Why measured: bit 30 is catastrophic for a weight below 2, but for a bound of 1.5 the
+    shrinking flips of bits 26-29 are (all activations clipped to ~0) and bit 30 is not. The pass
+    runs before any trial and depends on no trial, so the strata stay a fixed partition of the
+    fault space: their weights are exact and the estimate unbiased whatever it finds; it only
+    decides how much variance the strata remove."""
+    allowed = F.allowed_bits(memory, bits)
+    groups = target_groups(model, list(memory.stored))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SENSITIVITY_TAG]))
+    golden = accuracy(F.Faults({}, mode))
+    hot: dict[str, tuple[int, ...]] = {}
+    drops: dict[str, dict[int, float]] = {}
+    for group in dict.fromkeys(groups.values()):  # in memory order
+        names = [n for n in memory.stored if groups[n] == group]
+        picks = [(names[t], elements) for t, elements, _ in
+                 _spread(rng, min(SENSITIVITY_SAMPLES, sum(memory.numel(n) for n in names)),
+                         [memory.numel(n) for n in names], [1] * len(names))]
+        sites = [(name, int(i)) for name, elements in picks for i in elements]
+        drops[group] = {}
+        for bit in allowed.tolist():
+            lost = [golden - accuracy(F.drawn_faults({name: (np.array([i]), np.array([bit]))}, mode, rng))
+                    for name, i in sites]
+            drops[group][bit] = float(np.mean(lost)) if lost else 0.0
+        hot[group] = tuple(b for b, d in drops[group].items() if d > CATASTROPHIC_DROP)
+    return Sensitivity(hot, groups, drops)
+
 
 # --- the two-stage design ------------------------------------------------------------------------
 

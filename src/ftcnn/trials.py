@@ -16,100 +16,27 @@ campaign's identity (``EXECUTION_FIELDS``).
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ftcnn import faults as F
-from ftcnn import fastpath, strata
-from ftcnn.constants import PRECISION_INPUTS_PER_TRIAL, THREADS_PER_CORE
+from ftcnn import fastpath, rules, strata
+from ftcnn.constants import PRECISION_INPUTS_PER_TRIAL, THREADS_PER_CORE  # noqa: F401 (re-exported)
+from ftcnn.rules import LIMITS, MAX_POINTS, MAX_SEED, MAX_TRIALS, MIN_CI_HALF_WIDTH, cores  # noqa: F401
 from ftcnn.metrics import Golden, golden_predictions, trial_metrics
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
 
 
-# --- limits of the settings that size the work (issue 19) -----------------------------------------
-# One rule table, asked by CampaignConfig, the campaign file and every CLI command, so that a
-# setting from a flag, a file or the API is refused the same way, in one line, before any work
-# (a trial budget of 10^12, 10^5 threads or a precision of 1e-9 used to exhaust memory, crash
-# the process or never end).
-MAX_TRIALS = 1_000_000     # trials per point: days of LeNet-5 trials; more is a typo, not a plan
-# the floor of --precision and --ci-half-width (a CI half-width): Leveugle's worst case at 95%,
-# (1.96 * 0.5 / e)^2, is ~960,000 trials per point at 1e-3, the trial cap; finer never finishes
-MIN_CI_HALF_WIDTH = 1e-3
-MAX_POINTS = 10_000        # --ber/--count values of one campaign
-MAX_SEED = 2 ** 63 - 1     # a seed is stored as a 64-bit integer
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _in_range(low: int, high: int) -> Callable[[Any], str | None]:
-    def problem(value: Any) -> str | None:
-        if not _whole(value):
-            return f"must be a whole number (got {value!r})"[:200]
-        if not low <= value <= high:
-            return f"must lie in {low:,}..{high:,} (got {value:,})"
-        return None
-    return problem
-
-
-def _half_width(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"must be a number (got {value!r})"[:200]
-    if not MIN_CI_HALF_WIDTH <= value < 1:
-        return (f"must lie in [{MIN_CI_HALF_WIDTH:g}, 1) (got {value:g}; a finer one needs over "
-                f"{MAX_TRIALS:,} trials per point)")
-    return None
-
-
-def _unique_points(values: Any) -> str | None:
-    values = list(values)
-    if len(values) > MAX_POINTS:
-        return f"takes at most {MAX_POINTS:,} values (got {len(values):,})"
-    seen: set[float] = set()
-    for v in values:
-        if v in seen:
-            return f"names {v:g} twice (give each point once)"
-        seen.add(v)
-    return None
-
-
-# setting -> (value -> what is wrong with it, or None); the machine-sized ones read the cores when asked
-LIMITS: dict[str, Callable[[Any], str | None]] = {
-    "trials": lambda v: _in_range(1, MAX_TRIALS)(v),
-    "threads": lambda v: _in_range(1, cores() * THREADS_PER_CORE)(v),
-    "workers": lambda v: _in_range(1, cores())(v),
-    "seed": lambda v: _in_range(0, MAX_SEED)(v),
-    "precision": _half_width,
-    "ci_half_width": _half_width,
-    "points": _unique_points,
-}
-
-
-def check_limit(setting: str, value: Any, name: str | None = None) -> Any:
-    """``value`` when the rule of ``setting`` (a key of ``LIMITS``) allows it, else a one-line
-    ValueError naming it as ``name`` (the flag, ``--trials``, or the file key; default: the setting)."""
-    problem = LIMITS[setting](value)
-    if problem is not None:
-        raise ValueError(f"{name or setting} {problem}")
-    return value
+# the limits of the settings that size the work (issue 19) and every other setting's rule live in
+# ftcnn.rules, the one table CampaignConfig, the campaign file, the CLI and the API ask
+check_limit = rules.check
 
 
 def take_old_margin(config: Any, margin: float | None, field: str) -> None:
@@ -166,24 +93,22 @@ class CampaignConfig:
     # inputs each trial evaluates (None: all): a seeded random block of the split per trial, an
     # unbiased estimate of the trial's accuracy on all of it at a fraction of the cost (design §2)
     inputs_per_trial: int | None = None
+    # activation counts per input image (PyTorchFI's convention, ``--per-input``), not per trial
+    per_input: bool = False
     margin: InitVar[float | None] = None  # deprecated spelling of ci_half_width (one release)
 
     def __post_init__(self, margin: float | None = None) -> None:
         take_old_margin(self, margin, "ci_half_width")
         if bool(self.bers) == bool(self.counts):
             raise ValueError("give fault rates (ber) or fault counts, not both and not neither")
-        for ber in self.bers:
-            if not (isinstance(ber, (int, float)) and 0.0 <= ber <= 1.0) or math.isnan(ber):
-                raise ValueError(f"bit error rate {ber} outside [0, 1]")
-        for count in self.counts:
-            if count < 0:
-                raise ValueError(f"fault count {count} must be >= 0")
-        check_limit("points", self.bers or self.counts, "bers" if self.bers else "counts")
+        if self.bers:
+            check_limit("points", self.bers, "bers")
+        else:
+            check_limit("count_points", self.counts, "counts")
         if self.trials is not None:
             check_limit("trials", self.trials)
         check_limit("seed", self.seed)
-        if not 0 < self.confidence < 1:
-            raise ValueError("confidence must lie in (0, 1)")
+        check_limit("confidence", self.confidence)
         check_limit("ci_half_width", self.ci_half_width)
         if self.min_trials < 1:
             raise ValueError(f"min trials must be >= 1 (got {self.min_trials})")
@@ -223,8 +148,7 @@ class CampaignConfig:
             pairs = [tuple(p) if isinstance(p, list) else p for p in self.ber_per_layer]
             object.__setattr__(self, "ber_per_layer", tuple(sorted(
                 pairs, key=lambda p: str(p[0]) if isinstance(p, tuple) and p else "")))
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown fault target {self.target!r}; choose from {', '.join(TARGETS)}")
+        check_limit("target", self.target)
         if self.activation_mode not in ACTIVATION_MODES:
             raise ValueError(f"unknown activation fault mode {self.activation_mode!r}; "
                              f"choose from {', '.join(ACTIVATION_MODES)}")
@@ -244,9 +168,14 @@ class CampaignConfig:
             if self.activation_mode != "transient" or self.ber_per_layer:
                 raise ValueError("activation mode and per-layer rates apply to activation faults only "
                                  "(target \"activations\")")
+            if self.per_input:
+                raise ValueError("--per-input counts activation faults per input: it needs --target activations")
             return
         if self.ber_per_layer and self.counts:
             raise ValueError("per-layer rates need fault rates (ber), not exact counts")
+        if self.per_input and (not self.counts or self.activation_mode != "transient"):
+            raise ValueError("--per-input counts transient activation faults per input: it needs --count "
+                             "and --activation-mode transient")
         if self.precision is not None and self.ber_per_layer:
             raise ValueError("--precision for activation faults needs one rate for every layer (the strata "
                              "weights come from one binomial); drop --ber-per-layer or use --trials")
@@ -292,6 +221,8 @@ class CampaignConfig:
         d = asdict(self)
         if self.inputs_per_trial is None:  # all inputs, as before the option existed
             d.pop("inputs_per_trial")
+        if not self.per_input:  # counts per trial, as before the option existed
+            d.pop("per_input")
         if self.target == TARGET_DEFAULTS["target"]:
             for key in TARGET_DEFAULTS:
                 d.pop(key)
@@ -304,7 +235,7 @@ class CampaignConfig:
 
 # what faults hit; the activation settings are defined here, where CampaignConfig checks them
 # (``ftcnn.activations`` sits above this module, takes them from here, and is never imported by it)
-TARGETS = ("parameters", "activations")
+TARGETS = rules.TARGETS
 ACTIVATION_MODES = ("transient", "permanent")
 ACTIVATION_KINDS = ("flip", "stuck0", "stuck1")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
@@ -460,6 +391,13 @@ class TrialRunner:
         size to ``inputs_per_trial``)."""
         return slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
 
+    def first_block_accuracy(self, faults: F.Faults) -> float:
+        """Accuracy with ``faults`` on the first block of inputs (all of them without blocks): what
+        the ``--precision`` pilot's single-flip pass (``strata.measure_sensitivity``) compares."""
+        rows = self._rows(0) if self.blocks else slice(None)
+        logits = self.faulty_logits(faults, 0 if self.blocks else None)
+        return trial_metrics(logits, Golden(self.golden.labels[rows], self.golden.predictions[rows]))["accuracy"]
+
     def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
         faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
         if faults.count == 0 and self.config.skip_fault_free:
@@ -533,7 +471,11 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
     golden_logits = predict(model, inputs, config.batch_size)
     golden = Golden(labels, golden_predictions(golden_logits, order))
     fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
-    return TrialRunner(model, memory, inputs, golden, config, fast, batch, golden_logits)
+    runner = TrialRunner(model, memory, inputs, golden, config, fast, batch, golden_logits)
+    if config.precision is not None:  # the catastrophic stratum: what is catastrophic for this model
+        memory.catastrophic = strata.measure_sensitivity(model, memory, runner.first_block_accuracy,
+                                                         seed=config.seed, bits=config.bits, mode=config.mode)
+    return runner
 
 
 def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor,
