@@ -188,3 +188,32 @@ def test_compare_builds_the_memory_baselines_and_reports_their_memory(digits, tm
     with torch.no_grad():  # fault-free, every code computes exactly what the model does
         for name, model in nets.items():
             assert torch.equal(model(x), net(x)), name
+
+
+def test_pipeline_takes_the_memory_budget_only_in_its_end_to_end_mode(tmp_path, monkeypatch, capsys):
+    r = cli_in_process(monkeypatch, capsys, "pipeline", str(tmp_path / "none.pt"), "--max-memory", "1.1",
+                       "-o", str(tmp_path / "run"))
+    assert_one_line_refusal(r, "--max-memory applies to the end-to-end mode: give --max-macs too")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_end_to_end_pipeline_hands_its_memory_budget_to_the_search(digits, tmp_path, monkeypatch):
+    """prune_and_protect forwards max_memory to protect (checked where it is received)."""
+    from ftcnn import pipeline
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_protect(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(P, "protect", fake_protect)
+    train_set, test_set = digits
+    with pytest.raises(Stop):
+        pipeline.prune_and_protect(_lenet(), train_set, test_set, tmp_path / "run", prune_ratio=0.25,
+                                   finetune_epochs=0, max_macs=1.0, max_memory=1.05, trials=5, samples=8,
+                                   measure_latency=False)
+    assert seen["max_memory"] == 1.05

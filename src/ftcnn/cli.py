@@ -167,6 +167,10 @@ def _parse_layer_ratios(items: List[str]) -> dict:
     return out
 
 
+MAX_MEMORY_HELP = ("stored bits allowed (weights, bounds, copies, code words), a ratio to the model's "
+                   "(1.10 = +10%; pipeline: to the ORIGINAL model's); default no limit")
+
+
 def _check_device(device: str) -> None:
     """Refuse, in one line before any work, a device torch does not know or this machine lacks."""
     try:
@@ -470,6 +474,7 @@ def pipeline(
                                              "within this many MACs relative to the ORIGINAL model (e.g. 1.0)"),
     max_latency: Optional[float] = typer.Option(None, help="end-to-end mode: latency allowed at --batch "
                                                 "relative to the original (1 thread)"),
+    max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
     batch: int = _option("batch", "pipeline"),
     ber: float = _option("ber", "pipeline"),
     trials: str = _trials_option("pipeline"),
@@ -490,14 +495,18 @@ def pipeline(
     """
     _check_device(device)
     if max_macs is not None:  # a bad budget: one line before loading anything
-        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
+        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False,
+                                 max_memory=max_memory)
+    elif max_memory is not None:
+        raise ValueError("--max-memory applies to the end-to-end mode: give --max-macs too")
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
         result = flows.run_pipeline(net, spec, output, prune_ratio=prune_ratio, criterion=criterion,
                                     finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,
                                     harden_ratio=harden_ratio, correction=correction, restrict=restrict,
                                     max_macs=max_macs, max_latency=max_latency, ber=ber, trials=trials, batch=batch,
-                                    allow_builder=model_spec, source=str(checkpoint_path), log=console.print,
+                                    max_memory=max_memory, allow_builder=model_spec, source=str(checkpoint_path),
+                                    log=console.print,
                                     device=device)
     if max_macs is not None:
         _print_protection(result, f"{criterion} pruning {prune_ratio}, then protections within x{max_macs:g} "
@@ -757,8 +766,7 @@ def protect(
                                    "(checks included; 1.15 = +15%)"),
     max_latency: Optional[float] = typer.Option(None, help="latency allowed at --batch relative to the model's "
                                                 "(1 thread, CPU)"),
-    max_memory: Optional[float] = typer.Option(None, help="stored bits allowed (weights, bounds, copies, code "
-                                               "words), a ratio to the model's (1.10 = +10%); default no limit"),
+    max_memory: Optional[float] = typer.Option(None, help=MAX_MEMORY_HELP),
     batch: int = _option("batch", "protect"),
     trials: str = _trials_option("protect"),
     seed: int = _option("seed", "protect"),

@@ -774,7 +774,8 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                       max_latency: float | None = None, ber: float = 1e-4, trials: int = 100, seed: int = 0,
                       validation_fraction: float = 0.2, samples: int = 256, measure_latency: bool = True,
                       record: dict[str, Any] | None = None, log: Log | None = None, device: str = "cpu",
-                      batch: int = cost.DEFAULT_BATCH) -> protect_mod.ProtectResult:
+                      batch: int = cost.DEFAULT_BATCH, max_memory: float | None = None
+                      ) -> protect_mod.ProtectResult:
     """Prune -> fine-tune -> protect within a budget relative to the original (unpruned) model.
 
     Writes into ``out_dir``: ``pruned.pt`` (pruned, fine-tuned on the fit
@@ -793,7 +794,8 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                                        max_macs=1.0, ber=1e-4, trials=50)
     """
     say = log or _quiet
-    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
+    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False,
+                             max_memory=max_memory)
     rules.check("prune_ratio", prune_ratio)
     rules.check("criterion", criterion)
     rules.check("finetune_epochs", finetune_epochs)
@@ -815,7 +817,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     checkpoint.save(pruned, out / "pruned.pt", stage="pruned_finetuned", criterion=criterion,
                     prune_ratio=prune_ratio, **data_meta)
     result = protect_mod.protect(pruned, x_train, y_train, ber=ber, max_macs=max_macs, max_latency=max_latency,
-                                 trials=trials, seed=seed, batch=batch, reference=model,
+                                 max_memory=max_memory, trials=trials, seed=seed, batch=batch, reference=model,
                                  validation_fraction=validation_fraction,
                                  measure_latency=measure_latency, work_dir=out / "campaigns", log=say,
                                  device=device)
@@ -842,12 +844,13 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
                  seed: int = 0, harden_ratio: float = 0.1, correction: str = "min", restrict: str | None = None,
                  max_macs: float | None = None, max_latency: float | None = None, ber: float = 1e-4,
                  trials: int = 100, allow_builder: str | None = None, source: str | None = None,
-                 log: Log | None = None, device: str = "cpu", batch: int = cost.DEFAULT_BATCH
-                 ) -> dict[str, Any] | protect_mod.ProtectResult:
+                 log: Log | None = None, device: str = "cpu", batch: int = cost.DEFAULT_BATCH,
+                 max_memory: float | None = None) -> dict[str, Any] | protect_mod.ProtectResult:
     """``ftcnn pipeline``: :func:`prune_and_harden` on ``data_spec`` (its summary), or with
     ``max_macs`` (end-to-end mode) :func:`prune_and_protect` (its ``ProtectResult``), on ``device``."""
     if max_macs is not None:
-        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False)
+        protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=False,
+                             max_memory=max_memory)
     train_set, test_set = data.load(data_spec, "train"), data.load(data_spec, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
     record = {"data": data_spec, "checkpoint": str(source),
@@ -858,7 +861,8 @@ def run_pipeline(model: nn.Module, data_spec: str, out_dir: str | Path, *, prune
             return prune_and_protect(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                      criterion=criterion, finetune_epochs=finetune_epochs, lr=lr, max_macs=max_macs,
                                      max_latency=max_latency, ber=ber, trials=trials, seed=seed, samples=samples,
-                                     record=record, log=log, device=device, batch=batch)
+                                     record=record, log=log, device=device, batch=batch,
+                                     max_memory=max_memory)
         return prune_and_harden(model, train_set, test_set, out_dir, prune_ratio=prune_ratio,
                                 harden_ratio=harden_ratio, correction=correction, criterion=criterion,
                                 finetune_epochs=finetune_epochs, lr=lr, samples=samples, seed=seed,

@@ -675,7 +675,7 @@ def plot_front(result: ProtectResult, path: str | Path) -> None:
 def write_result(result: ProtectResult, out: str | Path, **meta: Any) -> dict[str, Path]:
     """Write the chosen model (``protected.pt``), ``front.json`` and ``front.png`` into ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_folder(out)
     paths = {"model": out / "protected.pt", "front": out / "front.json", "plot": out / "front.png"}
     rec = result.record(result.chosen)
     checkpoint.save(result.model, paths["model"], protection=rec["name"],
