@@ -217,3 +217,24 @@ def test_the_end_to_end_pipeline_hands_its_memory_budget_to_the_search(digits, t
                                    finetune_epochs=0, max_macs=1.0, max_memory=1.05, trials=5, samples=8,
                                    measure_latency=False)
     assert seen["max_memory"] == 1.05
+
+
+def test_protect_confidence_sets_the_intervals_and_the_choice_level(digits):
+    x, y = digits[0].tensors
+    result = P.protect(_lenet(), x, y, ber=BER, trials=TRIALS, space=_space("none", "weights_zero"),
+                       measure_latency=False, confidence=0.9)
+    assert result.config["confidence"] == 0.9
+    assert result.config["choice"]["alpha"] == pytest.approx(0.1)
+    assert all(r["choice"]["confidence"] == pytest.approx(0.8) for r in result.records
+               if r.get("choice") and r["choice"].get("confidence") is not None)
+    with pytest.raises(ValueError, match="confidence"):
+        P.protect(_lenet(), x, y, ber=BER, trials=TRIALS, space=_space("none"), measure_latency=False,
+                  confidence=1.5)
+
+
+def test_cli_protect_refuses_a_percentage_confidence_in_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "lenet5.pt"
+    checkpoint.save(_lenet(), path, data="digits")
+    r = cli_in_process(monkeypatch, capsys, "protect", str(path), "--confidence", "95", "-o", str(tmp_path / "out"))
+    assert_one_line_refusal(r, "--confidence")
+    assert not (tmp_path / "out").exists()

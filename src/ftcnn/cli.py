@@ -770,6 +770,7 @@ def protect(
     batch: int = _option("batch", "protect"),
     trials: str = _trials_option("protect"),
     seed: int = _option("seed", "protect"),
+    confidence: float = _option("confidence", "protect"),
     threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
@@ -787,7 +788,7 @@ def protect(
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
                                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                                          allow_builder=model_spec, source=str(checkpoint_path),
-                                         log=console.print, device=device)
+                                         log=console.print, device=device, confidence=confidence)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
                       + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")

@@ -83,6 +83,7 @@ RESTRICT_SHARE = 0.9
 BUDGET_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 # one-sided level of "significantly below the best" (the choice, see the module doc)
 ALPHA = 0.05
+DEFAULT_CONFIDENCE = 1 - ALPHA  # the campaigns' intervals; the choice's one-sided test runs at 1 - confidence
 # stored-word codes tried behind the weight check (``ftcnn.codes``): measured on LeNet-5 at BER 1e-3
 # (experiments/results/memory_codes.md) these two are the ones worth their memory; plain ``parity``
 # zeroes too many harmless mantissa flips and is only a baseline
@@ -327,11 +328,12 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
 
 def _campaign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bers: Sequence[float], trials: int,
               seed: int, folder: Path, device: str = "cpu", inputs_per_trial: int | None = None,
-              attack_protection: bool = True) -> dict[str, Any]:
+              attack_protection: bool = True, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
     """A campaign on ``device``; the model is given back where it was. ``attack_protection=False``
     leaves the values protections add (bounds, code words) out of the fault space: the ablation."""
     config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed, device=device,
-                                     inputs_per_trial=inputs_per_trial, attack_protection=attack_protection)
+                                     inputs_per_trial=inputs_per_trial, attack_protection=attack_protection,
+                                     confidence=confidence)
     with train.on_device(model, device):
         return campaign.run_campaign(model, x, y, config, folder, progress=False)
 
@@ -457,7 +459,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             measure_latency: bool = True, batch: int = cost.DEFAULT_BATCH,
             space: Sequence[Candidate] | None = None,
             work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
-            device: str = "cpu") -> ProtectResult:
+            device: str = "cpu", confidence: float = DEFAULT_CONFIDENCE) -> ProtectResult:
     """Search the protections of design §4 for the most robust one within a cost budget.
 
     Args:
@@ -471,6 +473,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             corrections, restrictions and weight checks included (``cost.macs_at_batch``:
             work done once per forward is shared by the batch; each record's ``cost`` holds
             the ratio at batch 1 beside it).
+        confidence: of every campaign's interval; the choice's one-sided paired test runs at
+            ``1 - confidence`` (0.05 at the default 0.95).
         max_latency: latency allowed at ``batch`` (1 thread, interleaved), ratio to ``reference``'s.
         max_memory: stored bits allowed (``cost.memory_bits``: weights, bounds, copies, code
             words), ratio to ``reference``'s; None: no limit. Baselines over it are still
@@ -504,6 +508,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     """
     check_budget(max_macs, max_latency, ber, trials, batch=batch, at_least_one=reference is None,
                  max_memory=max_memory)
+    rules.check("confidence", confidence, "confidence")
+    alpha = round(1 - confidence, 12)  # the choice's one-sided test: 0.05 at the default 0.95
     say = log or (lambda *_: None)
     model, folding = deployed_form(model)
     if folding["folded"]:
@@ -577,7 +583,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs at batch {batch}) ...")
             folder = root / "validation" / rec["name"]
             summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, role_seed(seed, "validation"),
-                                folder, device)
+                                folder, device, confidence=confidence)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
             # what the paired choice compares: every candidate's trial i drew from the same generator
@@ -591,16 +597,16 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         rec["pareto"] = False
     for rec, flag in zip(evaluated, flags):
         rec["pareto"] = flag
-    chosen, reason = choose(records, ber, max_macs, max_latency, batch, max_memory=max_memory)
+    chosen, reason = choose(records, ber, max_macs, max_latency, batch, alpha=alpha, max_memory=max_memory)
     for rec in records:
         rec["chosen"] = rec["name"] == chosen
     config = {"ber": ber, "max_macs": max_macs, "max_latency": max_latency, "max_memory": max_memory,
-              "trials": trials, "seed": seed, "fold_bn": folding,
+              "trials": trials, "seed": seed, "fold_bn": folding, "confidence": confidence,
               "validation_fraction": validation_fraction, "validation_size": len(x_val),
               "fit_size": len(x_fit), "calibration_size": len(calibration), "batch": batch,
               "choice": {"rule": "cheapest (MACs at batch, then latency) not significantly below the most "
                                  "accurate, paired by trial", "test": "paired sign-flip (paired.sign_flip_test)",
-                         "alpha": ALPHA, "one_sided": True,
+                         "alpha": alpha, "one_sided": True,
                          "paired_by": "trial index: same validation seed, BER and inputs for every candidate"},
               "latency": {"batches": sorted({batch, 1}), "threads": 1, "method": "cost.stable_latency",
                           "agreement": cost.AGREEMENT,
@@ -648,7 +654,8 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
         for name in names or [result.chosen]:
             key = name if attack_protection else f"{name}{UNATTACKED_PROTECTION}"
             summary = _campaign(result.models[name], x_test, y_test, bers, trials, fault_seed,
-                                root / role / key, cfg.get("device", "cpu"), inputs_per_trial, attack_protection)
+                                root / role / key, cfg.get("device", "cpu"), inputs_per_trial, attack_protection,
+                                cfg.get("confidence", DEFAULT_CONFIDENCE))
             out[key] = {"clean": summary["golden_accuracy"], "role": role, "fault_seed": fault_seed,
                         "attack_protection": attack_protection,
                         "bers": {f"{b:g}": _point(summary, b) for b in bers}}
@@ -689,7 +696,8 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 max_latency: float | None = None, max_memory: float | None = None, trials: int = 100, seed: int = 0,
                 batch: int = cost.DEFAULT_BATCH,
                 allow_builder: str | None = None, source: str | None = None,
-                log: Callable[[str], Any] | None = None, device: str = "cpu") -> ProtectResult:
+                log: Callable[[str], Any] | None = None, device: str = "cpu",
+                confidence: float = DEFAULT_CONFIDENCE) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
     scores and campaigns on ``device``.
 
@@ -704,7 +712,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
     with files.exclusive_folder(out), checkpoint.allowing(allow_builder):  # one writer for the whole run
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
-                         work_dir=out / "campaigns", log=log, device=device)
+                         work_dir=out / "campaigns", log=log, device=device, confidence=confidence)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
         write_result(result, out, data=data, source=source)
     return result
