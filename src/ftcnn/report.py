@@ -124,6 +124,18 @@ def _ber_results(v: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- per-trial data: read from the run's SQLite files, kept in report_data.json ----------------
 
+def _page_head(title: str) -> str:
+    """The start of every page ftcnn writes: the CSP (no script, no remote load), the style, the title."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+"""
+
+
 def collect_trials(run: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
     """The per-trial values the page needs, from the run folder's SQLite files (None if none)."""
     campaigns: dict[str, Any] = {}
@@ -775,14 +787,7 @@ def render_html(summary: dict[str, Any], plots: dict[str, Path], trials: dict[st
     title = f"ftcnn comparison: {summary.get('model_name', 'model')} on {summary.get('data', '')}"
     trials_n = sorted({r["trials"] for v in variants for r in v["results"]})
     trials_txt = str(trials_n[0]) if len(trials_n) == 1 else f"{trials_n[0]}–{trials_n[-1]}"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p class=lead>{len(variants)} variants under independent bit flips in {html.escape(_fault_target(summary))},
+    return _page_head(title) + f"""<p class=lead>{len(variants)} variants under independent bit flips in {html.escape(_fault_target(summary))},
 BERs {sweep_txt}; {trials_txt} trials per variant and BER, each on the whole test
 split ({_text(summary.get('inputs', '?'))} inputs), seed {_text(summary.get('config', {}).get('seed', '?'))}. Golden (fault-free)
 accuracy of the baseline: <b>{_fmt(summary.get('golden_accuracy'), pct=True)}</b>. Intervals: {cih}
@@ -882,14 +887,7 @@ def _page(title: str, lead: str, sections: Sequence[tuple[str, str, str]], confi
                    for sid, heading, content in sections)
     settings = (f'<section id="config"><h2>Configuration</h2>\n{_config_table(config)}</section>'
                 if config else "")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(title)}</title>
-<style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p class=lead>{lead}</p>
+    return _page_head(title) + f"""<p class=lead>{lead}</p>
 <nav>{nav}</nav>
 {body}{settings}
 </body></html>
