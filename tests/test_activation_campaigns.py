@@ -169,7 +169,7 @@ def test_parameter_campaigns_keep_their_identity_and_summary_keys():
 @pytest.mark.parametrize("kwargs, match", [
     ({"target": "neurons"}, "fault target"),
     ({"activation_mode": "permanent"}, "activation faults only"),
-    ({"ber_per_layer": {"0": 1e-3}}, "activation faults only"),
+    ({"precision": 0.01, "ber_per_layer": {"0": 1e-3}}, "one rate for every layer"),
     ({"target": "activations", "ber_per_layer": {"0": 2.0}}, "outside"),
     ({"target": "activations", "mode": "stuck0"}, "permanent"),
     ({"target": "activations", "dtype": "int8"}, "int8"),

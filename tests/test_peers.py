@@ -220,3 +220,38 @@ def test_builder_with_other_argument_names_is_warned_in_one_line(user_module, ca
     assert checkpoint.builder_arguments_warning("b", ["num_classes", "in_ch"], {"num_classes": 10, "in_channels": 1},
                                                 {"num_classes": 10}).startswith("b takes in_ch but not in_channels")
     assert checkpoint.builder_arguments_warning("b", [], {"num_classes": 10}, {}) is None
+
+
+# --- MRFI's per-layer rates, for parameters too --------------------------------------------------------
+
+def test_per_layer_rates_for_parameters_draw_only_where_they_say() -> None:
+    from ftcnn import faults as F
+
+    memory = F.parameter_memory(_lenet())
+    rates = F.layer_rates(memory, 0.0, {"features.0": 0.05})
+    assert rates["features.0.weight"] == rates["features.0.bias"] == 0.05 and rates["classifier.4.weight"] == 0.0
+    for seed in range(5):
+        faults = F.draw_faults(memory, np.random.default_rng(seed), ber=0.0, rates=rates)
+        assert faults.sites and {name.rpartition(".")[0] for name in faults.sites} == {"features.0"}
+    # a map that gives every layer the global rate draws exactly what no map draws
+    same = F.layer_rates(memory, 1e-3, {layer: 1e-3 for layer in ("features.0", "classifier.2")})
+    for seed in range(3):
+        a = F.draw_faults(memory, np.random.default_rng(seed), ber=1e-3)
+        b = F.draw_faults(memory, np.random.default_rng(seed), ber=1e-3, rates=same)
+        assert a.sites.keys() == b.sites.keys()
+        assert all(np.array_equal(a.sites[k][0], b.sites[k][0]) and np.array_equal(a.sites[k][1], b.sites[k][1])
+                   for k in a.sites)
+    with pytest.raises(ValueError, match="holds no fault target"):
+        F.layer_rates(memory, 0.0, {"features.1": 0.1})
+
+
+def test_inject_ber_per_layer_on_parameters(untrained_digits_checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    common = ("inject", str(untrained_digits_checkpoint), "--data", "digits", "--ber", "0", "--trials", "3",
+              "--limit", "30", "--threads", "1")
+    r = cli_in_process(monkeypatch, capsys, *common, "--ber-per-layer", "features.0=0.01", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["config"]["ber_per_layer"] == [["features.0", 0.01]]
+    assert summary["results"][0]["n_faults_mean"] > 0  # the global rate is 0: every fault is the layer's
+    r = cli_in_process(monkeypatch, capsys, *common, "--ber-per-layer", "nope=0.1", "-o", str(tmp_path / "b"))
+    assert_one_line_refusal(r, "holds no fault target")

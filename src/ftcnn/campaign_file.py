@@ -234,7 +234,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
 
 # keys that mean something only for parameter faults (their memory, their blocks of inputs)
 PARAMETER_ONLY = ("include_bn", "attack_protection", "inputs_per_trial")
-ACTIVATION_ONLY = ("activation_mode", "ber_per_layer", "per_input")
+ACTIVATION_ONLY = ("activation_mode", "per_input")
 
 
 def _unknown(key: str) -> CampaignFileError:
@@ -295,6 +295,11 @@ def _check_together(cfg: dict[str, Any]) -> None:
     target = cfg.get("target", "parameters")
     if "ber" in cfg and "count" in cfg:
         raise CampaignFileError("campaign file: give ber or count, not both")
+    if "count" in cfg and "ber_per_layer" in cfg:
+        raise _fail("ber_per_layer", "sets rates; with count = [...] the faults per trial are exact")
+    if "precision" in cfg and "ber_per_layer" in cfg:
+        raise _fail("precision", "needs one rate for every layer (the strata weights come from one "
+                    "binomial); drop [ber_per_layer]")
     if target == "parameters":
         if "ber" not in cfg and "count" not in cfg:
             raise CampaignFileError("campaign file: give fault rates (ber = [...]) or fault counts (count = [...])")
@@ -308,11 +313,6 @@ def _check_together(cfg: dict[str, Any]) -> None:
         if "ber" not in cfg and "count" not in cfg and "ber_per_layer" not in cfg:
             raise CampaignFileError("campaign file: activation faults need ber = [...], count = [...] "
                                     "or a [ber_per_layer] table")
-        if "count" in cfg and "ber_per_layer" in cfg:
-            raise _fail("ber_per_layer", "sets rates; with count = [...] the faults per trial are exact")
-        if "precision" in cfg and "ber_per_layer" in cfg:
-            raise _fail("precision", "needs one rate for every layer (the strata weights come from one "
-                        "binomial); drop [ber_per_layer]")
         if cfg.get("dtype", "float32") not in ACTIVATION_DTYPES:
             raise _fail("dtype", f"activation faults support {', '.join(ACTIVATION_DTYPES)}")
         if cfg.get("mode", "flip") != "flip" and cfg.get("activation_mode", "transient") == "transient":

@@ -564,8 +564,9 @@ def inject(
     target: str = _option("target", "inject"),
     activation_mode: str = typer.Option("transient", help="with --target activations: transient (each "
                                         "value, each inference) or permanent (same sites for every input)"),
-    ber_per_layer: List[str] = typer.Option([], "--ber-per-layer", help="with --target activations: "
-                                            "NAME=RATE ..., these layers take this rate at every point"),
+    ber_per_layer: List[str] = typer.Option([], "--ber-per-layer", help="NAME=RATE ...: these layers "
+                                            "(modules) take this rate at every point, parameters or activations "
+                                            "(MRFI's per-layer rates)"),
     per_input: bool = typer.Option(False, "--per-input", help="with --target activations --count N: N "
                                    "faults in every input image (PyTorchFI's convention), not N per trial"),
     limit: Optional[int] = typer.Option(None, min=1, help="use only the first N test inputs"),

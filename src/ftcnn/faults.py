@@ -448,15 +448,28 @@ def allowed_bits(memory: ParameterMemory, bits: Sequence[int] | None) -> np.ndar
     return bit_positions(memory.bits_per_element, bits, memory.dtype)
 
 
+def layer_rates(memory: ParameterMemory, ber: float, per_layer: Mapping[str, float]) -> dict[str, float]:
+    """The rate of every fault-target tensor: ``ber``, or its module's rate in ``per_layer``
+    (MRFI's per-layer rates for parameters; module name -> rate, e.g. ``{"features.0": 1e-3}``).
+    A name that owns no fault target is a one-line ValueError naming the modules that do."""
+    owners = {name: name.rpartition(".")[0] for name in memory.stored}
+    unknown = [layer for layer in per_layer if layer not in set(owners.values())]
+    if unknown:
+        known = ", ".join(dict.fromkeys(owners.values()))
+        raise ValueError(f"per-layer rate for {str(unknown[0])[:60]!r}, which holds no fault target ({known})")
+    return {name: float(per_layer.get(owner, ber)) for name, owner in owners.items()}
+
+
 def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float | None = None,
                 count: int | None = None, bits: Sequence[int] | None = None,
-                mode: str = "flip") -> Faults:
+                mode: str = "flip", rates: Mapping[str, float] | None = None) -> Faults:
     """Draw random fault sites at a bit error rate or as an exact count.
 
     With ``ber``, each tensor's number of faults is Binomial(bits, ber) over its
-    eligible bits (never ``int(n*ber)``, which is zero for small tensors). With
-    ``count``, exactly that many distinct sites over the whole memory. Sites
-    are always distinct (element, bit) pairs.
+    eligible bits (never ``int(n*ber)``, which is zero for small tensors); ``rates``
+    (tensor name -> rate, :func:`layer_rates`) gives some tensors another rate, the
+    same draws otherwise. With ``count``, exactly that many distinct sites over the
+    whole memory. Sites are always distinct (element, bit) pairs.
     """
     if (ber is None) == (count is None):
         raise ValueError("give exactly one of ber or count")
@@ -470,7 +483,7 @@ def draw_faults(memory: ParameterMemory, rng: np.random.Generator, *, ber: float
         if not 0.0 <= ber <= 1.0:
             raise ValueError(f"bit error rate {ber} outside [0, 1]")
         for name, size in zip(names, sizes):
-            k = int(rng.binomial(size, ber))
+            k = int(rng.binomial(size, ber if rates is None else rates[name]))
             if k:
                 pos = rng.choice(size, size=k, replace=False)
                 sites[name] = (pos // nb, allowed[pos % nb])

@@ -164,21 +164,20 @@ class CampaignConfig:
             if name in seen:
                 raise ValueError(f"layer {name!r} appears twice in ber_per_layer")
             seen.add(name)
+        if self.ber_per_layer and self.counts:
+            raise ValueError("per-layer rates need fault rates (ber), not exact counts")
+        if self.precision is not None and self.ber_per_layer:
+            raise ValueError("--precision needs one rate for every layer (the strata weights come from one "
+                             "binomial); drop --ber-per-layer or use --trials")
         if self.target == "parameters":
-            if self.activation_mode != "transient" or self.ber_per_layer:
-                raise ValueError("activation mode and per-layer rates apply to activation faults only "
-                                 "(target \"activations\")")
+            if self.activation_mode != "transient":
+                raise ValueError("the activation mode applies to activation faults only (target \"activations\")")
             if self.per_input:
                 raise ValueError("--per-input counts activation faults per input: it needs --target activations")
             return
-        if self.ber_per_layer and self.counts:
-            raise ValueError("per-layer rates need fault rates (ber), not exact counts")
         if self.per_input and (not self.counts or self.activation_mode != "transient"):
             raise ValueError("--per-input counts transient activation faults per input: it needs --count "
                              "and --activation-mode transient")
-        if self.precision is not None and self.ber_per_layer:
-            raise ValueError("--precision for activation faults needs one rate for every layer (the strata "
-                             "weights come from one binomial); drop --ber-per-layer or use --trials")
         if self.include_bn:
             raise ValueError("--include-bn is for parameter faults; name BatchNorm modules in --layers instead")
         if self.dtype not in ACTIVATION_DTYPES:
@@ -215,7 +214,7 @@ class CampaignConfig:
 
     def recorded(self) -> dict[str, Any]:
         """``asdict`` without the fields at the defaults that existed before them (the fault-target
-        fields of parameter faults, ``inputs_per_trial`` of all inputs): such a campaign's identity
+        fields of parameter faults unless set, ``inputs_per_trial`` of all inputs): such a campaign's identity
         and stored config are what they were before (run folders made then resume, numbers stay
         byte-identical); an activation campaign records all three target fields."""
         d = asdict(self)
@@ -223,9 +222,10 @@ class CampaignConfig:
             d.pop("inputs_per_trial")
         if not self.per_input:  # counts per trial, as before the option existed
             d.pop("per_input")
-        if self.target == TARGET_DEFAULTS["target"]:
-            for key in TARGET_DEFAULTS:
-                d.pop(key)
+        if self.target == TARGET_DEFAULTS["target"]:  # parameter campaigns keep only what they set
+            for key, default in TARGET_DEFAULTS.items():
+                if key == "target" or d[key] == default:  # a per-layer table is recorded (issue 23)
+                    d.pop(key)
         return d
 
     @property
@@ -261,7 +261,8 @@ def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: 
                                   stratum, bits=config.bits, mode=config.mode)
     rng = trial_rng(config.seed, point, trial)
     if config.by == "ber":
-        return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode)
+        rates = F.layer_rates(memory, point, dict(config.ber_per_layer)) if config.ber_per_layer else None
+        return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode, rates=rates)
     return F.draw_faults(memory, rng, count=int(point), bits=config.bits, mode=config.mode)
 
 
@@ -468,6 +469,8 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
                                 layers=config.layers, include_protection=config.attack_protection)
     if memory.total_bits() == 0:
         raise ValueError("model has no Conv2d/Linear parameters to inject faults into")
+    if config.ber_per_layer:  # a layer that holds no fault target: one line before any trial
+        F.layer_rates(memory, 0.0, dict(config.ber_per_layer))
     golden_logits = predict(model, inputs, config.batch_size)
     golden = Golden(labels, golden_predictions(golden_logits, order))
     fast, batch = _fast_path(model, memory, inputs, golden_logits, config)
