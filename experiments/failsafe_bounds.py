@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 from ftcnn import cost, data, files, hardening, pipeline, splits
+
+from _common import ci_text, commit  # experiments/_common.py (run as a script from the repo root)
 from ftcnn.campaign import CampaignConfig, run_campaign
 from ftcnn.paired import welch_test
 
@@ -38,18 +39,6 @@ def trial_accuracies(folder: Path) -> list[float]:
     """Every trial's accuracy of a finished one-point campaign, by trial number."""
     with sqlite3.connect(folder / "results.sqlite") as db:
         return [r[0] for r in db.execute("SELECT accuracy FROM trials ORDER BY trial")]
-
-
-def commit() -> str:
-    """The commit this ran on, marked when the working tree differs from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def ci_text(mean: float, ci: tuple[float, float]) -> str:
-    return f"{100 * mean:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
 def main() -> None:

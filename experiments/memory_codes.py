@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from ftcnn import codes, cost, data, files, hardening, pipeline
+
+from _common import ci_text, commit  # experiments/_common.py (run as a script from the repo root)
 from ftcnn.campaign import CampaignConfig, run_campaign
 
 BERS = (1e-4, 1e-3, 3e-3)
@@ -36,20 +38,6 @@ VARIANTS = {  # label -> harden() settings (None: the model as trained)
     # composed: decode first, then the bounds (a flip a code lets through, or miscorrects, is bounded)
     **{f"code {name} + weight check": dict(code=name, check_weights="zero") for name in ("secded", "parity_exponent")},
 }
-
-
-def commit() -> str:
-    """The commit this ran on, marked when the working tree differs from it."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def ci_text(mean: float, ci: tuple[float, float]) -> str:
-    return f"{100 * mean:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
 def main() -> None:

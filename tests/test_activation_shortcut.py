@@ -12,27 +12,14 @@ from torch import nn
 
 from ftcnn import activations as A
 from ftcnn import campaign as C
-from ftcnn import checkpoint, data
+
+# the same models (BatchNorm statistics made non-trivial) and inputs as the parameter shortcut's tests
+from test_fastpath import _model, digits  # noqa: F401  (digits: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = [("lenet5", {}), ("resnet20", {"width": 0.25})]
 
-
-def _model(name: str, **kw) -> nn.Module:
-    torch.manual_seed(0)
-    model = checkpoint.build(name, num_classes=10, in_channels=1, input_size=8, **kw).eval()
-    for m in model.modules():  # non-trivial running statistics, so BN is not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = data.load("digits", "test").tensors
-    return x[:200], y[:200]   # 64-input batches: three whole, one truncated
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
