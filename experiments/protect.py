@@ -239,7 +239,7 @@ def markdown(cells: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
              f"protection's own memory attacked vs not within {MAX_ABLATION_GAP:g} point at 1e-3.", "",
              "Method: at each BER `ftcnn.protect.protect` chooses on a stratified validation split (20%) of the "
              "training data among all its candidates within the budgets (the cell's command gives them), the "
-             "cheapest not significantly below the most accurate (paired by trial). BatchNorm is folded into the "
+             "cheapest shown within the tolerance (0.25 point) of the most accurate (paired by trial). BatchNorm is folded into the "
              "convolutions first, so the deployed form is protected and attacked. Test rows run afterwards on the "
              "test split with the test role's fault seed (disjoint from the validation draws; the same draws for "
              "every row). Faults: float32 bit flips at the BER in every stored bit: weights, biases, bounds, "

@@ -741,14 +741,14 @@ def _print_protection(result, title: str) -> None:
         v, price = r["validation"], r.get("cost") or {}
         versus = (r.get("choice") or {}).get("versus_best") or {}
         gap = "-" if versus.get("difference") is None else \
-            f"{100 * versus['difference']:+.2f}" + (" *" if versus.get("significantly_below") else "")
+            f"{100 * versus['difference']:+.2f}" + (" =" if versus.get("within_tolerance") else "")
         table.add_row(("* " if r["chosen"] else "") + r["name"], ratio(price.get("macs_ratio"), 3),
                       ratio(price.get("latency_ratio"), 2), ratio(price.get("latency_ratio_batch1"), 2),
                       ratio(price.get("memory_ratio"), 3), "-" if v is None else f"{v['accuracy']:.2%}",
                       "-" if v is None else f"[{v['accuracy_ci'][0]:.2%}, {v['accuracy_ci'][1]:.2%}]", gap,
                       "yes" if r["pareto"] else "", "yes" if r["within_budget"] else "no")
     console.print(table)
-    console.print(f"chosen: {result.chosen} ({result.reason}); vs best *: significantly below it")
+    console.print(f"chosen: {result.chosen} ({result.reason}); vs best =: shown within --tolerance of it")
     console.print(f"chosen cost: {_price(result.record(result.chosen)['cost'])}")
     for name, t in (result.test or {}).items():
         at = ", ".join(f"{p['accuracy']:.2%} [{p['accuracy_ci'][0]:.2%}, {p['accuracy_ci'][1]:.2%}] at BER {b}"
@@ -772,6 +772,7 @@ def protect(
     trials: str = _trials_option("protect"),
     seed: int = _option("seed", "protect"),
     confidence: float = _option("confidence", "protect"),
+    tolerance: float = _option("tolerance", "protect"),
     threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
@@ -789,7 +790,8 @@ def protect(
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
                                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                                          allow_builder=model_spec, source=str(checkpoint_path),
-                                         log=console.print, device=device, confidence=confidence)
+                                         log=console.print, device=device, confidence=confidence,
+                                         tolerance=tolerance)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
                       + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")

@@ -204,6 +204,9 @@ RULES: dict[str, Rule] = {
                        "level of every reported CI",
                        per_command={"analyze": (None, "fi: Leveugle confidence of the fault sample (default 0.95)",
                                                 "it sizes analyze's fault sample, not a reported CI")}),
+    "tolerance": Rule(Interval(False, 0.0, 100.0, "left", hint=": points of accuracy, e.g. 0.25"), 0.25,
+                      "points of validation accuracy a cheaper protection may lose against the most accurate one: "
+                      "it is chosen only when a paired test shows it within them (else the most accurate is kept)"),
     "points": Rule(Points(RATE)),
     "count_points": Rule(Points(Interval(True, 0, None))),
     "ber": Rule(RATE, (), "bit error rates, e.g. --ber 1e-6 1e-5 1e-4", per_command={
