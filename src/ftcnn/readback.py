@@ -64,16 +64,24 @@ def _join(where: str, key: str | int) -> str:
 # --- the schema pieces ----------------------------------------------------------------------------
 
 class Schema:
-    """A check of one JSON value; ``check`` raises ``Invalid`` naming the field."""
+    """A check of one JSON value; ``check`` raises ``Invalid`` naming the field. A schema with
+    ``nullable`` also takes null; each kind states only its own rule in ``_check``."""
+
+    nullable: bool = False
 
     def check(self, value: Any, where: str) -> None:
+        if value is None and self.nullable:
+            return
+        self._check(value, where)
+
+    def _check(self, value: Any, where: str) -> None:
         raise NotImplementedError
 
 
 class Anything(Schema):
     """Any JSON value (already bounded by the walk of ``read_json``)."""
 
-    def check(self, value: Any, where: str) -> None:
+    def _check(self, value: Any, where: str) -> None:
         return None
 
 
@@ -89,9 +97,7 @@ class Num(Schema):
     integer: bool = False
     nullable: bool = False
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         kind = (int,) if self.integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or not self.lo <= value <= self.hi:
             what = "an integer" if self.integer else "a number"
@@ -110,9 +116,7 @@ class Text(Schema):
     pattern: re.Pattern | None = None
     nullable: bool = False
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, str):
             raise Invalid(where, f"must be a string (got {_got(value)})")
         if self.pattern is not None and not self.pattern.fullmatch(value):
@@ -129,9 +133,7 @@ class ListOf(Schema):
     nullable: bool = False
     max_len: int | None = None
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, list):
             raise Invalid(where, f"must be a list (got {_got(value)})")
         if self.length is not None and len(value) != self.length:
@@ -150,9 +152,7 @@ class Flag(Schema):
 
     nullable: bool = False
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, bool):
             raise Invalid(where, f"must be true or false (got {_got(value)})")
 
@@ -165,9 +165,7 @@ class Obj(Schema):
     optional: Mapping[str, Schema] = field(default_factory=dict)
     nullable: bool = False
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             raise Invalid(where, f"must be an object (got {_got(value)})")
         for key, schema in self.required.items():
@@ -189,9 +187,7 @@ class MapOf(Schema):
     what: str = "key"
     nullable: bool = False
 
-    def check(self, value: Any, where: str) -> None:
-        if value is None and self.nullable:
-            return
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             raise Invalid(where, f"must be an object (got {_got(value)})")
         for key, item in value.items():
@@ -207,7 +203,7 @@ class Row(Schema):
 
     items: tuple[Schema, ...]
 
-    def check(self, value: Any, where: str) -> None:
+    def _check(self, value: Any, where: str) -> None:
         if not isinstance(value, (list, tuple)) or len(value) != len(self.items):
             raise Invalid(where, f"must be a list of {len(self.items)} values (got {_got(value)})")
         for i, (schema, item) in enumerate(zip(self.items, value)):
@@ -221,7 +217,7 @@ class UniqueBy(Schema):
     inner: ListOf
     key: str
 
-    def check(self, value: Any, where: str) -> None:
+    def _check(self, value: Any, where: str) -> None:
         self.inner.check(value, where)
         seen: list[Any] = []
         for i, item in enumerate(value or []):
@@ -245,7 +241,7 @@ class Ordered(Schema):
 
     inner: Schema
 
-    def check(self, value: Any, where: str) -> None:
+    def _check(self, value: Any, where: str) -> None:
         ListOf(self.inner, length=2).check(value, where)
         lo, hi = value
         if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
