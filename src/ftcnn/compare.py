@@ -162,8 +162,9 @@ def scores_key(model_digest: str, train_digest: str, config: CompareConfig) -> d
             "score_samples": config.score_samples, "seed": config.seed}
 
 
-def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path,
-            piece: str = "scores", device: str = "cpu") -> dict:
+def variant_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: CompareConfig, path: Path,
+                   piece: str = "scores", device: str = "cpu") -> dict:
+    """The model's vulnerability scores with ``config``'s method, cached in ``path`` by their inputs."""
     key = scores_key(fingerprint.model_digest(model), fingerprint.data_digest(x, y), config)
     return pipeline.cached_scores(model, x, y, path, key, piece, method=config.score_method,
                                   samples=config.score_samples, seed=config.seed, device=device)
@@ -213,7 +214,7 @@ def build_variant(variant: Variant, model: nn.Module, scores: dict, train_set, c
                                             criterion=variant.prune["criterion"], scores=layer_scores,
                                             input_shape=input_shape, epochs=config.finetune_epochs,
                                             seed=config.seed, reseed=False, device=device)
-        rescored = _scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json",
+        rescored = variant_scores(net, x_train, y_train, config, folder / f"{variant.name}.scores.json",
                            f"scores of {variant.name}", device)
         layer_scores = rescored["layers"]
     if variant.harden:
@@ -238,10 +239,11 @@ def _discard_stale_run(folder: Path, identity: dict[str, Any]) -> list[str]:
     return differences
 
 
-def _campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignConfig, folder: Path,
+def resumed_campaign(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: CampaignConfig, folder: Path,
               digests: tuple[str, str], piece: str | None, **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
     """``run_campaign``, first discarding a stale campaign in ``folder`` (said in one
-    line when ``piece`` names it); returns the summary and the differences."""
+    line when ``piece`` names it); returns the summary and the differences. What every
+    folder of variants (compare, study) resumes its campaigns with."""
     cfg = cfg.for_model(net)  # the identity run_campaign records
     identity = campaign.run_identity(net, x, y, cfg, model_digest=digests[0], data_digest=digests[1])
     differences = _discard_stale_run(folder, identity)
@@ -272,7 +274,7 @@ def _bit_sensitivity(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: C
     for bit in config.bits:
         cfg = CampaignConfig(counts=(1,), trials=config.bit_trials, seed=config.seed, bits=(bit,), device=device,
                              **target)
-        s, differences = _campaign(net, x, y, cfg, folder / f"bit{bit:02d}", digests, None, progress=False)
+        s, differences = resumed_campaign(net, x, y, cfg, folder / f"bit{bit:02d}", digests, None, progress=False)
         if differences and not said:  # one line per variant, not one per bit
             _log(f"recomputing bit sensitivity of {name or folder.name}: {'; '.join(differences)}")
             said = True
@@ -336,7 +338,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
         test_digest = fingerprint.data_digest(x_test, y_test)
 
         _log("scoring vulnerability")
-        scores = _scores(model, x_train, y_train, config, out / "scores.json", device=device)
+        scores = variant_scores(model, x_train, y_train, config, out / "scores.json", device=device)
         variants = [v for v in default_variants(config.harden_ratio, config.prune_ratio, config.restrict)
                     if config.variants is None or v.name in config.variants]
         if config.variants:
@@ -369,7 +371,7 @@ def run_compare(model: nn.Module, data_spec: str, out_dir: str | Path, config: C
             cfg = CampaignConfig(bers=config.bers, trials=config.trials, seed=config.seed, device=device,
                                  **config.campaign_target())
             with train.on_device(net, device):  # the campaigns move it there; given back afterwards
-                summary, _ = _campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
+                summary, _ = resumed_campaign(net, x_test, y_test, cfg, out / "campaigns" / variant.name,
                                        (digests[variant.name], test_digest), f"campaign of {variant.name}",
                                        record={"variant": variant.name, "data": data_spec})
                 bits = _bit_sensitivity(net, x_test, y_test, config, out / "bits" / variant.name,

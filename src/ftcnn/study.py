@@ -254,7 +254,7 @@ def arm_trials(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Campaig
                digests: tuple[str, str], name: str) -> tuple[float, list[float], list[float]]:
     """One arm's campaign at one BER (resumed trial by trial from its SQLite file): the clean
     accuracy on the inputs and the per-trial accuracies and critical-SDC shares, in trial order."""
-    summary, _ = compare._campaign(net, x, y, config, folder, digests, f"campaign of {name}", progress=False)
+    summary, _ = compare.resumed_campaign(net, x, y, config, folder, digests, f"campaign of {name}", progress=False)
     # the identity run_campaign just checked and recorded (it applies the config to the model first)
     db = store.open_db(folder, store.stored_identity(folder), config.points)  # re-checks every row
     try:
@@ -559,7 +559,7 @@ def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, roo
                                   log=_log, device=config.device).eval()
     cmp = config.compare_config(seed)
     x_train, y_train = train_set.tensors
-    scores = compare._scores(net, x_train, y_train, cmp, folder / "models" / "scores.json",
+    scores = compare.variant_scores(net, x_train, y_train, cmp, folder / "models" / "scores.json",
                              device=config.device)
     variants = {v.name: v for v in compare.default_variants(cmp.harden_ratio, cmp.prune_ratio, cmp.restrict)}
     input_shape = tuple(x_train.shape[1:])
