@@ -64,6 +64,12 @@ def test_a_killed_study_loses_nothing_and_a_rerun_computes_only_the_rest(resumed
     assert resumed["third"] == []                   # a finished study computes nothing
     assert resumed["result"]["reused_cells"] == 2 and resumed["result"]["computed_cells"] == 4
     assert resumed["again"]["claims"] == resumed["result"]["claims"]  # the same numbers from the stored cells
+    # what the study cost is said on its page even when every cell was reused: each cell keeps its own time
+    again = resumed["again"]
+    assert again["timed_cells"] == again["cells"] == 6 and again["computed_cells"] == 0
+    assert again["cell_seconds"] == pytest.approx(resumed["result"]["cell_seconds"]) and again["cell_seconds"] > 0
+    assert f"Compute time of the cells: {again['cell_seconds']:.0f} s in all (6 of 6 cells timed" in \
+        (resumed["root"] / "results" / "study.md").read_text()
 
 
 def test_every_claim_is_tested_per_ber_and_seed_with_the_test_roles_faults(resumed) -> None:
