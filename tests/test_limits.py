@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import campaign, campaign_file as CF, distributed, hardening, metrics, pruning, trials as T, vulnerability
+from ftcnn import campaign, campaign_file as CF, distributed, hardening, metrics, pruning, stopping, trials as T, vulnerability
 from ftcnn.trials import CampaignConfig
 
 from _helpers import assert_one_line_refusal, cli_in_process
@@ -187,7 +187,7 @@ class _FirstTasks:
 
 def test_a_million_trials_are_not_listed_before_the_first(monkeypatch) -> None:
     config = CampaignConfig(bers=(1e-4, 1e-3, 1e-2), trials=T.MAX_TRIALS)
-    monkeypatch.setattr(campaign, "done_trials", lambda db, point: {0: {}} if point == 1e-4 else {})
+    monkeypatch.setattr(stopping, "done_trials", lambda db, point: {0: {}} if point == 1e-4 else {})
     pool = _FirstTasks()
     tracemalloc.start()
     try:

@@ -91,22 +91,21 @@ rounded outputs (``run_trial`` computes it that way).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ftcnn import fault_space, fastpath, graph, strata
 from ftcnn import faults as F
-from ftcnn import fastpath, graph, strata
 from ftcnn.fastpath import ActivationShortcut
 from ftcnn.metrics import METRIC_NAMES, Golden, golden_predictions, trial_metrics
+from ftcnn.train import predict
 # activations sits above trials: trials must never import it (campaign and distributed may)
-from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, TrialResult, TrialRunner
+from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, Runner
 from ftcnn.trials import prepare as prepare_parameters
 
 # the layers whose outputs are the default targets: graph.py's fault-target layers (the one model map)
@@ -118,7 +117,7 @@ DTYPES = ACTIVATION_DTYPES
 BLOCK = 128                # inputs per generator: the unit a transient draw is a function of
 _DOMAIN = {"transient": 0x41435431, "permanent": 0x41435450}  # keeps these draws apart from others
 
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPE = {name: fault_space.torch_dtype(name) for name in DTYPES}   # the one table's floats
 
 
 # --- where ------------------------------------------------------------------------------------------
@@ -300,21 +299,11 @@ class ActivationPlan:
                 if lf.count or self.emulated(_TORCH_DTYPE[lf.output.dtype])]
 
 
-def _key(value: str) -> int:
-    return int.from_bytes(hashlib.sha256(value.encode()).digest()[:8], "little")
-
-
-def _rate_key(rate: float) -> int:
-    return int(np.float64(rate).view(np.uint64))
-
-
 def layer_rng(mode: str, seed: int, trial: int, layer: str, rate: float, block: int = 0
               ) -> np.random.Generator:
-    """The generator of one (trial, layer, block of inputs): a pure function of its arguments."""
-    if seed < 0 or trial < 0 or block < 0:
-        raise ValueError("seed, trial and block must be >= 0")
-    return np.random.default_rng(np.random.SeedSequence(
-        [_DOMAIN[mode], seed, trial, _key(layer), _rate_key(rate), block]))
+    """The generator of one (trial, layer, block of inputs): a pure function of its arguments
+    (``fault_space.rng``: the layer by its name's hash, the rate by its bits)."""
+    return fault_space.rng(_DOMAIN[mode], seed, trial, layer, float(rate), block)
 
 
 def _check_common(mode: str, kind: str, dtype: str | None) -> None:
@@ -395,6 +384,7 @@ def draw_activation_faults(outputs: Mapping[str, LayerOutput], *, ber: float | M
 
 
 _PER_INPUT_TAG = 0x50455249  # in the seeds of per-input counts: never those of a whole-trial count
+_COUNT_TAG = 0x434F554E      # in the seeds of whole-trial counts: never those of a rate's draw
 
 
 def _draw_count_per_input(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int,
@@ -413,8 +403,7 @@ def _draw_count_per_input(outputs: Mapping[str, LayerOutput], count: int, n_inpu
         raise ValueError(f"fault count {count} per input outside [0, {per_sample}]")
     chunks = []
     for block in range(-(-n_inputs // BLOCK)):
-        rng = np.random.default_rng(np.random.SeedSequence(
-            [_DOMAIN["transient"], seed, trial, _PER_INPUT_TAG, int(count), block]))
+        rng = fault_space.rng(_DOMAIN["transient"], seed, trial, _PER_INPUT_TAG, int(count), block)
         if count == 1:  # the usual case (PyTorchFI's one fault per image): one draw per block
             chunks.append(rng.integers(0, per_sample, size=(BLOCK, 1)))
         else:
@@ -450,7 +439,7 @@ def _draw_count(outputs: Mapping[str, LayerOutput], count: int, n_inputs: int | 
     total = int(sizes.sum())
     if count > total:
         raise ValueError(f"fault count {count} outside [0, {total}]")
-    rng = np.random.default_rng(np.random.SeedSequence([_DOMAIN[mode], seed, trial, 0x434F554E, int(count)]))
+    rng = fault_space.rng(_DOMAIN[mode], seed, trial, _COUNT_TAG, int(count))
     pos = np.sort(rng.choice(total, size=int(count), replace=False)) if count else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(starts, pos, side="right") - 1
@@ -619,21 +608,15 @@ def activation_faults(model: nn.Module, plan: ActivationPlan, *, offset: int = 0
 
 # --- trials -----------------------------------------------------------------------------------------
 
-@torch.inference_mode()
-def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    # campaign.predict's loop; kept here so this module does not depend on the campaign modules
-    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
-
-
 def golden_logits(model: nn.Module, inputs: torch.Tensor, outputs: Mapping[str, LayerOutput], *,
                   dtype: str | None = None, batch_size: int = 1000) -> torch.Tensor:
     """Fault-free logits; with an emulated ``dtype``, of the model whose hooked outputs are rounded to it."""
     model.eval()
     if not _emulates(outputs, dtype):
-        return _predict(model, inputs, batch_size)
+        return predict(model, inputs, batch_size)
     empty = {name: LayerFaults(o, np.zeros(0, np.int64), np.zeros(0, np.int64)) for name, o in outputs.items()}
     with activation_faults(model, ActivationPlan("permanent", empty, None, dtype)):
-        return _predict(model, inputs, batch_size)
+        return predict(model, inputs, batch_size)
 
 
 def _emulates(outputs: Mapping[str, LayerOutput], dtype: str | None) -> bool:
@@ -641,39 +624,140 @@ def _emulates(outputs: Mapping[str, LayerOutput], dtype: str | None) -> bool:
     return dtype is not None and any(_TORCH_DTYPE[dtype] != _TORCH_DTYPE[o.dtype] for o in outputs.values())
 
 
-@dataclass(frozen=True)
+@dataclass
 class ActivationSpace:
-    """What ``TrialRunner.memory`` is to parameter campaigns, for activation faults:
-    the size of the fault space (``total_bits``, Leveugle's population and the
-    summary's ``fault_target_bits``), the parameter memory attacked (``stored``:
-    none, so every parameter and buffer is reported as unattacked memory), and
-    the space the ``--precision`` strata split (``layout``; None, with
-    ``no_strata`` saying why, where they cannot)."""
+    """Layer outputs as a ``fault_space.FaultSpace``: the activation faults of a campaign.
 
-    bits: int
-    stored: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    layout: strata.Layout | None = None
-    no_strata: str = ""
+    The space holds every bit of every hooked value of every input (transient) or of one input
+    (permanent); no parameter memory is attacked (``stored`` is empty, so every parameter and
+    buffer is reported as unattacked memory). A trial at campaign point ``point`` uses rate
+    ``point`` in every layer of ``outputs`` except those in ``overrides`` (a campaign file's
+    ``[ber_per_layer]``); ``point`` may also be a {layer: rate} mapping, or (``by="count"``) an
+    exact number of sites. ``faulty_logits`` hooks the layers (:func:`activation_faults`) and
+    runs the trial from the cut before its first hooked layer when the shortcut (``fast``) has
+    one; its extra field is ``faults_per_layer`` (bit faults written per layer).
+    """
+
+    model: nn.Module
+    inputs: torch.Tensor
+    outputs: Mapping[str, LayerOutput]
+    mode: str = "transient"
+    kind: str = "flip"
+    bits: Sequence[int] | None = None
+    dtype: str | None = None
+    seed: int = 0
+    batch_size: int = 1000
+    overrides: Mapping[str, float] | None = None
+    by: str = "ber"                       # campaign points are rates ("ber") or exact counts ("count")
+    per_input: bool = False               # counts per input image (PyTorchFI), not per trial
+    fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
+
+    def __post_init__(self) -> None:
+        _check_common(self.mode, self.kind, self.dtype)
+        if self.by not in ("ber", "count"):
+            raise ValueError(f"campaign points are 'ber' or 'count', not {self.by!r}")
+        layer_bers(list(self.outputs), 0.0, self.overrides)      # names and rates checked up front
+
+    @property
+    def stored(self) -> Mapping[str, torch.Tensor]:
+        """No parameter memory: layer outputs are computed, not stored."""
+        return {}
+
+    @property
+    def catastrophic(self) -> None:
+        """Not measured: the strata count the format's exponent-MSB flips (``strata_layout``)."""
+        return None
+
+    def rates(self, point: float | Mapping[str, float]) -> dict[str, float]:
+        return layer_bers(list(self.outputs), point, self.overrides)
+
+    def draw(self, point: float | Mapping[str, float], trial: int, stratum: int | None = None) -> ActivationPlan:
+        """Trial ``trial``'s plan at ``point``, or (``stratum`` set) trial ``trial`` of the stratum."""
+        if stratum is not None:
+            return self.draw_stratum(point, trial, stratum)
+        if self.by == "count":
+            return draw_activation_faults(self.outputs, count=int(point), n_inputs=len(self.inputs),
+                                          mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
+                                          dtype=self.dtype, kind=self.kind, per_input=self.per_input)
+        return draw_activation_faults(self.outputs, ber=self.rates(point), n_inputs=len(self.inputs),
+                                      mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
+                                      dtype=self.dtype, kind=self.kind)
 
     def total_bits(self) -> int:
-        return self.bits
+        """The fault space of one trial (Leveugle's population): every bit of every
+        hooked value of every input (transient) or of one input (permanent)."""
+        per_input = sum(o.numel * len(F.bit_positions(F.bit_width(_TORCH_DTYPE[self.dtype or o.dtype]), self.bits))
+                        for o in self.outputs.values())
+        return per_input * (len(self.inputs) if self.mode == "transient" else 1)
 
     def strata_layout(self, bits: Sequence[int] | None = None) -> strata.Layout:
-        """The strata's fault space (``strata.Layout.of`` asks this; ``bits`` are the runner's)."""
-        if self.layout is None:
-            raise ValueError(self.no_strata)
-        return self.layout
+        """The ``--precision`` strata's fault space: every hooked value (transient: of every
+        input) is an element, its exponent MSB the stratum bit (``strata.strata_bit``), as for
+        parameters. The strata weights are exact only where every site flips at one rate in
+        one format, so per-layer rates and mixed formats have none (a ValueError says why).
+        ``bits``: the campaign's (None: the space's own)."""
+        if self.overrides:
+            raise ValueError("--precision for activation faults needs one rate for every layer "
+                             "(the strata weights come from one binomial); drop the per-layer rates")
+        formats = {self.dtype or o.dtype for o in self.outputs.values()}
+        if len(formats) != 1:
+            raise ValueError(f"--precision for activation faults needs one format, the layers output "
+                             f"{sorted(formats)}")
+        fmt = formats.pop()
+        allowed = F.bit_positions(F.bit_width(_TORCH_DTYPE[fmt]), self.bits if bits is None else bits)
+        msb = strata.strata_bit(fmt)
+        per = len(self.inputs) if self.mode == "transient" else 1
+        return strata.Layout(tuple(self.outputs), tuple(o.numel * per for o in self.outputs.values()),
+                             msb if msb in allowed else None, allowed[allowed != msb])
+
+    def draw_stratum(self, point: float, index: int, stratum: int) -> ActivationPlan:
+        """Trial ``index`` of ``stratum`` at rate ``point`` (``--precision``): the plain fault
+        model conditioned on the stratum (``strata.draw_sites``), a pure function of
+        (seed, point, stratum, index), drawn apart from every plain trial."""
+        layout = self.strata_layout()
+        sites = strata.draw_sites(layout, fault_space.trial_rng(self.seed, point, index, stratum), point, stratum)
+        transient = self.mode == "transient"
+        empty = np.zeros(0, dtype=np.int64)
+        layers: dict[str, LayerFaults] = {}
+        for name, out in self.outputs.items():
+            element, bit = sites.get(name, (empty, empty))
+            order = np.lexsort((bit, element))            # by input, value, bit: what the hooks expect
+            element, bit = element[order], bit[order]
+            layers[name] = LayerFaults(out, element % out.numel, bit, element // out.numel if transient else None)
+        return ActivationPlan(self.mode, layers, len(self.inputs) if transient else None, self.dtype, self.kind,
+                              self.rates(point))
+
+    def injected(self, plan: ActivationPlan) -> ContextManager[ActivationInjector]:
+        return activation_faults(self.model, plan)
+
+    def faulty_logits(self, plan: ActivationPlan, block: int | None = None
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Logits with ``plan``'s faults, from the cut before its first hooked layer when the
+        shortcut has one (the same bits), and ``faults_per_layer``: the bit faults written per
+        layer. Every input: a transient plan is drawn per input (no blocks)."""
+        if block is not None:
+            raise ValueError("activation trials evaluate every input (no blocks of inputs)")
+        with activation_faults(self.model, plan) as injector:
+            logits = None if self.fast is None else self.fast.logits(plan.hooked(), plan.faulty_inputs(),
+                                                                     injector.begin)
+            if logits is None:
+                logits = predict(self.model, self.inputs, self.batch_size)
+        return logits, {"faults_per_layer": dict(injector.applied)}
+
+    def fault_free(self, plan: ActivationPlan) -> dict[str, Any]:
+        return {"faults_per_layer": dict.fromkeys(plan.layers, 0)}
+
+    def golden_logits(self) -> torch.Tensor:
+        """The fault-free logits (an emulated format's include its rounding)."""
+        return golden_logits(self.model, self.inputs, self.outputs, dtype=self.dtype, batch_size=self.batch_size)
 
 
 @dataclass
-class ActivationRunner:
-    """Runs activation-fault trials on one model over all ``inputs``; the same
-    interface as ``trials.TrialRunner`` (``run``, ``run_many``, ``golden``,
-    ``golden_metrics``), so the campaign loop, its store and its workers take
-    either. A trial at campaign point ``point`` uses rate ``point`` in every
-    layer of ``outputs`` except those in ``overrides`` (a campaign file's
-    ``[ber_per_layer]``); ``point`` may also be a {layer: rate} mapping.
-    """
+class ActivationRunner(Runner):
+    """The runner of an activation campaign: a ``trials.Runner`` over the ``ActivationSpace``
+    of these settings (see there), so the campaign loop, its store and its workers take it as
+    they take a parameter runner; built from its fields (``dataclasses.replace(runner,
+    seed=...)`` gives another seed's runner)."""
 
     model: nn.Module
     inputs: torch.Tensor
@@ -692,109 +776,35 @@ class ActivationRunner:
     golden_output: torch.Tensor | None = None
     golden_metrics: dict[str, float] = field(init=False)
     fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
-    batch: int = 1                            # trials per forward (TrialRunner's attribute)
+    batch: int = 1                            # trials per forward (activation trials run one at a time)
 
     def __post_init__(self) -> None:
-        _check_common(self.mode, self.kind, self.dtype)
-        if self.by not in ("ber", "count"):
-            raise ValueError(f"campaign points are 'ber' or 'count', not {self.by!r}")
-        layer_bers(list(self.outputs), 0.0, self.overrides)      # names and rates checked up front
-        logits = self.golden_output
-        if logits is None:
-            logits = golden_logits(self.model, self.inputs, self.outputs, dtype=self.dtype,
-                                   batch_size=self.batch_size)
-        self.golden_metrics = trial_metrics(logits, self.golden)
-
-    def rates(self, point: float | Mapping[str, float]) -> dict[str, float]:
-        return layer_bers(list(self.outputs), point, self.overrides)
-
-    def draw(self, point: float | Mapping[str, float], trial: int) -> ActivationPlan:
-        if self.by == "count":
-            return draw_activation_faults(self.outputs, count=int(point), n_inputs=len(self.inputs),
-                                          mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
-                                          dtype=self.dtype, kind=self.kind, per_input=self.per_input)
-        return draw_activation_faults(self.outputs, ber=self.rates(point), n_inputs=len(self.inputs),
-                                      mode=self.mode, bits=self.bits, seed=self.seed, trial=trial,
-                                      dtype=self.dtype, kind=self.kind)
-
-    def total_bits(self) -> int:
-        """The fault space of one trial (Leveugle's population): every bit of every
-        hooked value of every input (transient) or of one input (permanent)."""
-        per_input = sum(o.numel * len(F.bit_positions(F.bit_width(_TORCH_DTYPE[self.dtype or o.dtype]), self.bits))
-                        for o in self.outputs.values())
-        return per_input * (len(self.inputs) if self.mode == "transient" else 1)
+        self.space = ActivationSpace(self.model, self.inputs, self.outputs, self.mode, self.kind, self.bits,
+                                     self.dtype, self.seed, self.batch_size, self.overrides, self.by,
+                                     self.per_input, self.fast)
+        self._golden_metrics(self.golden_output)
 
     @property
     def memory(self) -> ActivationSpace:
-        layout, why = self._strata_layout()
-        return ActivationSpace(self.total_bits(), layout=layout, no_strata=why)
+        """The space (what a parameter runner's ``memory`` is to ``trial_budget`` and the strata)."""
+        return self.space
 
-    def _strata_layout(self) -> tuple[strata.Layout | None, str]:
-        """The ``--precision`` strata's fault space: every hooked value (transient: of every
-        input) is an element, its exponent MSB the stratum bit (``strata.strata_bit``), as for
-        parameters. The strata weights are exact only where every site flips at one rate in
-        one format, so per-layer rates and mixed formats have none (and say why)."""
-        if self.overrides:
-            return None, "--precision for activation faults needs one rate for every layer " \
-                         "(the strata weights come from one binomial); drop the per-layer rates"
-        formats = {self.dtype or o.dtype for o in self.outputs.values()}
-        if len(formats) != 1:
-            return None, f"--precision for activation faults needs one format, the layers output {sorted(formats)}"
-        fmt = formats.pop()
-        allowed = F.bit_positions(F.bit_width(_TORCH_DTYPE[fmt]), self.bits)
-        msb = strata.strata_bit(fmt)
-        per = len(self.inputs) if self.mode == "transient" else 1
-        return strata.Layout(tuple(self.outputs), tuple(o.numel * per for o in self.outputs.values()),
-                             msb if msb in allowed else None, allowed[allowed != msb]), ""
+    def rates(self, point: float | Mapping[str, float]) -> dict[str, float]:
+        return self.space.rates(point)
+
+    def draw(self, point: float | Mapping[str, float], trial: int) -> ActivationPlan:
+        return self.space.draw(point, trial)
 
     def draw_stratum(self, point: float, index: int, stratum: int) -> ActivationPlan:
-        """Trial ``index`` of ``stratum`` at rate ``point`` (``--precision``): the plain fault
-        model conditioned on the stratum (``strata.draw_sites``), a pure function of
-        (seed, point, stratum, index), drawn apart from every plain trial."""
-        layout = self.memory.strata_layout()
-        sites = strata.draw_sites(layout, strata.trial_rng(self.seed, point, stratum, index), point, stratum)
-        transient = self.mode == "transient"
-        empty = np.zeros(0, dtype=np.int64)
-        layers: dict[str, LayerFaults] = {}
-        for name, out in self.outputs.items():
-            element, bit = sites.get(name, (empty, empty))
-            order = np.lexsort((bit, element))            # by input, value, bit: what the hooks expect
-            element, bit = element[order], bit[order]
-            layers[name] = LayerFaults(out, element % out.numel, bit, element // out.numel if transient else None)
-        return ActivationPlan(self.mode, layers, len(self.inputs) if transient else None, self.dtype, self.kind,
-                              self.rates(point))
+        return self.space.draw_stratum(point, index, stratum)
+
+    def total_bits(self) -> int:
+        return self.space.total_bits()
 
     def faulty_logits(self, plan: ActivationPlan) -> tuple[torch.Tensor, dict[str, int]]:
-        """Logits with ``plan``'s faults, from the cut before its first hooked layer when the
-        shortcut has one (the same bits), and the bit faults written per layer."""
-        with activation_faults(self.model, plan) as injector:
-            logits = None if self.fast is None else self.fast.logits(plan.hooked(), plan.faulty_inputs(),
-                                                                     injector.begin)
-            if logits is None:
-                logits = _predict(self.model, self.inputs, self.batch_size)
-        return logits, dict(injector.applied)
-
-    def run(self, point: float | Mapping[str, float], trial: int, stratum: int | None = None
-            ) -> tuple[ActivationPlan, dict[str, float]]:
-        """One trial: its plan and ``trial_metrics``' dict plus ``faults_per_layer``."""
-        plan = self.draw(point, trial) if stratum is None else self.draw_stratum(point, trial, stratum)
-        if plan.count == 0 and self.skip_fault_free:
-            # the golden result, exactly (an emulated format's golden run includes the rounding)
-            return plan, {**self.golden_metrics, "faults_per_layer": dict.fromkeys(plan.layers, 0)}
-        logits, applied = self.faulty_logits(plan)
-        return plan, {**trial_metrics(logits, self.golden), "faults_per_layer": applied}
-
-    def run_many(self, tasks: Sequence[tuple[float, int]]) -> list[TrialResult]:
-        """``trials.TrialResult`` per (point, trial), or per (point, index, stratum) of a
-        ``--precision`` campaign, as ``TrialRunner.run_many`` returns them (the plan stands
-        for the parameter ``Faults``: it has ``count`` and ``as_list``)."""
-        results = []
-        for point, trial, *rest in tasks:
-            start = time.perf_counter()
-            stratum = rest[0] if rest else None
-            plan, metrics = self.run(point, trial, stratum)
-            results.append(TrialResult.of(point, trial, plan, metrics, time.perf_counter() - start, stratum))
-        return results
+        """Logits with ``plan``'s faults and the bit faults written per layer."""
+        logits, extra = self.space.faulty_logits(plan)
+        return logits, extra["faults_per_layer"]
 
 
 def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
@@ -817,14 +827,14 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
     fast = None
     if shortcut and cache_bytes > 0:
         # the trace is checked against the model with no hook: with an emulated format, unrounded
-        plain = _predict(model, inputs, batch_size) if _emulates(outputs, dtype) else logits
+        plain = predict(model, inputs, batch_size) if _emulates(outputs, dtype) else logits
         fast = fastpath.build_for_activations(model, list(outputs), inputs, batch_size, plain, cache_bytes)
     return ActivationRunner(model, inputs, golden, outputs, mode, kind, bits, dtype, seed, batch_size,
                             overrides, skip_fault_free, by, per_input, logits, fast=fast)
 
 
 def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Any
-                    ) -> TrialRunner | ActivationRunner:
+                    ) -> Runner:
     """The trial runner of a campaign: ``trials.prepare`` for parameter faults,
     :func:`prepare` for activation faults, chosen by ``config.target``.
 
@@ -881,7 +891,7 @@ def run_trial(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, gold
     plan = draw_activation_faults(outputs, ber=ber, count=count, n_inputs=len(inputs), mode=mode, bits=bits,
                                   seed=seed, trial=trial, dtype=dtype, kind=kind)
     with activation_faults(model, plan) as injector:
-        faulty = _predict(model, inputs, batch_size)
+        faulty = predict(model, inputs, batch_size)
     result: dict[str, Any] = trial_metrics(faulty, golden)
     assert set(METRIC_NAMES) <= set(result)
     result["n_faults"] = plan.count

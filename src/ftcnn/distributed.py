@@ -35,7 +35,7 @@ from torch import nn
 
 from ftcnn import activations, parallelism
 from ftcnn.parallelism import worker_threads
-from ftcnn.trials import CampaignConfig, TrialResult, TrialRunner, check_limit, cores
+from ftcnn.trials import CampaignConfig, Runner, TrialResult, check_limit, cores
 
 Task = tuple[float, int]
 IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver
@@ -115,7 +115,7 @@ class LocalExecutor:
     """Trials in this process, ``runner.batch`` at a time; threads the policy chose follow the
     machine between chunks (``parallelism.Rebalance``)."""
 
-    def __init__(self, runner: TrialRunner) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.round_size = runner.batch
         self.rebalance = parallelism.rebalance(torch.get_num_threads())
@@ -132,7 +132,7 @@ class LocalExecutor:
 
 # --- worker processes ---------------------------------------------------------
 
-_RUNNER: TrialRunner | None = None
+_RUNNER: Runner | None = None
 
 
 def _init_worker(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
@@ -262,7 +262,7 @@ class RayExecutor:
 
 @contextlib.contextmanager
 def executor(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig,
-             runner: TrialRunner) -> Iterator[Executor]:
+             runner: Runner) -> Iterator[Executor]:
     """The executor ``config`` asks for, closed on exit."""
     if config.ray or config.ray_address:
         pool: Executor = RayExecutor(model, inputs, labels, config)

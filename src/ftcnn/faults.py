@@ -36,8 +36,7 @@ from torch import nn
 # these names stay here too, as the public API (``ftcnn.fault_targets``) has always had them.
 from ftcnn.graph import (BN_LAYER_TYPES, FAULT_LAYER_TYPES, PROTECTION_ATTR,  # noqa: F401
                          fault_targets, protection_buffers, storage_key, tied_names)
-
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+from ftcnn.fault_space import STORAGE_DTYPES, torch_dtype
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -217,7 +216,7 @@ class ParameterMemory:
 
     @property
     def bits_per_element(self) -> int:
-        return bit_width(_storage_torch_dtype(self.dtype))
+        return bit_width(torch_dtype(self.dtype))
 
     def canonical(self, name: str) -> str:
         """The name ``stored`` holds ``name``'s memory under; a ValueError if it is no fault target."""
@@ -244,12 +243,6 @@ class ParameterMemory:
             flat[where] = stored.to(flat.dtype) * scale
         else:
             flat[where] = stored.to(flat.dtype)
-
-
-def _storage_torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16,
-            "bfloat16": torch.bfloat16, "int8": torch.int8}[name]
-
 
 
 
@@ -376,7 +369,7 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
                 p.copy_(q.to(p.dtype) * scale)
                 stored[name], scales[name] = q.contiguous(), scale
             else:
-                s = p.to(_storage_torch_dtype(dtype)).contiguous()
+                s = p.to(torch_dtype(dtype)).contiguous()
                 p.copy_(s.to(p.dtype))
                 stored[name] = s
     return ParameterMemory(dtype, params, stored, scales, aliases)

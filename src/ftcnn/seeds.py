@@ -1,6 +1,6 @@
 """One seed per role of a campaign: selection, test and end-to-end faults never coincide (issue 22).
 
-Why: a trial's faults are a pure function of (seed, fault rate, trial) (``trials.trial_rng``).
+Why: a trial's faults are a pure function of (seed, fault rate, trial) (``fault_space.trial_rng``).
 When the test campaigns of ``ftcnn protect`` ran with the seed its validation campaigns
 chose on, every test trial had exactly a validation trial's fault set: only the inputs were
 fresh, and at BERs where the spread between fault draws dominates, the winner's curse of

@@ -106,6 +106,9 @@ import numpy as np
 import torch
 
 from ftcnn import faults as F
+from ftcnn.fault_space import FORMATS, STRATUM_TAG, FaultSpace
+from ftcnn.fault_space import rng as derive_rng
+from ftcnn.fault_space import trial_rng as campaign_trial_rng
 from ftcnn.lazy import lazy
 
 stats = lazy("scipy.stats")  # 0.76 s to import: only when strata are drawn
@@ -116,19 +119,20 @@ KNOWN = 0                   # the fault-free stratum: its outcome is the golden 
 PILOT = 15                  # pilot trials per sampled stratum (allocation and a variance floor)
 MIN_FINAL = 15              # final-sample trials per sampled stratum, at least
 INFLATION = 1.3             # final size x this: a 15-trial pilot's variance is itself uncertain
-_TAG = 0x5354               # in each stratified trial's seed: never the seed of a plain trial
+_TAG = STRATUM_TAG          # in each stratified trial's seed: never the seed of a plain trial
 CI_STRATIFIED = "stratified student-t (two-stage, Neyman allocation)"
 
 
 def strata_bit(dtype: str) -> int:
-    """The bit whose flips define the strata: the exponent MSB of floats, the MSB of int8."""
-    return {"float32": 30, "float16": 14, "bfloat16": 14, "int8": 7}[dtype]
+    """The bit whose flips define the strata: the exponent MSB of floats, the MSB of int8
+    (``fault_space.FORMATS``)."""
+    return FORMATS[dtype].stratum_bit
 
 
 def trial_rng(seed: int, point: float, stratum: int, index: int) -> np.random.Generator:
-    """The generator of one stratified trial: a pure function of (seed, point, stratum, index)."""
-    key = int(np.float64(point).view(np.uint64))
-    return np.random.default_rng(np.random.SeedSequence([seed, key, _TAG, stratum, index]))
+    """The generator of one stratified trial: a pure function of (seed, point, stratum, index)
+    (``fault_space.trial_rng``, the campaign trials' one key)."""
+    return campaign_trial_rng(seed, point, index, stratum)
 
 
 @dataclass(frozen=True)
@@ -150,13 +154,14 @@ class Layout:
     cold: tuple[np.ndarray, ...] | None = None   # per tensor: its other eligible bits (replaces others)
 
     @classmethod
-    def of(cls, memory: F.ParameterMemory, bits: Sequence[int] | None) -> "Layout":
-        """The layout of parameter memory; an activation-fault space brings its own
-        (``activations.ActivationSpace.strata_layout``: its values are the elements). A memory
+    def of(cls, memory: F.ParameterMemory | FaultSpace, bits: Sequence[int] | None) -> "Layout":
+        """The layout of parameter memory; any other fault space (``fault_space.FaultSpace``)
+        brings its own (``strata_layout``: ``trials.ParameterSpace`` asks this for its memory,
+        ``activations.ActivationSpace`` makes its values the elements). A memory
         whose catastrophic bits were measured (``memory.catastrophic``, ``measure_sensitivity``)
         is split by them, tensor by tensor; where they are the stratum bit everywhere, the
         layout (and every draw) is the unmeasured one's."""
-        if hasattr(memory, "strata_layout"):
+        if not isinstance(memory, F.ParameterMemory):
             return memory.strata_layout(bits)
         allowed = F.allowed_bits(memory, bits)
         bit = strata_bit(memory.dtype)
@@ -339,7 +344,7 @@ def measure_sensitivity(model: torch.nn.Module, memory: F.ParameterMemory,
     decides how much variance the strata remove."""
     allowed = F.allowed_bits(memory, bits)
     groups = target_groups(model, list(memory.stored))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _SENSITIVITY_TAG]))
+    rng = derive_rng(seed, _SENSITIVITY_TAG)
     golden = accuracy(F.Faults({}, mode))
     hot: dict[str, tuple[int, ...]] = {}
     drops: dict[str, dict[int, float]] = {}

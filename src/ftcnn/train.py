@@ -44,15 +44,23 @@ def on_device(model: nn.Module, device: str = "cpu") -> Iterator[nn.Module]:
         model.to(where)
 
 
+@torch.inference_mode()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` on all ``inputs``, ``batch_size`` at a time: the one batched inference
+    (campaign trials, activation trials, ``vulnerability.fi`` and :func:`evaluate` call it), so
+    every path feeds the model the same batches and gets the same bits."""
+    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000, device: str = "cpu") -> float:
     """Top-1 accuracy on ``dataset``, computed on ``device`` (the model is given back where it was)."""
     model.eval()
     correct = total = 0
     # moved outside inference mode: parameters moved inside it could not be trained later
     with on_device(model, device), torch.inference_mode():
-        for x, y in DataLoader(dataset, batch_size=batch_size):
+        for x, y in DataLoader(dataset, batch_size=batch_size):  # streamed: a user's split may not fit
             x, y = x.to(device), y.to(device)
-            correct += (model(x).argmax(dim=1) == y).sum().item()
+            correct += (predict(model, x, batch_size).argmax(dim=1) == y).sum().item()
             total += len(y)
     return correct / max(total, 1)
 

@@ -1,8 +1,11 @@
 """One trial of a fault-injection campaign: its configuration, its faults, its run.
 
 A trial evaluates the whole test split once with its own faults, drawn from a
-generator seeded by (seed, fault rate, trial), so the same seed gives the same
-faults whatever order or process runs the trials. This module sits below both
+generator seeded by (seed, fault rate, trial) (``fault_space.trial_rng``), so the same seed
+gives the same faults whatever order or process runs the trials. ``Runner`` is the one trial
+loop, over any ``fault_space.FaultSpace``; ``ParameterSpace`` is the weight memory as one, and
+``TrialRunner``/``prepare`` build a parameter campaign's runner (``ftcnn.activations`` builds
+the activation one on the same ``Runner``). This module sits below both
 the campaign (``ftcnn.campaign``: statistics, stopping, resume) and the
 executors that run trials in other processes (``ftcnn.distributed``): it knows
 neither of them.
@@ -19,17 +22,18 @@ import copy
 import time
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ftcnn import fault_space, fastpath, rules, strata
 from ftcnn import faults as F
-from ftcnn import fastpath, rules, strata
 from ftcnn.constants import PRECISION_INPUTS_PER_TRIAL, THREADS_PER_CORE  # noqa: F401 (re-exported)
 from ftcnn.rules import LIMITS, MAX_POINTS, MAX_SEED, MAX_TRIALS, MIN_CI_HALF_WIDTH, cores  # noqa: F401
 from ftcnn.metrics import Golden, golden_predictions, trial_metrics
+from ftcnn.train import predict
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
 
@@ -238,7 +242,7 @@ class CampaignConfig:
 TARGETS = rules.TARGETS
 ACTIVATION_MODES = ("transient", "permanent")
 ACTIVATION_KINDS = ("flip", "stuck0", "stuck1")
-ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+ACTIVATION_DTYPES = fault_space.ACTIVATION_DTYPES
 # the fault-target fields' defaults: left out of parameter campaigns' identities and stored configs
 TARGET_DEFAULTS: dict[str, Any] = {"target": "parameters", "activation_mode": "transient", "ber_per_layer": ()}
 
@@ -248,18 +252,17 @@ EXECUTION_FIELDS = ("batch_size", "skip_fault_free", "shortcut", "batch_trials",
 
 
 def trial_rng(seed: int, point: float, trial: int) -> np.random.Generator:
-    """The generator of one trial: a pure function of seed, fault rate and trial."""
-    key = int(np.float64(point).view(np.uint64))
-    return np.random.default_rng(np.random.SeedSequence([seed, key, trial]))
+    """The generator of one trial: a pure function of seed, fault rate and trial
+    (``fault_space.trial_rng``, the one key every fault space's campaign trials use)."""
+    return fault_space.trial_rng(seed, point, trial)
 
 
 def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: float,
                       trial: int, stratum: int | None = None) -> F.Faults:
     """The faults of a plain trial, or (``stratum`` set) of the stratum's ``trial``-th trial."""
+    rng = fault_space.trial_rng(config.seed, point, trial, stratum)
     if stratum is not None:
-        return strata.draw_faults(memory, strata.trial_rng(config.seed, point, stratum, trial), point,
-                                  stratum, bits=config.bits, mode=config.mode)
-    rng = trial_rng(config.seed, point, trial)
+        return strata.draw_faults(memory, rng, point, stratum, bits=config.bits, mode=config.mode)
     if config.by == "ber":
         rates = F.layer_rates(memory, point, dict(config.ber_per_layer)) if config.ber_per_layer else None
         return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode, rates=rates)
@@ -274,7 +277,7 @@ _BLOCK_TAG = 0x424C4B  # in the seeds of the input order and of each trial's blo
 def input_order(seed: int, n: int) -> np.ndarray:
     """The campaign's fixed random order of the split: consecutive runs of ``inputs_per_trial``
     of it are the blocks (random subsets, so no block is one class of a sorted split)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, _BLOCK_TAG, n])).permutation(n)
+    return fault_space.rng(seed, _BLOCK_TAG, n).permutation(n)
 
 
 def trial_block(config: CampaignConfig, point: float, trial: int, stratum: int | None, n: int) -> int:
@@ -284,16 +287,8 @@ def trial_block(config: CampaignConfig, point: float, trial: int, stratum: int |
     m = config.inputs_per_trial
     assert m is not None
     sizes = np.array([min(m, n - start) for start in range(0, n, m)], dtype=np.float64)
-    key = int(np.float64(point).view(np.uint64))
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [config.seed, key, _BLOCK_TAG, 0 if stratum is None else stratum + 1, trial]))
+    rng = fault_space.rng(config.seed, float(point), _BLOCK_TAG, 0 if stratum is None else stratum + 1, trial)
     return int(rng.choice(len(sizes), p=sizes / n))
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of ``model`` on all ``inputs``, in batches."""
-    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def stack_dataset(dataset: torch.utils.data.Dataset, device: str | torch.device = "cpu"
@@ -339,11 +334,167 @@ class TrialResult:
         return cls(point, trial, faults.count, sites, metrics, seconds, stratum)
 
 
-# --- running ---------------------------------------------------------------
+# --- the parameter fault space ------------------------------------------------------------------
 
 @dataclass
-class TrialRunner:
-    """Runs trials on one model: inject, evaluate the whole split, restore.
+class ParameterSpace:
+    """The weight memory as a ``fault_space.FaultSpace``: a campaign's parameter faults (design §1).
+
+    ``draw`` is ``draw_trial_faults`` with the campaign's settings; ``faulty_logits`` writes the
+    faults into the memory, runs the trial from the cut before its first faulted layer when the
+    shortcut (``fast``) has one (else the whole model, ``config.batch_size`` inputs at a time),
+    and restores the memory bit for bit; ``batched_logits`` runs several trials per forward.
+    """
+
+    model: nn.Module
+    memory: F.ParameterMemory
+    inputs: torch.Tensor
+    config: CampaignConfig
+    fast: fastpath.Shortcut | None = None
+
+    @property
+    def stored(self) -> Mapping[str, torch.Tensor]:
+        return self.memory.stored
+
+    @property
+    def catastrophic(self) -> strata.Sensitivity | None:
+        return self.memory.catastrophic
+
+    def total_bits(self) -> int:
+        return self.memory.total_bits()
+
+    def strata_layout(self, bits: Sequence[int] | None = None) -> strata.Layout:
+        return strata.Layout.of(self.memory, bits)
+
+    def draw(self, point: float, trial: int, stratum: int | None = None) -> F.Faults:
+        return draw_trial_faults(self.memory, self.config, point, trial, stratum)
+
+    def injected(self, faults: F.Faults) -> ContextManager[F.Undo]:
+        return F.injected(self.memory, faults)
+
+    def faulty_logits(self, faults: F.Faults, block: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Logits with ``faults`` present, of every input or of batch ``block`` of
+        ``config.batch_size`` inputs; no extra fields."""
+        with F.injected(self.memory, faults):
+            if self.fast is not None and self.config.shortcut:
+                logits = self.fast.logits(faults, block)
+                if logits is not None:
+                    return logits, {}
+            inputs = self.inputs if block is None else self.inputs[self.rows(block)]
+            return predict(self.model, inputs, self.config.batch_size), {}
+
+    def rows(self, block: int) -> slice:
+        """The inputs of a block: batch ``block`` of the evaluation (``prepare`` sets the batch
+        size to ``inputs_per_trial``)."""
+        return slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
+
+    def fault_free(self, faults: F.Faults) -> dict[str, Any]:
+        return {}
+
+    def golden_logits(self) -> torch.Tensor:
+        return predict(self.model, self.inputs, self.config.batch_size)
+
+    def batched_logits(self, trials: Sequence[F.Faults]) -> list[torch.Tensor]:
+        assert self.fast is not None, "batched trials need the shortcut's trace"
+        return self.fast.batched_logits(list(trials), use_cuts=self.config.shortcut)
+
+
+# --- running ---------------------------------------------------------------
+
+Task = tuple[float, int] | tuple[float, int, int]
+"""A trial to run: (point, trial), or (point, index, stratum) of a ``--precision`` stratum."""
+
+
+class Runner:
+    """The one trial runner, over any ``fault_space.FaultSpace``: draw a trial's faults, give a
+    draw without any its golden result exactly (``skip_fault_free``), else inject, evaluate the
+    inputs (or the trial's block of them), restore; ``batch`` faulty trials per forward where
+    the space batches. Campaigns, their store and their executors take any runner.
+
+    ``TrialRunner`` (parameters) and ``activations.ActivationRunner`` build one from their
+    settings; any other space plugs in as ``Runner(space, golden)``.
+    """
+
+    space: fault_space.FaultSpace
+    golden: Golden
+    golden_metrics: dict[str, float]
+    skip_fault_free: bool = True
+    batch: int = 1   # faulty trials per forward (> 1 only for a fault_space.BatchedSpace)
+
+    def __init__(self, space: fault_space.FaultSpace, golden: Golden, *, skip_fault_free: bool = True,
+                 golden_output: torch.Tensor | None = None) -> None:
+        self.space, self.golden, self.skip_fault_free = space, golden, skip_fault_free
+        self._golden_metrics(golden_output)
+
+    def _golden_metrics(self, golden_output: torch.Tensor | None) -> None:
+        logits = golden_output if golden_output is not None else self.space.golden_logits()
+        self.golden_metrics = trial_metrics(logits, self.golden)
+
+    @property
+    def blocks(self) -> bool:
+        """Whether each trial evaluates one block of the inputs (``TrialRunner``: inputs_per_trial)."""
+        return False
+
+    def block(self, point: float, trial: int, stratum: int | None) -> int | None:
+        """The block of inputs a trial evaluates (None: all of them)."""
+        return None
+
+    def golden_of(self, block: int | None) -> Golden:
+        """The golden predictions of ``block``'s inputs (all of them for None)."""
+        return self.golden
+
+    def run(self, point: Any, trial: int, stratum: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """One trial: its faults and ``trial_metrics``' dict plus the space's extra fields."""
+        faults = self.space.draw(point, trial, stratum)
+        if faults.count == 0 and self.skip_fault_free:
+            # every block's golden result averages to this, the exact expectation: no block needed
+            return faults, {**self.golden_metrics, **self.space.fault_free(faults)}
+        block = self.block(point, trial, stratum)
+        logits, extra = self.space.faulty_logits(faults, block)
+        return faults, {**trial_metrics(logits, self.golden_of(block)), **extra}
+
+    def run_many(self, tasks: Sequence[Task]) -> list[TrialResult]:
+        """Several (point, trial) pairs, or (point, index, stratum) triples of stratified
+        trials (``--precision``); faulty ones ``batch`` at a time."""
+        results: list[TrialResult] = []
+        pending: list[tuple[float, int, Any, int | None]] = []
+        for point, trial, *rest in tasks:
+            stratum = rest[0] if rest else None
+            start = time.perf_counter()
+            if self.batch == 1 or self.blocks:
+                faults, metrics = self.run(point, trial, stratum)
+                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start,
+                                              stratum))
+                continue
+            faults = self.space.draw(point, trial, stratum)
+            if faults.count == 0 and self.skip_fault_free:
+                results.append(TrialResult.of(point, trial, faults,
+                                              {**self.golden_metrics, **self.space.fault_free(faults)},
+                                              time.perf_counter() - start, stratum))
+                continue
+            pending.append((point, trial, faults, stratum))
+            if len(pending) == self.batch:
+                results += self._run_batch(pending)
+                pending = []
+        if pending:
+            results += self._run_batch(pending)
+        return results
+
+    def _run_batch(self, pending: list[tuple[float, int, Any, int | None]]) -> list[TrialResult]:
+        start = time.perf_counter()
+        space = self.space
+        assert isinstance(space, fault_space.BatchedSpace), "batched trials need a space that batches"
+        all_logits = space.batched_logits([f for _, _, f, _ in pending])
+        seconds = (time.perf_counter() - start) / len(pending)
+        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds, stratum)
+                for (point, trial, faults, stratum), logits in zip(pending, all_logits)]
+
+
+@dataclass
+class TrialRunner(Runner):
+    """The runner of a parameter campaign: a ``Runner`` over the ``ParameterSpace`` of
+    (``model``, ``memory``, ``inputs``, ``config``, ``fast``), built from those fields (so
+    ``dataclasses.replace(runner, config=...)`` gives the runner of another configuration).
 
     No copy of the model per trial: faults are applied in place and undone
     bit-exactly. ``fast`` (when set) starts trials at their first faulted
@@ -362,8 +513,9 @@ class TrialRunner:
     golden_metrics: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        logits = self.golden_output if self.golden_output is not None else self.golden_logits()
-        self.golden_metrics = trial_metrics(logits, self.golden)
+        self.space = ParameterSpace(self.model, self.memory, self.inputs, self.config, self.fast)
+        self.skip_fault_free = self.config.skip_fault_free
+        self._golden_metrics(self.golden_output)
 
     @property
     def blocks(self) -> bool:
@@ -372,78 +524,28 @@ class TrialRunner:
         m = self.config.inputs_per_trial
         return m is not None and m < len(self.inputs)
 
+    def block(self, point: float, trial: int, stratum: int | None) -> int | None:
+        return trial_block(self.config, point, trial, stratum, len(self.inputs)) if self.blocks else None
+
+    def golden_of(self, block: int | None) -> Golden:
+        if block is None:
+            return self.golden
+        rows = self.space.rows(block)
+        return Golden(self.golden.labels[rows], self.golden.predictions[rows])
+
     def golden_logits(self) -> torch.Tensor:
-        return predict(self.model, self.inputs, self.config.batch_size)
+        return self.space.golden_logits()
 
     def faulty_logits(self, faults: F.Faults, block: int | None = None) -> torch.Tensor:
         """Logits with ``faults`` present (from the best cut when the shortcut is on), of every
         input or of one block (batch ``block`` of ``config.batch_size`` inputs)."""
-        with F.injected(self.memory, faults):
-            if self.fast is not None and self.config.shortcut:
-                logits = self.fast.logits(faults, block)
-                if logits is not None:
-                    return logits
-            if block is None:
-                return predict(self.model, self.inputs, self.config.batch_size)
-            return predict(self.model, self.inputs[self._rows(block)], self.config.batch_size)
-
-    def _rows(self, block: int) -> slice:
-        """The inputs of a block: batch ``block`` of the evaluation (``prepare`` sets the batch
-        size to ``inputs_per_trial``)."""
-        return slice(block * self.config.batch_size, (block + 1) * self.config.batch_size)
+        return self.space.faulty_logits(faults, block)[0]
 
     def first_block_accuracy(self, faults: F.Faults) -> float:
         """Accuracy with ``faults`` on the first block of inputs (all of them without blocks): what
         the ``--precision`` pilot's single-flip pass (``strata.measure_sensitivity``) compares."""
-        rows = self._rows(0) if self.blocks else slice(None)
-        logits = self.faulty_logits(faults, 0 if self.blocks else None)
-        return trial_metrics(logits, Golden(self.golden.labels[rows], self.golden.predictions[rows]))["accuracy"]
-
-    def run(self, point: float, trial: int, stratum: int | None = None) -> tuple[F.Faults, dict[str, float]]:
-        faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
-        if faults.count == 0 and self.config.skip_fault_free:
-            # every block's golden result averages to this, the exact expectation: no block needed
-            return faults, dict(self.golden_metrics)
-        if not self.blocks:
-            return faults, trial_metrics(self.faulty_logits(faults), self.golden)
-        block = trial_block(self.config, point, trial, stratum, len(self.inputs))
-        rows = self._rows(block)
-        return faults, trial_metrics(self.faulty_logits(faults, block),
-                                     Golden(self.golden.labels[rows], self.golden.predictions[rows]))
-
-    def run_many(self, tasks: Sequence[tuple[float, int] | tuple[float, int, int]]) -> list[TrialResult]:
-        """Several (point, trial) pairs, or (point, index, stratum) triples of stratified
-        trials (``--precision``); faulty ones ``batch`` at a time."""
-        results: list[TrialResult] = []
-        pending: list[tuple[float, int, F.Faults, int | None]] = []
-        for point, trial, *rest in tasks:
-            stratum = rest[0] if rest else None
-            start = time.perf_counter()
-            if self.batch == 1 or self.blocks:
-                faults, metrics = self.run(point, trial, stratum)
-                results.append(TrialResult.of(point, trial, faults, metrics, time.perf_counter() - start,
-                                              stratum))
-                continue
-            faults = draw_trial_faults(self.memory, self.config, point, trial, stratum)
-            if faults.count == 0 and self.config.skip_fault_free:
-                results.append(TrialResult.of(point, trial, faults, dict(self.golden_metrics),
-                                              time.perf_counter() - start, stratum))
-                continue
-            pending.append((point, trial, faults, stratum))
-            if len(pending) == self.batch:
-                results += self._run_batch(pending)
-                pending = []
-        if pending:
-            results += self._run_batch(pending)
-        return results
-
-    def _run_batch(self, pending: list[tuple[float, int, F.Faults, int | None]]) -> list[TrialResult]:
-        start = time.perf_counter()
-        assert self.fast is not None
-        all_logits = self.fast.batched_logits([f for _, _, f, _ in pending], use_cuts=self.config.shortcut)
-        seconds = (time.perf_counter() - start) / len(pending)
-        return [TrialResult.of(point, trial, faults, trial_metrics(logits, self.golden), seconds, stratum)
-                for (point, trial, faults, stratum), logits in zip(pending, all_logits)]
+        block = 0 if self.blocks else None
+        return trial_metrics(self.faulty_logits(faults, block), self.golden_of(block))["accuracy"]
 
 
 def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: CampaignConfig
