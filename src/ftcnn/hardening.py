@@ -50,6 +50,13 @@ before this change on the same machine, 16.75x in issue 12), on VGG-11
 w0.25 2.9-3.1x for 3.0x; ResNet-20 4.2-4.4x for 3.0x; restriction
 1.2-1.3x for 1.02-1.08x; weight checks 1.0-1.1x for 1.00x.
 
+At batch 1 (issue 21) a weight check costs its op count: ``check_two`` resolves and
+applies two stored bound copies in 8-10 ops a tensor (``bound`` + ``check_values``: 13
+and three export tests), bit for bit the same values. ``benchmarks/weight_check_latency.py``
+(1 thread, load average ~6 on 2 CPUs): LeNet-5 weights_zero x2.95 -> x2.18 at batch 1,
++restriction (p90) x3.78 -> x2.75, VGG-11 w0.25 x2.09 -> x1.78, ResNet-20 weights_clamp
+x1.49 -> x1.31; what remains is ~17 ops a layer (~3 us each on that machine).
+
 Bit-exactness: a second, smaller conv/linear call can differ from the same
 channel of the original call by float rounding (the CPU kernel blocks its work
 differently). Measured on CPU: trained LeNet-5 and VGG-11 (w0.25) on mnist5k,
@@ -120,11 +127,19 @@ RESTRICT_OPS = 5      # per output value: max, min, compare, multiply, NaN to 0 
 CHECK_OPS = 5         # per checked weight/bias value, the same five
 
 
+def exporting() -> bool:
+    """Whether this forward runs inside an ONNX export. ``torch.onnx.is_in_onnx_export``
+    imports two modules at every call (2-4 us, several times per protected layer at
+    batch 1); both exporters trace (TorchScript: ``torch.jit``; dynamo: ``torch.export``,
+    which sets ``is_compiling``), so an eager forward is told apart by two flag reads."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
 def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
     """``t`` with NaN replaced by ``value`` (infinities kept), as a new tensor. One
     float pass in PyTorch; in an ONNX export ``IsNaN`` + ``Where`` (``nan_to_num``
     would export as ~8 nodes: Cast, IsInf, IsNaN, Where, ...)."""
-    if torch.onnx.is_in_onnx_export():
+    if exporting():
         return torch.where(torch.isnan(t), value, t)
     return t.nan_to_num(value, math.inf, -math.inf)
 
@@ -156,10 +171,53 @@ def check_values(v: torch.Tensor, low: torch.Tensor, high: torch.Tensor, mode: s
     (``within``, multiply, NaN to 0: an infinite ``v`` outside gives
     ``0 * inf = NaN``), three for ``clamp``."""
     low, high = open_nan_bounds(low, high)
-    if torch.onnx.is_in_onnx_export():  # the same values in 4-5 ONNX nodes (Where is fast in ONNX Runtime)
+    if exporting():  # the same values in 4-5 ONNX nodes (Where is fast in ONNX Runtime)
         if mode == "zero":
             return torch.where((v >= low) & (v <= high), v, 0.0)
         return torch.where(torch.isnan(v), 0.0, torch.minimum(torch.maximum(v, low), high))
+    return check_opened(v, low, high, mode)
+
+
+# Checked tensors of at most this many values take ``check_two``'s NaN-ignoring path in
+# ``zero`` mode (``torch.fmax``/``fmin`` are not vectorised here: ~4 ns a value, against
+# ~2 us for each of the two NaN-opening passes over the bounds they save)
+SMALL_CHECK = 512
+
+
+def check_two(v: torch.Tensor, low: torch.Tensor, low_copy: torch.Tensor, high: torch.Tensor,
+              high_copy: torch.Tensor, mode: str, small: bool = False) -> torch.Tensor:
+    """``check_values(v, fail_safe_bound([low, *low_copy]), ...)``, bit for bit, for bounds
+    stored twice (the default ``bound_copies``; ``low_copy`` is the ``(1, *shape)`` stack
+    of the second copy), eager only.
+
+    At batch 1 a weight check costs its op count, not its element work (LeNet-5's largest
+    weight, 48k floats, takes ~5 us a pass; any op ~2 us), so this takes 10 ops a tensor
+    where ``bound`` + ``check_values`` took 13 and three export tests (each as slow as an
+    op): the looser copy computed on the stacked
+    copy as stored (no select per bound: the result gains its leading 1, dropped once at
+    the end), the NaN of a bound opened in place, and no export test per pass. ``small``
+    (``zero`` mode): the mask from ``fmax``/``fmin``, which skip a NaN bound as the open
+    side does (and map a NaN value to a bound, which it never equals), so the bounds
+    need no opening: 8 ops. The result has the broadcast shape of ``v`` and the
+    ``(1, *shape)`` bounds: the caller drops or views away the leading 1."""
+    lo = torch.minimum(low, low_copy)  # NaN where either copy is: opened below
+    hi = torch.maximum(high, high_copy)
+    if small and mode == "zero":
+        out = torch.fmin(torch.fmax(v, lo), hi)
+    else:
+        lo.nan_to_num_(-math.inf, math.inf, -math.inf)
+        hi.nan_to_num_(math.inf, math.inf, -math.inf)
+        out = torch.maximum(v, lo)
+        out.clamp_max_(hi)
+    if mode == "zero":
+        out.eq_(v).mul_(v)
+    return out.nan_to_num_(0.0, math.inf, -math.inf)
+
+
+def check_opened(v: torch.Tensor, low: torch.Tensor, high: torch.Tensor, mode: str) -> torch.Tensor:
+    """``check_values`` for bounds already opened (no NaN: ``_StoredBounds.open_bound``),
+    eager only: the float passes themselves, each but the first in place on this call's
+    own tensor. The result has the broadcast shape of ``v`` and the bounds."""
     if mode == "zero":
         out = within(v, low, high).mul_(v)  # the mask is this call's own buffer: one allocation
     else:
@@ -223,6 +281,22 @@ class _StoredBounds:
         if primary is None or spare is None:
             return primary
         return fail_safe_bound([primary, *spare.unbind(0)], "low" if name.endswith("low") else "high")
+
+    def open_bound(self, name: str) -> torch.Tensor:
+        """``open_nan_bounds`` of ``bound(name)``, the values ``check_values`` compares with,
+        as a new tensor in fewer ops (the batch-1 cost of a check is its op count): one
+        copy: 1; two: 3 (select, the looser, NaN opened in place; ``check_two`` saves the
+        select); three: the median, which has no NaN left to open."""
+        primary = self._buffers[name]
+        spare = self._buffers.get(f"{name}_copies")
+        low = name.endswith("low")
+        fill = -math.inf if low else math.inf
+        if spare is None:
+            return primary.nan_to_num(fill, math.inf, -math.inf)
+        if self.bound_copies == 2:
+            loosest = (torch.minimum if low else torch.maximum)(primary, spare[0])
+            return loosest.nan_to_num_(fill, math.inf, -math.inf)  # loosest is this call's own tensor
+        return fail_safe_bound([primary, *spare.unbind(0)], "low" if low else "high")
 
     @torch.no_grad()
     def set_bound(self, name: str, value: torch.Tensor) -> None:
@@ -469,7 +543,13 @@ class Restrict(_StoredBounds, nn.Module):
         # float passes only (see ``within``): 5 (zero) or 3 (clamp) instead of
         # 7 with bool masks and torch.where; measured on LeNet-5's first conv
         # output at batch 128, 1 thread: 1.3-1.7 ms instead of 8.4-9.4 ms
-        return check_values(y, self.bound("low"), self.bound("high"), self.mode)
+        if exporting():
+            return check_values(y, self.bound("low"), self.bound("high"), self.mode)
+        bufs = self._buffers
+        if self.bound_copies == 2:  # the result has y's values in y's shape (less a leading 1 of the bounds)
+            return check_two(y, bufs["low"], bufs["low_copies"], bufs["high"], bufs["high_copies"],
+                             self.mode).view(y.shape)
+        return check_opened(y, self.open_bound("low"), self.open_bound("high"), self.mode)
 
     def elementwise_ops(self, output: torch.Tensor) -> int:
         return output.numel() * RESTRICT_OPS + self.bound_ops()
@@ -540,11 +620,29 @@ class _ProtectedLayer(_StoredBounds):
         return self.weight, self.bias
 
     def checked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias as the MACs use them: ``check_values`` of each against its bounds
+        (eager: ``check_two`` with the default two copies, else ``open_bound`` + ``check_opened``;
+        in an ONNX export the ONNX-friendly ops of ``check_values``)."""
         w, b = self.stored_values()
-        if self.check is not None:
-            w = check_values(w, self.bound("weight_low"), self.bound("weight_high"), self.check)
+        mode = self.check
+        if mode is None:
+            return w, b
+        if exporting():
+            w = check_values(w, self.bound("weight_low"), self.bound("weight_high"), mode)
             if b is not None:
-                b = check_values(b, self.bound("bias_low"), self.bound("bias_high"), self.check)
+                b = check_values(b, self.bound("bias_low"), self.bound("bias_high"), mode)
+            return w, b
+        bufs, params = self._buffers, self._parameters
+        if self.bound_copies == 2:
+            w = check_two(w, bufs["weight_low"], bufs["weight_low_copies"], bufs["weight_high"],
+                          bufs["weight_high_copies"], mode, params["weight"].numel() <= SMALL_CHECK)[0]
+            if b is not None:
+                b = check_two(b, bufs["bias_low"], bufs["bias_low_copies"], bufs["bias_high"],
+                              bufs["bias_high_copies"], mode, params["bias"].numel() <= SMALL_CHECK)[0]
+            return w, b
+        w = check_opened(w, self.open_bound("weight_low"), self.open_bound("weight_high"), mode)
+        if b is not None:
+            b = check_opened(b, self.open_bound("bias_low"), self.open_bound("bias_high"), mode)
         return w, b
 
     def weight_checks(self) -> int:
