@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -91,6 +92,16 @@ def train_digits_model(path: Path, epochs: int, threads: int | None = None) -> s
                 threads=threads)
     assert r.returncode == 0, r.stderr
     return r
+
+
+def copy_of(checkpoint: Path, folder: Path) -> Path:
+    """A private, writable copy of a shared checkpoint (conftest's ``digits_lenet5``) in ``folder``,
+    so what a test writes beside it or into it stays its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / checkpoint.name
+    shutil.copyfile(checkpoint, out)
+    out.chmod(0o644)
+    return out
 
 
 def wait_for_trials(proc: subprocess.Popen, db_path: Path, at_least: int, timeout: float = 120) -> None:

@@ -1,14 +1,53 @@
 from __future__ import annotations
 
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import pytest
 from torch import nn
 
+from ftcnn import cost
 from ftcnn.distributed import using_threads
 
-torch.set_num_threads(2)
+from _helpers import train_digits_model
+
+# One torch thread per test process: `pytest -n auto` already runs one worker per core, and a second
+# thread per worker oversubscribes the cores (measured on a busy 2-core machine: test_report's comparison
+# took 39.5 s of CPU with 2 threads, 15.9 s with 1). Tests about threads set their own.
+torch.set_num_threads(1)
+
+# Latency timing rounds outside tests/test_cost.py: ``cost.stable_latency`` times until two timings of
+# the same model agree within 3% or 60 rounds are spent; on a busy CI machine they rarely agree, and each
+# `harden`, `protect` or `compare` in a test spent ~10 s timing. Timings are volatile (no test compares
+# one), the stopping rule itself is tested in test_cost.py with explicit ``max_rounds``.
+TEST_TIMING_ROUNDS = 8
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quick_latency() -> Iterator[None]:
+    """At most ``TEST_TIMING_ROUNDS`` rounds wherever a caller leaves ``max_rounds`` at its default."""
+    real = cost.stable_latency
+
+    def capped(*args: Any, max_rounds: int = TEST_TIMING_ROUNDS, **kwargs: Any) -> dict[str, Any]:
+        return real(*args, max_rounds=max_rounds, **kwargs)
+
+    capped.__wrapped__ = real  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cost, "stable_latency", capped)
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_lenet5(tmp_path_factory) -> Path:
+    """One LeNet-5 trained on the built-in digits (``ftcnn train``, 2 epochs, seed 0) per test worker,
+    for the tests that only need some trained checkpoint. Read-only: a test that writes beside it or
+    changes it copies it first (``_helpers.copy_of``)."""
+    path = tmp_path_factory.mktemp("shared_lenet5") / "lenet.pt"
+    r = train_digits_model(path, epochs=2, threads=1)
+    assert "test accuracy" in r.stdout
+    path.chmod(0o444)
+    return path
 
 
 @pytest.fixture(scope="module")

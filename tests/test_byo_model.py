@@ -5,6 +5,7 @@ trust rules (its code is imported only when the caller names it)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -92,7 +93,7 @@ def _one_line_error(r: subprocess.CompletedProcess, match: str) -> None:
     assert match in lines[0] and "\x1b" not in lines[0], lines[0]
 
 
-def test_cli_state_dict_errors(user_folder) -> None:
+def test_cli_state_dict_errors(user_folder, monkeypatch) -> None:
     if not FTCNN.is_file():
         pytest.skip("the ftcnn command is not installed beside this interpreter")
     run = lambda *a: run_cli(*a, cwd=user_folder, threads=1)
@@ -104,9 +105,11 @@ def test_cli_state_dict_errors(user_folder) -> None:
     _one_line_error(run("analyze", "mine_state.pt", "--model", "ftcnn.models:lenet5", "--data", "digits",
                         "-o", out), "do not fit")
     # a pickled model: the safe loader refuses it in one line, no escape codes
-    code = ("import sys, torch; sys.path.insert(0, '.'); import mymodels; "
-            "torch.save(mymodels.TinyResNet(10, 1), 'pickled.pt')")
-    subprocess.run([sys.executable, "-c", code], cwd=user_folder, check=True)
+    spec = importlib.util.spec_from_file_location("mymodels", user_folder / "mymodels.py")
+    mymodels = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mymodels", mymodels)  # pickled by reference, as its owner would
+    spec.loader.exec_module(mymodels)
+    torch.save(mymodels.TinyResNet(10, 1), user_folder / "pickled.pt")
     _one_line_error(run("analyze", "pickled.pt", "--model", "mymodels:tiny_resnet", "--data", "digits",
                         "-o", out), "safe loader")
 

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import run_cli, train_digits_model
+from _helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "lenet.pt"
-    r = train_digits_model(path, epochs=2)
-    assert "test accuracy" in r.stdout
-    return path
+def digits_model(digits_lenet5) -> Path:
+    """The run's shared LeNet-5 (conftest): these tests only read it."""
+    return digits_lenet5
 
 
 def test_inject_end_to_end(digits_model, tmp_path) -> None:
@@ -140,6 +138,8 @@ def logic_in(source: str) -> list[str]:
     found += [f"imports {a.name}" for node in ast.walk(tree) if isinstance(node, ast.Import)
               for a in node.names if a.name.startswith("ftcnn.")
               and a.name.removeprefix("ftcnn.").split(".")[0] in LOGIC_MODULES]
+    found += [f"imports {m} lazily" for m in _lazily_imported(tree)
+              if m.removeprefix("ftcnn.").split(".")[0] in LOGIC_MODULES]
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
@@ -152,6 +152,29 @@ def logic_in(source: str) -> list[str]:
             if most > 1:
                 found.append(f"command {fn.name} runs {most} flows")
     return found
+
+
+LAZY_IMPORTERS = {"lazy", "import_module", "__import__"}
+
+
+def _lazily_imported(tree: ast.AST) -> list[str]:
+    """The ftcnn modules a source imports on first use (``lazy("ftcnn.x")``, ``import_module``), as
+    the CLI does since issue 24: a literal name, or ``f"ftcnn.{name}" for name in (literal names)``."""
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp)):
+            values = [e.value for g in node.generators if isinstance(g.iter, (ast.Tuple, ast.List))
+                      for e in g.iter.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            calls = [c for c in ast.walk(node.elt) if isinstance(c, ast.Call) and c.args
+                     and getattr(c.func, "id", getattr(c.func, "attr", None)) in LAZY_IMPORTERS]
+            if any(isinstance(c.args[0], ast.JoinedStr) for c in calls):
+                names += [f"ftcnn.{v}" for v in values]
+        if isinstance(node, ast.Call) and node.args and \
+                getattr(node.func, "id", getattr(node.func, "attr", None)) in LAZY_IMPORTERS:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("ftcnn."):
+                names.append(arg.value)
+    return names
 
 
 def _flows_on_a_path(statements: list) -> int:
@@ -177,14 +200,40 @@ def test_the_cli_holds_no_logic() -> None:
 
 def test_the_logic_modules_are_todays_modules() -> None:
     """The guard sees the package as it is: the modules that hold the logic of hardening, pruning,
-    fault injection and training are in it, and every name it allows exists."""
+    codes, fault injection, shortcuts, strata, costs and training are in it, and every name it
+    allows exists (the flows and configs the CLI calls: pipeline, campaign, compare, protect,
+    vulnerability, report, study)."""
     modules = _package_modules()
-    assert {"hardening", "pruning", "faults", "trials", "train", "store"} <= LOGIC_MODULES
+    assert {"hardening", "pruning", "codes", "fold", "faults", "trials", "activations", "fastpath", "strata",
+            "graph", "cost", "metrics", "paired", "train", "data", "store"} <= LOGIC_MODULES
     assert CLI_MAY_IMPORT - {"__main__"} <= modules | {"cli"}
+    assert {"pipeline", "campaign", "compare", "protect", "vulnerability", "report", "study"} <= CLI_MAY_IMPORT
     for name in ("hardening", "pruning", "faults"):
         assert logic_in(f"from ftcnn import {name}\n") == [f"imports ftcnn.{name}"]
         assert logic_in(f"import ftcnn.{name}\n") == [f"imports ftcnn.{name}"]
         assert logic_in(f"from ftcnn.{name} import x\n") == [f"imports ftcnn.{name}"]
+
+
+def test_the_guard_fails_on_a_cli_that_imports_logic() -> None:
+    """Fed the real CLI's source with one logic module added, by each way the CLI imports (the
+    ``TYPE_CHECKING`` import, a lazy proxy by name, the proxies' loop), the guard reports it."""
+    import ftcnn.cli
+
+    real = Path(ftcnn.cli.__file__).read_text()
+    typed = "    from ftcnn import study as study_mod\n"
+    loop = '"pipeline", "protect", "report", "vulnerability"))'
+    assert typed in real and loop in real and 'lazy("ftcnn.study")' in real  # the forgeries below apply
+    forged = {
+        "TYPE_CHECKING import": real.replace(typed, typed + "    from ftcnn import hardening\n"),
+        "lazy by name": real.replace('lazy("ftcnn.study")', 'lazy("ftcnn.pruning")'),
+        "the proxies' loop": real.replace(loop, loop.replace('"report"', '"report", "faults"')),
+    }
+    expected = {"TYPE_CHECKING import": "imports ftcnn.hardening", "lazy by name": "imports ftcnn.pruning lazily",
+                "the proxies' loop": "imports ftcnn.faults lazily"}
+    for way, source in forged.items():
+        assert source != real, way
+        assert expected[way] in logic_in(source), (way, logic_in(source))
+    assert logic_in(real) == []
 
 
 def test_the_logic_check_finds_logic() -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ftcnn import checkpoint, files, progress
-from _helpers import run_cli, train_digits_model
+from _helpers import run_cli
 
 ESC = "\x1b"
 
@@ -90,10 +90,9 @@ def test_checkpoint_keeps_atomic_write_importable(tmp_path) -> None:
 # --- a small inject + compare + analyze run: every JSON strict, every file 0644 ------------
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "lenet.pt"
-    train_digits_model(path, epochs=2, threads=1)
-    return path
+def digits_model(digits_lenet5) -> Path:
+    """The run's shared LeNet-5 (conftest): read only, the runs write under tmp_path."""
+    return digits_lenet5
 
 
 def test_every_json_is_strict_and_every_file_0644(digits_model, tmp_path) -> None:

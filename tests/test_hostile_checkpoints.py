@@ -390,10 +390,32 @@ def _bounded(function: str, *args: Any, timeout: int = 300) -> subprocess.Comple
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_huge_architectures_are_refused_before_allocating(tmp_path) -> None:
-    r = _bounded("memory_cases_main", str(tmp_path))
+FUZZ_COUNT = 200  # seeded mutations in the default suite; the slow test runs 2,000 with another seed
+
+
+def bounded_main(folder: str, count: int, seed: int) -> None:
+    """Both bounded checks in one subprocess (one interpreter start, not two): the memory cases'
+    JSON line, then the fuzzer's."""
+    memory_cases_main(str(Path(folder) / "sizes"))  # not "memory": its outcomes must not say the word
+    fuzz_main(str(Path(folder) / "fuzz"), count, seed)
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory) -> dict[str, Any]:
+    """The outcomes of ``bounded_main`` (``memory``, ``fuzz``) and the folder it worked in."""
+    folder = tmp_path_factory.mktemp("bounded")
+    for sub in ("sizes", "fuzz"):
+        (folder / sub).mkdir()
+    r = _bounded("bounded_main", str(folder), FUZZ_COUNT, 0)
     assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    blobs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    memory = next(b for b in blobs if "tally" not in b)
+    fuzz = next(b for b in blobs if "tally" in b)
+    return {"memory": memory, "fuzz": fuzz, "folder": folder}
+
+
+def test_huge_architectures_are_refused_before_allocating(bounded) -> None:
+    results = dict(bounded["memory"])
     assert results.pop("max_rss_mb") < 1500
     for name, outcome in results.items():
         assert outcome.startswith("CheckpointError: "), (name, outcome)
@@ -502,8 +524,6 @@ def _mutate_tensors(base: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 def _judge(path: Path) -> tuple[str, str | None]:
     """'loaded' (checked to be the file's tensors and to run) or 'refused'; or a failure."""
-    from ftcnn import cli
-
     try:
         model = ftcnn.load(path)
     except ValueError as exc:
@@ -573,19 +593,28 @@ def fuzz_main(folder: str, count: int, seed: int) -> None:
     print(json.dumps({"tally": tally_out, "failures": failures[:20]}))
 
 
-def test_fuzzed_checkpoints_refuse_cleanly_or_load_correctly(tmp_path) -> None:
-    r = _bounded("fuzz_main", str(tmp_path), 400, 0)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
-    tally = report["tally"]
+def _check_fuzz(report: dict[str, Any], count: int, folder: Path) -> None:
+    tally = dict(report["tally"])
     assert not report["failures"], report["failures"]
     assert tally.pop("marker") is False
     assert tally.pop("max_rss_mb") < 1500
-    assert sum(tally.values()) == 400
+    assert sum(tally.values()) == count
     refused = sum(v for k, v in tally.items() if k.endswith("refused"))
     loaded = sum(v for k, v in tally.items() if k.endswith("loaded"))
-    assert refused > 200 and loaded > 10, tally  # both outcomes are exercised
-    assert not (tmp_path / "PWNED").exists()
+    assert refused > count // 2 and loaded > count // 40, tally  # both outcomes are exercised
+    assert not (folder / "PWNED").exists()
+
+
+def test_fuzzed_checkpoints_refuse_cleanly_or_load_correctly(bounded) -> None:
+    _check_fuzz(bounded["fuzz"], FUZZ_COUNT, bounded["folder"] / "fuzz")
+
+
+@pytest.mark.slow
+def test_fuzzed_checkpoints_at_length(tmp_path) -> None:
+    """The long reference: 2,000 mutations (another seed) in a bounded subprocess of their own."""
+    r = _bounded("fuzz_main", str(tmp_path), 2000, 1, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_fuzz(json.loads(r.stdout.strip().splitlines()[-1]), 2000, tmp_path)
 
 
 # --- the CLI: one error line, exit 2, nothing run -------------------------------------------

@@ -128,14 +128,9 @@ def test_an_old_checkpoint_without_a_record_is_measured_as_before(tmp_path, caps
 # --- the command line -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """LeNet-5 trained by `ftcnn train` on the digits (one epoch)."""
-    from _helpers import run_cli
-
-    path = tmp_path_factory.mktemp("norm") / "lenet.pt"
-    r = run_cli("train", "--model", "lenet5", "--data", "digits", "--epochs", "1", "-o", str(path), threads=1)
-    assert r.returncode == 0, r.stderr
-    return path
+def trained(digits_lenet5) -> Path:
+    """LeNet-5 trained by `ftcnn train` on the digits: the run's shared one (conftest), read only."""
+    return digits_lenet5
 
 
 def test_train_records_dataset_with_its_constants(trained) -> None:

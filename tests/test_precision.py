@@ -246,13 +246,12 @@ def test_precision_needs_ber_and_a_valid_value() -> None:
     assert a == C.CampaignConfig(bers=(1e-5,), precision=0.02).identity()
 
 
-def test_cli_precision(tmp_path) -> None:
+def test_cli_precision(tmp_path, digits_lenet5) -> None:
     """`ftcnn inject --precision` as a user runs it: stratified rows in summary.json."""
     import json
 
-    from _helpers import run_cli, train_digits_model
-    model = tmp_path / "m.pt"
-    train_digits_model(model, 2)
+    from _helpers import run_cli
+    model = digits_lenet5  # the run's shared LeNet-5 (conftest), read only
     r = run_cli("inject", str(model), "--data", "digits", "--ber", "1e-5", "--precision", "0.05", "--limit", "100",
                 "-o", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import ftcnn
-from _helpers import run_cli, train_digits_model
+from _helpers import run_cli
 from ftcnn import checkpoint
 from ftcnn.pruning import channel_groups, l1_scores, plan, prune
 
@@ -214,10 +214,9 @@ def test_coupled_layers_need_one_ratio() -> None:
 # --------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "lenet.pt"
-    train_digits_model(path, epochs=1)
-    return path
+def digits_model(digits_lenet5) -> Path:
+    """The run's shared LeNet-5 (conftest): read only, outputs go under tmp_path."""
+    return digits_lenet5
 
 
 def test_prune_cli(digits_model: Path, tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from scipy import stats
 import ftcnn
 from ftcnn import compare, data, files, report, train
 
+from _helpers import assert_one_line_refusal, cli_in_process, copy_of, run_cli
+
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory) -> Path:
@@ -134,8 +136,7 @@ def test_paired_tests_agree_with_the_sqlite_rows(compare_run: Path) -> None:
 
 def test_pareto_fronts_and_tolerable_ber(compare_run: Path) -> None:
     summary = _summary(compare_run)
-    _, fronts = report.make_plots(summary, None, compare_run / "plots_check",
-                                  json.loads((compare_run / report.REPORT_DATA).read_text()))
+    _, fronts = report.pareto_panels(summary)  # the fronts make_plots draws (the fixture drew them)
     for key in ("params", "macs", "latency_b1_ms", "latency_b128_ms"):
         pts = {v["name"]: (v["relative_cost"][key], report._at_ber(v, 1e-4)["accuracy_mean"])
                for v in summary["variants"]}
@@ -194,8 +195,9 @@ def test_report_rebuilds_without_recomputing(compare_run: Path, tmp_path: Path) 
 
 def test_latency_spread_is_drawn_when_the_summary_records_it(compare_run: Path, tmp_path: Path) -> None:
     """Quartiles ([q1, q3] ms under cost's latency_b1_ms_iqr / latency_b128_ms_iqr) become
-    horizontal bars and the caption says so; a summary from before compare recorded them
-    (medians only) gets a sentence saying there is no spread, not silently no bars."""
+    horizontal bars and the caption says so (the fixture's page, test_page_defines_its_metrics_and_prints);
+    a summary from before compare recorded them (medians only) gets a sentence saying there is no
+    spread, not silently no bars; the bars span the quartiles relative to the baseline's median."""
     copy = tmp_path / "copy"
     shutil.copytree(compare_run, copy)
     summary = _summary(copy)
@@ -203,13 +205,12 @@ def test_latency_spread_is_drawn_when_the_summary_records_it(compare_run: Path, 
         for key in ("latency_b1_ms", "latency_b128_ms"):
             v["cost"].pop(f"{key}_iqr", None)
     files.write_json(copy / "summary.json", summary)
-    assert "records no spread" in report.build_report(copy).read_text()
+    page = report.build_report(copy).read_text()
+    assert "records no spread" in page and "interquartile range" not in page
+    assert "interquartile range" in (compare_run / "report.html").read_text()
     for v in summary["variants"]:
         for key in ("latency_b1_ms", "latency_b128_ms"):
             v["cost"][f"{key}_iqr"] = [0.9 * v["cost"][key], 1.2 * v["cost"][key]]
-    files.write_json(copy / "summary.json", summary)
-    page = report.build_report(copy).read_text()
-    assert "interquartile range" in page and "records no spread" not in page
     base = next(v for v in summary["variants"] if v["name"] == "baseline")
     assert report._latency_spread(base, "latency_b1_ms", summary["variants"]) == pytest.approx((0.9, 1.2))
 
@@ -293,18 +294,13 @@ REDRAW_SECONDS = 5.0  # issue 23: a demo folder took 37 s to redraw
 
 
 @pytest.fixture(scope="module")
-def checkpoint_file(tmp_path_factory) -> Path:
-    from _helpers import train_digits_model
-
-    path = tmp_path_factory.mktemp("model") / "lenet5.pt"
-    train_digits_model(path, epochs=1, threads=1)
-    return path
+def checkpoint_file(digits_lenet5, tmp_path_factory) -> Path:
+    """A copy of the run's shared LeNet-5 (conftest): the runs below are written beside it."""
+    return copy_of(digits_lenet5, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def inject_run(checkpoint_file: Path) -> Path:
-    from _helpers import run_cli
-
     out = checkpoint_file.parent / "inj"
     r = run_cli("inject", str(checkpoint_file), "--ber", "1e-4", "1e-3", "--trials", "2", "-o", str(out), threads=1)
     assert r.returncode == 0, r.stderr
@@ -332,8 +328,6 @@ def protect_run(checkpoint_file: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline_run(checkpoint_file: Path) -> Path:
-    from _helpers import run_cli
-
     out = checkpoint_file.parent / "pipe"
     r = run_cli("pipeline", str(checkpoint_file), "--prune-ratio", "0.3", "--finetune-epochs", "0", "--samples", "32",
                 "-o", str(out), threads=1)
@@ -345,8 +339,6 @@ def _report_cli(monkeypatch, capsys, run: Path) -> tuple[str, float]:
     """``ftcnn report RUN`` in this process: the page and the CPU seconds it took (CPU, not wall: on a
     shared 2-core machine the wall clock measures the neighbours)."""
     import time
-
-    from _helpers import cli_in_process
 
     (run / "report.html").unlink(missing_ok=True)
     start = time.process_time()
@@ -430,8 +422,6 @@ def test_report_on_a_compare_run_redraws_in_seconds(compare_run: Path, tmp_path:
 
 
 def test_report_of_an_unknown_folder_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    from _helpers import assert_one_line_refusal, cli_in_process
-
     assert_one_line_refusal(cli_in_process(monkeypatch, capsys, "report", str(tmp_path)), "holds no summary.json")
     assert not list(tmp_path.iterdir())  # not even a lock file
     assert_one_line_refusal(cli_in_process(monkeypatch, capsys, "report", str(tmp_path / "nope")), "not a folder")
@@ -445,8 +435,6 @@ def test_report_of_an_unknown_folder_is_one_line(tmp_path: Path, monkeypatch, ca
 
 
 def test_a_hostile_front_is_refused_or_escaped(protect_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from _helpers import assert_one_line_refusal, cli_in_process
-
     run = tmp_path / "prot"
     shutil.copytree(protect_run, run)
     front = json.loads((run / "front.json").read_text())
