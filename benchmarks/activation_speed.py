@@ -57,8 +57,9 @@ from pathlib import Path
 
 import torch
 
-from ftcnn import checkpoint, data, pipeline
-from ftcnn.campaign import CampaignConfig, predict, run_campaign
+from ftcnn import checkpoint, data
+from ftcnn.flows import pipeline
+from ftcnn.campaigns.campaign import CampaignConfig, predict, run_campaign
 
 
 def main() -> None:

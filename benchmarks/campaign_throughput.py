@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ftcnn import checkpoint, data
-from ftcnn.campaign import CampaignConfig, predict, prepare, run_campaign
+from ftcnn.campaigns.campaign import CampaignConfig, predict, prepare, run_campaign
 
 # mode -> CampaignConfig settings (all exact; "plain" is the reference)
 MODES: dict[str, dict] = {

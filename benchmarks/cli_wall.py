@@ -8,7 +8,7 @@ Without ``--checkpoint`` a LeNet-5 is trained first (``ftcnn train --model lenet
 ``time.perf_counter`` around the whole command (start-up, data loading and writing included):
 
 - ``ftcnn inject M --ber ... --trials N`` with its default threads (the thread policy,
-  ``ftcnn.parallelism``: the row says how many it chose; the notes, why), and with ``--threads 2``;
+  ``ftcnn.campaigns.parallelism``: the row says how many it chose; the notes, why), and with ``--threads 2``;
 - ``ftcnn inject M --ber ... --precision 0.01`` (stratified trials until every accuracy CI is
   within +-1 point).
 
@@ -123,7 +123,8 @@ def plain_monte_carlo(checkpoint: Path, trials: int, threads: int, seed: int = 0
     from torch import nn
 
     import ftcnn
-    from ftcnn import data, pipeline
+    from ftcnn import data
+    from ftcnn.flows import pipeline
 
     torch.set_num_threads(threads)
     model = ftcnn.load(checkpoint).eval()

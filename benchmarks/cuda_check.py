@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from ftcnn import checkpoint
-from ftcnn import trials as T
-from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns import trials as T
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
 
 MODELS = ("vgg11", "resnet18")
 BER_CHECK = 1e-5

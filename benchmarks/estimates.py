@@ -83,7 +83,8 @@ class Stamped(io.TextIOBase):
 
 def run(name: str, args: list[str], out: Path) -> Run:
     """One command through ``ftcnn.cli.main``: its stderr lines and the end of its trials, stamped."""
-    from ftcnn import campaign, cli
+    from ftcnn import cli
+    from ftcnn.campaigns import campaign
 
     result = Run(name)
     start = time.perf_counter()

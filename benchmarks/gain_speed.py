@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from ftcnn import vulnerability as V
+from ftcnn.protection import vulnerability as V
 from ftcnn.models import build
 
 

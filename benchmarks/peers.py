@@ -12,7 +12,7 @@ Workload: bit error rates 1e-7, 1e-6, 1e-5, 1e-4, ``--trials`` trials each,
 LeNet-5 and VGG-11 (width 1/4), 1,000 mnist5k test inputs (VGG at 3x32x32,
 padded), models trained briefly here first (cached in ``--cache``). Every
 trial evaluates all inputs in one batch and every tool's metrics come from
-the same function (``ftcnn.metrics.trial_metrics``), so only fault injection
+the same function (``ftcnn.campaigns.metrics.trial_metrics``), so only fault injection
 and inference differ.
 
 - **ftcnn**: ``run_campaign`` with its defaults (exact shortcuts on), then the
@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from ftcnn import checkpoint, data, train
-from ftcnn import faults as F
-from ftcnn.campaign import CampaignConfig, draw_trial_faults, predict, run_campaign
-from ftcnn.metrics import Golden, mean_ci, trial_metrics
+from ftcnn.injection import faults as F
+from ftcnn.campaigns.campaign import CampaignConfig, draw_trial_faults, predict, run_campaign
+from ftcnn.campaigns.metrics import Golden, mean_ci, trial_metrics
 
 BERS = (1e-7, 1e-6, 1e-5, 1e-4)
 SEED = 0

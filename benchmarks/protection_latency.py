@@ -5,7 +5,7 @@ and each protection variant, prints
 
 - the MACs ratio to the unprotected model (conv/linear MACs plus the
   element-wise ops of corrections, restrictions and weight checks, from
-  ``ftcnn.cost.macs``), at batch 1 and at batch 128 (weight checks run once per
+  ``ftcnn.protection.cost.macs``), at batch 1 and at batch 128 (weight checks run once per
   forward, so at batch 128 they cost 1/128 per input);
 - the eager PyTorch latency ratio at batch 1 and batch 128: 1 thread, all
   variants and the baseline timed round by round in rotating order
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import cost, hardening as H
+from ftcnn.protection import cost, hardening as H
 from ftcnn.models import MODELS
 
 INPUT = (1, 28, 28)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftcnn import cost, hardening as H
+from ftcnn.protection import cost, hardening as H
 from ftcnn.models import MODELS
 
 INPUT = (1, 28, 28)

@@ -41,7 +41,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ftcnn import campaign, checkpoint, cost, data, files, hardening, paired, protect as P, readback, seeds, store
+from ftcnn import checkpoint, data, files, readback
+from ftcnn.campaigns import campaign, paired, seeds, store
+from ftcnn.protection import cost, hardening, protect as P
 from ftcnn.splits import calibration_subset, validation_split
 
 MODEL_ORDER = ("lenet5", "vgg11", "resnet20")  # the page's order; other models found follow by name
@@ -393,7 +395,7 @@ def markdown(results: Sequence[Mapping[str, Any]]) -> str:
              "vote (3x the faultable bits); coded and checked layers compute once, so a fault in their output is "
              "past every weight check. Test split, the test role's fault seed (`seeds.role_seed(seed, \"test\")`) "
              "for every row: trial i of every row draws from the same seed, so rows are compared paired by "
-             "trial (`ftcnn.paired.paired_test`, 95%). Draws are keyed by layer name: every row "
+             "trial (`ftcnn.campaigns.paired.paired_test`, 95%). Draws are keyed by layer name: every row "
              "holds its layers at `X.original` (TMR's two extra replicas at `X.copies`), so all rows draw identical "
              "faults there; "
              "the unprotected row is the deployed model with each layer moved to `X.original` (a `hardening.Hardened` "

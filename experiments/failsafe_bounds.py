@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from ftcnn import cost, data, files, hardening, pipeline, splits
+from ftcnn import data, files, splits
+from ftcnn.flows import pipeline
+from ftcnn.protection import cost, hardening
 
 from _common import ci_text, commit  # experiments/_common.py (run as a script from the repo root)
-from ftcnn.campaign import CampaignConfig, run_campaign
-from ftcnn.paired import welch_test
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.paired import welch_test
 
 BER = 1e-3
 GOAL = 0.003  # the gap the issue allows, as a share

@@ -1,7 +1,7 @@
 """Does selective hardening pay? Every protection of design §4 under the same faults.
 
 For LeNet-5 and VGG-11 (width 0.25) on mnist5k: train (or reuse) the model,
-score channels (``gain`` from ``ftcnn.vulnerability``; L1 norms if that module
+score channels (``gain`` from ``ftcnn.protection.vulnerability``; L1 norms if that module
 is missing), build each variant, and run the same float32 bit-flip campaign on
 each (the copies are fault targets too). Writes, resumably, one run folder
 per variant under ``runs/exp_hardening/<model>/<variant>/`` and the tables
@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 
-from ftcnn import campaign, checkpoint, data, hardening as H, train
+from ftcnn import checkpoint, data, train
+from ftcnn.campaigns import campaign
+from ftcnn.protection import hardening as H
 from ftcnn.splits import calibration_subset
 
 MODEL_SETUP = {  # name -> (width, epochs)
@@ -80,7 +82,7 @@ def get_scores(model: torch.nn.Module, folder: Path, x: torch.Tensor, y: torch.T
         blob = json.loads(path.read_text())
         return blob["method"], blob["layers"]
     try:
-        from ftcnn import vulnerability
+        from ftcnn.protection import vulnerability
     except ImportError:  # scores by L1 norm until the vulnerability module exists
         layers = {n: m.weight.detach().abs().flatten(1).sum(1).tolist()
                   for n, m in H.target_layers(model).items()}

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ftcnn import data, hardening, pipeline, splits
-from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn import data, splits
+from ftcnn.flows import pipeline
+from ftcnn.protection import hardening
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
 
 GROUPS = {"sign (31)": [31], "exponent MSB (30)": [30], "exponent 23-29": list(range(23, 30)),
           "mantissa 0-22": list(range(23)), "all bits": None}

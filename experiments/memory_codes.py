@@ -5,7 +5,7 @@
 A LeNet-5 trained on mnist5k (``ftcnn train --model lenet5 --data mnist5k --epochs
 5 --seed 0``; trained the same way if ``--model`` is missing, as
 experiments/failsafe_bounds.py does), protected by each stored-word code of
-``ftcnn.codes`` alone (``harden(ratio=0, code=...)``), by the weight check alone
+``ftcnn.protection.codes`` alone (``harden(ratio=0, code=...)``), by the weight check alone
 (``check_weights="zero"``, bounds stored twice, the default), by a code and the
 weight check composed (decode first, then the bounds), or not at all.
 Campaigns at each BER on the test split, each trial on a random block of 100
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ftcnn import codes, cost, data, files, hardening, pipeline
+from ftcnn import data, files
+from ftcnn.flows import pipeline
+from ftcnn.protection import codes, cost, hardening
 
 from _common import ci_text, commit  # experiments/_common.py (run as a script from the repo root)
-from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
 
 BERS = (1e-4, 1e-3, 3e-3)
 VARIANTS = {  # label -> harden() settings (None: the model as trained)

@@ -1,7 +1,7 @@
 """Does ``ftcnn protect`` meet issue 21's goal at three fault rates? Regenerates experiments/results/protect.md.
 
 For each model (LeNet-5, VGG-11 width 0.25, ResNet-20; mnist5k) and each BER (1e-4, 1e-3, 3e-3),
-one CELL: ``ftcnn.protect.protect`` chooses a protection at that BER within the goal's budgets
+one CELL: ``ftcnn.protection.protect.protect`` chooses a protection at that BER within the goal's budgets
 (MACs <= x1.15 and latency <= x1.20 at batch 128, memory <= x1.10 of all stored bits) on a
 validation split of the training data, BatchNorm folded first (the deployed form). Only after
 the choice, test-split campaigns at that BER (fault seed ``seeds.role_seed(seed, "test")``,
@@ -31,7 +31,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ftcnn import campaign, data, files, pipeline, progress, protect as P, readback, seeds
+from ftcnn import data, files, progress, readback
+from ftcnn.campaigns import campaign, seeds
+from ftcnn.flows import pipeline
+from ftcnn.protection import protect as P
 from ftcnn.splits import validation_split
 
 MODELS = {"lenet5": (1.0, 5), "vgg11": (0.25, 3), "resnet20": (1.0, 3)}  # name -> (width, training epochs)
@@ -237,7 +240,7 @@ def markdown(cells: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
              f"reported), <= x{MAX_MEMORY:g} memory (all stored bits), <= x{MAX_MACS_B128:g} MACs and "
              f"<= x{MAX_LATENCY_B128:g} latency at batch 128, <= x{MAX_LATENCY_B1:g} latency at batch 1; the "
              f"protection's own memory attacked vs not within {MAX_ABLATION_GAP:g} point at 1e-3.", "",
-             "Method: at each BER `ftcnn.protect.protect` chooses on a stratified validation split (20%) of the "
+             "Method: at each BER `ftcnn.protection.protect.protect` chooses on a stratified validation split (20%) of the "
              "training data among all its candidates within the budgets (the cell's command gives them), the "
              "cheapest shown within the tolerance (0.25 point) of the most accurate (paired by trial). BatchNorm is folded into the "
              "convolutions first, so the deployed form is protected and attacked. Test rows run afterwards on the "

@@ -3,9 +3,9 @@
 The paper's pipeline (design §5) for LeNet-5 and VGG-11 (width 0.25; ResNet-20
 optional) on mnist5k: train (or reuse) the model, then for every pruning ratio
 and criterion (``vulnerability`` = lowest gain score goes, ``l1`` = smallest
-filter norm goes) run ``ftcnn.pipeline.prune_and_harden``: score -> prune -> fine-tune ->
+filter norm goes) run ``ftcnn.flows.pipeline.prune_and_harden``: score -> prune -> fine-tune ->
 re-score -> harden (ratio 0.1, ``min``). Then the same float32 bit-flip
-campaign (``ftcnn.campaign.run_campaign``) on the unprotected model, the
+campaign (``ftcnn.campaigns.campaign.run_campaign``) on the unprotected model, the
 hardened unpruned model and every hardened pruned one.
 
 Reported, per model: clean accuracy right after pruning and after fine-tuning;
@@ -36,8 +36,10 @@ from typing import Any
 
 import torch
 
-from ftcnn import campaign, checkpoint, cost, data, train
-from ftcnn.pipeline import prune_and_harden as pipeline
+from ftcnn import checkpoint, data, train
+from ftcnn.campaigns import campaign
+from ftcnn.protection import cost
+from ftcnn.flows.pipeline import prune_and_harden as pipeline
 
 MODEL_SETUP = {  # name -> (width, training epochs); the same as experiments/hardening.py
     "lenet5": (1.0, 5),

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from conftest import make_tiny_model
-from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
 
 if __name__ == "__main__":  # pytest --doctest-modules imports this file: run only as a script
     out = sys.argv[1]

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from conftest import make_tiny_model
-from ftcnn.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
 
 if __name__ == "__main__":  # spawned workers re-import this file: run only in the parent
     out = sys.argv[1]

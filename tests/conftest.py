@@ -7,8 +7,8 @@ import torch
 import pytest
 from torch import nn
 
-from ftcnn import cost
-from ftcnn.distributed import using_threads
+from ftcnn.protection import cost
+from ftcnn.campaigns.distributed import using_threads
 
 from _helpers import train_digits_model
 

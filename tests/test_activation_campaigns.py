@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import activations as A, campaign_file as CF, checkpoint, compare, strata, trials
+from ftcnn import checkpoint
+from ftcnn.campaigns import activations as A, campaign_file as CF, strata, trials
+from ftcnn.flows import compare
 from _helpers import run_cli, train_digits_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,7 +210,7 @@ def test_inject_target_activations_matches_the_api(digits_model, tmp_path):
     assert summary["config"]["target"] == "activations"
     assert summary["config"]["ber_per_layer"] == [["features.0", 0.0]]
     from ftcnn import data as data_mod
-    x, y = ftcnn.campaign.stack_dataset(data_mod.load("digits", "test"))
+    x, y = ftcnn.campaigns.campaign.stack_dataset(data_mod.load("digits", "test"))
     config = ftcnn.CampaignConfig(bers=(1e-4,), trials=3, target="activations",
                                   ber_per_layer={"features.0": 0.0}, device="cpu")
     api = ftcnn.run_campaign(checkpoint.load(digits_model), x[:100], y[:100], config, tmp_path / "api",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import activations as A
-from ftcnn import campaign as C
+from ftcnn.campaigns import activations as A
+from ftcnn.campaigns import campaign as C
 
 # the same models (BatchNorm statistics made non-trivial) and inputs as the parameter shortcut's tests
 from test_fastpath import _model, digits  # noqa: F401  (digits: a fixture)

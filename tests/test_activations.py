@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import activations as A
-from ftcnn.metrics import METRIC_NAMES, Golden, trial_metrics
+from ftcnn.campaigns import activations as A
+from ftcnn.campaigns.metrics import METRIC_NAMES, Golden, trial_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -403,7 +403,8 @@ def test_protections_face_activation_faults():
     """A hardened model's original and copies are separate outputs with their own
     faults: full TMR outvotes a single flipped value, range restriction zeroes
     a huge one, and ber = 0 stays bit-exact."""
-    from ftcnn import checkpoint, hardening
+    from ftcnn import checkpoint
+    from ftcnn.protection import hardening
 
     torch.manual_seed(0)
     model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8).eval()
@@ -456,7 +457,7 @@ def test_native_bfloat16_outputs():
 def test_runner_is_a_campaign_trial_runner():
     """The runner a campaign would use: same trials as run_trial, TrialResult rows like
     parameter trials, per-layer overrides on top of the swept point, fault-free shortcut exact."""
-    from ftcnn.trials import TrialResult
+    from ftcnn.campaigns.trials import TrialResult
 
     model = small_cnn()
     x, y = data(40)
@@ -519,7 +520,7 @@ def test_a_campaign_runs_on_activation_faults(tmp_path):
     fixed and sequential, and its numbers are run_trial's."""
     import dataclasses
 
-    from ftcnn import campaign
+    from ftcnn.campaigns import campaign
 
     @dataclasses.dataclass(frozen=True)
     class WiredConfig(campaign.CampaignConfig):     # the three fields the wiring adds

@@ -18,9 +18,11 @@ from torch import nn
 
 import ftcnn
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import campaign as C
-from ftcnn import campaign_file, data, graph
-from ftcnn import faults as F
+from ftcnn.campaigns import campaign as C
+from ftcnn import data
+from ftcnn.campaigns import campaign_file
+from ftcnn.injection import graph
+from ftcnn.injection import faults as F
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

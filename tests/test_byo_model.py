@@ -20,7 +20,8 @@ from torch import nn
 
 import ftcnn
 from _helpers import run_cli
-from ftcnn import checkpoint, hardening, vulnerability
+from ftcnn import checkpoint
+from ftcnn.protection import hardening, vulnerability
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 USER_NORMALIZE = {"kind": "fixed", "mean": [0.0], "std": [16.0]}  # the README's `normalize="0/16"`
@@ -174,7 +175,7 @@ def test_save_with_builder_and_refusals(tmp_path) -> None:
 
 def test_verbs_compose(tmp_path) -> None:
     """harden and prune take the whole result of analyze (and still the layer map)."""
-    from ftcnn import pruning
+    from ftcnn.protection import pruning
 
     model = ftcnn.build("lenet5", num_classes=10, in_channels=1, input_size=8)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from _helpers import wait_for_trials
-from ftcnn import campaign as C
-from ftcnn import faults as F
-from ftcnn import trials
-from ftcnn.metrics import Golden, leveugle_sample_size, mean_ci, trial_metrics
+from ftcnn.campaigns import campaign as C
+from ftcnn.injection import faults as F
+from ftcnn.campaigns import trials
+from ftcnn.campaigns.metrics import Golden, leveugle_sample_size, mean_ci, trial_metrics
 
 HERE = Path(__file__).parent
 
@@ -100,7 +100,7 @@ def test_campaign_leaves_model_unchanged(tiny_model, tiny_data, tmp_path) -> Non
 def test_trials_match_an_independent_naive_evaluation(tiny_model, tiny_data, tmp_path) -> None:
     """Re-draw trial 2's faults, inject with a deep copy and evaluate by hand."""
     import copy
-    from ftcnn import faults as F
+    from ftcnn.injection import faults as F
     x, y = tiny_data
     config = C.CampaignConfig(bers=(5e-4,), trials=3, seed=11)
     C.run_campaign(tiny_model, x, y, config, tmp_path, progress=False)
@@ -222,7 +222,7 @@ def test_resuming_a_finished_campaign_reuses_its_summary_without_preparing(tiny_
                                                                           monkeypatch) -> None:
     """Issue 14: a finished run resumes at the cost of its identity check (no golden inference, no
     trace); the summary is the one stored, byte for byte. A different record, or one more trial, runs."""
-    from ftcnn import activations
+    from ftcnn.campaigns import activations
 
     x, y = tiny_data
     config = C.CampaignConfig(bers=(1e-3, 1e-2), trials=4, seed=0)

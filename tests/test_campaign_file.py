@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcnn import campaign_file as CF
+from ftcnn.campaigns import campaign_file as CF
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "campaign.toml"
 
@@ -36,7 +36,8 @@ def test_example_loads_and_fits_lenet5():
     assert cfg["ber_per_layer"] == {"features.0": 0.0, "classifier.4": 1e-4}
     assert "checkpoint" not in cfg and "output" not in cfg  # outside its folder: typed (issue 19)
     # the layers it names are LeNet-5's, and its per-layer rates apply to them
-    from ftcnn import activations as A, checkpoint
+    from ftcnn import checkpoint
+    from ftcnn.campaigns import activations as A
 
     model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=28)
     names = A.activation_layers(model, cfg["layers"])
@@ -47,7 +48,7 @@ def test_example_loads_and_fits_lenet5():
 
 
 def test_example_maps_onto_campaign_config():
-    from ftcnn import campaign
+    from ftcnn.campaigns import campaign
 
     cfg = CF.load_campaign_file(EXAMPLE)
     config = campaign.CampaignConfig(**CF.config_kwargs(cfg))
@@ -58,7 +59,8 @@ def test_example_maps_onto_campaign_config():
 def test_every_inject_flag_has_a_key():
     """Each option of `ftcnn inject` is a key (``--margin`` is ci_half_width) and each
     CampaignConfig field it sets is reachable through config_kwargs."""
-    from ftcnn import campaign, cli
+    from ftcnn import cli
+    from ftcnn.campaigns import campaign
 
     # the typer context and the file itself (--config) are not campaign settings
     params = [p for p in inspect.signature(cli.inject).parameters if p not in ("ctx", "config_file")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcnn import campaign_file as CF
+from ftcnn.campaigns import campaign_file as CF
 
 from _helpers import assert_one_line_refusal, cli_in_process
 from test_hostile_checkpoints import forge, raw, seed_checkpoints

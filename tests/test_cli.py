@@ -113,12 +113,24 @@ CLI_MAY_IMPORT = {"campaign", "campaign_file", "checkpoint", "compare", "distrib
                   "rules"}  # the rule table the options are built from (issue 20)
 
 
+# the folders that show the layers (docs/architecture.md): importing one names no logic by itself
+LAYER_FOLDERS = {"injection", "campaigns", "protection", "reporting", "flows"}
+
+
 def _package_modules() -> set[str]:
+    """Every module's own name, at the top level and in the layers' folders (names are unique
+    across folders), and the ``models`` package."""
     import pkgutil
 
     import ftcnn
 
-    return {m.name for m in pkgutil.iter_modules(ftcnn.__path__)}
+    return {m.name.rpartition(".")[2] for m in pkgutil.walk_packages(ftcnn.__path__, "ftcnn.")
+            if m.name.rpartition(".")[2] not in LAYER_FOLDERS and not m.name.startswith("ftcnn.models.")}
+
+
+def _names_logic(dotted: str) -> bool:
+    """Whether a dotted ftcnn name (``ftcnn.protection.hardening``, ``ftcnn.hardening.x``) reaches a logic module."""
+    return dotted.startswith("ftcnn.") and any(part in LOGIC_MODULES for part in dotted.split(".")[1:])
 
 
 LOGIC_MODULES = _package_modules() - CLI_MAY_IMPORT
@@ -131,15 +143,14 @@ def logic_in(source: str) -> list[str]:
     """What a CLI source does that belongs in the library: logic calls, logic modules imported,
     and commands that call more than one flow function."""
     tree = ast.parse(source)
-    found = [f"imports ftcnn.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-             and node.module == "ftcnn" for a in node.names if a.name in LOGIC_MODULES]
+    found = [f"imports {node.module}.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and (node.module == "ftcnn" or (node.module or "").removeprefix("ftcnn.") in LAYER_FOLDERS)
+             for a in node.names if a.name in LOGIC_MODULES]
     found += [f"imports {node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-              and (node.module or "").removeprefix("ftcnn.").split(".")[0] in LOGIC_MODULES]
+              and _names_logic(node.module or "")]
     found += [f"imports {a.name}" for node in ast.walk(tree) if isinstance(node, ast.Import)
-              for a in node.names if a.name.startswith("ftcnn.")
-              and a.name.removeprefix("ftcnn.").split(".")[0] in LOGIC_MODULES]
-    found += [f"imports {m} lazily" for m in _lazily_imported(tree)
-              if m.removeprefix("ftcnn.").split(".")[0] in LOGIC_MODULES]
+              for a in node.names if _names_logic(a.name)]
+    found += [f"imports {m} lazily" for m in _lazily_imported(tree) if _names_logic(m)]
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
@@ -208,7 +219,11 @@ def test_the_logic_modules_are_todays_modules() -> None:
             "graph", "cost", "metrics", "paired", "train", "data", "store"} <= LOGIC_MODULES
     assert CLI_MAY_IMPORT - {"__main__"} <= modules | {"cli"}
     assert {"pipeline", "campaign", "compare", "protect", "vulnerability", "report", "study"} <= CLI_MAY_IMPORT
-    for name in ("hardening", "pruning", "faults"):
+    for folder, name in (("protection", "hardening"), ("protection", "pruning"), ("injection", "faults")):
+        assert logic_in(f"from ftcnn.{folder} import {name}\n") == [f"imports ftcnn.{folder}.{name}"]
+        assert logic_in(f"import ftcnn.{folder}.{name}\n") == [f"imports ftcnn.{folder}.{name}"]
+        assert logic_in(f"from ftcnn.{folder}.{name} import x\n") == [f"imports ftcnn.{folder}.{name}"]
+        assert logic_in(f'{name} = lazy("ftcnn.{folder}.{name}")\n') == [f"imports ftcnn.{folder}.{name} lazily"]
         assert logic_in(f"from ftcnn import {name}\n") == [f"imports ftcnn.{name}"]
         assert logic_in(f"import ftcnn.{name}\n") == [f"imports ftcnn.{name}"]
         assert logic_in(f"from ftcnn.{name} import x\n") == [f"imports ftcnn.{name}"]
@@ -220,16 +235,18 @@ def test_the_guard_fails_on_a_cli_that_imports_logic() -> None:
     import ftcnn.cli
 
     real = Path(ftcnn.cli.__file__).read_text()
-    typed = "    from ftcnn import study as study_mod\n"
-    loop = '"pipeline", "protect", "report", "vulnerability"))'
-    assert typed in real and loop in real and 'lazy("ftcnn.study")' in real  # the forgeries below apply
+    typed = "    from ftcnn.reporting import report as report_mod\n"
+    loop = '"protection.protect", "reporting.report", "protection.vulnerability"))'
+    assert typed in real and loop in real and 'lazy("ftcnn.flows.study")' in real  # the forgeries below apply
     forged = {
-        "TYPE_CHECKING import": real.replace(typed, typed + "    from ftcnn import hardening\n"),
-        "lazy by name": real.replace('lazy("ftcnn.study")', 'lazy("ftcnn.pruning")'),
-        "the proxies' loop": real.replace(loop, loop.replace('"report"', '"report", "faults"')),
+        "TYPE_CHECKING import": real.replace(typed, typed + "    from ftcnn.protection import hardening\n"),
+        "lazy by name": real.replace('lazy("ftcnn.flows.study")', 'lazy("ftcnn.protection.pruning")'),
+        "the proxies' loop": real.replace(loop, loop.replace('"reporting.report"',
+                                                             '"reporting.report", "injection.faults"')),
     }
-    expected = {"TYPE_CHECKING import": "imports ftcnn.hardening", "lazy by name": "imports ftcnn.pruning lazily",
-                "the proxies' loop": "imports ftcnn.faults lazily"}
+    expected = {"TYPE_CHECKING import": "imports ftcnn.protection.hardening",
+                "lazy by name": "imports ftcnn.protection.pruning lazily",
+                "the proxies' loop": "imports ftcnn.injection.faults lazily"}
     for way, source in forged.items():
         assert source != real, way
         assert expected[way] in logic_in(source), (way, logic_in(source))
@@ -306,7 +323,8 @@ def test_deprecated_margin_gives_the_same_model(digits_model, tmp_path) -> None:
 def test_compare_trains_once_then_reuses_its_model(tmp_path, capsys) -> None:
     """`compare --model` and `demo`: the model is trained into the run folder, then reused while its
     settings and training data are the same (pipeline.train_or_reuse), retrained when they change."""
-    from ftcnn import checkpoint, compare, fingerprint
+    from ftcnn import checkpoint, fingerprint
+    from ftcnn.flows import compare
 
     config = compare.CompareConfig(bers=(1e-3,), trials=1, bit_trials=0, score_samples=8, latency_repeats=1,
                                    variants=("baseline",))

@@ -1,4 +1,4 @@
-"""Stored-word codes (``ftcnn.codes``, issue 21): SEC-DED against an independent bit-by-bit
+"""Stored-word codes (``ftcnn.protection.codes``, issue 21): SEC-DED against an independent bit-by-bit
 reference, every single flip corrected and every double flip detected, TMR majority, parity
 semantics, coded models bit-exact without faults, every check word a fault target, the
 campaign fast path exact on coded models, and the code in checkpoints and the CLI."""
@@ -19,7 +19,10 @@ from torch import nn
 import ftcnn
 from _helpers import assert_one_line_refusal, cli_in_process
 from conftest import grouped_model
-from ftcnn import campaign as C, checkpoint, codes as K, cost, faults as F, hardening as H
+from ftcnn import checkpoint
+from ftcnn.campaigns import campaign as C
+from ftcnn.injection import faults as F
+from ftcnn.protection import codes as K, cost, hardening as H
 from ftcnn.models import MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

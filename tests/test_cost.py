@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import cost
+from ftcnn.protection import cost
 
 
 def test_macs_of_a_known_network() -> None:
@@ -56,7 +56,7 @@ def test_macs_at_batch_shares_only_the_once_per_forward_work() -> None:
     assert cost.macs(model, (3,))["macs"] == 15 + 10 + 1000
     assert cost.macs_at_batch(model, (3,), 1) == 15 + 10 + 1000
     assert cost.macs_at_batch(model, (3,), 100) == 15 + 10 + 1000 / 100
-    from ftcnn import hardening as H
+    from ftcnn.protection import hardening as H
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     checked = H.harden(net, ratio=0.0, check_weights="zero", bound_copies=1)
@@ -70,7 +70,7 @@ def test_macs_at_batch_shares_only_the_once_per_forward_work() -> None:
 def test_memory_bits_count_every_stored_bit_at_its_real_size() -> None:
     """All stored bits: float parameters and buffers at 32 bits, int64 index buffers at 64, BatchNorm
     statistics included (they are memory a deployed model holds)."""
-    from ftcnn import hardening as H
+    from ftcnn.protection import hardening as H
 
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3)).eval()
     floats = 2 * 9 + 2 + 4 * 2 + 8 * 3 + 3  # conv, BN weight/bias/mean/var, linear
@@ -96,7 +96,7 @@ def test_stable_latency_times_the_same_model_twice_until_it_agrees() -> None:
 
 
 def test_price_is_labelled_with_its_batch() -> None:
-    from ftcnn import hardening as H
+    from ftcnn.protection import hardening as H
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
     checked = H.harden(net, ratio=0.0, check_weights="zero")

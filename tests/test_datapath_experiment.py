@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from ftcnn import campaign, checkpoint, cost, data, files, hardening, paired, pipeline, protect as P, seeds
+from ftcnn import checkpoint, data, files
+from ftcnn.campaigns import campaign, paired, seeds
+from ftcnn.flows import pipeline
+from ftcnn.protection import cost, hardening, protect as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

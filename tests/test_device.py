@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from _helpers import assert_one_line_refusal, cli_in_process, run_cli
-from ftcnn import checkpoint, cli, fingerprint, pipeline, train
+from ftcnn import checkpoint, cli, fingerprint, train
+from ftcnn.flows import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

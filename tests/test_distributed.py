@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from _helpers import wait_for_trials
-from ftcnn import campaign as C
-from ftcnn import distributed
+from ftcnn.campaigns import campaign as C
+from ftcnn.campaigns import distributed
 
 HERE = Path(__file__).parent
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import campaign_file as CF, checkpoint
+from ftcnn import checkpoint
+from ftcnn.campaigns import campaign_file as CF
 from ftcnn.checkpoint import CheckpointError
 
 from _helpers import assert_one_line_refusal, cli_in_process

@@ -15,7 +15,11 @@ import statistics
 import pytest
 from torch import nn
 
-from ftcnn import campaign, checkpoint, compare, cost, pipeline, progress, protect as P, report, vulnerability
+from ftcnn import checkpoint, progress
+from ftcnn.campaigns import campaign
+from ftcnn.flows import compare, pipeline
+from ftcnn.protection import cost, protect as P, vulnerability
+from ftcnn.reporting import report
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C
-from ftcnn import graph
-from ftcnn import faults as F
-from ftcnn import vulnerability as V
+from ftcnn.campaigns import campaign as C
+from ftcnn.injection import graph
+from ftcnn.injection import faults as F
+from ftcnn.protection import vulnerability as V
 
 PLAIN = dict(shortcut=False, batch_trials=1)
 TRIALS = 200

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C, cost, faults as F, hardening as H
+from ftcnn.campaigns import campaign as C
+from ftcnn.injection import faults as F
+from ftcnn.protection import cost, hardening as H
 from ftcnn.models import MODELS
 
 

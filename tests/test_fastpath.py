@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C
-from ftcnn import checkpoint, data, fastpath
-from ftcnn import faults as F
+from ftcnn.campaigns import campaign as C
+from ftcnn import checkpoint, data
+from ftcnn.injection import fastpath
+from ftcnn.injection import faults as F
 
 PLAIN = dict(shortcut=False, batch_trials=1)
 

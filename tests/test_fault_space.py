@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import activations as A
-from ftcnn import campaign, fault_space, strata, trials
-from ftcnn import faults as F
-from ftcnn.metrics import Golden, golden_predictions, trial_metrics
+from ftcnn.campaigns import activations as A
+from ftcnn.campaigns import campaign, strata, trials
+from ftcnn.injection import fault_space
+from ftcnn.injection import faults as F
+from ftcnn.campaigns.metrics import Golden, golden_predictions, trial_metrics
 from ftcnn.train import predict
 
 from conftest import make_tiny_model

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import faults as F
-from ftcnn import strata
+from ftcnn.injection import faults as F
+from ftcnn.campaigns import strata
 
 VALUES = [1.0, -2.5, 3.14159, 1e-30, -7.0e12, 0.0]
 

@@ -17,8 +17,10 @@ from torch import nn
 
 import ftcnn
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import checkpoint, fold, graph, hardening
-from ftcnn import faults as F
+from ftcnn import checkpoint
+from ftcnn.injection import graph
+from ftcnn.protection import fold, hardening
+from ftcnn.injection import faults as F
 from ftcnn.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ftcnn import models
-from ftcnn import vulnerability as V
+from ftcnn.protection import vulnerability as V
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +125,7 @@ def test_fast_gain_on_a_hardened_model_and_through_other_hooks() -> None:
     """Hardened layers (copies as extra, grouped convs, merged by a correction) and a user's
     forward hook that rescales a layer's output: the hook sees the raw output, gradients flow
     through the rest as they do for the reference."""
-    from ftcnn.hardening import harden
+    from ftcnn.protection.hardening import harden
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),

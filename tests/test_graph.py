@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import faults as F
-from ftcnn import graph
-from ftcnn import pruning as P
-from ftcnn import vulnerability as V
+from ftcnn.injection import faults as F
+from ftcnn.injection import graph
+from ftcnn.protection import pruning as P
+from ftcnn.protection import vulnerability as V
 
 
 class Residual(nn.Module):

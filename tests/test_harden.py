@@ -15,7 +15,9 @@ from torch import nn
 import ftcnn
 from _helpers import run_cli
 from conftest import grouped_model
-from ftcnn import checkpoint, cost, faults as F, hardening as H
+from ftcnn import checkpoint
+from ftcnn.injection import faults as F
+from ftcnn.protection import cost, hardening as H
 from ftcnn.models import MODELS
 
 
@@ -422,8 +424,8 @@ def test_campaign_on_hardened_model_matches_plain_injection(tmp_path: Path, tiny
     inject -> predict -> restore of the same faults (copies included)."""
     import sqlite3
 
-    from ftcnn import campaign
-    from ftcnn.metrics import Golden, trial_metrics
+    from ftcnn.campaigns import campaign
+    from ftcnn.campaigns.metrics import Golden, trial_metrics
 
     x, y = tiny_data
     hm = H.harden(tiny_model, random_scores(tiny_model), ratio=0.5, correction="min")

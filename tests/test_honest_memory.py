@@ -17,10 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C
-from ftcnn import checkpoint, cost, data
-from ftcnn import faults as F
-from ftcnn import hardening as H
+from ftcnn.campaigns import campaign as C
+from ftcnn import checkpoint, data
+from ftcnn.protection import cost
+from ftcnn.injection import faults as F
+from ftcnn.protection import hardening as H
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import checkpoint, hardening, pruning
+from ftcnn import checkpoint
+from ftcnn.protection import hardening, pruning
 from ftcnn.checkpoint import CheckpointError
 
 from _helpers import assert_one_line_refusal, cli_in_process, run_cli

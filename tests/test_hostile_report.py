@@ -21,7 +21,9 @@ from typing import Any, Iterator
 import pytest
 
 import ftcnn
-from ftcnn import compare, readback, report, train
+from ftcnn import readback, train
+from ftcnn.flows import compare
+from ftcnn.reporting import report
 
 from _helpers import assert_one_line_refusal, cli_in_process
 
@@ -409,7 +411,7 @@ def test_schema_messages_name_the_field_and_bound_the_input(tmp_path) -> None:
 def _forge(path: Path, change) -> None:
     """Edit a cached piece and re-sign its key (its content digest), as one who knows the format would:
     the key then matches, and only the schema stands between the edit and the numbers."""
-    from ftcnn import pipeline
+    from ftcnn.flows import pipeline
     value = json.loads(path.read_text())
     change(value)
     _write(path, value)
@@ -444,7 +446,7 @@ def test_forged_cached_pieces_are_refused_naming_file_and_field(compare_run, tmp
 def test_a_malformed_key_is_no_key(tmp_path) -> None:
     """A key is only compared with the expected one: nested junk, a huge file or bare NaN make the
     piece recomputed (never a crash, never current)."""
-    from ftcnn import pipeline
+    from ftcnn.flows import pipeline
     piece = tmp_path / "costs.json"
     piece.write_text("{}")
     for text in ("[" * 100_000, '{"a": Infinity}', " " * (readback.MAX_KEY_BYTES + 1) + "{}", "\xff"):

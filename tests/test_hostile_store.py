@@ -28,8 +28,10 @@ import torch
 
 import ftcnn
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import campaign as C
-from ftcnn import data, metrics, store, vulnerability
+from ftcnn.campaigns import campaign as C
+from ftcnn import data
+from ftcnn.campaigns import metrics, store
+from ftcnn.protection import vulnerability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -36,7 +36,7 @@ def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
 
 def _targets(node: ast.stmt, package: str, modules: dict[str, Path]) -> set[str]:
     """The ftcnn modules an import statement names (`from ftcnn import faults` is an
-    edge to ftcnn.faults, not to the package ftcnn)."""
+    edge to ftcnn.injection.faults, not to the package ftcnn)."""
     edges: set[str] = set()
     if isinstance(node, ast.Import):
         edges |= {a.name for a in node.names if a.name in modules}
@@ -126,7 +126,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle() -> None:
     graph = import_graph()
-    assert "ftcnn.campaign" in graph and "ftcnn.faults" in graph["ftcnn.campaign"]
+    assert "ftcnn.campaigns.campaign" in graph and "ftcnn.injection.faults" in graph["ftcnn.campaigns.campaign"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
@@ -137,14 +137,15 @@ def test_no_function_local_import_of_ftcnn_modules() -> None:
 
 def test_the_checks_see_hidden_imports(tmp_path) -> None:
     """The walkers find what they must: a TYPE_CHECKING import, an import in a function."""
-    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ftcnn import faults\n"
-              "def f():\n    from ftcnn import campaign\n    import ray\n")
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ftcnn.injection import faults\n"
+              "def f():\n    from ftcnn.campaigns import campaign\n    import ray\n")
     tree = ast.parse(source)
     level = [n for n in _module_level(tree.body) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert [ast.unparse(n) for n in level] == ["from typing import TYPE_CHECKING", "from ftcnn import faults"]
-    modules = {"ftcnn.faults": tmp_path, "ftcnn.campaign": tmp_path}
-    assert _targets(level[1], "ftcnn", modules) == {"ftcnn.faults"}
-    assert _local_ftcnn_imports(tree) == [(5, "from ftcnn import campaign")]  # ray is no ftcnn module
+    assert [ast.unparse(n) for n in level] == ["from typing import TYPE_CHECKING",
+                                                 "from ftcnn.injection import faults"]
+    modules = {"ftcnn.injection.faults": tmp_path, "ftcnn.campaigns.campaign": tmp_path}
+    assert _targets(level[1], "ftcnn", modules) == {"ftcnn.injection.faults"}
+    assert _local_ftcnn_imports(tree) == [(5, "from ftcnn.campaigns import campaign")]  # ray is no ftcnn module
 
 
 def test_the_cycle_finder_finds_cycles() -> None:
@@ -170,12 +171,12 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_trials_sit_below_the_campaign_and_its_executors() -> None:
     """trials < store, distributed < campaign: nothing below reaches up, even indirectly."""
     graph = import_graph()
-    assert "ftcnn.trials" in graph["ftcnn.distributed"] and "ftcnn.distributed" in graph["ftcnn.campaign"]
-    assert not _reach(graph, "ftcnn.trials") & {"ftcnn.campaign", "ftcnn.store", "ftcnn.distributed"}
-    assert not _reach(graph, "ftcnn.distributed") & {"ftcnn.campaign", "ftcnn.store"}
-    assert not _reach(graph, "ftcnn.store") & {"ftcnn.campaign", "ftcnn.distributed"}
-    for low in ("ftcnn.faults", "ftcnn.strata", "ftcnn.metrics", "ftcnn.fastpath"):
-        assert "ftcnn.trials" not in _reach(graph, low), low
+    assert "ftcnn.campaigns.trials" in graph["ftcnn.campaigns.distributed"] and "ftcnn.campaigns.distributed" in graph["ftcnn.campaigns.campaign"]
+    assert not _reach(graph, "ftcnn.campaigns.trials") & {"ftcnn.campaigns.campaign", "ftcnn.campaigns.store", "ftcnn.campaigns.distributed"}
+    assert not _reach(graph, "ftcnn.campaigns.distributed") & {"ftcnn.campaigns.campaign", "ftcnn.campaigns.store"}
+    assert not _reach(graph, "ftcnn.campaigns.store") & {"ftcnn.campaigns.campaign", "ftcnn.campaigns.distributed"}
+    for low in ("ftcnn.injection.faults", "ftcnn.campaigns.strata", "ftcnn.campaigns.metrics", "ftcnn.injection.fastpath"):
+        assert "ftcnn.campaigns.trials" not in _reach(graph, low), low
 
 
 
@@ -193,6 +194,42 @@ def test_every_module_is_in_the_architecture_page() -> None:
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "architecture.md").read_text()
     names = [m.name + ("/" if m.ispkg else ".py") for m in pkgutil.iter_modules(ftcnn.__path__)]
-    assert len(names) > 30 and "models/" in names
+    folders = [m for m in pkgutil.iter_modules(ftcnn.__path__) if m.ispkg and m.name != "models"]
+    names += [f"{sub.name}.py" for folder in folders  # the layers' folders: each module in them, too
+              for sub in pkgutil.iter_modules([str(Path(ftcnn.__path__[0]) / folder.name)])]
+    assert len(names) > 30 and "models/" in names and "campaigns/" in names and "campaign.py" in names
     assert not _unnamed(page, names), f"docs/architecture.md does not name {_unnamed(page, names)}"
     assert _unnamed(page, ["nosuchmodule.py"]) == ["nosuchmodule.py"]  # the check can fail
+
+
+# the folders of src/ftcnn, lowest first: a module may import its own folder, a lower one, or the base
+# modules at the top level; the base imports no folder; only the CLI (and ``python -m``) imports flows/
+LAYERS = ("injection", "campaigns", "reporting", "protection", "flows")
+
+
+def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that reach up the layers of ``LAYERS`` (empty when the folders form layers)."""
+    def layer(module: str) -> int | None:  # None: a base module (top level, not the CLI)
+        parts = module.split(".")
+        if len(parts) > 2 and parts[1] in LAYERS:
+            return LAYERS.index(parts[1])
+        return len(LAYERS) if parts[1] in ("cli", "__main__") else None
+    found = []
+    for source, targets in graph.items():
+        if source == "ftcnn" or source.startswith("ftcnn.models"):
+            continue
+        for target in targets:
+            low, high = layer(target), layer(source)
+            if low is not None and (high is None or low > high):
+                found.append(f"{source} imports {target}")
+    return sorted(found)
+
+
+def test_the_folders_are_layers() -> None:
+    assert not layer_breaks(import_graph()), "\n".join(layer_breaks(import_graph()))
+    # the check can fail: a base module reaching into a folder, a lower folder reaching up
+    assert layer_breaks({"ftcnn.data": {"ftcnn.campaigns.trials"}}) == ["ftcnn.data imports ftcnn.campaigns.trials"]
+    assert layer_breaks({"ftcnn.injection.faults": {"ftcnn.campaigns.trials"}}) == \
+        ["ftcnn.injection.faults imports ftcnn.campaigns.trials"]
+    assert layer_breaks({"ftcnn.flows.study": {"ftcnn.campaigns.trials", "ftcnn.files"},
+                         "ftcnn.cli": {"ftcnn.flows.study"}}) == []

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import campaign as C
-from ftcnn import trials as T
-from ftcnn.metrics import Golden, trial_metrics
+from ftcnn.campaigns import campaign as C
+from ftcnn.campaigns import trials as T
+from ftcnn.campaigns.metrics import Golden, trial_metrics
 
 BER = 3e-3
 

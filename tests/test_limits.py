@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import campaign, campaign_file as CF, distributed, hardening, metrics, pruning, stopping, trials as T, vulnerability
-from ftcnn.trials import CampaignConfig
+from ftcnn.campaigns import campaign, campaign_file as CF, distributed, metrics, stopping, trials as T
+from ftcnn.protection import hardening, pruning, vulnerability
+from ftcnn.campaigns.trials import CampaignConfig
 
 from _helpers import assert_one_line_refusal, cli_in_process
 from conftest import make_tiny_model

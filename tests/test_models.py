@@ -280,7 +280,7 @@ def test_harden_refuses_data_of_another_shape(how: list[str], tmp_path: Path, mo
 
 
 def test_harden_shape_check_changes_no_state() -> None:
-    from ftcnn import hardening
+    from ftcnn.protection import hardening
 
     torch.manual_seed(0)  # BatchNorm and dropout: what a forward in train mode would change
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),

@@ -14,7 +14,8 @@ import torch
 
 import ftcnn
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import checkpoint, data, pipeline, train
+from ftcnn import checkpoint, data, train
+from ftcnn.flows import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

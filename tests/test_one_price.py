@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import checkpoint, data, protect as P
+from ftcnn import checkpoint, data
+from ftcnn.protection import protect as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +91,7 @@ def test_harden_max_macs_is_the_ratio_protect_uses(lenet_path, tmp_path, monkeyp
     refused what ``protect --max-macs 1.15`` picked); at batch 1 the same check costs x2.6 and is refused."""
     scores = tmp_path / "s.json"
     net = checkpoint.load(lenet_path)
-    from ftcnn import hardening as H
+    from ftcnn.protection import hardening as H
 
     layers = {n: [1.0] * H._out_channels(m) for n, m in H.target_layers(net).items()}
     scores.write_text(json.dumps({"format": "ftcnn-scores/1", "method": "hand", "settings": {}, "layers": layers}))
@@ -204,7 +205,8 @@ def test_compare_quotes_macs_with_their_batch():
     beside batch 1, and the terminal table labels each column with its batch."""
     from rich.console import Console
 
-    from ftcnn import compare, cost, hardening as H
+    from ftcnn.flows import compare
+    from ftcnn.protection import cost, hardening as H
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     nets = {"baseline": net, "weights": H.harden(net, ratio=0.0, check_weights="zero")}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ftcnn import metrics, paired
+from ftcnn.campaigns import metrics, paired
 
 
 def test_fmt_ber_prints_what_a_reader_writes() -> None:

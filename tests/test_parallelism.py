@@ -1,4 +1,4 @@
-"""The thread policy (issue 24, ``ftcnn.parallelism``): every core for a lone job, a fair share next to
+"""The thread policy (issue 24, ``ftcnn.campaigns.parallelism``): every core for a lone job, a fair share next to
 other jobs or load, what the person sets wins, the choice is recorded, and it never changes a number."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from _helpers import cli_in_process
-from ftcnn import campaign as C
-from ftcnn import checkpoint, distributed, parallelism
-from ftcnn.parallelism import Machine
+from ftcnn.campaigns import campaign as C
+from ftcnn import checkpoint
+from ftcnn.campaigns import distributed, parallelism
+from ftcnn.campaigns.parallelism import Machine
 
 LENET_PARAMS = 60_000  # LeNet-5's order of size: above TINY_MODEL_PARAMS
 
@@ -233,7 +234,8 @@ def test_a_running_job_follows_the_machine(monkeypatch, no_omp) -> None:
 
 def test_following_the_machine_changes_no_number(monkeypatch, lenet_digits, tmp_path, no_omp, keep_threads) -> None:
     """Threads changed between trials (another job started) give the one-thread campaign's numbers."""
-    from ftcnn import data as D, pipeline
+    from ftcnn import data as D
+    from ftcnn.flows import pipeline
 
     model = checkpoint.load(lenet_digits).eval()
     with pipeline.inputs_for(model, "digits"):

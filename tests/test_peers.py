@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import activations as A, campaign
+from ftcnn.campaigns import activations as A, campaign
 from _helpers import assert_one_line_refusal, cli_in_process
 from tests.conftest import make_tiny_model
 
@@ -104,7 +104,7 @@ def _widths(model: torch.nn.Module) -> dict[str, int]:
 
 
 def test_prune_takes_example_inputs_and_ignored_layers() -> None:
-    from ftcnn import pruning
+    from ftcnn.protection import pruning
 
     model = _lenet()
     by_shape = pruning.prune(model, ratio=0.5, criterion="l1", input_shape=(1, 8, 8))
@@ -132,7 +132,7 @@ def test_global_pruning_ranks_all_layers_together(tmp_path) -> None:
     """One ranking: the same share of channels overall, taken where the scores (each group's relative
     to its mean, Torch-Pruning's default) are lowest: a layer with half its channels near zero loses
     that half, more than the ratio; the layers whose channels all score alike lose the rest."""
-    from ftcnn import pruning
+    from ftcnn.protection import pruning
 
     model = _lenet()
     before = _widths(model)
@@ -198,7 +198,8 @@ def user_module(tmp_path, monkeypatch) -> Path:
 
 
 def test_builder_with_other_argument_names_is_warned_in_one_line(user_module, capsys) -> None:
-    from ftcnn import checkpoint, pipeline
+    from ftcnn import checkpoint
+    from ftcnn.flows import pipeline
 
     with pytest.warns(checkpoint.BuilderArgumentsWarning, match="takes n_classes, in_ch but not num_classes, "
                       "in_channels, input_size"):
@@ -225,7 +226,7 @@ def test_builder_with_other_argument_names_is_warned_in_one_line(user_module, ca
 # --- MRFI's per-layer rates, for parameters too --------------------------------------------------------
 
 def test_per_layer_rates_for_parameters_draw_only_where_they_say() -> None:
-    from ftcnn import faults as F
+    from ftcnn.injection import faults as F
 
     memory = F.parameter_memory(_lenet())
     rates = F.layer_rates(memory, 0.0, {"features.0": 0.05})

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ftcnn import plots
+from ftcnn.reporting import plots
 
 # the README's hero plot (issue 23: labels "6 17 9" overlapped, 15-19 sat at x1.3-1.6 while their
 # points are at x1.14-1.15, and full TMR at x3.1 squeezed every candidate into a tenth of the axis)

@@ -1,4 +1,4 @@
-"""Time-to-precision campaigns (``--precision``, ``ftcnn.strata``; issue 13).
+"""Time-to-precision campaigns (``--precision``, ``ftcnn.campaigns.strata``; issue 13).
 
 The coverage test follows tests/test_sequential.py: real trials are run once
 into per-stratum pools (and a long plain reference), then 200 seeded runs of
@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import campaign as C
-from ftcnn import checkpoint, data, strata, train
-from ftcnn import faults as F
-from ftcnn.metrics import mean_ci
+from ftcnn.campaigns import campaign as C
+from ftcnn import checkpoint, data, train
+from ftcnn.campaigns import strata
+from ftcnn.injection import faults as F
+from ftcnn.campaigns.metrics import mean_ci
 
 BER = 1e-5            # LeNet-5/digits: 19% of trials hold an MSB flip, plain std ~0.21
 PRECISION = 0.01

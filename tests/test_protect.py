@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import campaign, checkpoint, data, pipeline, protect as P, splits, train
+from ftcnn import checkpoint, data, splits, train
+from ftcnn.campaigns import campaign
+from ftcnn.flows import pipeline
+from ftcnn.protection import protect as P
 from tests._helpers import run_cli
 
 BER = 1e-3
@@ -63,7 +66,9 @@ def test_calibration_subset_is_the_cli_rule():
 
 def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
     """One calibration rule (issue 11): `ftcnn harden` reproduces `compare`'s restricted variant bit for bit."""
-    from ftcnn import compare, fingerprint, hardening
+    from ftcnn import fingerprint
+    from ftcnn.flows import compare
+    from ftcnn.protection import hardening
 
     info = data.info("digits")
     torch.manual_seed(0)
@@ -84,7 +89,8 @@ def test_compare_and_harden_profile_the_same_calibration_subset(tmp_path):
 
 
 def test_harden_keeps_the_old_margin_keyword_for_one_release():
-    from ftcnn import fingerprint, hardening
+    from ftcnn import fingerprint
+    from ftcnn.protection import hardening
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
@@ -100,7 +106,9 @@ def test_harden_keeps_the_old_margin_keyword_for_one_release():
 def test_the_old_margin_names_of_the_configs_and_of_fi_work_for_one_release(tiny_model, tiny_data):
     """Issue 11: ``margin`` meant three things; each now has its own name, and the old keyword still
     works (same result) with a DeprecationWarning for one release."""
-    from ftcnn import campaign, compare, vulnerability
+    from ftcnn.campaigns import campaign
+    from ftcnn.flows import compare
+    from ftcnn.protection import vulnerability
 
     with pytest.warns(DeprecationWarning, match="ci_half_width"):
         old = campaign.CampaignConfig(bers=(1e-3,), trials=None, margin=0.03)

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import checkpoint, compare, cost, data, faults as F, files, fold, protect as P
+from ftcnn import checkpoint, data, files
+from ftcnn.flows import compare
+from ftcnn.injection import faults as F
+from ftcnn.protection import cost, fold, protect as P
 from tests._helpers import assert_one_line_refusal, cli_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +202,7 @@ def test_pipeline_takes_the_memory_budget_only_in_its_end_to_end_mode(tmp_path, 
 
 def test_the_end_to_end_pipeline_hands_its_memory_budget_to_the_search(digits, tmp_path, monkeypatch):
     """prune_and_protect forwards max_memory to protect (checked where it is received)."""
-    from ftcnn import pipeline
+    from ftcnn.flows import pipeline
 
     class Stop(Exception):
         pass

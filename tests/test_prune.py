@@ -14,7 +14,7 @@ from torch import nn
 import ftcnn
 from _helpers import run_cli
 from ftcnn import checkpoint
-from ftcnn.pruning import channel_groups, l1_scores, plan, prune
+from ftcnn.protection.pruning import channel_groups, l1_scores, plan, prune
 
 SHAPE = (1, 8, 8)
 
@@ -168,7 +168,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_pruned_then_hardened_round_trip(tmp_path: Path) -> None:
-    from ftcnn import hardening
+    from ftcnn.protection import hardening
     model = ftcnn.build("lenet5", in_channels=1, input_size=8)
     pruned = prune(model, ratio=0.4, criterion="l1", input_shape=(1, 8, 8))
     hardened = hardening.harden(pruned, l1_scores(pruned), ratio=0.2, correction="min")
@@ -220,7 +220,8 @@ def digits_model(digits_lenet5) -> Path:
 
 
 def test_prune_cli(digits_model: Path, tmp_path: Path) -> None:
-    from ftcnn import data, train, vulnerability
+    from ftcnn import data, train
+    from ftcnn.protection import vulnerability
 
     original = ftcnn.load(digits_model)
     # scores that make channels 0..7 of features.3 and 0..59 of classifier.0 the least vulnerable
@@ -286,7 +287,7 @@ def test_pipeline_cli(digits_model: Path, tmp_path: Path) -> None:
     assert stages["hardened_pruned"]["macs"] < stages["hardened_unpruned"]["macs"]
     assert [t["kind"] for t in checkpoint.get_spec(loaded["hardened_pruned"])["transforms"]] == ["prune", "harden"]
     # resumable (in-process, to save a start-up): nothing is redone; other settings are refused
-    from ftcnn.pipeline import prune_and_harden
+    from ftcnn.flows.pipeline import prune_and_harden
 
     mtimes = {f: (out / f).stat().st_mtime_ns for f in files}
     train_set = data.load("digits", "train")
@@ -300,8 +301,8 @@ def test_pipeline_cli(digits_model: Path, tmp_path: Path) -> None:
 
 
 def test_interleaved_latency_orders_models() -> None:
-    """The pipeline's latency helper (ftcnn.cost): one median per model, and 8x the work is slower."""
-    from ftcnn.cost import interleaved_latency
+    """The pipeline's latency helper (ftcnn.protection.cost): one median per model, and 8x the work is slower."""
+    from ftcnn.protection.cost import interleaved_latency
 
     torch.manual_seed(0)
     small = nn.Sequential(nn.Flatten(), nn.Linear(64, 256))

@@ -19,7 +19,9 @@ import pytest
 from scipy import stats
 
 import ftcnn
-from ftcnn import compare, data, files, report, train
+from ftcnn import data, files, train
+from ftcnn.flows import compare
+from ftcnn.reporting import report
 
 from _helpers import assert_one_line_refusal, cli_in_process, copy_of, run_cli
 
@@ -311,8 +313,9 @@ def inject_run(checkpoint_file: Path) -> Path:
 def protect_run(checkpoint_file: Path) -> Path:
     """A protect folder as ``ftcnn protect`` writes it (front.json, front.png, protected.pt), over a small
     space (the full one takes a minute): none, restriction, weight checks, duplication and full TMR."""
-    from ftcnn import checkpoint, protect as P
-    from ftcnn.distributed import using_threads
+    from ftcnn import checkpoint
+    from ftcnn.protection import protect as P
+    from ftcnn.campaigns.distributed import using_threads
 
     out = checkpoint_file.parent / "prot"
     net = checkpoint.load(checkpoint_file)
@@ -368,7 +371,7 @@ def test_report_on_an_inject_run(inject_run: Path, monkeypatch, capsys) -> None:
 
 
 def data_ber(ber: float) -> str:
-    from ftcnn.paired import fmt_ber
+    from ftcnn.campaigns.paired import fmt_ber
 
     return fmt_ber(ber)
 
@@ -476,7 +479,7 @@ def test_protect_report_renders_and_its_front_has_no_overlapping_labels(protect_
 
     from PIL import Image
 
-    from ftcnn import plots
+    from ftcnn.reporting import plots
 
     run = tmp_path / "prot"
     shutil.copytree(protect_run, run)

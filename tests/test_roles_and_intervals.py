@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import campaign, checkpoint, data, paired, protect as P, seeds
-from ftcnn import faults as F
-from ftcnn.metrics import (BOUNDED_CI_BELOW, CI_BETTING_FIXED, CI_STUDENT_T, bounded_ci, fixed_n_ci, mean_ci,
+from ftcnn import checkpoint, data
+from ftcnn.campaigns import campaign, paired, seeds
+from ftcnn.protection import protect as P
+from ftcnn.injection import faults as F
+from ftcnn.campaigns.metrics import (BOUNDED_CI_BELOW, CI_BETTING_FIXED, CI_STUDENT_T, bounded_ci, fixed_n_ci, mean_ci,
                            needs_bounded_ci)
-from ftcnn.trials import MAX_SEED, draw_trial_faults
+from ftcnn.campaigns.trials import MAX_SEED, draw_trial_faults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

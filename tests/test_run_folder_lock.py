@@ -24,7 +24,10 @@ import pytest
 import torch
 
 import ftcnn
-from ftcnn import campaign as C, checkpoint, compare, data, files, fingerprint, hardening, pipeline, store, train
+from ftcnn import checkpoint, data, files, fingerprint, train
+from ftcnn.campaigns import campaign as C, store
+from ftcnn.flows import compare, pipeline
+from ftcnn.protection import hardening
 
 from _helpers import assert_one_line_refusal, cli_in_process
 

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import ftcnn
-from ftcnn import campaign as C, compare, data, fingerprint, train
+from ftcnn import data, fingerprint, train
+from ftcnn.campaigns import campaign as C
+from ftcnn.flows import compare
 from _helpers import run_cli
 
 
@@ -134,7 +136,7 @@ def test_compare_rerun_with_another_harden_ratio_recomputes_the_hardened_variant
     db = sqlite3.connect(out / "campaigns" / "harden_min" / C.DB_NAME)
     stored = json.loads(db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()[0])
     assert stored["model"] == fingerprint.model_digest(hardened)
-    assert row["cost"]["params"] == ftcnn.cost.parameters(hardened)
+    assert row["cost"]["params"] == ftcnn.protection.cost.parameters(hardened)
 
     again = compare.run_compare(model, "digits", out, compare.CompareConfig(harden_ratio=0.5, **base))
     assert "recomputing" not in capsys.readouterr().err  # everything current now

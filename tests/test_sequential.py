@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ftcnn import campaign as C
+from ftcnn.campaigns import campaign as C
 from ftcnn import checkpoint, data, train
-from ftcnn.metrics import CI_BETTING, CI_BETTING_FIXED, BettingCS, betting_ci, mean_ci, sequential_mean
+from ftcnn.campaigns.metrics import CI_BETTING, CI_BETTING_FIXED, BettingCS, betting_ci, mean_ci, sequential_mean
 
 BER = 3e-6
 MARGIN = 0.01

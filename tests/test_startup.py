@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from _helpers import cli_in_process
-from ftcnn import constants, data, faults, lazy, trials
+from ftcnn import constants, data, lazy
+from ftcnn.campaigns import trials
+from ftcnn.injection import faults
 
 HEAVY = ("torch", "numpy", "scipy", "sklearn", "mlxtend", "pandas", "matplotlib")
 
@@ -49,7 +51,7 @@ def test_help_and_version_import_no_torch() -> None:
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["codes"] == [0, 0, 0]
     assert result["heavy"] == []
-    assert result["transforms"] == ["fold_bn", "harden", "prune"]  # fold_bn: hardening imports ftcnn.fold
+    assert result["transforms"] == ["fold_bn", "harden", "prune"]  # fold_bn: hardening imports ftcnn.protection.fold
     assert "ftcnn 0." in r.stdout and "Commands" in r.stdout
     assert "random-value" in r.stdout  # --mode's help lists the library's fault modes
     assert f"at most {constants.THREADS_PER_CORE} per core" in r.stdout

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import campaign, stopping, strata, trials
-from ftcnn.distributed import Executor
-from ftcnn.metrics import CI_BETTING, SequentialEstimate
-from ftcnn.store import DB_NAME, commit_result, done_trials, open_db, run_identity
+from ftcnn.campaigns import campaign, stopping, strata, trials
+from ftcnn.campaigns.distributed import Executor
+from ftcnn.campaigns.metrics import CI_BETTING, SequentialEstimate
+from ftcnn.campaigns.store import DB_NAME, commit_result, done_trials, open_db, run_identity
 
 from conftest import make_tiny_model
 

@@ -19,9 +19,11 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import campaign as C
-from ftcnn import checkpoint, data, hardening, strata, train
-from ftcnn import faults as F
+from ftcnn.campaigns import campaign as C
+from ftcnn import checkpoint, data, train
+from ftcnn.campaigns import strata
+from ftcnn.protection import hardening
+from ftcnn.injection import faults as F
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import files, paired, study
-from ftcnn.seeds import role_seed
+from ftcnn import files
+from ftcnn.campaigns import paired
+from ftcnn.flows import study
+from ftcnn.campaigns.seeds import role_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from _helpers import run_cli, train_digits_model
-from ftcnn import campaign as C
-from ftcnn import distributed, models, parallelism
+from ftcnn.campaigns import campaign as C
+from ftcnn import models
+from ftcnn.campaigns import distributed, parallelism
 
 
 @pytest.fixture

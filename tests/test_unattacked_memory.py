@@ -17,9 +17,9 @@ from torch import nn
 
 import ftcnn
 from _helpers import cli_in_process
-from ftcnn import campaign as C
+from ftcnn.campaigns import campaign as C
 from ftcnn import data
-from ftcnn import faults as F
+from ftcnn.injection import faults as F
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

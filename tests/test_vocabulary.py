@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 import typer
 
-from ftcnn import campaign_file as CF, cli, compare, rules
-from ftcnn.trials import CampaignConfig
+from ftcnn import cli, rules
+from ftcnn.campaigns import campaign_file as CF
+from ftcnn.flows import compare
+from ftcnn.campaigns.trials import CampaignConfig
 
 from _helpers import assert_one_line_refusal, cli_in_process
 

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from conftest import grouped_model
-from ftcnn import campaign as C, checkpoint, cost, faults as F, hardening as H
+from ftcnn import checkpoint
+from ftcnn.campaigns import campaign as C
+from ftcnn.injection import faults as F
+from ftcnn.protection import cost, hardening as H
 from ftcnn.models import MODELS
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftcnn import hardening as H
+from ftcnn.protection import hardening as H
 from ftcnn.models import MODELS
 
 

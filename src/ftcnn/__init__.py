@@ -32,23 +32,24 @@ from ftcnn.lazy import import_together
 # checkpoint.load replays the transforms that hardening and pruning register when they run;
 # the package used to import all three up front (and torch with them, seconds). Now whoever
 # imports checkpoint gets them too, and `ftcnn --help` none of them (issue 24).
-import_together("ftcnn.checkpoint", "ftcnn.hardening", "ftcnn.pruning")
+import_together("ftcnn.checkpoint", "ftcnn.protection.hardening", "ftcnn.protection.pruning")
 
 # the public verbs and the module each comes from: imported on first use, so `import ftcnn`
 # (and `ftcnn --help`, which imports ftcnn.cli) costs no torch import (issue 24)
 _API = {
     "build": "checkpoint", "load": "checkpoint", "save": "checkpoint",
-    "analyze": "vulnerability", "harden": "hardening", "prune": "pruning",
-    "CampaignConfig": "campaign", "run_campaign": "campaign",
-    "draw_faults": "faults", "fault_targets": "faults", "inject": "faults", "injected": "faults",
-    "parameter_memory": "faults", "restore": "faults", "targeted": "faults",
+    "analyze": "protection.vulnerability", "harden": "protection.hardening", "prune": "protection.pruning",
+    "CampaignConfig": "campaigns.campaign", "run_campaign": "campaigns.campaign",
+    "draw_faults": "injection.faults", "fault_targets": "injection.faults", "inject": "injection.faults",
+    "injected": "injection.faults", "parameter_memory": "injection.faults", "restore": "injection.faults",
+    "targeted": "injection.faults",
 }
 
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:
-    """A public verb, or a submodule (``ftcnn.faults``), imported when first asked for."""
+    """A public verb, or a submodule (``ftcnn.injection.faults``), imported when first asked for."""
     if name in _API:
         value = getattr(importlib.import_module(f"ftcnn.{_API[name]}"), name)
         globals()[name] = value

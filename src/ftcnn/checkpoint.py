@@ -171,7 +171,7 @@ def describe(model: nn.Module, builder: str | None = None, kwargs: Mapping[str, 
         json.dumps(spec, allow_nan=False)
     except (CheckpointError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot describe the model: {_one_line(exc)}") from None
-    if any(type(m).__module__.startswith(("ftcnn.hardening", "ftcnn.pruning")) for m in model.modules()):
+    if any(type(m).__module__.startswith(("ftcnn.protection.hardening", "ftcnn.protection.pruning")) for m in model.modules()):
         raise ValueError("this model was hardened or pruned before it was described: describe the original "
                          "(ftcnn.checkpoint.describe(model, builder, kwargs)), then harden/prune it")
     _fits(model, spec)

@@ -2,7 +2,7 @@
 
 The commands follow the data flow: train, analyze, harden, prune, pipeline,
 inject, compare, report, demo, protect, study. Every flow they run lives in
-``ftcnn.pipeline`` (or ``protect.protect_run``, ``compare.compare_run``,
+``ftcnn.flows.pipeline`` (or ``protect.protect_run``, ``compare.compare_run``,
 ``report.build_report``, ``study.run_study``); nothing here trains, evaluates, calibrates or
 scores (``tests/test_cli.py`` checks it).
 
@@ -32,15 +32,18 @@ from ftcnn.lazy import lazy
 if TYPE_CHECKING:  # what the proxies below stand for (the checks in tests/ read this import)
     import torch
 
-    from ftcnn import (campaign, campaign_file, checkpoint, compare as compare_mod, distributed,
-                       pipeline as flows, protect as protect_mod, report as report_mod, vulnerability)
-    from ftcnn import study as study_mod
+    from ftcnn import checkpoint
+    from ftcnn.campaigns import campaign, campaign_file, distributed
+    from ftcnn.flows import compare as compare_mod, pipeline as flows, study as study_mod
+    from ftcnn.protection import protect as protect_mod, vulnerability
+    from ftcnn.reporting import report as report_mod
 else:  # each imported on first use, inside the command that needs it
     torch = lazy("torch")
     campaign, campaign_file, checkpoint, compare_mod, distributed, flows, protect_mod, report_mod, vulnerability = (
-        lazy(f"ftcnn.{name}") for name in ("campaign", "campaign_file", "checkpoint", "compare", "distributed",
-                                           "pipeline", "protect", "report", "vulnerability"))
-    study_mod = lazy("ftcnn.study")  # `ftcnn study` (issue 22)
+        lazy(f"ftcnn.{name}") for name in ("campaigns.campaign", "campaigns.campaign_file", "checkpoint",
+                                           "flows.compare", "campaigns.distributed", "flows.pipeline",
+                                           "protection.protect", "reporting.report", "protection.vulnerability"))
+    study_mod = lazy("ftcnn.flows.study")  # `ftcnn study` (issue 22)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fault injection, vulnerability analysis, hardening and pruning for CNNs.")
@@ -133,7 +136,7 @@ def _load_model(checkpoint_path: Path, model_spec: Optional[str], data: Optional
 
 def _threads(threads: Optional[int], model=None, workers: int = 1) -> int:
     """Fit torch's intra-op threads to the machine (``distributed.apply_threads``: the thread policy,
-    ``ftcnn.parallelism``) before the work; a terminal is told the choice and why, once (a log file
+    ``ftcnn.campaigns.parallelism``) before the work; a terminal is told the choice and why, once (a log file
     is not: summary.json records it)."""
     n = distributed.apply_threads(threads, model, workers)
     if progress.is_terminal():

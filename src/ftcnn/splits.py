@@ -12,7 +12,7 @@ only"). It is stratified by class like ``data``'s train/test split, so a
 small split still holds every class.
 
 These live below every module that uses them (``protect``, ``pipeline``)
-so no import cycle is needed; ``ftcnn.pipeline`` re-exports them as the
+so no import cycle is needed; ``ftcnn.flows.pipeline`` re-exports them as the
 orchestration home's rules.
 """
 

@@ -43,7 +43,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ftcnn import checkpoint, graph
+from ftcnn import checkpoint
+from ftcnn.injection import graph
 
 KIND = "fold_bn"
 TRANSFORM_FIELDS = ("kind", "layers")

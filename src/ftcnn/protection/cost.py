@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ftcnn import constants, faults as F
+from ftcnn import constants
+from ftcnn.injection import faults as F
 
 DEFAULT_BATCH = constants.DEFAULT_BATCH  # the deployment batch costs are quoted at unless told
 AGREEMENT = 0.03         # two timings of the same model must agree within this ratio (stable_latency)
@@ -58,7 +59,7 @@ def protection_values(model: nn.Module) -> int:
 
 def index_values(model: nn.Module) -> int:
     """Integer buffers of protection modules (channel indices): memory, not attacked. A code's
-    int32 words (``ftcnn.codes``) are attacked memory, counted in ``protection_values`` instead."""
+    int32 words (``ftcnn.protection.codes``) are attacked memory, counted in ``protection_values`` instead."""
     seen: dict[int, int] = {}
     for m in model.modules():
         if hasattr(m, F.PROTECTION_ATTR):

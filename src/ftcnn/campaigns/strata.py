@@ -105,10 +105,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ftcnn import faults as F
-from ftcnn.fault_space import FORMATS, STRATUM_TAG, FaultSpace
-from ftcnn.fault_space import rng as derive_rng
-from ftcnn.fault_space import trial_rng as campaign_trial_rng
+from ftcnn.injection import faults as F
+from ftcnn.injection.fault_space import FORMATS, STRATUM_TAG, FaultSpace
+from ftcnn.injection.fault_space import rng as derive_rng
+from ftcnn.injection.fault_space import trial_rng as campaign_trial_rng
 from ftcnn.lazy import lazy
 
 stats = lazy("scipy.stats")  # 0.76 s to import: only when strata are drawn

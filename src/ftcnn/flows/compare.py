@@ -28,12 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import (campaign, checkpoint, cost, data as data_mod, distributed, files, fingerprint, hardening, pipeline,
-                   progress, report, store, train)
+from ftcnn import checkpoint, data as data_mod, files, fingerprint, progress, train
+from ftcnn.campaigns import campaign, distributed, store
+from ftcnn.flows import pipeline
+from ftcnn.protection import cost, hardening
+from ftcnn.reporting import report
 from ftcnn import readback, rules
-from ftcnn.campaign import CampaignConfig, run_campaign
-from ftcnn.trials import take_old_margin
-from ftcnn.pipeline import is_current, store_key
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.trials import take_old_margin
+from ftcnn.flows.pipeline import is_current, store_key
 
 DEFAULT_BERS = tuple(float(b) for b in np.logspace(-7, -3, 9))
 TARGETS = rules.TARGETS
@@ -62,7 +65,7 @@ def default_variants(harden_ratio: float = 0.1, prune_ratio: float = 0.3,
         Variant("weights_restrict", "weight check + range restriction",
                 {"ratio": 0.0, "check_weights": "zero", "restrict": restrict}),
         Variant("tmr_full", "full TMR: every Conv2d/Linear triplicated, median vote", {"tmr": "full"}),
-        # memory-fault baselines (issue 21; ``ftcnn.codes``, the names ``ftcnn protect`` gives them)
+        # memory-fault baselines (issue 21; ``ftcnn.protection.codes``, the names ``ftcnn protect`` gives them)
         Variant("weight_tmr", "weight-level TMR: two stored copies of every weight, bitwise majority (x3 memory)",
                 {"ratio": 0.0, "code": "tmr3"}),
         Variant("ecc", "SEC-DED ECC on 64-bit words: one flip corrected, two detected and zeroed (x1.125 memory)",

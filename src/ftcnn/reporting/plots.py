@@ -27,7 +27,7 @@ import numpy as np
 
 from ftcnn.files import atomic_write
 from ftcnn.lazy import headless_matplotlib, lazy
-from ftcnn.paired import fmt_ber
+from ftcnn.campaigns.paired import fmt_ber
 
 plt = lazy("matplotlib.pyplot", setup=headless_matplotlib)
 ticker = lazy("matplotlib.ticker")

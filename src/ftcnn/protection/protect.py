@@ -2,11 +2,11 @@
 
 ``protect(model, x_train, y_train, ber=1e-4, max_macs=1.15)`` builds every
 candidate protection (none; range restriction, zero or clamp, with and
-without a margin; parameter-side weight checks when ``ftcnn.hardening``
-offers them, alone, with restriction and behind a stored-word code (``ftcnn.codes``);
+without a margin; parameter-side weight checks when ``ftcnn.protection.hardening``
+offers them, alone, with restriction and behind a stored-word code (``ftcnn.protection.codes``);
 duplication of the channels with the highest exposure plus restriction; and the
 memory-fault baselines: bounds alone, weight-level TMR, SEC-DED ECC, parity per
-weight, output-level TMR), measures each one's price with ``ftcnn.cost.price`` at
+weight, output-level TMR), measures each one's price with ``ftcnn.protection.cost.price`` at
 the deployment ``batch`` (default 128: MACs per input including corrections and
 checks, the once-per-forward work shared by the batch; memory as all stored bits,
 ``max_memory``; latency at the batch and at batch 1, one thread, all models timed
@@ -66,11 +66,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import (campaign, checkpoint, cost, data as data_mod, files, fold, hardening, plots, progress, readback,
-                   store, train, vulnerability)
+from ftcnn import checkpoint, data as data_mod, files, progress, readback, train
+from ftcnn.campaigns import campaign, store
+from ftcnn.protection import cost, fold, hardening, vulnerability
+from ftcnn.reporting import plots
 from ftcnn import rules
-from ftcnn.paired import paired_test, sign_flip_test
-from ftcnn.seeds import role_seed, role_seeds
+from ftcnn.campaigns.paired import paired_test, sign_flip_test
+from ftcnn.campaigns.seeds import role_seed, role_seeds
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -88,7 +90,7 @@ ALPHA = 0.05
 DEFAULT_CONFIDENCE = 1 - ALPHA  # the campaigns' intervals; the choice's one-sided test runs at 1 - confidence
 # points of validation accuracy a cheaper candidate may lose against the most accurate one, shown by test
 DEFAULT_TOLERANCE = rules.RULES["tolerance"].default
-# stored-word codes tried behind the weight check (``ftcnn.codes``): measured on LeNet-5 at BER 1e-3
+# stored-word codes tried behind the weight check (``ftcnn.protection.codes``): measured on LeNet-5 at BER 1e-3
 # (experiments/results/memory_codes.md) these two are the ones worth their memory; plain ``parity``
 # zeroes too many harmless mantissa flips and is only a baseline
 CODED_CHECKS: tuple[tuple[str, str], ...] = (("parity_exponent", "parity_exponent"), ("ecc", "secded"))
@@ -106,7 +108,7 @@ def weight_checks_available() -> bool:
 
 
 def codes_available() -> bool:
-    """Whether ``harden.harden`` takes ``code`` (stored-word codes, ``ftcnn.codes``)."""
+    """Whether ``harden.harden`` takes ``code`` (stored-word codes, ``ftcnn.protection.codes``)."""
     return "code" in inspect.signature(hardening.harden).parameters
 
 
@@ -500,7 +502,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         trials: trials per candidate campaign.
         seed: seed of the split, the calibration subset, the scores and the campaigns (the
             validation campaigns draw faults with it; test and end-to-end campaigns with
-            seeds derived from it, ``ftcnn.seeds.role_seed``, recorded in ``config``).
+            seeds derived from it, ``ftcnn.campaigns.seeds.role_seed``, recorded in ``config``).
         scores: vulnerability scores per layer (default: ``gain`` on 256 fit inputs).
         reference: the model costs are relative to (default: ``model``'s deployed form; the
             end-to-end pipeline passes the unpruned original, folded the same way).
@@ -637,7 +639,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
               "fault_model": "float32 bit flips in Conv2d/Linear parameters, BatchNorm parameters and statistics "
                              "(none left once folded), protection values and code words attacked",
-              "fault_seeds": role_seeds(seed),  # each role's campaign seed: disjoint fault draws (ftcnn.seeds)
+              "fault_seeds": role_seeds(seed),  # each role's campaign seed: disjoint fault draws (ftcnn.campaigns.seeds)
               "device": device}
     models = {n: m for n, m in built.items() if next(r for r in records if r["name"] == n)["validation"]}
     return ProtectResult(chosen, reason, records, models, config)
@@ -652,7 +654,7 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
     (or ``names``), once the choice is made; stored in ``result.test`` and returned. The
     campaigns run on the device the search ran on (``result.config["device"]``);
     ``inputs_per_trial``: each trial on a random block of the test split (unbiased, cheaper).
-    Their faults come from ``role``'s stream (``ftcnn.seeds``: never the validation trials'
+    Their faults come from ``role``'s stream (``ftcnn.campaigns.seeds``: never the validation trials'
     fault sets), recorded with each entry as ``role`` and ``fault_seed``.
 
     ``attack_protection=False`` (the ablation of issue 21): the same fault draws with the
@@ -695,7 +697,7 @@ def front_json(result: ProtectResult) -> str:
 
 
 def plot_front(result: ProtectResult, path: str | Path) -> None:
-    """Draw the front (``ftcnn.plots.protect_front``) from what ``front.json`` stores, so that
+    """Draw the front (``ftcnn.reporting.plots.protect_front``) from what ``front.json`` stores, so that
     ``ftcnn report`` redraws the same figure from the file."""
     plots.protect_front(files.loads_strict(front_json(result)), Path(path))
 

@@ -29,14 +29,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ftcnn import progress as progress_mod
-from ftcnn import strata
-from ftcnn.distributed import Executor
-from ftcnn.fault_space import FaultSpace
-from ftcnn.faults import ParameterMemory
-from ftcnn.metrics import (CI_BETTING, CI_BETTING_FIXED, CI_STUDENT_T, SequentialEstimate, betting_ci, bounded_ci,
+from ftcnn.campaigns import strata
+from ftcnn.campaigns.distributed import Executor
+from ftcnn.injection.fault_space import FaultSpace
+from ftcnn.injection.faults import ParameterMemory
+from ftcnn.campaigns.metrics import (CI_BETTING, CI_BETTING_FIXED, CI_STUDENT_T, SequentialEstimate, betting_ci, bounded_ci,
                            leveugle_sample_size, mean_ci, needs_bounded_ci, sequential_mean)
-from ftcnn.store import commit_result, done_strata_trials, done_trials
-from ftcnn.trials import CampaignConfig, Runner
+from ftcnn.campaigns.store import commit_result, done_strata_trials, done_trials
+from ftcnn.campaigns.trials import CampaignConfig, Runner
 
 SAMPLE_TRIALS = 3  # trials per point a campaign times before saying its cost (committed, not wasted)
 METRICS = ("top5", "sdc", "critical_sdc", "due", "n_faults")   # the row's means besides accuracy

@@ -4,14 +4,14 @@ A trial evaluates the whole test split once with its own faults, drawn from a
 generator seeded by (seed, fault rate, trial) (``fault_space.trial_rng``), so the same seed
 gives the same faults whatever order or process runs the trials. ``Runner`` is the one trial
 loop, over any ``fault_space.FaultSpace``; ``ParameterSpace`` is the weight memory as one, and
-``TrialRunner``/``prepare`` build a parameter campaign's runner (``ftcnn.activations`` builds
+``TrialRunner``/``prepare`` build a parameter campaign's runner (``ftcnn.campaigns.activations`` builds
 the activation one on the same ``Runner``). This module sits below both
-the campaign (``ftcnn.campaign``: statistics, stopping, resume) and the
-executors that run trials in other processes (``ftcnn.distributed``): it knows
+the campaign (``ftcnn.campaigns.campaign``: statistics, stopping, resume) and the
+executors that run trials in other processes (``ftcnn.campaigns.distributed``): it knows
 neither of them.
 
 How trials run does not change what they give (design §7, §9): exact
-shortcuts (``ftcnn.fastpath``), batched trials, worker processes and Ray all
+shortcuts (``ftcnn.injection.fastpath``), batched trials, worker processes and Ray all
 reproduce the plain path's numbers, so their settings are not part of a
 campaign's identity (``EXECUTION_FIELDS``).
 """
@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import fault_space, fastpath, rules, strata
-from ftcnn import faults as F
+from ftcnn import rules
+from ftcnn.campaigns import strata
+from ftcnn.injection import fault_space, fastpath
+from ftcnn.injection import faults as F
 from ftcnn.constants import PRECISION_INPUTS_PER_TRIAL, THREADS_PER_CORE  # noqa: F401 (re-exported)
 from ftcnn.rules import LIMITS, MAX_POINTS, MAX_SEED, MAX_TRIALS, MIN_CI_HALF_WIDTH, cores  # noqa: F401
-from ftcnn.metrics import Golden, golden_predictions, trial_metrics
+from ftcnn.campaigns.metrics import Golden, golden_predictions, trial_metrics
 from ftcnn.train import predict
 
 SITES_KEPT = 64  # fault sites stored per trial for per-bit / per-layer analysis
@@ -63,7 +65,7 @@ class CampaignConfig:
     ci_half_width: float = 0.01       # auto: requested half-width of the accuracy CI (was `margin`)
     confidence: float = 0.95          # of every reported CI (and of Leveugle's size)
     min_trials: int = 10              # auto: a floor only; the CS needs none to be valid
-    # time to precision: stratified trials until the accuracy CI half-width <= this (ftcnn.strata)
+    # time to precision: stratified trials until the accuracy CI half-width <= this (ftcnn.campaigns.strata)
     precision: float | None = None
     seed: int = 0
     dtype: str = "float32"
@@ -89,7 +91,7 @@ class CampaignConfig:
     # torch intra-op threads of the whole run, split among workers (None: parallelism.plan's choice)
     threads: int | None = None
     # what faults hit (issue 14): "parameters" (the weight memory) or "activations" (layer outputs,
-    # ``ftcnn.activations``); for activations, "transient" (per value per inference) or "permanent"
+    # ``ftcnn.campaigns.activations``); for activations, "transient" (per value per inference) or "permanent"
     # faults, and per-layer rates that replace the swept one in the named layers: ((layer, rate), ...)
     target: str = "parameters"
     activation_mode: str = "transient"
@@ -238,7 +240,7 @@ class CampaignConfig:
 
 
 # what faults hit; the activation settings are defined here, where CampaignConfig checks them
-# (``ftcnn.activations`` sits above this module, takes them from here, and is never imported by it)
+# (``ftcnn.campaigns.activations`` sits above this module, takes them from here, and is never imported by it)
 TARGETS = rules.TARGETS
 ACTIVATION_MODES = ("transient", "permanent")
 ACTIVATION_KINDS = ("flip", "stuck0", "stuck1")

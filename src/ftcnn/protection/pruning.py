@@ -50,10 +50,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ftcnn import checkpoint, rules
-from ftcnn.graph import FAULT_LAYER_TYPES
-from ftcnn.graph import layers as model_layers
+from ftcnn.injection.graph import FAULT_LAYER_TYPES
+from ftcnn.injection.graph import layers as model_layers
 from ftcnn.train import fit
-from ftcnn.vulnerability import finite_scores, l1, layer_scores
+from ftcnn.protection.vulnerability import finite_scores, l1, layer_scores
 
 PRUNABLE = FAULT_LAYER_TYPES  # the model map's layers: what faults hit is what pruning removes
 CRITERIA = rules.CRITERIA
@@ -328,7 +328,7 @@ def plan(model: nn.Module, *, ratio: float | Mapping[str, float], criterion: str
                                  f"protected layer {blocked[0]!r}")
     if criterion == "vulnerability":
         if scores is None:
-            raise ValueError("criterion 'vulnerability' needs scores (ftcnn.vulnerability.analyze)")
+            raise ValueError("criterion 'vulnerability' needs scores (ftcnn.protection.vulnerability.analyze)")
         per_layer = layer_scores(scores)  # Scores, analyze's dict or a plain {layer: [scores]}
     else:
         per_layer = l1_scores(model)
@@ -391,7 +391,7 @@ def prune(model: nn.Module, scores: Mapping[str, Any] | None = None, *, ratio: f
             ``{layer: ratio}`` (unnamed layers are not pruned).
         criterion: ``"vulnerability"`` (remove the lowest-scored channels) or ``"l1"``.
         scores: ``{layer: [score per output channel]}`` or the dict returned by
-            ``ftcnn.vulnerability.analyze``; required for ``"vulnerability"``.
+            ``ftcnn.protection.vulnerability.analyze``; required for ``"vulnerability"``.
         ignored_layers: layers never pruned, by name or module (Torch-Pruning's name; default:
             the first Conv2d/Linear); the output layer is always kept. ``protect``: its older name.
         input_shape: ``(C, H, W)`` of one input, to trace the model; or

@@ -10,7 +10,7 @@ schema must be exactly ``SCHEMA``, trials need an identity row, and every stored
 row must be a trial of this campaign (``check_rows``), else one line names the
 file and the field; no ``sqlite3.Error`` leaves this module as a traceback.
 The summary (``summary.json``, ``summary.csv``, the terminal table) is written
-from the statistics ``ftcnn.campaign`` computes over the committed trials.
+from the statistics ``ftcnn.campaigns.campaign`` computes over the committed trials.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import checkpoint, files, fingerprint, readback, strata
+from ftcnn import checkpoint, files, fingerprint, readback
+from ftcnn.campaigns import strata
 from ftcnn._version import __version__
-from ftcnn.metrics import METRIC_NAMES
-from ftcnn.trials import CampaignConfig, TrialResult
+from ftcnn.campaigns.metrics import METRIC_NAMES
+from ftcnn.campaigns.trials import CampaignConfig, TrialResult
 
 DB_NAME = "results.sqlite"
 # the files SQLite keeps next to a database: each is opened (or created) with it
@@ -49,7 +50,7 @@ SCHEMA = (
             point REAL, trial INTEGER, n_faults INTEGER,
             accuracy REAL, top5 REAL, sdc REAL, critical_sdc REAL, due REAL,
             sites TEXT, seconds REAL, PRIMARY KEY (point, trial))""",
-    # time-to-precision trials (ftcnn.strata): their own table, so folders of older
+    # time-to-precision trials (ftcnn.campaigns.strata): their own table, so folders of older
     # versions (without it) stay readable and plain trials never mix with them
     """CREATE TABLE IF NOT EXISTS strata_trials (
             stratum INTEGER, point REAL, trial INTEGER, n_faults INTEGER,

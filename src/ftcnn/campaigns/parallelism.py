@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcnn.trials import THREADS_PER_CORE, cores
+from ftcnn.campaigns.trials import THREADS_PER_CORE, cores
 
 # parameters below which a model's forwards are too small to split: two threads' hand-offs cost
 # more than they save (the tests' 8x8 models); LeNet-5 on mnist5k (~60k parameters, 1,000 inputs)

@@ -17,7 +17,7 @@ different SeedSequences: their fault sets coincide only by chance (nil at any BE
 in most trials; ``tests/test_roles_and_intervals.py`` draws 200 trials per role and checks).
 Campaigns that share a role share its seed, so trial ``i`` of two candidates (or of the
 protected and the original model) still shares its random numbers: the pairing of
-``ftcnn.paired`` holds within a role.
+``ftcnn.campaigns.paired`` holds within a role.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A self-contained HTML page from any run folder's stored results (design §6): the data of its
-figures here, the drawing in ``ftcnn.plots``.
+figures here, the drawing in ``ftcnn.reporting.plots``.
 
 ``ftcnn report RUN`` reads the kind of run from its files (``run_kind``): a protect run (or
 ``ftcnn pipeline --max-macs``) by its ``front.json``, a comparison, a pipeline and an inject
@@ -33,11 +33,13 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ftcnn import files, plots, readback, store
-from ftcnn.metrics import BOUNDED_CI_BELOW
-from ftcnn.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber, welch_test,
+from ftcnn import files, readback
+from ftcnn.campaigns import store
+from ftcnn.reporting import plots
+from ftcnn.campaigns.metrics import BOUNDED_CI_BELOW
+from ftcnn.campaigns.paired import (auc_log_ber, fmt_ber, holm, paired_test, pareto_front, tolerable_ber, welch_test,
                           wilson_ci)
-from ftcnn.plots import MIN_FLIPS
+from ftcnn.reporting.plots import MIN_FLIPS
 
 PLOTS = ("pareto", "accuracy_vs_ber", "bit_sensitivity", "layer_bit_heatmap", "vulnerability")
 CSV_FIELDS = ("variant", "ber", "trials", "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high",
@@ -276,7 +278,7 @@ def bit_rows(summary: dict[str, Any], trials: dict[str, Any] | None) -> dict[str
     return out
 
 
-# --- figures: the data each needs (``ftcnn.plots`` draws them) ----------------------------------
+# --- figures: the data each needs (``ftcnn.reporting.plots`` draws them) ----------------------------------
 
 def _latency_spread(v: dict[str, Any], key: str, variants: list[dict[str, Any]]) -> tuple[float, float] | None:
     """The interquartile range of a variant's latency relative to the baseline's median, when the

@@ -4,7 +4,7 @@ The memory-fault baselines a reviewer expects (design §4b), built as memory tha
 a campaign attacks like any other: a coded Conv2d/Linear keeps its float32
 ``weight`` and ``bias`` (the data, same fault-target names) and adds the code's
 words as int32 buffers (``weight_code``, ``bias_code``) that it declares as raw
-stored words (``fault_words``, see :func:`ftcnn.graph.protection_buffers`), so the
+stored words (``fault_words``, see :func:`ftcnn.injection.graph.protection_buffers`), so the
 one fault space attacks every stored bit of them at the same BER. At every
 forward the layer decodes its values from data + code words in a few vectorised
 integer passes (no Python loop over weights), then runs the usual call (and the
@@ -38,7 +38,7 @@ Codes (``CODES``):
   value is wrong only where two copies lost the same bit (x3 memory).
 
 The coded layers themselves (``CodedConv2d``, ``CodedLinear``, ``coded_layer``) live in
-``ftcnn.hardening`` beside the other protected layers they extend; this module is the bit
+``ftcnn.protection.hardening`` beside the other protected layers they extend; this module is the bit
 arithmetic and the registry, and imports no other ftcnn module.
 
 Fault-free, every decode returns the stored bits unchanged, so a coded model
@@ -109,7 +109,7 @@ class Code:
     the number of values, given when known so the decode runs no size query),
     ``words(n)`` (code words stored for ``n`` values), ``bits_per_value`` (stored bits per
     value, data included, for the memory ratio) and ``ops_per_value`` (integer passes per
-    value per decode, for ``ftcnn.cost``: run once per forward, shared by the batch)."""
+    value per decode, for ``ftcnn.protection.cost``: run once per forward, shared by the batch)."""
 
     name: str = ""
     description: str = ""

@@ -49,12 +49,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import (campaign, compare, cost, data, files, fingerprint, models, paired, pipeline, progress, readback,
-                   store)
-from ftcnn.campaign import CampaignConfig
-from ftcnn.metrics import BOUNDED_CI_BELOW, fixed_n_ci, mean_ci
-from ftcnn.seeds import role_seed
-from ftcnn.trials import check_limit
+from ftcnn import data, files, fingerprint, models, progress, readback
+from ftcnn.campaigns import campaign, paired, store
+from ftcnn.flows import compare, pipeline
+from ftcnn.protection import cost
+from ftcnn.campaigns.campaign import CampaignConfig
+from ftcnn.campaigns.metrics import BOUNDED_CI_BELOW, fixed_n_ci, mean_ci
+from ftcnn.campaigns.seeds import role_seed
+from ftcnn.campaigns.trials import check_limit
 
 # name -> (width, training epochs): the settings experiments/hardening.py and pruning.py used
 MODEL_SETUP = {"lenet5": (1.0, 5), "vgg11": (0.25, 3), "resnet20": (0.5, 3)}

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ftcnn.lazy import lazy
-from ftcnn.metrics import CI_BETTING_FIXED, CI_STUDENT_T, bounded_ci, needs_bounded_ci
+from ftcnn.campaigns.metrics import CI_BETTING_FIXED, CI_STUDENT_T, bounded_ci, needs_bounded_ci
 
 stats = lazy("scipy.stats")  # 0.76 s to import: only when a test is computed
 

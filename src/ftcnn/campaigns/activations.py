@@ -1,6 +1,6 @@
 """Bit faults in layer outputs (activations, "neuron faults"; design §8b).
 
-Fault model. Parameter faults (``ftcnn.faults``) model the weight memory;
+Fault model. Parameter faults (``ftcnn.injection.faults``) model the weight memory;
 these model the datapath: the values a layer computes, before the next
 layer reads them.
 
@@ -73,7 +73,7 @@ path, with one warning. Measured (benchmarks/activation_speed.py, LeNet-5 on
 first layer.
 
 ``--precision`` (``draw_stratum``): the parameter campaigns' strata
-(``ftcnn.strata``) over this fault space, every hooked value (of every input,
+(``ftcnn.campaigns.strata``) over this fault space, every hooked value (of every input,
 for transient faults) an element and its exponent MSB the stratum bit; exact
 weights need one rate in one format, so per-layer rates are refused. Valid
 (coverage tested against a long plain run), but rarely faster than plain
@@ -99,14 +99,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import fault_space, fastpath, graph, strata
-from ftcnn import faults as F
-from ftcnn.fastpath import ActivationShortcut
-from ftcnn.metrics import METRIC_NAMES, Golden, golden_predictions, trial_metrics
+from ftcnn.campaigns import strata
+from ftcnn.injection import fault_space, fastpath, graph
+from ftcnn.injection import faults as F
+from ftcnn.injection.fastpath import ActivationShortcut
+from ftcnn.campaigns.metrics import METRIC_NAMES, Golden, golden_predictions, trial_metrics
 from ftcnn.train import predict
 # activations sits above trials: trials must never import it (campaign and distributed may)
-from ftcnn.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, Runner
-from ftcnn.trials import prepare as prepare_parameters
+from ftcnn.campaigns.trials import ACTIVATION_DTYPES, ACTIVATION_KINDS, ACTIVATION_MODES, Runner
+from ftcnn.campaigns.trials import prepare as prepare_parameters
 
 # the layers whose outputs are the default targets: graph.py's fault-target layers (the one model map)
 ACTIVATION_LAYER_TYPES: tuple[type[nn.Module], ...] = graph.FAULT_LAYER_TYPES

@@ -66,11 +66,11 @@ WORDS_ATTR = "fault_words"
 def protection_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """The buffers ``module`` declares as attackable protection memory.
 
-    A protection module (``ftcnn.hardening.Correction``, ``Restrict``) lists in a
+    A protection module (``ftcnn.protection.hardening.Correction``, ``Restrict``) lists in a
     class attribute ``fault_buffers`` the names of the float values it adds
     to the model (range bounds, thresholds): they sit in the same memory as
     the weights, so faults hit them like any parameter. A coded layer
-    (``ftcnn.codes``) lists in ``fault_words`` its raw stored words (int32
+    (``ftcnn.protection.codes``) lists in ``fault_words`` its raw stored words (int32
     check bits, bitwise copies), attacked at their own 32 bits, after the
     float ones. Unset names (None) are skipped; a declared float buffer that is
     not floating point, or a declared word buffer that is not int32, is a bug.

@@ -38,8 +38,10 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
-from ftcnn import activations, data, faults, rules
-from ftcnn.trials import CampaignConfig
+from ftcnn import data, rules
+from ftcnn.campaigns import activations
+from ftcnn.injection import faults
+from ftcnn.campaigns.trials import CampaignConfig
 
 MAX_BYTES = 1 << 20          # 1 MiB: a campaign is a page of settings, not data
 

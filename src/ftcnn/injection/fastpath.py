@@ -56,9 +56,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ftcnn import faults as F
-from ftcnn import graph
-from ftcnn.graph import Cut
+from ftcnn.injection import faults as F
+from ftcnn.injection import graph
+from ftcnn.injection.graph import Cut
 
 DEFAULT_CACHE_BYTES = 1 << 30   # golden activations kept for the shortcut, per process
 MAX_AUTO_BATCH = 32

@@ -50,8 +50,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ftcnn import (campaign, checkpoint, cost, data, distributed, faults, files, fingerprint, hardening, models,
-                   progress, pruning, protect as protect_mod, train, vulnerability)
+from ftcnn import checkpoint, data, files, fingerprint, models, progress, train
+from ftcnn.campaigns import campaign, distributed
+from ftcnn.injection import faults
+from ftcnn.protection import cost, hardening, pruning, protect as protect_mod, vulnerability
 from ftcnn import readback, rules
 from ftcnn.splits import calibration_subset, validation_split
 
@@ -477,7 +479,7 @@ def harden_checkpoint(model: nn.Module, data_spec: str, output: str | Path, *, s
     Ranges are profiled on ``calibration_subset(training inputs, calibration_size, seed)``, on
     ``device`` (so are the clean accuracies); the overheads are measured on the CPU. ``bound_copies``
     (None: ``harden``'s default) is recorded in the checkpoint's transform. ``fold_bn``: protect
-    the deployed form, BatchNorm folded into its conv (``ftcnn.fold``); the folded pairs are recorded.
+    the deployed form, BatchNorm folded into its conv (``ftcnn.protection.fold``); the folded pairs are recorded.
     """
     check_output_file(output)
     if onnx is not None:
@@ -786,7 +788,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
     original) and ``front.png``.
 
     Returns:
-        The :class:`ftcnn.protect.ProtectResult` (``.extra["end_to_end"]`` holds the comparison).
+        The :class:`ftcnn.protection.protect.ProtectResult` (``.extra["end_to_end"]`` holds the comparison).
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -822,7 +824,7 @@ def prune_and_protect(model: nn.Module, train_set: TensorDataset, test_set: Tens
                                  measure_latency=measure_latency, work_dir=out / "campaigns", log=say,
                                  device=device)
     # the test split, only now that the choice is made; both rows on the end-to-end role's faults
-    # (never the validation trials', paired with each other: ftcnn.seeds)
+    # (never the validation trials', paired with each other: ftcnn.campaigns.seeds)
     protect_mod.evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns", role="end_to_end")
     original = protect_mod.ProtectResult("original", "", [], {"original": model}, result.config)
     protect_mod.evaluate_test(original, *test_set.tensors, work_dir=out / "campaigns", role="end_to_end")

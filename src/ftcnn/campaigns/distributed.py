@@ -15,7 +15,7 @@ interface, ``map(tasks) -> results as they finish``:
 In every case the driver alone writes SQLite, one commit per finished trial,
 so killing it loses no committed trial and running it again resumes.
 
-How many torch threads each process takes is ``ftcnn.parallelism``'s policy (issue 24);
+How many torch threads each process takes is ``ftcnn.campaigns.parallelism``'s policy (issue 24);
 ``apply_threads`` sets it, ``execution_record`` says in the summary what ran and why.
 """
 
@@ -33,9 +33,9 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from ftcnn import activations, parallelism
-from ftcnn.parallelism import worker_threads
-from ftcnn.trials import CampaignConfig, Runner, TrialResult, check_limit, cores
+from ftcnn.campaigns import activations, parallelism
+from ftcnn.campaigns.parallelism import worker_threads
+from ftcnn.campaigns.trials import CampaignConfig, Runner, TrialResult, check_limit, cores
 
 Task = tuple[float, int]
 IN_FLIGHT_PER_WORKER = 2   # chunks queued per worker, so none waits for the driver

@@ -34,9 +34,9 @@ from torch import nn
 
 # What memory faults hit (fault targets, de-duplicated by storage) is the model map's to say;
 # these names stay here too, as the public API (``ftcnn.fault_targets``) has always had them.
-from ftcnn.graph import (BN_LAYER_TYPES, FAULT_LAYER_TYPES, PROTECTION_ATTR,  # noqa: F401
+from ftcnn.injection.graph import (BN_LAYER_TYPES, FAULT_LAYER_TYPES, PROTECTION_ATTR,  # noqa: F401
                          fault_targets, protection_buffers, storage_key, tied_names)
-from ftcnn.fault_space import STORAGE_DTYPES, torch_dtype
+from ftcnn.injection.fault_space import STORAGE_DTYPES, torch_dtype
 
 _INT_VIEW = {
     torch.float32: torch.int32,
@@ -44,7 +44,7 @@ _INT_VIEW = {
     torch.bfloat16: torch.int16,
     torch.int8: torch.int8,
     torch.float64: torch.int64,
-    torch.int32: torch.int32,  # raw stored words of codes (``ftcnn.codes``): check bits, bitwise copies
+    torch.int32: torch.int32,  # raw stored words of codes (``ftcnn.protection.codes``): check bits, bitwise copies
 }
 
 
@@ -318,13 +318,13 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
     in that format; the golden reference must be computed after this call.
     BatchNorm's parameters and running statistics are memory a deployed network
     reads, so they are attacked unless ``include_bn=False`` (fold them into the
-    convolutions, ``ftcnn.fold``, to deploy without them).
+    convolutions, ``ftcnn.protection.fold``, to deploy without them).
     Protection values (``include_protection``) and BatchNorm values are stored in the
     same format; in int8 each gets its own scale (a bound shares no range with its
     neighbours: a shared scale would move small bounds by up to half a step
     and change the fault-free model), and an infinite (unprofiled) bound,
     which int8 cannot hold, is refused.
-    Code words (int32 ``fault_words`` of ``ftcnn.codes`` layers) are float32
+    Code words (int32 ``fault_words`` of ``ftcnn.protection.codes`` layers) are float32
     storage's own 32-bit words: a coded model is refused in any other format.
     """
     if dtype not in STORAGE_DTYPES:
@@ -334,7 +334,7 @@ def parameter_memory(model: nn.Module, dtype: str = "float32", *, include_bn: bo
     protection = {b.data_ptr() for m in model.modules() for b in protection_buffers(m).values()}
     words = {b.data_ptr() for m in model.modules() for b in protection_buffers(m).values() if b.dtype == torch.int32}
     if words and dtype != "float32":
-        raise ValueError(f"the model stores code words (ftcnn.codes), which encode float32 values: "
+        raise ValueError(f"the model stores code words (ftcnn.protection.codes), which encode float32 values: "
                          f"use --dtype float32, not {dtype}")
     for name, p in params.items():
         if p.dtype == torch.int32 and p.data_ptr() in words:
@@ -416,7 +416,7 @@ def drawn_faults(sites: Mapping[str, tuple[np.ndarray, np.ndarray]], mode: str,
                  rng: np.random.Generator) -> Faults:
     """Faults at drawn ``sites``, with the numbers ``mode`` draws (if it draws any) taken
     from ``rng`` after the sites, one per site, tensor by tensor: every sampler of fault
-    sites (this module's, ``ftcnn.strata``'s) ends here, so each mode works with all."""
+    sites (this module's, ``ftcnn.campaigns.strata``'s) ends here, so each mode works with all."""
     how = fault_mode(mode)
     if how.draw is None:
         return Faults(sites, mode)

@@ -1,13 +1,13 @@
 """Statistical fault-injection campaigns (design §2): statistics, stopping, orchestration.
 
-A campaign runs trials (``ftcnn.trials``: configuration, seeded faults, the
+A campaign runs trials (``ftcnn.campaigns.trials``: configuration, seeded faults, the
 trial runner) at each fault rate or count, through an executor
-(``ftcnn.distributed``: this process, worker processes or Ray), commits each
-result as it arrives (``ftcnn.store``: SQLite, resume, summaries), and decides
-how many trials each point needs through its stopping rule (``ftcnn.stopping``:
+(``ftcnn.campaigns.distributed``: this process, worker processes or Ray), commits each
+result as it arrives (``ftcnn.campaigns.store``: SQLite, resume, summaries), and decides
+how many trials each point needs through its stopping rule (``ftcnn.campaigns.stopping``:
 a fixed budget, the betting confidence sequence's stop, ``--trials auto``, or the
 stratified design, ``--precision``). Trials run on any fault space
-(``ftcnn.fault_space``: parameters, activations) through one runner.
+(``ftcnn.injection.fault_space``: parameters, activations) through one runner.
 
 Layering: trials < store, distributed < stopping < campaign. The names below that live in
 ``trials`` and ``store`` stay importable from here for callers of the
@@ -26,24 +26,25 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ftcnn import activations, distributed, files, progress as progress_mod, readback, stopping
-from ftcnn import faults as F
-from ftcnn.distributed import Executor
-from ftcnn.fault_space import FaultSpace
-from ftcnn.stopping import SAMPLE_TRIALS, auto_stop, expected_time, precision_stop, trial_budget
-from ftcnn.store import (CSV_FIELDS, DB_NAME, IDENTITY_FORMAT, architecture, ci_level, commit_result,
+from ftcnn import files, progress as progress_mod, readback
+from ftcnn.campaigns import activations, distributed, stopping
+from ftcnn.injection import faults as F
+from ftcnn.campaigns.distributed import Executor
+from ftcnn.injection.fault_space import FaultSpace
+from ftcnn.campaigns.stopping import SAMPLE_TRIALS, auto_stop, expected_time, precision_stop, trial_budget
+from ftcnn.campaigns.store import (CSV_FIELDS, DB_NAME, IDENTITY_FORMAT, architecture, ci_level, commit_result,
                          done_strata_trials, done_trials, format_table, identity_differences, open_db,
                          run_identity, stored_identity, summary_csv, versions, write_summary, write_text)
-from ftcnn.trials import (EXECUTION_FIELDS, PRECISION_INPUTS_PER_TRIAL, SITES_KEPT, CampaignConfig, Runner,
+from ftcnn.campaigns.trials import (EXECUTION_FIELDS, PRECISION_INPUTS_PER_TRIAL, SITES_KEPT, CampaignConfig, Runner,
                           TrialResult, TrialRunner, check_input_shape, draw_trial_faults, predict, prepare,
                           stack_dataset, trial_rng)
 
 __all__ = [
     # this module's own
     "memory_report", "run_campaign", "summarize",
-    # the stopping rules' (ftcnn.stopping), for callers of the campaign API
+    # the stopping rules' (ftcnn.campaigns.stopping), for callers of the campaign API
     "SAMPLE_TRIALS", "auto_stop", "expected_time", "precision_stop", "trial_budget",
-    # re-exported for callers of the campaign API (they live in ftcnn.trials and ftcnn.store)
+    # re-exported for callers of the campaign API (they live in ftcnn.campaigns.trials and ftcnn.campaigns.store)
     "EXECUTION_FIELDS", "PRECISION_INPUTS_PER_TRIAL", "SITES_KEPT", "CampaignConfig", "Runner", "TrialResult",
     "TrialRunner", "check_input_shape",
     "draw_trial_faults", "predict", "prepare", "stack_dataset", "trial_rng",

@@ -11,7 +11,7 @@ same path, holding
   original parameters keep their names up to the ``.original`` prefix
   (``features.0.weight`` becomes ``features.0.original.weight``);
 - ``p.copies``: a SECOND module of the same type (a real ``nn.Conv2d`` /
-  ``nn.Linear``, so :func:`ftcnn.faults.fault_targets` lists it and campaigns
+  ``nn.Linear``, so :func:`ftcnn.injection.faults.fault_targets` lists it and campaigns
   hit the copies at the same bit error rate) holding copies of the protected
   filters/neurons (weights and biases), applied to the same input. For a
   grouped or depthwise conv each copied filter gets its own group, fed the
@@ -83,8 +83,8 @@ value lies nearer the profiled range instead, so it handles both signs.
 
 Honest memory: the float bounds of ``range`` corrections and restrictions
 are memory like the weights; the modules declare them (``fault_buffers``),
-so :func:`ftcnn.faults.fault_targets` lists them and campaigns attack them by
-default, and ``ftcnn.cost`` counts them as parameters. The int64 buffers
+so :func:`ftcnn.injection.faults.fault_targets` lists them and campaigns attack them by
+default, and ``ftcnn.protection.cost`` counts them as parameters. The int64 buffers
 (``correction.index``, ``gather``) are reported as unattacked memory.
 
 Fail-safe bounds (issue 21): one stored bound is the protection's weak link (a
@@ -111,9 +111,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ftcnn import checkpoint, codes, cost as cost_mod
-from ftcnn import fold, graph, rules, trials
-from ftcnn.vulnerability import Scores, finite_scores, layer_scores
+from ftcnn import checkpoint
+from ftcnn.protection import codes, cost as cost_mod
+from ftcnn import rules
+from ftcnn.campaigns import trials
+from ftcnn.injection import graph
+from ftcnn.protection import fold
+from ftcnn.protection.vulnerability import Scores, finite_scores, layer_scores
 
 # Agreement tolerance between the original channel and a copy (see module doc).
 RTOL = 1e-4
@@ -432,7 +436,7 @@ def correct_median0(a: torch.Tensor, copies: Sequence[torch.Tensor], low: torch.
 class CorrectionRule:
     """One correction: how many copies it needs, whether it needs profiled
     ranges, its element-wise function, and its element-wise ops per corrected
-    value (for ``ftcnn.cost.macs``; the agreement test counts 6). ``exact_fn``
+    value (for ``ftcnn.protection.cost.macs``; the agreement test counts 6). ``exact_fn``
     (with ``exact_ops``) replaces ``fn`` where every channel is copied and the
     copies come from calls of the original's own shape (see ``Correction``)."""
 
@@ -616,7 +620,7 @@ class _ProtectedLayer(_StoredBounds):
             self.set_bound("bias_high", self.bias.max())
 
     def stored_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias as read from memory (a coded layer decodes them: ``ftcnn.codes``)."""
+        """Weight and bias as read from memory (a coded layer decodes them: ``ftcnn.protection.codes``)."""
         return self.weight, self.bias
 
     def checked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1193,7 +1197,7 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
 
     Args:
         model: any model built of Conv2d/Linear layers.
-        scores: what ``ftcnn.vulnerability.analyze`` returns (``Scores``, or its
+        scores: what ``ftcnn.protection.vulnerability.analyze`` returns (``Scores``, or its
             dict, e.g. ``load_scores(p)``) or a plain module name -> one score per
             output channel, for every Conv2d/Linear. Not needed for
             ``tmr="full"`` or when nothing is duplicated.
@@ -1234,9 +1238,9 @@ def harden(model: nn.Module, scores: Mapping[str, Sequence[float]] | None = None
             median: a flip is outvoted). See :func:`fail_safe_bound`.
         code: a stored-word code on every Conv2d/Linear (copies included), its words
             attacked like the weights, decoded at every forward before any check:
-            ``secded``, ``parity``, ``parity_exponent`` or ``tmr3`` (``ftcnn.codes.CODES``).
+            ``secded``, ``parity``, ``parity_exponent`` or ``tmr3`` (``ftcnn.protection.codes.CODES``).
         fold_bn: first fold every BatchNorm that follows a conv into it
-            (``ftcnn.fold.fold_batchnorm``; the model must be in eval mode): the
+            (``ftcnn.protection.fold.fold_batchnorm``; the model must be in eval mode): the
             deployed form, whose memory is all weights and biases, protected and
             attacked like them. Scores must then name the folded model's layers
             (the same names: folding keeps them).
@@ -1359,7 +1363,7 @@ def _apply(model: nn.Module, transform: Mapping[str, Any]) -> None:
         restrict = transform["restrict"] if only is None or name in only else None
         wrapper = _wrap(layers[name], index, transform["correction"], restrict,
                         transform.get("check_weights"), transform.get("bound_copies", 1))
-        if transform.get("code") is not None:  # decode first, then any check: ftcnn.codes
+        if transform.get("code") is not None:  # decode first, then any check: ftcnn.protection.codes
             code_hardened(wrapper, transform["code"])
         _set_module(model, name, wrapper)
 
