@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -626,18 +626,9 @@ def _emulates(outputs: Mapping[str, LayerOutput], dtype: str | None) -> bool:
 
 
 @dataclass
-class ActivationSpace:
-    """Layer outputs as a ``fault_space.FaultSpace``: the activation faults of a campaign.
-
-    The space holds every bit of every hooked value of every input (transient) or of one input
-    (permanent); no parameter memory is attacked (``stored`` is empty, so every parameter and
-    buffer is reported as unattacked memory). A trial at campaign point ``point`` uses rate
-    ``point`` in every layer of ``outputs`` except those in ``overrides`` (a campaign file's
-    ``[ber_per_layer]``); ``point`` may also be a {layer: rate} mapping, or (``by="count"``) an
-    exact number of sites. ``faulty_logits`` hooks the layers (:func:`activation_faults`) and
-    runs the trial from the cut before its first hooked layer when the shortcut (``fast``) has
-    one; its extra field is ``faults_per_layer`` (bit faults written per layer).
-    """
+class ActivationSettings:
+    """What an activation campaign's faults depend on: the space's settings, declared once for
+    :class:`ActivationSpace` and :class:`ActivationRunner` (which builds its space from them)."""
 
     model: nn.Module
     inputs: torch.Tensor
@@ -652,6 +643,22 @@ class ActivationSpace:
     by: str = "ber"                       # campaign points are rates ("ber") or exact counts ("count")
     per_input: bool = False               # counts per input image (PyTorchFI), not per trial
     fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
+
+
+@dataclass
+class ActivationSpace(ActivationSettings):
+    """Layer outputs as a ``fault_space.FaultSpace``: the activation faults of a campaign.
+
+    The space holds every bit of every hooked value of every input (transient) or of one input
+    (permanent); no parameter memory is attacked (``stored`` is empty, so every parameter and
+    buffer is reported as unattacked memory). A trial at campaign point ``point`` uses rate
+    ``point`` in every layer of ``outputs`` except those in ``overrides`` (a campaign file's
+    ``[ber_per_layer]``); ``point`` may also be a {layer: rate} mapping, or (``by="count"``) an
+    exact number of sites. ``faulty_logits`` hooks the layers (:func:`activation_faults`) and
+    runs the trial from the cut before its first hooked layer when the shortcut (``fast``) has
+    one; its extra field is ``faults_per_layer`` (bit faults written per layer).
+    """
+
 
     def __post_init__(self) -> None:
         _check_common(self.mode, self.kind, self.dtype)
@@ -754,35 +761,20 @@ class ActivationSpace:
 
 
 @dataclass
-class ActivationRunner(Runner):
+class ActivationRunner(ActivationSettings, Runner):
     """The runner of an activation campaign: a ``trials.Runner`` over the ``ActivationSpace``
     of these settings (see there), so the campaign loop, its store and its workers take it as
     they take a parameter runner; built from its fields (``dataclasses.replace(runner,
     seed=...)`` gives another seed's runner)."""
 
-    model: nn.Module
-    inputs: torch.Tensor
-    golden: Golden
-    outputs: Mapping[str, LayerOutput]
-    mode: str = "transient"
-    kind: str = "flip"
-    bits: Sequence[int] | None = None
-    dtype: str | None = None
-    seed: int = 0
-    batch_size: int = 1000
-    overrides: Mapping[str, float] | None = None
+    golden: Golden = field(kw_only=True)
     skip_fault_free: bool = True          # exact: a plan with no fault is the golden result
-    by: str = "ber"                       # campaign points are rates ("ber") or exact counts ("count")
-    per_input: bool = False               # counts per input image (PyTorchFI), not per trial
     golden_output: torch.Tensor | None = None
     golden_metrics: dict[str, float] = field(init=False)
-    fast: ActivationShortcut | None = None    # start trials at their first hooked layer (exact)
     batch: int = 1                            # trials per forward (activation trials run one at a time)
 
     def __post_init__(self) -> None:
-        self.space = ActivationSpace(self.model, self.inputs, self.outputs, self.mode, self.kind, self.bits,
-                                     self.dtype, self.seed, self.batch_size, self.overrides, self.by,
-                                     self.per_input, self.fast)
+        self.space = ActivationSpace(**{f.name: getattr(self, f.name) for f in fields(ActivationSettings)})
         self._golden_metrics(self.golden_output)
 
     @property
@@ -830,8 +822,8 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
         # the trace is checked against the model with no hook: with an emulated format, unrounded
         plain = predict(model, inputs, batch_size) if _emulates(outputs, dtype) else logits
         fast = fastpath.build_for_activations(model, list(outputs), inputs, batch_size, plain, cache_bytes)
-    return ActivationRunner(model, inputs, golden, outputs, mode, kind, bits, dtype, seed, batch_size,
-                            overrides, skip_fault_free, by, per_input, logits, fast=fast)
+    return ActivationRunner(model, inputs, outputs, mode, kind, bits, dtype, seed, batch_size, overrides, by,
+                            per_input, fast, golden=golden, skip_fault_free=skip_fault_free, golden_output=logits)
 
 
 def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Any
