@@ -6,7 +6,7 @@ VGG-11 (9.2M parameters at width 1) at CIFAR shape (3x32x32 inputs, 10
 classes), random weights and inputs: the timings depend on shapes, not on
 values. Both paths run in this one process on the same inputs: ``gain`` (each
 layer's squared per-sample gradients from its inputs and output gradients)
-and ``_gain_reference`` (``vmap(grad)``: per-sample gradients of every
+and ``gain_reference`` (``vmap(grad)``: per-sample gradients of every
 parameter, what ``ftcnn analyze --method gain`` did before issue 13). Prints
 both times, the speed-up and the largest relative difference of a channel's
 normalised score (channels the reference scores 0 must be 0 in both).
@@ -64,7 +64,7 @@ def main() -> None:
         new = V.gain(model, x, None, samples=args.inputs)
         t_new = time.perf_counter() - start
     start = time.perf_counter()
-    old = V._gain_reference(model, x, None, samples=args.inputs)
+    old = V.gain_reference(model, x, None, samples=args.inputs)
     t_old = time.perf_counter() - start
 
     print(f"reference (vmap per-sample grads): {t_old:9.2f} s")

@@ -43,7 +43,8 @@ INPUT = (1, 28, 28)
 
 def variants(model: nn.Module, calibration: torch.Tensor) -> dict[str, dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
-    scores = {n: torch.rand(H._out_channels(m), generator=g).tolist() for n, m in H.target_layers(model).items()}
+    scores = {n: torch.rand(m.weight.shape[0], generator=g).tolist()  # one score per output channel
+              for n, m in H.target_layers(model).items()}
     common = dict(calibration=calibration, range_margin=0.05)
     return {
         "restriction": dict(ratio=0.0, restrict="zero", **common),

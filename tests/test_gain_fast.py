@@ -1,5 +1,5 @@
 """``vulnerability.gain`` from layer inputs and output gradients equals the per-sample-gradient
-reference (``_gain_reference``) on the built-in models and on every Conv2d/Linear variant, and
+reference (``gain_reference``) on the built-in models and on every Conv2d/Linear variant, and
 falls back to it, with a warning, where hooks cannot see per-sample gradients."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_fast_gain_equals_the_reference_on_builtin_models(name, kwargs, dtype) -
     rtol = 1e-5 if dtype == torch.float32 else 1e-9
     for normalize in (True, False):
         _assert_equal(_fast(model, x, samples=6, seed=1, normalize=normalize),
-                      V._gain_reference(model, x, None, samples=6, seed=1, normalize=normalize), rtol)
+                      V.gain_reference(model, x, None, samples=6, seed=1, normalize=normalize), rtol)
 
 
 def test_fast_gain_never_forms_per_sample_gradients_of_all_parameters(monkeypatch) -> None:
@@ -110,7 +110,7 @@ def test_fast_gain_handles_every_conv_and_linear_form(kind, monkeypatch) -> None
     model, x = _variants()
     for normalize in (True, False):
         _assert_equal(_fast(model, x, normalize=normalize),
-                      V._gain_reference(model, x, None, normalize=normalize), 1e-9)
+                      V.gain_reference(model, x, None, normalize=normalize), 1e-9)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -134,7 +134,7 @@ def test_fast_gain_on_a_hardened_model_and_through_other_hooks() -> None:
     model = harden(base, V.l1(base), ratio=0.5)
     model[0].original.register_forward_hook(lambda m, args, out: 2 * out)
     model.eval()
-    _assert_equal(_fast(model, x, normalize=False), V._gain_reference(model, x, None, normalize=False), 1e-9)
+    _assert_equal(_fast(model, x, normalize=False), V.gain_reference(model, x, None, normalize=False), 1e-9)
 
 
 def test_fast_gain_sees_layer_outputs_that_in_place_ops_rewrite() -> None:
@@ -145,7 +145,7 @@ def test_fast_gain_sees_layer_outputs_that_in_place_ops_rewrite() -> None:
                           nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(48, 4), nn.ReLU(inplace=True),
                           nn.Linear(4, 3)).double().eval()
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
-    _assert_equal(_fast(model, x, normalize=False), V._gain_reference(model, x, None, normalize=False), 1e-9)
+    _assert_equal(_fast(model, x, normalize=False), V.gain_reference(model, x, None, normalize=False), 1e-9)
 
 
 def test_fast_gain_leaves_tied_margins_out_and_scores_one_class_as_zero() -> None:
@@ -155,9 +155,9 @@ def test_fast_gain_leaves_tied_margins_out_and_scores_one_class_as_zero() -> Non
         model[0].weight[1] = model[0].weight[0]
         model[0].bias[1] = model[0].bias[0]   # classes 0 and 1 always tie: d = 0 is left out
     x = torch.randn(9, 3, dtype=torch.float64)
-    _assert_equal(_fast(model, x, normalize=False), V._gain_reference(model, x, None, normalize=False), 1e-12)
+    _assert_equal(_fast(model, x, normalize=False), V.gain_reference(model, x, None, normalize=False), 1e-12)
     single = nn.Sequential(nn.Linear(3, 1)).double().eval()
-    assert _fast(single, x) == V._gain_reference(single, x, None) == {"0": [0.0]}
+    assert _fast(single, x) == V.gain_reference(single, x, None) == {"0": [0.0]}
 
 
 class Twice(nn.Module):
@@ -215,6 +215,6 @@ def test_fast_gain_falls_back_with_a_warning(make, why) -> None:
     x = torch.randn(5, 3, dtype=torch.float64)
     with pytest.warns(UserWarning, match=why):
         scores = V.gain(model, x, None, normalize=False)
-    assert scores == V._gain_reference(model, x, None, normalize=False)
+    assert scores == V.gain_reference(model, x, None, normalize=False)
     assert all(not m._forward_hooks for m in model.modules())  # our hooks are gone, even after a failed run
 
