@@ -477,6 +477,7 @@ def test_protect_report_renders_and_its_front_has_no_overlapping_labels(protect_
     front's label boxes checked in matplotlib: no two overlap, each inside the plot."""
     from itertools import combinations
 
+    from matplotlib.text import Text
     from PIL import Image
 
     from ftcnn.reporting import plots
@@ -503,11 +504,22 @@ def test_protect_report_renders_and_its_front_has_no_overlapping_labels(protect_
     try:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
-        boxes = [t.get_window_extent(renderer) for t in labels]
+        # each label's own text (an Annotation's extent would add its leader line's bounding box)
+        boxes = [Text.get_window_extent(t, renderer) for t in labels]
         frame = fig.axes[0].get_window_extent(renderer)
         assert len(labels) >= 3
         for a, b in combinations(boxes, 2):
             assert not a.overlaps(b), (a, b)
+        # no leader line crosses another label: the line from a label's centre to its point, sampled
+        for t, own in zip(labels, boxes):
+            if t.arrow_patch is None:
+                continue
+            (x0, y0), (x1, y1) = own.get_points().mean(axis=0), fig.axes[0].transData.transform(t.xy)
+            for k in np.linspace(0.0, 1.0, 200):
+                px, py = x0 + (x1 - x0) * k, y0 + (y1 - y0) * k
+                if own.contains(px, py) or np.hypot(px - x1, py - y1) <= 4:
+                    continue
+                assert not any(other.contains(px, py) for other in boxes if other is not own), (t.get_text(), px, py)
         assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 + 1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
                    for b in boxes)
         named = sorted(int(n) for t in labels for n in t.get_text().split(" ")[0].split(","))

@@ -133,6 +133,21 @@ def _overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def leader(box: Box, x: float, y: float, step: float = 3.0) -> list[Box]:
+    """The leader line from a label's box (its centre) to its point (x, y), as small boxes every
+    ``step`` pixels outside the label's box and more than 4 px from the point (where the line
+    stops short of the marker): what another label must not cover."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    n = max(1, int(math.hypot(x - cx, y - cy) / step))
+    out = []
+    for k in range(n + 1):
+        px, py = cx + (x - cx) * k / n, cy + (y - cy) * k / n
+        inside = box[0] <= px <= box[2] and box[1] <= py <= box[3]
+        if not inside and math.hypot(px - x, py - y) > 4:
+            out.append((px - 1, py - 1, px + 1, py + 1))
+    return out
+
+
 def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequence[tuple[int, list[str], dict]],
                  obstacles: Sequence[Box] = (), drawn: bool = False) -> list[Any]:
     """Place each label near its point where it overlaps no marker, no other label and stays in
@@ -177,6 +192,7 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequenc
         for gx, gy in grid:
             yield (gx, gy, gx + w, gy + h), 999
 
+    labelled: list[Box] = []  # the placed labels' boxes: no leader line may cross one
     placed = []
     for index, texts, style in labels:
         x, y = px[index]
@@ -185,8 +201,12 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequenc
             probe = ax.annotate(text, points[index], xytext=(0, 0), textcoords="offset points", **style)
             ext = probe.get_window_extent(renderer)
             probe.remove()
-            w, h = ext.width + 2, ext.height + 2
-            chosen = next(((text, cand, r) for cand, r in spots(x, y, w, h) if free(cand)), None)
+            # a margin of 3 px a side: the placed text (centred) is measured again by the renderer,
+            # and a probe at the baseline rounds differently by a fraction of a pixel
+            w, h = ext.width + 6, ext.height + 6
+            chosen = next(((text, cand, r) for cand, r in spots(x, y, w, h)
+                           if free(cand) and (r <= 7 or not any(_overlaps(d, t) for d in leader(cand, x, y)
+                                                                for t in labelled))), None)
             if chosen:
                 break
         if chosen is None:
@@ -197,6 +217,9 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], labels: Sequenc
         placed.append(ax.annotate(text, points[index], xytext=offset, textcoords="offset points", ha="center",
                                   va="center", arrowprops=arrow, gid=LABEL_GID, annotation_clip=False, **style))
         taken.append((left, bottom, right, top))
+        labelled.append((left, bottom, right, top))
+        if r > 7:  # later labels keep off this one's leader line
+            taken.extend(leader((left, bottom, right, top), x, y))
     return placed
 
 
