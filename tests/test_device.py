@@ -68,7 +68,7 @@ def test_an_unknown_device_is_one_line(tmp_path, monkeypatch, capsys) -> None:
 
 @no_cuda
 def test_a_missing_gpu_in_a_real_process(tmp_path) -> None:
-    """The same as a user sees it: exit status 2, one line, no traceback (one subprocess)."""
+    """The same as a user sees it: exit status 2, one line, no traceback (the CLI run in process)."""
     r = run_cli("analyze", str(tmp_path / "none.pt"), "--device", "cuda:7", "-o", str(tmp_path / "s.json"))
     assert_one_line_refusal(r, "device cuda:7 is not available here (no CUDA GPU); use --device cpu")
     assert list(tmp_path.iterdir()) == []

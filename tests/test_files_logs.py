@@ -30,14 +30,6 @@ def _strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m ftcnn ARGS` under umask 022, both streams into one file (not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "ftcnn", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, cwd=cwd, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          preexec_fn=lambda: os.umask(0o022))
-
-
 # --- strict JSON -----------------------------------------------------------------------------
 
 def test_write_json_is_strict_and_notes_nonfinite(tmp_path) -> None:
