@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _helpers import assert_one_line_refusal, cli_in_process
-from ftcnn import files
+from ftcnn import checkpoint, data, files, fingerprint, splits
 from ftcnn.campaigns import paired
 from ftcnn.flows import study
 from ftcnn.campaigns.seeds import role_seed
@@ -19,7 +19,7 @@ from ftcnn.campaigns.seeds import role_seed
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(models=("lenet5",), data="digits", seeds=(0, 1), bers=(1e-3,), trials=5, epochs=1, finetune_epochs=1,
-            latency_rounds=5)
+            latency_rounds=5, prune_grid=(0.4, 0.6))
 
 
 class Killed(RuntimeError):
@@ -137,13 +137,177 @@ def test_a_tampered_cell_is_recomputed_not_trusted(resumed, capsys) -> None:
 def test_the_latency_claim_is_paired_by_round_at_equal_clean_accuracy(resumed) -> None:
     claim = resumed["result"]["claims"][2]
     assert claim["kind"] == study.LATENCY and len(claim["cells"]) == 2
-    for r in claim["cells"]:
+    timed = [r for r in claim["cells"] if r["tested"]]
+    assert timed  # digits, 1 epoch: pruning 0.6 loses accuracy on the validation split, 0.4 keeps it
+    for r in timed:
         assert r["rounds"] == 5 and r["latency_arm_ms"] > 0 and r["latency_reference_ms"] > 0
         low, high = r["difference_ci"]
         assert -1 < low < high
         assert r["accuracy_kept"] == (r["clean_arm"] >= r["clean_reference"] - 0.003)
         if not r["accuracy_kept"]:  # "up to X% faster" means nothing when it cost clean accuracy
             assert r["verdict"] == study.UNEQUAL
+
+
+def test_claim_3s_ratio_is_the_largest_kept_on_the_validation_split(resumed) -> None:
+    """Each seed's claim-3 cell holds its search (the grid, each tried ratio's validation accuracy, the
+    chosen ratio); the chosen ratio is the largest of the grid within the tolerance on the validation
+    split, its model is the one timed, and study.md shows it per seed."""
+    config, root = resumed["config"], resumed["root"]
+    claim = resumed["result"]["claims"][2]
+    text = (root / "results" / "study.md").read_text()
+    for r in claim["cells"]:
+        search = r["search"]
+        assert search["grid"] == [0.4, 0.6] and search["tolerance"] == config.accuracy_tolerance
+        assert search["validation_inputs"] > 0 and search["validation_fraction"] == 0.2
+        ratios = [t["ratio"] for t in search["tried"]]
+        assert ratios == [0.6, 0.4][:len(ratios)]  # from the largest down
+        kept = [t["ratio"] for t in search["tried"]
+                if t["validation_accuracy"] >= search["reference_validation_accuracy"] - config.accuracy_tolerance]
+        assert search["chosen"] == (kept[0] if kept else None) == r["prune_ratio"]
+        assert [t["kept"] for t in search["tried"]] == [t["ratio"] in kept for t in search["tried"]]
+        if kept:  # it stopped at the first kept ratio
+            assert ratios[-1] == kept[0]
+        assert f"| lenet5 | {r['seed']} | {search['chosen'] if kept else 'none'} |" in text
+    assert any(r["prune_ratio"] is not None for r in claim["cells"])
+    # the chosen model is the arm that was timed: built (and stored) by the comparison's own code
+    r = next(r for r in claim["cells"] if r["prune_ratio"] is not None)
+    folder = root / "run" / "lenet5" / f"seed{r['seed']}" / "models" / "prune_search" / f"ratio_{r['prune_ratio']!r}"
+    arm = checkpoint.load(folder / "pruned_vuln_harden_min.pt")
+    assert fingerprint.model_digest(arm) == r["model_digests"]["arm"] != r["model_digests"]["reference"]
+    # the validation inputs: the stratified split of the training split (the test inputs never enter)
+    train_x, train_y = data.load("digits", "train").tensors
+    _, (_, y_val) = splits.validation_split(train_x, train_y, 0.2, r["seed"])
+    assert len(y_val) == r["search"]["validation_inputs"] and set(y_val.tolist()) == set(train_y.tolist())
+
+
+def test_claim_3_where_no_ratio_keeps_accuracy_times_nothing_and_says_so(tmp_path) -> None:
+    """A grid whose every ratio loses validation accuracy: the cell holds the search and the
+    reference's accuracy only, its verdict says why, the prose says no latency was timed, and a
+    rerun reuses it."""
+    config = study.StudyConfig(**{**TINY, "seeds": (0,), "prune_grid": (0.8,)})
+    result = study.run_study(config, tmp_path / "run", tmp_path / "results")
+    claim = result["claims"][2]
+    [row] = claim["cells"]
+    assert row["prune_ratio"] is None and not row["tested"] and row["verdict"] == study.NO_RATIO
+    assert row["search"]["tried"][0]["ratio"] == 0.8 and not row["search"]["tried"][0]["kept"]
+    assert row["mean_difference"] is None and row["p_support_holm"] is None and row["clean_arm"] is None
+    assert claim["across_seeds"][0]["verdict"] == study.NO_RATIO
+    stored = json.loads(study.Cell("lenet5", 0, study.claims(config)[2][0], None).path(tmp_path / "run").read_text())
+    assert "latency_ms" not in stored and "arm" not in stored["clean"]
+    text = (tmp_path / "results" / "study.md").read_text()
+    assert "| lenet5 | 0 | none |" in text and "no latency was timed" in text and study.NO_RATIO in text
+    json.loads((tmp_path / "results" / "study.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"study.json holds {c}: not strict JSON"))
+    again = study.run_study(config, tmp_path / "run", tmp_path / "results")
+    assert again["computed_cells"] == 0 and again["claims"] == result["claims"]
+
+
+def test_a_tampered_search_is_recomputed_not_trusted(resumed, capsys) -> None:
+    """A claim-3 cell whose search does not follow the rule (a chosen ratio that is not the first
+    kept one) is recomputed, said in one line."""
+    config, root = resumed["config"], resumed["root"]
+    cell = next(c for c in study.plan(config) if c.claim.kind == study.LATENCY)
+    path = cell.path(root / "run")
+    hostile = json.loads(path.read_text())
+    hostile["search"]["chosen"] = 0.6 if hostile["search"]["chosen"] != 0.6 else 0.4
+    files.write_json(path, hostile, indent=None)
+    key = {k: v for k, v in json.loads(study.pipeline.key_path(path).read_text()).items()
+           if k != study.pipeline.CONTENT_FIELD}
+    study.pipeline.store_key(path, key)
+    capsys.readouterr()
+    result = study.run_study(config, root / "run", root / "results")
+    assert result["computed_cells"] == 1
+    assert "search: its chosen ratio is not the first kept one" in capsys.readouterr().err
+    assert [r["search"]["chosen"] for r in result["claims"][2]["cells"]] == \
+        [r["search"]["chosen"] for r in resumed["result"]["claims"][2]["cells"]]
+
+
+# --- the ratio search -----------------------------------------------------------------------------
+
+def test_the_search_picks_the_largest_kept_ratio_of_a_monotone_accuracy() -> None:
+    calls: list[float] = []
+
+    def accuracy(ratio: float) -> float:  # loses 2 points per 0.1 of pruning past 0.3
+        calls.append(ratio)
+        return 0.95 - max(0.0, ratio - 0.3) * 0.2
+
+    chosen, tried = study.largest_kept_ratio([0.1, 0.2, 0.3, 0.4, 0.5], accuracy, reference=0.95, tolerance=0.003)
+    assert chosen == 0.3 and calls == [0.5, 0.4, 0.3]  # from the largest down, stopped at the first kept
+    assert [(r, k) for r, _, k in tried] == [(0.5, False), (0.4, False), (0.3, True)]
+    # within the tolerance, one-sided: 0.4 loses 0.2 point <= 0.3 and is kept; more accurate always keeps
+    assert study.largest_kept_ratio([0.4, 0.1], lambda r: 0.948 if r == 0.4 else 0.99, 0.95, 0.003)[0] == 0.4
+    assert study.largest_kept_ratio([0.1, 0.2], lambda r: 0.5, 0.95, 0.003) == (
+        None, [(0.2, 0.5, False), (0.1, 0.5, False)])  # none kept: every ratio tried
+
+
+def test_the_search_picks_the_largest_kept_ratio_of_a_non_monotone_accuracy() -> None:
+    """Validation noise makes accuracy against ratio non-monotone at the boundary: 0.6 keeps, 0.5
+    does not, 0.3 and below keep. Bisection over 0.1..0.8 (probing 0.5 first) would answer 0.4 or
+    lower; the search answers 0.6, the largest kept, as defined."""
+    values = {0.1: 0.95, 0.2: 0.95, 0.3: 0.951, 0.4: 0.94, 0.5: 0.93, 0.6: 0.949, 0.7: 0.90, 0.8: 0.80}
+    chosen, tried = study.largest_kept_ratio(list(values), values.__getitem__, reference=0.95, tolerance=0.003)
+    assert chosen == 0.6 and [r for r, _, _ in tried] == [0.8, 0.7, 0.6]
+    assert all(values[r] < 0.95 - 0.003 for r in values if r > chosen)  # no larger ratio keeps
+    # the grid's order does not matter
+    assert study.largest_kept_ratio([0.3, 0.8, 0.6, 0.1], values.__getitem__, 0.95, 0.003)[0] == 0.6
+
+
+@pytest.mark.parametrize("grid, match", [
+    ((), "--prune-grid needs at least one pruning ratio"),
+    ((0.5, 1.0), "--prune-grid ratio 1 must lie in (0, 1)"),
+    ((0.0, 0.5), "--prune-grid ratio 0 must lie in (0, 1)"),
+    ((-0.2,), "--prune-grid ratio -0.2 must lie in (0, 1)"),
+    ((float("nan"),), "--prune-grid ratio nan must lie in (0, 1)"),
+    ((0.3, 0.3), "--prune-grid names a ratio twice"),
+    (("0.3",), "--prune-grid ratio '0.3' is not a number"),
+    ((True,), "--prune-grid ratio 'True' is not a number"),
+    (0.3, "--prune-grid must be a list of ratios"),
+    (tuple(i / 1000 for i in range(1, 200)), "--prune-grid holds 199 ratios; at most 100"),
+])
+def test_a_bad_grid_is_a_one_line_refusal(grid, match) -> None:
+    with pytest.raises(ValueError) as refused:
+        study.StudyConfig(**{**TINY, "prune_grid": grid})
+    assert match in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_bad_validation_fraction_is_a_one_line_refusal() -> None:
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"--validation-fraction must lie in \(0, 1\)"):
+            study.StudyConfig(**{**TINY, "validation_fraction": fraction})
+
+
+def test_claim_3s_cell_key_holds_the_grid_and_tolerance_and_claims_1_and_2_keep_theirs() -> None:
+    """A new grid, tolerance or validation fraction recomputes claim 3's cells only; claims 1 and 2's
+    keys are what they were (their stored cells resume); claim 3 no longer depends on prune_ratio."""
+    digests = {"train": "t", "test": "u"}
+    config = study.StudyConfig(**TINY)
+    cells = study.plan(config)
+    keys = {c: study.cell_key(c, config, digests) for c in cells}
+    for changed in ({"prune_grid": (0.2, 0.4)}, {"accuracy_tolerance": 0.01}, {"validation_fraction": 0.3}):
+        other = study.StudyConfig(**{**TINY, **changed})
+        for c in cells:
+            assert (study.cell_key(c, other, digests) != keys[c]) == (c.claim.kind == study.LATENCY), (changed, c)
+    other = study.StudyConfig(**{**TINY, "prune_ratio": 0.5})  # claim 1's key held it before, and still does
+    assert [study.cell_key(c, other, digests) == keys[c] for c in cells] == \
+        [c.claim.kind == study.LATENCY for c in cells]
+    latency = next(c for c in cells if c.claim.kind == study.LATENCY)
+    assert keys[latency]["prune_grid"] == [0.4, 0.6] and keys[latency]["accuracy_tolerance"] == 0.003
+    faults = next(c for c in cells if c.claim.name == "hardening_vs_tmr")
+    assert set(keys[faults]) == {"format", "model", "width", "epochs", "seed", "data", "train data", "test data",
+                                 "harden_ratio", "prune_ratio", "finetune_epochs", "claim", "arm", "reference",
+                                 "ber", "trials", "fault seed"}
+
+
+def test_a_cell_without_a_ratio_is_no_member_of_the_holm_family() -> None:
+    tested = {**_row(0, -0.1, (-0.2, -0.05), 0.02, 0.98), "tested": True, "accuracy_kept": True}
+    untested = {"seed": 1, "mean_difference": None, "difference_ci": None, "p_support": None, "p_refute": None,
+                "tested": False, "accuracy_kept": None}
+    study.verdicts([tested, untested], margin=0.0, alpha=0.05)
+    assert tested["p_support_holm"] == pytest.approx(0.02) and tested["verdict"] == study.SUPPORTED  # m = 1
+    assert untested["verdict"] == study.NO_RATIO and untested["p_support_holm"] is None
+    summary = study.across_seeds([tested, untested])
+    assert summary["mean_difference"] == pytest.approx(-0.1) and summary["spread"] is None
+    assert summary["verdict"] == study.NO_POWER and summary["holding"] == 1
 
 
 def test_the_upfront_estimate_counts_only_what_is_left() -> None:

@@ -816,6 +816,13 @@ def study(
     tmr_margin: float = typer.Option(0.01, help="claim 1: accuracy drop allowed above full TMR's (a share)"),
     alpha: float = typer.Option(0.05, help="level of the Holm-corrected tests"),
     latency_rounds: int = typer.Option(30, help="claim 3: interleaved CPU timing rounds (batch 1, one thread)"),
+    prune_grid: List[float] = typer.Option([], "--prune-grid", help="claim 3: pruning ratios searched on a "
+                                           "validation split; the largest that keeps clean accuracy wins "
+                                           "(default: 0.1 ... 0.8)"),
+    validation_fraction: float = typer.Option(0.2, help="claim 3: share of each class of the training data the "
+                                              "pruning ratio is chosen on"),
+    accuracy_tolerance: float = typer.Option(0.003, help="claim 3: clean accuracy allowed below the unpruned "
+                                             "model's (a share), on validation (the choice) and test (the verdict)"),
     threads: Optional[int] = _option("threads", "study"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; latency is timed on the CPU"),
     output: Path = typer.Option(Path("runs/study"), "-o", "--output", help="study folder (resumed if it exists)"),
@@ -832,7 +839,9 @@ def study(
     config = study_mod.StudyConfig(
         **({"models": tuple(models)} if models else {}), data=data, **({"seeds": tuple(seeds)} if seeds else {}),
         **({"bers": tuple(ber)} if ber else {}), trials=trials, epochs=epochs, finetune_epochs=finetune_epochs,
-        prune_ratio=prune_ratio, tmr_margin=tmr_margin, alpha=alpha, latency_rounds=latency_rounds, device=device)
+        prune_ratio=prune_ratio, tmr_margin=tmr_margin, alpha=alpha, latency_rounds=latency_rounds, device=device,
+        **({"prune_grid": tuple(prune_grid)} if prune_grid else {}), validation_fraction=validation_fraction,
+        accuracy_tolerance=accuracy_tolerance)
     _threads(threads)
     with _inputs(None, data, None):
         result = study_mod.run_study(config, output, results)

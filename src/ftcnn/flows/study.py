@@ -21,7 +21,13 @@ carried every verdict before (issue 22, items 2, 4, 5, 7). ``ftcnn study`` regen
   way on the log ratios, and only where pruning kept the clean accuracy (at most ``accuracy_tolerance``
   below the unpruned one's; one-sided: faster AND more accurate supports the claim): "up to X% faster"
   means nothing when the speed was bought with accuracy, so such a cell is "inconclusive (clean
-  accuracy lost)" (one pruning ratio is tested; no search for the ratio that keeps it);
+  accuracy lost)". The pruning ratio is not fixed: per model and seed it is the largest ratio of
+  ``prune_grid`` whose pruned, fine-tuned, hardened model (claim 2's own variant, built at that
+  ratio) keeps clean accuracy within the tolerance on a validation split of the training data
+  (``splits.validation_split``), never on the test inputs the verdict is computed on
+  (:func:`search_ratio`); where none keeps it the cell says so and times nothing. The models are
+  trained on the whole training split, those inputs included, so the choice is in-sample and may be
+  optimistic: the verdict checks clean accuracy again on the test inputs;
 - across seeds a verdict is stated only when it holds in every seed, with the mean and spread of
   the seeds' mean differences and each seed's interval;
 - ``study.md`` (tables, then verdict sentences written from the same formatted numbers) and
@@ -68,6 +74,14 @@ CELL_FORMAT = 1  # bump when a cell's content changes meaning: older cells are r
 SUPPORTED, REFUTED, NO_POWER, DISAGREE = ("supported", "refuted", "inconclusive (no power)",
                                           "inconclusive (seeds disagree)")
 UNEQUAL = "inconclusive (clean accuracy lost)"
+NO_RATIO = "inconclusive (no ratio keeps clean accuracy)"
+# claim 3's pruning ratios, tried from the largest down (typed, not computed: 0.1 * 3 is not 0.3, and a
+# ratio equal to ``prune_ratio`` reuses claim 2's built variant only when it is the same float)
+DEFAULT_PRUNE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MAX_PRUNE_GRID = 100
+# how the validation split is drawn and the ratio chosen: recorded in claim 3's cell key
+VALIDATION_RULE = "splits.validation_split(train, validation_fraction, seed), stratified"
+SEARCH_RULE = "largest ratio of the grid keeping validation clean accuracy; descending, stop at the first kept"
 FAULTS, LATENCY = "faults", "latency"  # what a claim compares: accuracy drops under faults, or latency
 
 
@@ -94,17 +108,46 @@ def claims(config: "StudyConfig") -> tuple[tuple[Claim, float], ...]:
                "at the same pruning ratio ({prune}), vulnerability-based pruning (then hardening) loses less "
                "accuracy under faults than L1 pruning (then hardening){margin_text}"), config.pruning_margin),
         (Claim("pruning_pays_for_hardening", "hardened pruned vs hardened unpruned latency", "pruned_vuln_harden_min",
-               "harden_min", "at no loss of clean accuracy (at most {tolerance} point below), the hardened model pruned by "
-               "vulnerability ({prune}) runs faster than the hardened unpruned one (CPU, batch {batch})",
-               LATENCY), 0.0),
+               "harden_min", "at no loss of clean accuracy (at most {tolerance} point below on the test inputs), the "
+               "hardened model pruned by vulnerability, at the largest ratio of {grid} that keeps clean accuracy "
+               "within that tolerance on a validation split of the training data, runs faster than the hardened "
+               "unpruned one (CPU, batch {batch})", LATENCY), 0.0),
     )
+
+
+def check_grid(grid: Sequence[float]) -> None:
+    """Refuse a pruning-ratio grid that cannot be searched, in one line before any work: each ratio a
+    number in (0, 1) (pruning all or nothing says nothing about claim 3), none twice, at least one.
+
+    Example:
+        >>> check_grid((0.2, 0.4))
+        >>> check_grid((0.5, 1.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: --prune-grid ratio 1 must lie in (0, 1): a pruned model keeps some channels
+    """
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence):
+        raise ValueError(f"--prune-grid must be a list of ratios (got {type(grid).__name__})")
+    if not grid:
+        raise ValueError("--prune-grid needs at least one pruning ratio")
+    if len(grid) > MAX_PRUNE_GRID:
+        raise ValueError(f"--prune-grid holds {len(grid)} ratios; at most {MAX_PRUNE_GRID}")
+    for ratio in grid:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ValueError(f"--prune-grid ratio {str(ratio)[:40]!r} is not a number")
+        if not 0.0 < ratio < 1.0:  # NaN fails this too
+            raise ValueError(f"--prune-grid ratio {ratio:g} must lie in (0, 1): a pruned model keeps some channels")
+    if len(set(grid)) != len(grid):
+        raise ValueError("--prune-grid names a ratio twice")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study computes. A cell's key holds the fields its numbers depend on (``cell_key``);
-    the analysis fields (margins, alpha, confidence, permutations, accuracy tolerance) are applied
-    afresh to the stored cells on every run, so changing them recomputes nothing."""
+    the analysis fields (margins, alpha, confidence, permutations) are applied afresh to the stored
+    cells on every run, so changing them recomputes nothing. The accuracy tolerance is both: it
+    chooses claim 3's pruning ratio (so it is in that claim's cell key, with the grid and the
+    validation split) and judges the test accuracies afresh."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     data: str = "mnist5k"
@@ -123,6 +166,8 @@ class StudyConfig:
     accuracy_tolerance: float = 0.003    # claim 3: "no loss of clean accuracy" = at most this share below
     latency_rounds: int = 30             # claim 3: interleaved timing rounds (each a paired observation)
     latency_batch: int = 1
+    prune_grid: tuple[float, ...] = DEFAULT_PRUNE_GRID  # claim 3: ratios searched (largest kept wins)
+    validation_fraction: float = 0.2     # claim 3: share of each class of the training data to choose on
     device: str = "cpu"                  # where training, scores and campaigns run (latency: the CPU)
 
     def __post_init__(self) -> None:
@@ -163,9 +208,11 @@ class StudyConfig:
         if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
             raise ValueError(f"--latency-batch must be a whole number >= 1 (got {self.latency_batch!r})")
         for flag, value in (("--alpha", self.alpha), ("--confidence", self.confidence),
-                            ("--accuracy-tolerance", self.accuracy_tolerance)):
+                            ("--accuracy-tolerance", self.accuracy_tolerance),
+                            ("--validation-fraction", self.validation_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{flag} must lie in (0, 1) (got {value:g})")
+        check_grid(self.prune_grid)
         data.info(self.data)  # an unknown data set or a missing folder: one line before any work
 
     def setup(self, model: str) -> tuple[float, int]:
@@ -190,12 +237,22 @@ CELL_SCHEMA = readback.Obj(required={
     "model_digests": readback.Obj(required={"arm": readback.Text(), "reference": readback.Text()}),
 }, optional={"seconds": readback.Num(0.0, 1e9)})
 _MS = readback.Num(1e-9, 1e9)  # ms per forward: positive (a ratio of timings is taken)
+_RATIO = readback.Num(1e-12, 1.0 - 1e-12)  # a pruning ratio: in (0, 1)
+SEARCH_SCHEMA = readback.Obj(required={
+    "grid": readback.ListOf(_RATIO, min_len=1, max_len=MAX_PRUNE_GRID),
+    "tolerance": _SHARE, "validation_inputs": readback.Num(1, readback.MAX_INT, integer=True),
+    "reference_validation_accuracy": _SHARE,
+    "tried": readback.ListOf(readback.Obj(required={"ratio": _RATIO, "validation_accuracy": _SHARE,
+                                                    "kept": readback.Flag()}), max_len=MAX_PRUNE_GRID),
+    "chosen": readback.Num(1e-12, 1.0 - 1e-12, nullable=True)}, optional={"seconds": readback.Num(0.0, 1e9)})
+# claim 3's cell: the search always; the arm's accuracy, digest and timings only where a ratio was chosen
 LATENCY_CELL_SCHEMA = readback.Obj(required={
-    "clean": readback.Obj(required={"arm": _SHARE, "reference": _SHARE}),
-    "latency_ms": readback.Obj(required={"arm": readback.ListOf(_MS, min_len=2),
-                                         "reference": readback.ListOf(_MS, min_len=2)}),
-    "model_digests": readback.Obj(required={"arm": readback.Text(), "reference": readback.Text()}),
-}, optional={"seconds": readback.Num(0.0, 1e9)})
+    "search": SEARCH_SCHEMA,
+    "clean": readback.Obj(required={"reference": _SHARE}, optional={"arm": _SHARE}),
+    "model_digests": readback.Obj(required={"reference": readback.Text()}, optional={"arm": readback.Text()}),
+}, optional={"seconds": readback.Num(0.0, 1e9),
+             "latency_ms": readback.Obj(required={"arm": readback.ListOf(_MS, min_len=2),
+                                                 "reference": readback.ListOf(_MS, min_len=2)})})
 
 
 @dataclass(frozen=True)
@@ -229,9 +286,36 @@ def cell_key(cell: Cell, config: StudyConfig, digests: Mapping[str, str]) -> dic
            "harden_ratio": config.harden_ratio, "prune_ratio": config.prune_ratio,
            "finetune_epochs": config.finetune_epochs, "claim": cell.claim.name, "arm": cell.claim.arm,
            "reference": cell.claim.reference}
-    if cell.claim.kind == LATENCY:
-        return {**key, "latency_rounds": config.latency_rounds, "latency_batch": config.latency_batch}
+    if cell.claim.kind == LATENCY:  # its ratio is searched (the grid's), not ``prune_ratio``
+        key.pop("prune_ratio")
+        return {**key, "latency_rounds": config.latency_rounds, "latency_batch": config.latency_batch,
+                "prune_grid": sorted(config.prune_grid), "accuracy_tolerance": config.accuracy_tolerance,
+                "validation_fraction": config.validation_fraction, "validation": VALIDATION_RULE,
+                "search": SEARCH_RULE}
     return {**key, "ber": cell.ber, "trials": config.trials, "fault seed": role_seed(cell.seed, "test")}
+
+
+def check_search(stored: Mapping[str, Any], path: Path) -> None:
+    """What the schema cannot say about claim 3's stored search: it is the search :func:`search_ratio`
+    makes (ratios of its grid tried from the largest down, each kept exactly when its validation
+    accuracy is within the tolerance, stopping at the first kept one, which is the chosen one), and a
+    chosen ratio comes with the arm's accuracy, digest and timings. A one-line ValueError otherwise."""
+    search = stored["search"]
+    tried = [t["ratio"] for t in search["tried"]]
+    order = sorted(search["grid"], reverse=True)
+    kept = [keeps(t["validation_accuracy"], search["reference_validation_accuracy"], search["tolerance"])
+            for t in search["tried"]]
+    expected = (next((r for r, k in zip(tried, kept) if k), None))
+    problem = ("its tried ratios are not the grid's from the largest down" if tried != order[:len(tried)] else
+               "a tried ratio's 'kept' does not match its accuracy" if kept != [t["kept"] for t in search["tried"]] else
+               "it tried ratios after the first kept one" if expected is not None and tried[-1] != expected else
+               "it stopped before the end of the grid without keeping a ratio" if expected is None and
+               len(tried) != len(order) else
+               "its chosen ratio is not the first kept one" if search["chosen"] != expected else
+               "a chosen ratio has no arm accuracy, digest or timings" if expected is not None and not (
+                   "arm" in stored["clean"] and "arm" in stored["model_digests"] and "latency_ms" in stored) else "")
+    if problem:
+        raise ValueError(f"{path}: search: {problem}")
 
 
 def stored_cell(cell: Cell, root: Path, key: dict[str, Any], trials: int) -> dict[str, Any] | None:
@@ -243,6 +327,10 @@ def stored_cell(cell: Cell, root: Path, key: dict[str, Any], trials: int) -> dic
     latency = cell.claim.kind == LATENCY
     try:
         stored = readback.read_json(path, LATENCY_CELL_SCHEMA if latency else CELL_SCHEMA)
+        if latency:
+            check_search(stored, path)
+        if latency and stored["search"]["chosen"] is None:  # nothing at equal accuracy was timed
+            return stored
         lengths = {len(stored[k][arm]) for k in (("latency_ms",) if latency else ("accuracy", "critical_sdc"))
                    for arm in ("arm", "reference")}
         if lengths != {trials}:
@@ -269,11 +357,14 @@ def arm_trials(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Campaig
 
 
 def compute_cell(cell: Cell, nets: Mapping[str, nn.Module], net_digests: Mapping[str, str], x: torch.Tensor,
-                 y: torch.Tensor, test_digest: str, config: StudyConfig, root: Path) -> dict[str, Any]:
+                 y: torch.Tensor, test_digest: str, config: StudyConfig, root: Path,
+                 search: "RatioSearch | None" = None) -> dict[str, Any]:
     """Both arms' campaigns of ``cell`` (faults from the test role's stream, the same for both arms),
-    or for a latency claim their interleaved timings."""
+    or for a latency claim their interleaved timings at the ratio ``search`` chose."""
     if cell.claim.kind == LATENCY:
-        return latency_cell(cell, nets, net_digests, x, y, config)
+        if search is None:
+            raise ValueError(f"{cell.label}: a latency claim's cell needs its pruning-ratio search")
+        return latency_cell(cell, nets, net_digests, x, y, config, search)
     cfg = CampaignConfig(bers=(cell.ber,), trials=config.trials, seed=role_seed(cell.seed, "test"),
                          device=config.device)
     out: dict[str, Any] = {"clean": {}, "accuracy": {}, "critical_sdc": {}, "model_digests": {}}
@@ -286,19 +377,123 @@ def compute_cell(cell: Cell, nets: Mapping[str, nn.Module], net_digests: Mapping
     return out
 
 
-def latency_cell(cell: Cell, nets: Mapping[str, nn.Module], net_digests: Mapping[str, str], x: torch.Tensor,
-                 y: torch.Tensor, config: StudyConfig) -> dict[str, Any]:
-    """Clean accuracies of both arms and ``latency_rounds`` rounds of their CPU latency, timed
-    interleaved on one thread (``cost.interleaved_timings``: each round times both, in rotating
-    order, so load on a shared machine hits both alike and round ``i`` pairs the two)."""
-    arm, reference = nets[cell.claim.arm], nets[cell.claim.reference]
+def clean_accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``net`` on ``x`` (the validation inputs of the search, the test inputs of the verdict)."""
     with torch.inference_mode():
-        clean = {side: float((campaign.predict(net, x).argmax(1) == y).float().mean())
-                 for side, net in (("arm", arm), ("reference", reference))}
+        return float((campaign.predict(net, x).argmax(1) == y).float().mean())
+
+
+def latency_cell(cell: Cell, nets: Mapping[str, nn.Module], net_digests: Mapping[str, str], x: torch.Tensor,
+                 y: torch.Tensor, config: StudyConfig, search: "RatioSearch") -> dict[str, Any]:
+    """The search, the clean test accuracies of both arms and ``latency_rounds`` rounds of their CPU
+    latency, timed interleaved on one thread (``cost.interleaved_timings``: each round times both, in
+    rotating order, so load on a shared machine hits both alike and round ``i`` pairs the two). Where
+    no ratio kept validation accuracy there is no arm: the reference's accuracy and the search only."""
+    reference = nets[cell.claim.reference]
+    if search.net is None:
+        return {"search": search.record, "clean": {"reference": clean_accuracy(reference, x, y)},
+                "model_digests": {"reference": net_digests[cell.claim.reference]}}
+    arm = search.net
+    clean = {side: clean_accuracy(net, x, y) for side, net in (("arm", arm), ("reference", reference))}
     times = cost.interleaved_timings({"arm": arm, "reference": reference}, tuple(x.shape[1:]),
                                      batch=config.latency_batch, rounds=config.latency_rounds, threads=1)
-    return {"clean": clean, "latency_ms": times,
-            "model_digests": {"arm": net_digests[cell.claim.arm], "reference": net_digests[cell.claim.reference]}}
+    return {"search": search.record, "clean": clean, "latency_ms": times,
+            "model_digests": {"arm": search.digest, "reference": net_digests[cell.claim.reference]}}
+
+
+# --- claim 3's pruning ratio: chosen on a validation split ---------------------------------------
+
+def keeps(accuracy: float, reference: float, tolerance: float) -> bool:
+    """Whether ``accuracy`` is at most ``tolerance`` below ``reference`` (one-sided: more accurate keeps)."""
+    return accuracy >= reference - tolerance - 1e-12
+
+
+def largest_kept_ratio(grid: Sequence[float], accuracy: Callable[[float], float], reference: float,
+                       tolerance: float) -> tuple[float | None, list[tuple[float, float, bool]]]:
+    """The largest ratio of ``grid`` whose ``accuracy(ratio)`` keeps within ``tolerance`` of
+    ``reference`` (None when none does), and every (ratio, accuracy, kept) tried, in order.
+
+    Why descending with a stop at the first kept ratio, not bisection: it finds the largest kept
+    ratio whatever the shape of accuracy against ratio, and near the boundary the shape is not
+    monotone (the standard error of an accuracy near 97% on mnist5k's 800 validation inputs is 0.6
+    point, twice the 0.3-point tolerance; on digits, 1 epoch, seed 0: 35.2% at 0.6, 30.7% at 0.5),
+    where bisection's answer would depend on the order it probed in. What it pays for that: the
+    ratios above the answer, which are the cheapest to build (a convolution pruned by ``r`` keeps
+    about ``(1 - r)**2`` of its MACs, so its fine-tune is that much shorter).
+
+    Example:
+        >>> measured = {0.2: 0.9, 0.4: 0.86, 0.6: 0.8}
+        >>> largest_kept_ratio([0.2, 0.4, 0.6], measured.get, reference=0.88, tolerance=0.03)
+        (0.4, [(0.6, 0.8, False), (0.4, 0.86, True)])
+    """
+    tried = []
+    for ratio in sorted(grid, reverse=True):
+        value = accuracy(ratio)
+        kept = keeps(value, reference, tolerance)
+        tried.append((ratio, value, kept))
+        if kept:
+            return ratio, tried
+    return None, tried
+
+
+@dataclass
+class RatioSearch:
+    """Claim 3's search for one model and seed: its record (stored in the cell) and the chosen
+    ratio's hardened pruned model and digest (None when no ratio kept validation accuracy)."""
+
+    record: dict[str, Any]
+    net: nn.Module | None = None
+    digest: str | None = None
+
+
+def search_ratio(claim: Claim, net: nn.Module, scores: dict, reference: nn.Module, train_set: Any,
+                 config: StudyConfig, seed: int, folder: Path) -> RatioSearch:
+    """Build ``claim.arm`` (claim 2's variant: prune by vulnerability, fine-tune, re-score, harden) at
+    the ratios of ``config.prune_grid`` from the largest down with ``compare.build_variant`` (its
+    checkpoints and keys: a rerun reloads them), each judged on the validation split of the training
+    data against ``reference`` (the unpruned hardened model); the first kept ratio is chosen.
+
+    The validation inputs are never the test inputs the verdict uses, so choosing on them cannot
+    bias the verdict's equal-accuracy check. They are part of the training split the models were
+    trained and fine-tuned on (claims 1 and 2's models, unchanged; a model trained without them
+    would be another model than the one whose latency is timed). Measured once on LeNet-5/mnist5k
+    (seed 0; a probe with the study's 5 training and 2 fine-tuning epochs): the models underfit, so
+    accuracy on these inputs tracks the test accuracy (unpruned 97.62 vs 96.70%; change from pruning
+    by 0.3/0.5/0.7: +0.38/-1.75/-8.74 vs +0.30/-1.00/-7.70 points), while a twin trained without
+    them was 1.5 points worse on test and, at 0.3, lost 0.37 validation point where its test
+    accuracy gained 0.3.
+    A ratio equal to ``prune_ratio`` is claim 2's own variant in ``folder`` (the same key), reused."""
+    began = time.perf_counter()
+    cmp = config.compare_config(seed)
+    x_train, y_train = train_set.tensors
+    _, (x_val, y_val) = pipeline.validation_split(x_train, y_train, config.validation_fraction, seed)
+    reference_accuracy = clean_accuracy(reference, x_val, y_val)
+    input_shape = tuple(x_train.shape[1:])
+    built: dict[float, nn.Module] = {}
+
+    def accuracy_at(ratio: float) -> float:
+        variant = {v.name: v for v in compare.default_variants(cmp.harden_ratio, ratio, cmp.restrict)}[claim.arm]
+        where = folder if ratio == config.prune_ratio else folder / "prune_search" / f"ratio_{ratio!r}"
+        files.make_folder(where)
+        arm = compare.build_variant(variant, net, scores, train_set, cmp, input_shape, where,
+                                    device=config.device).eval()
+        built.clear()  # only the last one built can be the chosen one (the search stops there)
+        built[ratio] = arm
+        accuracy = clean_accuracy(arm, x_val, y_val)
+        _log(f"{claim.arm} at ratio {ratio:g}: validation accuracy {accuracy:.2%} (unpruned {reference_accuracy:.2%})")
+        return accuracy
+
+    chosen, tried = largest_kept_ratio(config.prune_grid, accuracy_at, reference_accuracy, config.accuracy_tolerance)
+    record = {"grid": sorted(config.prune_grid), "tolerance": config.accuracy_tolerance,
+              "validation_fraction": config.validation_fraction, "validation_inputs": len(x_val),
+              "reference_validation_accuracy": reference_accuracy,
+              "tried": [{"ratio": r, "validation_accuracy": a, "kept": k} for r, a, k in tried], "chosen": chosen,
+              "seconds": time.perf_counter() - began}  # building (or reloading) and judging the tried ratios
+    if chosen is None:
+        _log(f"no ratio of {', '.join(f'{r:g}' for r in record['grid'])} keeps validation accuracy within "
+             f"{100 * config.accuracy_tolerance:g} point: {claim.name} is not timed")
+        return RatioSearch(record)
+    return RatioSearch(record, built[chosen], fingerprint.model_digest(built[chosen]))
 
 
 # --- statistics of a cell, of a claim, across seeds ---------------------------------------------
@@ -307,7 +502,15 @@ def latency_statistics(stored: Mapping[str, Any], config: StudyConfig) -> dict[s
     """The arm's latency relative to the reference's, paired by round: the geometric mean of the
     rounds' ratios minus 1 (negative: faster) with a t-interval on the log ratios (timings are not
     bounded, so the betting interval does not apply; rounds are independent pairs), and the two
-    one-sided sign-flip p-values on the log ratios (uncorrected)."""
+    one-sided sign-flip p-values on the log ratios (uncorrected); with the search's chosen ratio and
+    record. Where no ratio was chosen there is nothing to test (``tested`` false, numbers None)."""
+    search = stored["search"]
+    found = {"prune_ratio": search["chosen"], "search": dict(search), "tested": search["chosen"] is not None}
+    if search["chosen"] is None:
+        return {**found, "rounds": 0, "clean_arm": None, "clean_reference": float(stored["clean"]["reference"]),
+                "latency_arm_ms": None, "latency_reference_ms": None, "mean_difference": None,
+                "difference_ci": None, "difference_ci_method": None, "accuracy_kept": None,
+                "p_support": None, "p_refute": None}
     arm = np.asarray(stored["latency_ms"]["arm"], dtype=np.float64)
     reference = np.asarray(stored["latency_ms"]["reference"], dtype=np.float64)
     if np.any(arm <= 0) or np.any(reference <= 0):
@@ -315,7 +518,7 @@ def latency_statistics(stored: Mapping[str, Any], config: StudyConfig) -> dict[s
     logs = np.log(arm / reference)
     mean, _, (low, high) = mean_ci(logs, config.confidence)
     clean_arm, clean_ref = float(stored["clean"]["arm"]), float(stored["clean"]["reference"])
-    return {"rounds": int(logs.size), "clean_arm": clean_arm, "clean_reference": clean_ref,
+    return {**found, "rounds": int(logs.size), "clean_arm": clean_arm, "clean_reference": clean_ref,
             "latency_arm_ms": float(np.median(arm)), "latency_reference_ms": float(np.median(reference)),
             "mean_difference": math.expm1(mean), "difference_ci": [math.expm1(low), math.expm1(high)],
             "difference_ci_method": "student-t on log ratios",
@@ -364,11 +567,16 @@ def verdicts(rows: list[dict[str, Any]], margin: float, alpha: float) -> None:
     interval (betting: valid for bounded outcomes at every n, no symmetry needed) still spans the
     margin. Measured on a 6-trial smoke run: p = 0.03 against an interval of [-50, +80] points. A
     verdict is stated only when both agree. The two one-sided p-values sum to about 1, so at most one
-    is small."""
+    is small. A row that tested nothing (``tested`` false: claim 3 where no pruning ratio kept
+    validation accuracy) is no member of the families and says so."""
+    tested = [r for r in rows if r.get("tested", True)]
     for family in ("p_support", "p_refute"):
-        for row, adjusted in zip(rows, paired.holm([r[family] for r in rows])):
+        for row, adjusted in zip(tested, paired.holm([r[family] for r in tested])):
             row[f"{family}_holm"] = adjusted
     for row in rows:
+        if not row.get("tested", True):
+            row.update(p_support_holm=None, p_refute_holm=None, verdict=NO_RATIO)
+            continue
         low, high = row["difference_ci"]
         row["verdict"] = (UNEQUAL if not row.get("accuracy_kept", True) else
                           SUPPORTED if row["p_support_holm"] < alpha and high < margin else
@@ -377,8 +585,9 @@ def verdicts(rows: list[dict[str, Any]], margin: float, alpha: float) -> None:
 
 def across_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One (claim, model, BER) over its seeds: mean and spread (sample sd) of the seeds' mean
-    differences, each seed's interval, and the verdict, stated only when every seed holds it."""
-    means = [r["mean_difference"] for r in rows]
+    differences, each seed's interval, and the verdict, stated only when every seed holds it. The
+    mean and spread are of the seeds that measured a difference (claim 3 without a kept ratio: none)."""
+    means = [r["mean_difference"] for r in rows if r["mean_difference"] is not None]
     found = [r["verdict"] for r in rows]
     if len(set(found)) == 1:
         verdict = found[0]
@@ -386,7 +595,7 @@ def across_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
         verdict = DISAGREE
     else:
         verdict = NO_POWER
-    return {"seeds": [r["seed"] for r in rows], "mean_difference": statistics.fmean(means),
+    return {"seeds": [r["seed"] for r in rows], "mean_difference": statistics.fmean(means) if means else None,
             "spread": statistics.stdev(means) if len(means) > 1 else None,
             "seed_cis": [r["difference_ci"] for r in rows], "verdict": verdict,
             "holding": max(found.count(SUPPORTED), found.count(REFUTED)), "of": len(rows)}
@@ -418,6 +627,7 @@ def analyse(cells: Sequence[Cell], stored: Mapping[Cell, Mapping[str, Any]], con
 
 def statement(claim: Claim, margin: float, config: StudyConfig) -> str:
     return claim.statement.format(ratio=f"{config.harden_ratio:.0%}", prune=f"{config.prune_ratio:g}",
+                                  grid=", ".join(f"{r:g}" for r in sorted(config.prune_grid)),
                                   tolerance=f"{100 * config.accuracy_tolerance:g}", batch=config.latency_batch,
                                   margin=f"{100 * margin:g}",
                                   margin_text=f" by more than {100 * margin:g} point(s)" if margin else "")
@@ -434,8 +644,8 @@ def share(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def interval(ci: Sequence[float], fmt: Callable[[float], str] = points) -> str:
-    return f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+def interval(ci: Sequence[float] | None, fmt: Callable[[float], str] = points) -> str:
+    return "–" if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def pvalue(p: float) -> str:
@@ -449,10 +659,14 @@ def verdict_sentence(claim: Mapping[str, Any], row: Mapping[str, Any]) -> str:
         holds = f"{row['verdict']} in every seed ({row['holding']} of {row['of']})"
     elif row["verdict"] == UNEQUAL:
         holds = "not stated: the pruned model lost more clean accuracy than the tolerance"
+    elif row["verdict"] == NO_RATIO:
+        holds = "not stated: no pruning ratio of the grid kept validation clean accuracy within the tolerance"
     elif row["verdict"] == DISAGREE:
         holds = f"not stated: the seeds disagree ({row['holding']} of {row['of']} agree at most)"
     else:
         holds = f"not stated: no power ({row['holding']} of {row['of']} seeds decided)"
+    if claim["kind"] == LATENCY and row["mean_difference"] is None:
+        return f"- {claim['title']}, {row['model']}: {holds}; no latency was timed."
     if claim["kind"] == LATENCY:
         return (f"- {claim['title']}, {row['model']}: {holds}; the arm's latency changes by "
                 f"{points(row['mean_difference'])}% on average{spread}.")
@@ -518,18 +732,41 @@ def across_seeds_table(claim: Mapping[str, Any]) -> list[str]:
 
 
 def latency_table(claim: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
-    """The latency claim's cells: clean accuracies (equal within the tolerance?), median latencies,
-    the relative latency change in % (negative: faster) with its interval, the tests, the verdict."""
+    """The latency claim's cells: the pruning ratio chosen on the validation split, clean test
+    accuracies (equal within the tolerance?), median latencies, the relative latency change in %
+    (negative: faster) with its interval, the tests, the verdict; then how each ratio was chosen."""
+    def ms(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    def ratio(x: float | None) -> str:
+        return "none" if x is None else f"{x:g}"
+
     lines = [f"{cfg['latency_rounds']} interleaved rounds on one CPU thread, batch {cfg['latency_batch']}; change: "
-             "the geometric mean of the rounds' latency ratios minus 1, in %.", "",
-             "| model | seed | clean arm | clean ref. | accuracy kept | latency arm ms | latency ref. ms | "
-             "change [CI] | p for (Holm) | p against (Holm) | verdict |", "|---" * 11 + "|"]
+             "the geometric mean of the rounds' latency ratios minus 1, in %. Ratio: the pruning ratio chosen on "
+             "the validation split (below); clean accuracies on the test inputs.", "",
+             "| model | seed | ratio | clean arm | clean ref. | accuracy kept | latency arm ms | latency ref. ms | "
+             "change [CI] | p for (Holm) | p against (Holm) | verdict |", "|---" * 12 + "|"]
     for r in claim["cells"]:
-        lines.append(f"| {r['model']} | {r['seed']} | {share(r['clean_arm'])} | {share(r['clean_reference'])} | "
-                     f"{'yes' if r['accuracy_kept'] else 'no'} | {r['latency_arm_ms']:.3f} | "
-                     f"{r['latency_reference_ms']:.3f} | {points(r['mean_difference'])} "
+        kept = "–" if r["accuracy_kept"] is None else "yes" if r["accuracy_kept"] else "no"
+        lines.append(f"| {r['model']} | {r['seed']} | {ratio(r['prune_ratio'])} | {share(r['clean_arm'])} | "
+                     f"{share(r['clean_reference'])} | {kept} | {ms(r['latency_arm_ms'])} | "
+                     f"{ms(r['latency_reference_ms'])} | {points(r['mean_difference'])} "
                      f"{interval(r['difference_ci'])} | {pvalue(r['p_support_holm'])} | "
                      f"{pvalue(r['p_refute_holm'])} | {r['verdict']} |")
+    lines += ["", f"Pruning ratio per model and seed: the largest of {', '.join(f'{g:g}' for g in cfg['prune_grid'])} "
+              "whose pruned, fine-tuned, hardened model keeps clean accuracy at most "
+              f"{100 * cfg['accuracy_tolerance']:g} point below the unpruned hardened one on a validation split "
+              f"({cfg['validation_fraction']:.0%} of each class of the training data, seeded by the training seed; the "
+              "models were trained on it, the test inputs never enter the choice), tried from the largest down "
+              "until one keeps it.", "",
+              "| model | seed | validation inputs | validation ref. | tried (ratio: validation accuracy) | "
+              "chosen ratio | search seconds |", "|---" * 7 + "|"]
+    for r in claim["cells"]:
+        search = r["search"]
+        tried = "; ".join(f"{t['ratio']:g}: {share(t['validation_accuracy'])}" for t in search["tried"])
+        lines.append(f"| {r['model']} | {r['seed']} | {search['validation_inputs']} | "
+                     f"{share(search['reference_validation_accuracy'])} | {tried} | {ratio(search['chosen'])} | "
+                     f"{search.get('seconds', 0.0):.0f} |")
     return lines + across_seeds_table(claim)
 
 
@@ -556,10 +793,12 @@ def _log(msg: str) -> None:
     pipeline.note(msg, "study")
 
 
-def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, root: Path,
-               train_set: Any) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, root: Path, train_set: Any,
+               search: Claim | None = None) -> tuple[dict[str, nn.Module], dict[str, str], RatioSearch | None]:
     """Train (or reuse) ``model`` for ``seed`` and build (or reuse) the ``needed`` variants with the
-    comparison's own code and piece cache; their digests."""
+    comparison's own code and piece cache; their digests; and, for ``search`` (claim 3, when its cell
+    is to be computed), the pruning ratio chosen on the validation split with its arm
+    (:func:`search_ratio`; its reference must be among ``needed``)."""
     width, epochs = config.setup(model)
     folder = root / model / f"seed{seed}"
     files.make_folder(folder / "models")
@@ -574,7 +813,10 @@ def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, roo
     nets = {name: compare.build_variant(variants[name], net, scores, train_set, cmp, input_shape,
                                         folder / "models", device=config.device).eval()
             for name in sorted(needed)}
-    return nets, {name: fingerprint.model_digest(n) for name, n in nets.items()}
+    digests = {name: fingerprint.model_digest(n) for name, n in nets.items()}
+    found = None if search is None else search_ratio(search, net, scores, nets[search.reference], train_set,
+                                                     config, seed, folder / "models")
+    return nets, digests, found
 
 
 def estimate(nets: Mapping[str, nn.Module], x: torch.Tensor, todo: Sequence[Cell], config: StudyConfig) -> str:
@@ -602,8 +844,10 @@ def _forward_factors(config: StudyConfig) -> dict[str, float]:
 def upfront_estimate(config: StudyConfig, x: torch.Tensor, train_size: int, todo: Sequence[Cell]) -> str:
     """What the cells left will cost, before anything is trained: one timed inference of the test
     split per model (untrained: the same cost), scaled by each variant's forward (``_forward_factors``)
-    and the trials, plus training and fine-tuning (a backward pass taken as twice a forward). An upper
-    bound of the campaigns: fault-free trials and the shortcut skip work."""
+    and the trials, plus training and fine-tuning (a backward pass taken as twice a forward), claim 3's
+    search included as if it tried every ratio of the grid (a model pruned by ``r`` costs about
+    ``(1 - r)**2`` of the unpruned one's epoch). An upper bound of the campaigns: fault-free trials and
+    the shortcut skip work."""
     info = data.info(config.data)
     factors = _forward_factors(config)
     seconds = 0.0
@@ -618,9 +862,11 @@ def upfront_estimate(config: StudyConfig, x: torch.Tensor, train_size: int, todo
         seeds = len({c.seed for c in mine})
         per_epoch = 3 * inference * train_size / max(len(x), 1)
         seconds += seeds * per_epoch * (epochs + 2 * config.finetune_epochs)
+        searches = len({c.seed for c in mine if c.claim.kind == LATENCY})
+        seconds += searches * per_epoch * config.finetune_epochs * sum((1 - r) ** 2 for r in config.prune_grid)
     return progress.expected(seconds, "study", f"{len(todo)} cells x 2 arms x {config.trials} trials of {len(x)} "
-                             "inputs and the training, from one timed inference per model; a bound, the "
-                             "shortcut and fault-free trials cut it")
+                             "inputs, the training and the pruning-ratio searches, from one timed inference per "
+                             "model; a bound, the shortcut, fault-free trials and a search's early stop cut it")
 
 
 def run_study(config: StudyConfig, out_dir: str | Path, results_dir: str | Path | None = None) -> dict[str, Any]:
@@ -653,12 +899,16 @@ def run_study(config: StudyConfig, out_dir: str | Path, results_dir: str | Path 
                     group = [c for c in todo if c.model == model and c.seed == seed]
                     if not group:
                         continue
-                    needed = {name for c in group for name in (c.claim.arm, c.claim.reference)}
-                    nets, net_digests = build_arms(model, seed, needed, config, root, train_set)
+                    # claim 3's arm is built at the ratio its search chooses, not at ``prune_ratio``
+                    needed = {name for c in group for name in (c.claim.arm, c.claim.reference)
+                              if not (c.claim.kind == LATENCY and name == c.claim.arm)}
+                    searched = next((c.claim for c in group if c.claim.kind == LATENCY), None)
+                    nets, net_digests, found = build_arms(model, seed, needed, config, root, train_set, searched)
                     _log(f"{model} seed {seed}: " + estimate(nets, x, group, config))
                     for c in group:
                         began = time.perf_counter()
-                        content = compute_cell(c, nets, net_digests, x, y, digests["test"], config, root)
+                        content = compute_cell(c, nets, net_digests, x, y, digests["test"], config, root,
+                                               search=found if c.claim.kind == LATENCY else None)
                         content["seconds"] = time.perf_counter() - began  # what the study costs, said on its page
                         path = c.path(root)
                         files.make_folder(path.parent)
@@ -668,7 +918,7 @@ def run_study(config: StudyConfig, out_dir: str | Path, results_dir: str | Path 
                         bar.update(1)
         result = {
             "kind": "study", "config": {**asdict(config), "models": list(config.models), "seeds": list(config.seeds),
-                                        "bers": list(config.bers)},
+                                        "bers": list(config.bers), "prune_grid": sorted(config.prune_grid)},
             "versions": campaign.versions(),
             "seeds": {"training": list(config.seeds),
                       "faults (test role)": {str(s): role_seed(s, "test") for s in config.seeds}},
