@@ -113,3 +113,35 @@ def test_price_is_labelled_with_its_batch() -> None:
     assert p["latency_rounds"] == timing[32]["rounds"] and len(p["latency_iqr_ms"]) == 2
     untimed = cost.price(checked, net, (1, 4, 4), 32)
     assert untimed["latency_ratio"] is None and untimed["latency_ratio_batch1"] is None
+
+
+def test_stable_latency_stops_adding_rounds_once_its_time_budget_is_spent(monkeypatch) -> None:
+    """Issue 24: timing until agreement took 19.8 minutes on ResNet-20. With ``max_seconds`` no round starts
+    that would end past the budget (here every round takes 1 s of a fake clock, and the control pair never
+    agrees), ``min_rounds`` always run, warm-up runs once, and the result says why it stopped."""
+    now = [0.0]
+    warmups: list[int] = []
+
+    def fake_timings(models, input_shape, batch=1, rounds=15, inner=None, threads=None, warmup=3):
+        warmups.append(warmup)
+        now[0] += rounds * 1.0
+        *names, control = list(models)
+        return {**{n: [1.0] * rounds for n in names}, control: [2.0] * rounds}
+
+    monkeypatch.setattr(cost, "interleaved_timings", fake_timings)
+    model = nn.Linear(4, 4)
+    t = cost.stable_latency({"a": model}, (4,), 8, min_rounds=3, max_rounds=60, max_seconds=10.5,
+                            clock=lambda: now[0])
+    assert t["rounds"] == 10 and t["seconds"] == 10.0 and t["max_seconds"] == 10.5
+    assert t["stopped_by"] == "time" and not t["converged"]
+    assert warmups[0] == 3 and set(warmups[1:]) == {0}
+    # a budget shorter than min_rounds: min_rounds still run
+    now[0] = 0.0
+    short = cost.stable_latency({"a": model}, (4,), 8, min_rounds=3, max_seconds=0.5, clock=lambda: now[0])
+    assert short["rounds"] == 3 and short["stopped_by"] == "time"
+    # without a budget the rounds cap stops it, as before
+    now[0] = 0.0
+    capped = cost.stable_latency({"a": model}, (4,), 8, min_rounds=3, max_rounds=7, clock=lambda: now[0])
+    assert capped["rounds"] == 7 and capped["stopped_by"] == "rounds" and capped["seconds"] == 7.0
+    with pytest.raises(ValueError, match="max_seconds"):
+        cost.stable_latency({"a": model}, (4,), 8, max_seconds=-1.0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftcnn import checkpoint, data, splits, train
+from ftcnn import checkpoint, data, files, splits, train
 from ftcnn.campaigns import campaign
 from ftcnn.flows import pipeline
 from ftcnn.protection import protect as P
@@ -285,3 +285,160 @@ def test_cli_pipeline_end_to_end_rejects_a_bad_budget(lenet, tmp_path):
     _, path = lenet
     r = run_cli("pipeline", str(path), "--max-macs", "0", "-o", str(tmp_path / "e2e"), threads=1)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: max_macs must be a finite ratio > 0"), r.stderr
+
+
+# --- issue 24: raced validation campaigns, time-capped latency timing ---------------------------------
+
+def _space(*names: str) -> list[P.Candidate]:
+    by_name = {c.name: c for c in P.candidates(restricts=[("zero", 0.1)], corrections=["min"])}
+    return [by_name[n] for n in names]
+
+
+RACED = 40  # trials: stages of 10, 20 and 40
+
+
+@pytest.fixture(scope="module")
+def raced(lenet, digits, tmp_path_factory):
+    """The same protect with racing on and off, every campaign call spied on: the unprotected model
+    (hopeless at BER 1e-3: ~2% against ~84%), two protections and output TMR (over budget)."""
+    net, _ = lenet
+    x, y = digits[0].tensors
+    space = _space("none", "restrict_zero_m0.1", "weights_zero+restrict_zero_m0.1", "full_tmr")
+    out = {}
+    for race in (True, False):
+        calls: list[tuple[str, int]] = []
+        real = campaign.run_campaign
+
+        def spy(model, inputs, labels, config, folder, *args, calls=calls, real=real, **kwargs):
+            calls.append((folder.name, config.trials))
+            return real(model, inputs, labels, config, folder, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(campaign, "run_campaign", spy)
+            said: list[str] = []
+            result = P.protect(net, x, y, ber=BER, max_macs=1.15, trials=RACED, space=space, measure_latency=False,
+                               race=race, work_dir=tmp_path_factory.mktemp("race"), log=said.append)
+        out[race] = (result, calls, said)
+    return out
+
+
+def test_racing_stops_the_hopeless_and_the_over_budget_and_never_the_chosen(raced):
+    result, calls, said = raced[True]
+    assert P.race_stages(RACED) == [10, 20, 40] and result.config["race"]["stages"] == [10, 20, 40]
+    none, tmr = result.record("none"), result.record("full_tmr")
+    # the unprotected model is shown more than the tolerance below the most accurate, by the betting sequence
+    assert none["raced"]["stopped_at"] in (10, 20) and none["validation"]["trials"] == none["raced"]["stopped_at"]
+    assert none["raced"]["ci"][1] < -P.DEFAULT_TOLERANCE / 100 and none["raced"]["versus"] != "none"
+    assert none["choice"]["why"].startswith("stopped early, never chosen")
+    # a baseline over budget stops after the first stage: shown with its 10 trials
+    assert tmr["raced"]["stopped_at"] == 10 and tmr["validation"]["trials"] == 10 and "over budget" in tmr["raced"]["why"]
+    chosen = result.record(result.chosen)
+    assert chosen["raced"] is None and chosen["validation"]["trials"] == RACED
+    assert len(chosen["validation"]["trial_accuracy"]) == RACED
+    # each campaign resumed stage by stage; the stopped ones were not run again
+    assert [t for name, t in calls if name == "full_tmr"] == [10]
+    assert [t for name, t in calls if name == result.chosen] == [10, 20, 40]
+    assert [t for name, t in calls if name == "none"] == [10, 20, 40][:[10, 20].index(none["raced"]["stopped_at"]) + 1]
+    assert result.config["race"]["stopped"] == {r["name"]: r["raced"]["stopped_at"] for r in result.records
+                                                if r.get("raced")}
+    # the log says stage by stage who stopped and why
+    assert any(s.startswith("stage 1/3 done: stopped") and "full_tmr: over budget" in s for s in said)
+    assert any("none: shown more than 0.25 points below" in s for s in said if s.startswith("stage "))
+    assert any(s.startswith("expected: ~") and "raced in stages of 10/20/40 trials" in s for s in said)
+
+
+def test_race_off_runs_every_trial_and_racing_changes_no_number_of_those_that_go_on(raced):
+    off, calls, said = raced[False]
+    on = raced[True][0]
+    assert sorted(calls) == sorted((r["name"], RACED) for r in off.records if r["validation"] is not None)
+    assert all("raced" not in r for r in off.records) and off.config["race"]["stages"] == [RACED]
+    assert not any(s.startswith("stage ") for s in said)
+    assert on.chosen == off.chosen and on.reason == off.reason
+    for a, b in zip(on.records, off.records):
+        if not a.get("raced"):  # the same trials, so the same numbers, byte for byte
+            assert files.dumps_json(a["validation"]) == files.dumps_json(b["validation"])
+            assert a["choice"] == b["choice"]
+        else:
+            assert b["validation"]["trials"] == RACED > a["validation"]["trials"]
+
+
+def _record(name: str, accuracies: dict[int, float], macs: float, **extra) -> dict:
+    values = list(accuracies.values())
+    return {"name": name, "within_budget": True, "macs_ratio": macs, "latency_ratio": None,
+            "validation": {"accuracy": sum(values) / len(values), "accuracy_ci": [0.0, 1.0],
+                           "trial_accuracy": {str(t): a for t, a in accuracies.items()}}, **extra}
+
+
+def test_choose_pairs_on_the_trials_both_ran():
+    """A cheaper candidate stopped at 10 trials whose trials equal the best's on those 10 is shown within
+    tolerance by the paired test (its mean over its own trials is 2.5 points lower: unpaired, it would lose);
+    the same candidate stopped by the race is never chosen."""
+    best = {t: 0.80 + 0.01 * (t % 3) for t in range(10)} | {t: 0.85 + 0.01 * (t % 3) for t in range(10, 20)}
+    records = [_record("best", best, 1.1), _record("cheap", {t: best[t] for t in range(10)}, 1.0)]
+    chosen, reason = P.choose(records, BER, 1.15, None)
+    assert chosen == "cheap" and "vs best" in reason
+    versus = records[1]["choice"]["versus_best"]
+    assert versus["trials"] == 10 and versus["difference"] == 0.0 and versus["within_tolerance"]
+    stopped = {"stopped_at": 10, "why": "shown more than 0.25 points below best"}
+    records = [_record("best", best, 1.1), _record("cheap", {t: best[t] for t in range(10)}, 1.0, raced=stopped)]
+    assert P.choose(records, BER, 1.15, None)[0] == "best"
+    assert records[1]["choice"]["why"] == f"stopped early, never chosen: {stopped['why']}"
+
+
+def test_race_stops_only_what_the_confidence_sequence_shows_below_the_tolerance():
+    n = 20
+    leader = _record("leader", {t: 0.9 for t in range(n)}, 1.1)
+    hopeless = _record("hopeless", {t: 0.1 for t in range(n)}, 1.0)
+    close = _record("close", {t: 0.9 - 0.005 * (t % 2) for t in range(n)}, 1.0)  # 0.25 points below
+    over = {**_record("tmr", {t: 0.95 for t in range(n)}, 3.0), "within_budget": False}
+    stops = P.race_stops([leader, hopeless, close, over], n)
+    assert set(stops) == {"hopeless", "tmr"}
+    assert stops["hopeless"]["versus"] == "leader" and stops["hopeless"]["ci"][1] < -0.0025
+    assert stops["hopeless"]["difference"] == pytest.approx(-0.8)
+    # 80 points below is not shown to be more than 90 points below: the tolerance is what it is tested against
+    assert P.race_stops([leader, hopeless], n, tolerance=90.0) == {}
+    # the leader is the most accurate choosable one (the baseline over budget is never the leader) and at
+    # 9 pairs nothing can be shown yet: the sequence needs 10 pairs of the largest difference
+    assert P.race_stops([leader, _record("zero", {t: 0.0 for t in range(9)}, 1.0)], 9) == {}
+    assert set(P.race_stops([_record("lead", {t: 1.0 for t in range(10)}, 1.1),
+                             _record("zero", {t: 0.0 for t in range(10)}, 1.0)], 10)) == {"zero"}
+
+
+def test_race_must_be_a_switch(lenet, digits):
+    net, _ = lenet
+    with pytest.raises(ValueError, match="race must be true or false"):
+        P.protect(net, *digits[0].tensors, trials=2, race=1)
+
+
+def test_latency_timing_is_capped_and_the_baselines_over_budget_are_timed_apart(lenet, digits, monkeypatch):
+    """The choosable candidates are timed without the baselines over budget (output TMR: x3 per round),
+    which are timed with the reference in a share of the budget; every timing gets its budget."""
+    net, _ = lenet
+    x, y = digits[0].tensors
+    groups: list[tuple[list[str], int, float]] = []
+    real = P.cost.stable_latency
+
+    def spy(models, input_shape, batch, **kwargs):
+        groups.append((list(models), batch, kwargs["max_seconds"]))
+        return real(models, input_shape, batch, **kwargs)
+
+    monkeypatch.setattr(P.cost, "stable_latency", spy)
+    monkeypatch.setattr(P, "LATENCY_SECONDS", 0.4)
+    monkeypatch.setattr(P, "LATENCY_SECONDS_BATCH1", 0.2)
+    space = _space("none", "restrict_zero_m0.1", "full_tmr")
+    said: list[str] = []
+    result = P.protect(net, x, y, ber=BER, max_macs=1.15, trials=2, space=space, log=said.append)
+    # both estimates come before the timing starts: the timing's within its budgets, then the campaigns'
+    estimate, timing = (next(i for i, s in enumerate(said) if s.startswith(start))
+                        for start in ("expected: at most ~", "timing 3 candidates"))
+    assert "of latency timing (3 candidates" in said[estimate] and "the 1 baseline over budget apart" in said[estimate]
+    assert any("of validation campaigns" in s for s in said[estimate + 1:timing])
+    assert groups == [(["__reference__", "restrict_zero_m0.1"], 128, 0.4), (["__reference__", "restrict_zero_m0.1"], 1, 0.2),
+                      (["__reference__", "full_tmr"], 128, 0.1), (["__reference__", "full_tmr"], 1, 0.05)]
+    latency = result.config["latency"]
+    assert latency["max_seconds"] == {"128": 0.4, "1": 0.2} and latency["shown"]["names"] == ["full_tmr"]
+    assert set(latency["stopped_by"].values()) <= {"agreement", "rounds", "time"}
+    assert all(isinstance(s, float) for s in latency["seconds"].values())
+    # the unprotected model IS the reference: its ratio is 1 by definition, not a second timing's noise
+    assert result.record("none")["latency_ratio"] == 1.0
+    assert result.record("full_tmr")["latency_ratio"] > 1 and result.record("restrict_zero_m0.1")["latency_ratio"]

@@ -137,7 +137,20 @@ class Points:
         return None
 
 
-Constraint = Interval | Options | Points
+@dataclass(frozen=True)
+class Switch:
+    """True or False, nothing else (1 and "yes" are refused: a switch given a number is a typo)."""
+
+    def text(self) -> str:
+        return "true or false"
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, bool):
+            return f"must be true or false (got {str(value)[:100]!r})"
+        return None
+
+
+Constraint = Interval | Options | Points | Switch
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,10 @@ RULES: dict[str, Rule] = {
     "tolerance": Rule(Interval(False, 0.0, 100.0, "left", hint=": points of accuracy, e.g. 0.25"), 0.25,
                       "points of validation accuracy a cheaper protection may lose against the most accurate one: "
                       "it is chosen only when a paired test shows it within them (else the most accurate is kept)"),
+    "race": Rule(Switch(), True,
+                 "race the candidates' validation campaigns: in stages, stopping a candidate once a paired test "
+                 "valid at every stage shows it more than --tolerance below the most accurate (off: every "
+                 "candidate runs every trial)"),
     "points": Rule(Points(RATE)),
     "count_points": Rule(Points(Interval(True, 0, None))),
     "ber": Rule(RATE, (), "bit error rates, e.g. --ber 1e-6 1e-5 1e-4", per_command={

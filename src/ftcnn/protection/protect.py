@@ -10,7 +10,9 @@ weight, output-level TMR), measures each one's price with ``ftcnn.protection.cos
 the deployment ``batch`` (default 128: MACs per input including corrections and
 checks, the once-per-forward work shared by the batch; memory as all stored bits,
 ``max_memory``; latency at the batch and at batch 1, one thread, all models timed
-interleaved until two timings of the same model agree, ``cost.stable_latency``),
+interleaved until two timings of the same model agree or ``latency_budgets`` seconds
+are spent, ``cost.stable_latency``; the baselines over budget apart, so that the
+slowest models do not lengthen the rounds of those that can be chosen),
 drops those over budget (baselines are still evaluated, for the table, never
 chosen then), and runs the same fault campaign on each survivor (float32 bit flips
 in the parameters at ``ber``, every value a protection adds attacked too).
@@ -33,6 +35,16 @@ points worse than the best (p 0.11). A 0.1-point tie on the means (before) sat b
 the validation CIs and chose x1.50 latency over a tied x1.05. With too few trials to
 show anything (fewer than 5: 2^-4 > 0.05) the most accurate candidate wins, and the
 reason says so.
+
+Racing (issue 24): the validation campaigns run in stages (``race_stages``: 25, 50 and
+100 of 100 trials), each resuming the candidate's campaign folder (trials are not part of a
+campaign's identity). After each stage a candidate stops once the betting confidence
+sequence of its paired differences to the most accurate one (``metrics.BettingCS``, valid
+at every stage at once) lies wholly below ``-tolerance``: it can never be chosen. Baselines
+over budget stop after the first stage (shown, never chosen). Candidates that go on run the
+same trials as without racing, so their numbers and the choice among them are unchanged;
+``race=False`` runs every candidate to the end. Measured on ResNet-20 (mnist5k, 2 loaded
+cores, 20 trials): latency timing took 19.8 and the validation campaigns 24.2 of 52 minutes.
 
 No tuning on test: the campaigns run on a stratified validation split
 carved from the training data (``ftcnn.splits.validation_split``); the
@@ -71,6 +83,7 @@ from ftcnn.campaigns import campaign, store
 from ftcnn.protection import cost, fold, hardening, vulnerability
 from ftcnn.reporting import plots
 from ftcnn import rules
+from ftcnn.campaigns.metrics import BettingCS
 from ftcnn.campaigns.paired import paired_test, sign_flip_test
 from ftcnn.campaigns.seeds import role_seed, role_seeds
 from ftcnn.splits import calibration_subset, validation_split
@@ -96,6 +109,25 @@ DEFAULT_TOLERANCE = rules.RULES["tolerance"].default
 CODED_CHECKS: tuple[tuple[str, str], ...] = (("parity_exponent", "parity_exponent"), ("ecc", "secded"))
 # suffix of the test entries whose campaign left the protection's own values unattacked (the ablation)
 UNATTACKED_PROTECTION = ".protection_not_attacked"
+# seconds of latency timing per batch (``cost.stable_latency``'s ``max_seconds``): interleaved rounds stop
+# when the control pair agrees or this is spent (``min_rounds`` always run). Why (issue 24): on a loaded
+# 2-core machine the pair rarely agreed, and timing ResNet-20's candidates for 60 rounds took 19.8 of
+# ``protect``'s 52 minutes; a small model's rounds take milliseconds and still agree well inside these.
+LATENCY_SECONDS = 60.0          # at the deployment batch (the budgeted latency)
+LATENCY_SECONDS_BATCH1 = 20.0   # at batch 1 (shown beside it)
+# the baselines over budget (shown, never chosen) are timed apart, in this share of those budgets
+SHOWN_LATENCY_SHARE = 0.25
+# racing the validation campaigns (issue 24): the first stage runs this share of the trials, but at least
+# RACE_MIN_TRIALS (at 95% the betting sequence cannot separate two candidates in fewer: 10 pairs that all
+# differ by the full -1 are the fewest that show a mean difference below 0); each later stage doubles it
+RACE_FIRST_SHARE = 0.25
+RACE_MIN_TRIALS = 10
+# a campaign's set-up (golden inference, the shortcut's trace and caches) in inferences of its inputs: each
+# racing stage resumes every candidate still running and pays it again (measured on a ResNet-20, 800
+# inputs, 1 thread: 5.4 s against 1.8 s per inference on 2 idle cores; resumed, 10 s against 2.0 s at load
+# 3.6). Why not keep each candidate's prepared campaign between stages: up to 1 GB of golden activations
+# each (``fastpath.DEFAULT_CACHE_BYTES``)
+SETUP_INFERENCES = 4.0
 # the memory-fault baselines a reviewer expects (issue 21): name -> (family, code); evaluated and
 # shown even over budget, chosen only within it. Names match ``ftcnn compare``'s variants.
 MEMORY_BASELINES: tuple[tuple[str, str, str], ...] = (("weight_tmr", "weight TMR", "tmr3"),
@@ -344,19 +376,264 @@ def _campaign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bers: Sequence
         return campaign.run_campaign(model, x, y, config, folder, progress=False)
 
 
-def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[Mapping[str, Any]], trials: int,
-                  device: str = "cpu") -> str:
-    """What the validation campaigns will cost, said before they start (issue 14): one timed
-    inference of ``reference`` over ``x_val`` x each candidate's cost ratio to it (measured
-    latency at batch 1, else MACs at batch 1: the campaigns' forwards) x ``trials``. An upper
-    bound: exact shortcuts cut it."""
+def latency_budgets(batch: int) -> dict[int, float]:
+    """Seconds of latency timing per batch (``cost.stable_latency``'s ``max_seconds``): the
+    deployment ``batch`` first, then batch 1.
+
+        >>> latency_budgets(128)
+        {128: 60.0, 1: 20.0}
+    """
+    return {b: LATENCY_SECONDS if b == batch else LATENCY_SECONDS_BATCH1 for b in dict.fromkeys((batch, 1))}
+
+
+def _time_group(reference: nn.Module, group: Mapping[str, nn.Module], input_shape: tuple[int, ...],
+                budgets: Mapping[int, float]) -> dict[int, dict[str, Any]]:
+    """``group`` timed with the reference (``__reference__``), interleaved, within ``budgets``
+    (batch -> seconds). A candidate that IS the reference module (the unprotected ``none``) is
+    not timed a second time: it takes the reference's timing (its ratio is 1 by definition,
+    where timing it again measured 0.88-0.99)."""
+    if not group:
+        return {}
+    same = [n for n, m in group.items() if m is reference]
+    models = {"__reference__": reference, **{n: m for n, m in group.items() if m is not reference}}
+    out = {}
+    for b, seconds in budgets.items():
+        timing = cost.stable_latency(models, input_shape, b, threads=1, max_seconds=seconds)
+        for name in same:
+            timing["ms"][name] = timing["ms"]["__reference__"]
+            timing["iqr"][name] = timing["iqr"]["__reference__"]
+        out[b] = timing
+    return out
+
+
+def _forward_seconds(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> float:
+    """Seconds of one forward at ``batch`` on one thread (after one untimed warm-up)."""
+    x = torch.zeros((batch, *input_shape))
+    model.eval()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model(x)
+            return progress.timed(model, x)[1]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def expected_timing(reference: nn.Module, input_shape: tuple[int, ...], groups: Sequence[Mapping[str, nn.Module]],
+                    budgets: Mapping[int, float], ratios: Mapping[str, Mapping[int, float]] | None = None) -> str:
+    """What the latency timing will cost, said before it starts: per batch and group of models
+    timed together (the choosable ones; the baselines over budget, in ``SHOWN_LATENCY_SHARE`` of
+    the budget), its time budget, or the ``min_rounds`` a group always runs when those take longer
+    (one timed forward of ``reference`` at the batch x each model's cost ratio, ``ratios``: name ->
+    batch -> ratio, default 1), or its ``cost.MAX_TIMING_ROUNDS`` when those fit well inside the
+    budget. An upper bound: timing stops earlier once the control pair agrees."""
+    total, parts = 0.0, []
+    for b, seconds in budgets.items():
+        forward = _forward_seconds(reference, input_shape, b)
+        inner = 20 if b == 1 else 2  # cost.interleaved_timings' default
+        for share, group in zip((1.0, SHOWN_LATENCY_SHARE), groups):
+            if not group:
+                continue
+            units = 2 + sum((ratios or {}).get(n, {}).get(b, 1.0) for n in group if group[n] is not reference)
+            per_round = forward * units * inner
+            # stable_latency's min_rounds (and the warm-up) run whatever the budget; max_rounds stop it before
+            floor, cap = per_round * (5 + 3 / inner), per_round * (cost.MAX_TIMING_ROUNDS + 3 / inner)
+            total += min(max(share * seconds, floor), cap)
+        parts.append(f"{seconds:g} s at batch {b}")
+    shown = sum(len(g) for g in groups[1:])
+    return progress.expected(total, "latency timing", f"{sum(len(g) for g in groups)} candidates, 1 thread, "
+                             f"interleaved until a control pair agrees within {cost.AGREEMENT:g}, at most "
+                             f"{' and '.join(parts)}" + (f"; {_baselines_over(shown)} apart, in "
+                             f"{SHOWN_LATENCY_SHARE:g} of that" if shown else ""))
+
+
+def _baselines_over(n: int) -> str:
+    return f"the {n} baseline{'s' if n != 1 else ''} over budget"
+
+
+def _cost_ratio(rec: Mapping[str, Any]) -> float:
+    """A candidate's campaign forwards relative to the reference's: its measured latency ratio at the
+    deployment batch, else its MACs ratio there (a campaign evaluates its inputs in batches of up to
+    1,000, where work done once per forward is shared as at the deployment batch); at least 1."""
+    latency = rec.get("cost", {}).get("latency_ratio")
+    return max(1.0, latency if latency is not None else rec["macs_ratio"])
+
+
+def inference_seconds(reference: nn.Module, x_val: torch.Tensor, device: str = "cpu") -> float:
+    """Seconds of one timed inference of ``reference`` over ``x_val`` on ``device``."""
     reference.eval()
     with train.on_device(reference, device), torch.inference_mode():
-        _, seconds = progress.timed(campaign.predict, reference, x_val.to(device))
-    ratios = [max(1.0, r["cost"]["latency_ratio_batch1"] or r["cost"]["macs_ratio_batch1"]) for r in records]
-    return progress.expected(seconds * trials * sum(ratios), "validation campaigns",
-                             f"{len(records)} candidates x {trials} trials of {len(x_val)} inputs, from one "
-                             f"timed inference ({seconds:.2g} s) x each candidate's cost ratio; shortcuts cut it")
+        return progress.timed(campaign.predict, reference, x_val.to(device))[1]
+
+
+def validation_seconds(seconds: float, records: Sequence[Mapping[str, Any]], trials: int,
+                       stages: Sequence[int] | None = None) -> tuple[float, float]:
+    """(low, high) seconds of the validation campaigns from ``seconds`` per inference of the
+    reference: per candidate its cost ratio x (its trials + ``SETUP_INFERENCES`` per campaign
+    run or resumed). Without racing (one stage) both are every candidate's ``trials``. Raced:
+    the baselines over budget stop after the first stage, the choosable ones run to the end at
+    most (high) or, at best, all but one stop there (low).
+
+        >>> recs = [{"macs_ratio": 1.0, "within_budget": True}, {"macs_ratio": 3.0, "within_budget": False}]
+        >>> validation_seconds(1.0, recs, 100)
+        (416.0, 416.0)
+        >>> validation_seconds(1.0, recs, 100, [25, 50, 100])
+        (199.0, 199.0)
+    """
+    stages = list(stages or [trials])
+    ratios = [_cost_ratio(r) for r in records]
+    if len(stages) == 1:
+        return (seconds * (trials + SETUP_INFERENCES) * sum(ratios),) * 2  # type: ignore[return-value]
+    first, resumes = stages[0], len(stages) - 1
+    going = [q for q, r in zip(ratios, records) if r["within_budget"]]
+    per_candidate = seconds * ((trials - first) + SETUP_INFERENCES * resumes)
+    start = seconds * (first + SETUP_INFERENCES) * sum(ratios)
+    return start + per_candidate * min(going, default=0.0), start + per_candidate * sum(going)
+
+
+def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[Mapping[str, Any]], trials: int,
+                  device: str = "cpu", *, stages: Sequence[int] | None = None,
+                  seconds: float | None = None, source: str | None = None) -> str:
+    """What the validation campaigns will cost, said before they start (issue 14): one timed
+    inference of ``reference`` over ``x_val`` (or ``seconds``) x each candidate's cost ratio
+    (:func:`_cost_ratio`) x its trials and set-ups. Raced (``stages``, issue 24): a range, from every choosable
+    candidate but one stopping after the first stage to none of them stopping
+    (:func:`validation_seconds`). Bounds: exact shortcuts cut both. ``source``: where ``seconds``
+    came from when not from the timed inference (the first campaign, re-estimating)."""
+    if seconds is None:
+        seconds = inference_seconds(reference, x_val, device)
+    low, high = validation_seconds(seconds, records, trials, stages)
+    detail = (f"{len(records)} candidates x {trials} trials of {len(x_val)} inputs, from "
+              f"{source or f'one timed inference ({seconds:.2g} s)'} x each candidate's cost ratio, "
+              f"{SETUP_INFERENCES:g} more per campaign set-up")
+    if not stages or len(stages) == 1:
+        return progress.expected(high, "validation campaigns", detail + "; shortcuts cut it")
+    over = sum(not r["within_budget"] for r in records)
+    return progress.expected_range(
+        low, high, "validation campaigns",
+        detail + f", raced in stages of {'/'.join(str(n) for n in stages)} trials: the low end if all candidates "
+        f"but the most accurate stop after {stages[0]}, the high one if none does"
+        + (f" ({_baselines_over(over)} stop there)" if over else "") + "; shortcuts cut both")
+
+
+def race_stages(trials: int, race: bool = True) -> list[int]:
+    """The trial counts the validation campaigns are run to, stage by stage (issue 24): the first
+    ``RACE_FIRST_SHARE`` of ``trials`` (at least ``RACE_MIN_TRIALS``), doubled stage by stage, then
+    ``trials``; a stage is kept only while at least half as many trials again are left after it
+    (a resumed campaign pays its set-up again). ``race=False``: one stage, every trial.
+
+        >>> race_stages(100), race_stages(24), race_stages(12), race_stages(100, race=False)
+        ([25, 50, 100], [10, 24], [12], [100])
+    """
+    if not race:
+        return [trials]
+    stages, n = [], max(RACE_MIN_TRIALS, math.ceil(RACE_FIRST_SHARE * trials))
+    while 3 * n <= 2 * trials:
+        stages.append(n)
+        n *= 2
+    return stages + [trials]
+
+
+def race_bound(leader: Mapping[str, Any], rec: Mapping[str, Any], confidence: float = DEFAULT_CONFIDENCE
+               ) -> dict[str, Any]:
+    """``rec``'s validation accuracy minus ``leader``'s, paired by trial (the trials both ran, in
+    trial order): the mean difference and the betting confidence sequence's interval for it
+    (``metrics.BettingCS`` on ``(d + 1) / 2``, as differences lie in [-1, 1]). Anytime-valid: it
+    holds at every stage at once, so looking after each stage and stopping on it is allowed."""
+    a = leader["validation"]["trial_accuracy"]
+    b = rec["validation"]["trial_accuracy"]
+    common = sorted(set(a) & set(b), key=int)
+    d = [b[t] - a[t] for t in common]
+    cs = BettingCS(confidence).extend((x + 1.0) / 2.0 for x in d)
+    return {"trials": len(d), "difference": float(np.mean(d)) if d else None,
+            "ci": [2.0 * cs.low - 1.0, 2.0 * cs.high - 1.0], "confidence": confidence,
+            "method": "betting confidence sequence (metrics.BettingCS) of the paired differences"}
+
+
+def race_stops(running: Sequence[Mapping[str, Any]], trials: int, tolerance: float = DEFAULT_TOLERANCE,
+               confidence: float = DEFAULT_CONFIDENCE) -> dict[str, dict[str, Any]]:
+    """Which of the ``running`` candidates (each with ``trials`` validation trials) stop here, and why.
+
+    A baseline over budget stops: it is shown, never chosen, and the trials it has are its row. A
+    choosable one stops only when it can never be chosen: the betting confidence sequence of its
+    paired differences to the current most accurate choosable candidate (:func:`race_bound`; the
+    leader as :func:`choose` picks its best: highest mean, then cheapest) lies wholly below
+    ``-tolerance`` points. The leader never stops. Each stop's error is at most ``1 - confidence``
+    per leader looked at (the sequence is valid at every stage; the leader may change between
+    stages), and a wrong stop can only cost a cheaper choice, never the accuracy of the one made."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in running:
+        if not rec["within_budget"]:
+            out[rec["name"]] = {"stopped_at": trials, "why": "over budget: a baseline shown, never chosen, "
+                                f"with the {trials} trials of the first stage"}
+    choosable = [r for r in running if r["within_budget"]]
+    if len(choosable) < 2:
+        return out
+    leader = max(choosable, key=lambda r: (r["validation"]["accuracy"], [-x for x in _price_key(r)]))
+    for rec in choosable:
+        if rec is leader:
+            continue
+        bound = race_bound(leader, rec, confidence)
+        high = bound["ci"][1]
+        if bound["trials"] and high < -tolerance / 100:
+            out[rec["name"]] = {
+                "stopped_at": trials, "versus": leader["name"], **bound,
+                "why": f"shown more than {tolerance:g} points below {leader['name']} after {trials} trials: "
+                       f"{100 * bound['difference']:+.2f} points, at most {100 * high:+.2f} "
+                       f"({confidence:.0%} betting confidence sequence, valid at every stage)"}
+    return out
+
+
+def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], built: Mapping[str, nn.Module],
+              x_val: torch.Tensor, y_val: torch.Tensor, ber: float, stages: Sequence[int], root: Path, seed: int,
+              device: str, confidence: float, tolerance: float, batch: int, say: Callable[[str], Any],
+              race: bool, measured: Callable[[float, Mapping[str, Any], float], Any] | None = None) -> None:
+    """The validation campaigns of ``to_run``, stage by stage (``stages``: the trial counts; one
+    stage without racing): every candidate still running resumes its campaign folder to the
+    stage's trials (trials are not part of a campaign's identity; trial ``i`` is the same
+    whenever it runs), then :func:`race_stops` says who stops. Fills each record's
+    ``validation`` (and ``raced`` when ``race``: None, or where and why it stopped).
+    ``measured``: called once, after the second campaign (the first pays the process's one-time
+    warm-up: 1.8 s against 0.2 s for a LeNet-5 campaign), with its seconds per reference inference
+    (its seconds / ((trials + ``SETUP_INFERENCES``) x its cost ratio)), its record and its seconds
+    per trial: what the estimate is checked against."""
+    for rec in records:
+        rec["validation"] = None
+    if race:
+        for rec in to_run:
+            rec["raced"] = None
+    running, ran, staged = list(to_run), 0, len(stages) > 1
+    for k, n in enumerate(stages):
+        if staged:
+            say(f"stage {k + 1}/{len(stages)}: {len(running)} candidates, validation trials {ran}-{n - 1} ...")
+        rates: dict[str, float] = {}
+        for rec in running:
+            say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs at batch {batch})"
+                + (f", trials {ran}-{n - 1}" if staged else "") + " ...")
+            folder = root / "validation" / rec["name"]
+            summary, seconds = progress.timed(_campaign, built[rec["name"]], x_val, y_val, [ber], n,
+                                              role_seed(seed, "validation"), folder, device, confidence=confidence)
+            rec["validation_clean"] = summary["golden_accuracy"]
+            rec["validation"] = _point(summary, ber)
+            # what the paired choice compares: every candidate's trial i drew from the same generator
+            rec["validation"]["trial_accuracy"] = trial_accuracies(folder, ber, rec["validation"]["trials"])
+            rates[rec["name"]] = seconds / (n - ran)
+            if measured is not None and k == 0 and len(rates) == 2:  # the first paid the process's warm-up
+                measured(seconds / ((n + SETUP_INFERENCES) * _cost_ratio(rec)), rec, seconds / n)
+        if k == len(stages) - 1:
+            break
+        stops = race_stops(running, n, tolerance, confidence)
+        for rec in running:
+            if rec["name"] in stops:
+                rec["raced"] = stops[rec["name"]]
+        running = [r for r in running if r["name"] not in stops]
+        left = sum(rates[r["name"]] for r in running) * (stages[-1] - n)
+        said = "; ".join(f"{name}: {why['why']}" for name, why in stops.items()) or "none"
+        say(f"stage {k + 1}/{len(stages)} done: stopped {len(stops)} ({said})")
+        say(progress.expected(left, "validation campaigns left", f"{len(running)} candidates on to {stages[-1]} "
+                              "trials, from this stage's seconds per trial; less if more stop"))
+        ran = n
 
 
 def _point(summary: dict[str, Any], ber: float) -> dict[str, Any]:
@@ -418,15 +695,22 @@ def choose(records: list[dict[str, Any]], ber: float, max_macs: float, max_laten
     """The cheapest candidate within budget shown to be within ``tolerance`` points of the most
     accurate one (:func:`versus_best`; the most accurate itself when nothing cheaper is shown),
     and why; records ``choice`` on every evaluated candidate (its paired difference to the best,
-    interval, p-values, verdict, why)."""
+    interval, p-values, verdict, why).
+
+    Candidates may have run different numbers of trials (raced, issue 24): each comparison pairs
+    the trials both ran (trial ``i`` is the same fault draw for every candidate). A candidate
+    stopped early (``raced``, :func:`race_stops`) was shown more than ``tolerance`` below the most
+    accurate: it is compared and shown, never the best nor chosen."""
     eligible = [r for r in records if r["within_budget"] and r["validation"] is not None]
     budget = f"MACs <= x{max_macs:g}" + (f" and latency <= x{max_latency:g}" if max_latency else "") + \
         f" at batch {batch}" + (f", memory <= x{max_memory:g}" if max_memory is not None else "")
     if not eligible:
         raise ValueError(f"no candidate fits the budget ({budget})")
-    best = max(eligible, key=lambda r: (r["validation"]["accuracy"], [-x for x in _price_key(r)]))
+    # raced out (``race_stops``): shown below the most accurate by more than the tolerance, on fewer trials
+    finished = [r for r in eligible if not r.get("raced")] or eligible
+    best = max(finished, key=lambda r: (r["validation"]["accuracy"], [-x for x in _price_key(r)]))
     tests = {r["name"]: versus_best(best, r, alpha, tolerance) for r in eligible}
-    shown = [r for r in eligible if tests[r["name"]]["within_tolerance"]]
+    shown = [r for r in finished if tests[r["name"]]["within_tolerance"]]
     pick = min(shown, key=lambda r: (*_price_key(r), -r["validation"]["accuracy"], r["name"]))
     acc, (lo, hi) = pick["validation"]["accuracy"], pick["validation"]["accuracy_ci"]
     where = (f"{acc:.2%} [{lo:.2%}, {hi:.2%}] at validation BER {ber:g}, x{pick['macs_ratio']:.3f} MACs at "
@@ -434,8 +718,8 @@ def choose(records: list[dict[str, Any]], ber: float, max_macs: float, max_laten
     rule = (f"the cheapest (MACs at batch {batch}, then latency) of the {len(shown)} of {len(eligible)} candidates "
             f"within budget ({budget}) shown to be within {tolerance:g} points of the most accurate (one-sided "
             f"paired sign-flip test of non-inferiority by trial, alpha {alpha:g})")
-    fewest = min(tests[r["name"]]["trials"] for r in eligible)
-    if len(eligible) > 1 and 0.5 ** fewest >= alpha:
+    fewest = min(tests[r["name"]]["trials"] for r in finished)
+    if len(finished) > 1 and 0.5 ** fewest >= alpha:
         rule += (f"; with {fewest} trials nothing can be shown: the most accurate is kept; add trials to let a "
                  f"cheaper one win")
     if pick is best:
@@ -453,7 +737,9 @@ def choose(records: list[dict[str, Any]], ber: float, max_macs: float, max_laten
             rec["choice"] = {"versus_best": None, "why": "over budget: evaluated as a baseline, never chosen"}
             continue
         t = tests[rec["name"]]
-        if rec is pick:
+        if rec.get("raced") and rec is not pick:
+            why = f"stopped early, never chosen: {rec['raced']['why']}"
+        elif rec is pick:
             why = "chosen: " + ("the most accurate, and nothing cheaper is shown to be within tolerance of it"
                                 if rec is best else f"the cheapest shown within {tolerance:g} points of {best['name']}")
         elif t["within_tolerance"]:
@@ -477,7 +763,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             space: Sequence[Candidate] | None = None,
             work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
             device: str = "cpu", confidence: float = DEFAULT_CONFIDENCE,
-            tolerance: float = DEFAULT_TOLERANCE) -> ProtectResult:
+            tolerance: float = DEFAULT_TOLERANCE, race: bool = True) -> ProtectResult:
     """Search the protections of design §4 for the most robust one within a cost budget.
 
     Args:
@@ -499,7 +785,12 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         max_memory: stored bits allowed (``cost.memory_bits``: weights, bounds, copies, code
             words), ratio to ``reference``'s; None: no limit. Baselines over it are still
             evaluated and shown, never chosen.
-        trials: trials per candidate campaign.
+        trials: trials per candidate campaign (the most any candidate runs, see ``race``).
+        race: run the validation campaigns in stages (:func:`race_stages`) and stop a candidate
+            once an anytime-valid paired test shows it more than ``tolerance`` below the most
+            accurate (:func:`race_stops`; baselines over budget stop after the first stage). Those
+            that go on run every trial, the same trials as without racing. False: every
+            candidate runs every trial (the behaviour and numbers before issue 24).
         seed: seed of the split, the calibration subset, the scores and the campaigns (the
             validation campaigns draw faults with it; test and end-to-end campaigns with
             seeds derived from it, ``ftcnn.campaigns.seeds.role_seed``, recorded in ``config``).
@@ -508,7 +799,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             end-to-end pipeline passes the unpruned original, folded the same way).
         validation_fraction: share of the training data held out per class.
         calibration_size: fit inputs the ranges are profiled on.
-        measure_latency: time every candidate (needed when ``max_latency`` is given).
+        measure_latency: time every candidate (needed when ``max_latency`` is given), within
+            ``latency_budgets`` seconds per batch; the baselines over budget apart from the rest.
         batch: the deployment batch: budgets apply and costs are quoted there (latency also
             at batch 1, recorded beside it).
         space: the candidates (default: :func:`candidates`).
@@ -530,6 +822,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
                  max_memory=max_memory)
     rules.check("confidence", confidence, "confidence")
     rules.check("tolerance", tolerance, "tolerance")
+    rules.check("race", race, "race")
     alpha = round(1 - confidence, 12)  # the choice's one-sided test: 0.05 at the default 0.95
     say = log or (lambda *_: None)
     model, folding = deployed_form(model)
@@ -576,39 +869,68 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         records.append(rec)
 
     by_name = {r["name"]: r for r in records}
-    timed = {n: m for n, m in built.items()  # what can be chosen, and the baselines shown beside it
-             if measure_latency and (by_name[n]["within_budget"] or by_name[n]["baseline"])}
+    # what can be chosen is timed apart from the baselines over budget (shown, never chosen): those are
+    # the slowest models (output TMR: x3), and timed together they made every round of the others longer
+    choosable = {n: m for n, m in built.items() if measure_latency and by_name[n]["within_budget"]}
+    shown = {n: m for n, m in built.items()
+             if measure_latency and not by_name[n]["within_budget"] and by_name[n]["baseline"]}
+    budgets = latency_budgets(batch)
+    to_run = [r for r in records if r.get("built") and (r["within_budget"] or r["baseline"])]
+    stages = race_stages(trials, race)
+    if choosable or shown:  # what the timing and the campaigns will cost, before either starts
+        say(expected_timing(reference, input_shape, [choosable, shown], budgets,
+                            {r["name"]: {batch: r["macs_ratio"], 1: r["cost"]["macs_ratio_batch1"]}
+                             for r in records if r.get("built")}))
+    per_inference = inference_seconds(reference, x_val, device)
+    say(expected_time(reference, x_val, to_run, trials, device, stages=stages, seconds=per_inference))
+    said = [validation_seconds(per_inference, to_run, trials, stages)[1]]  # the validation estimate last said
+
+    def resay(seconds: float, why: str, source: str | None = None) -> None:
+        """Say the validation estimate again when it moved by more than ``progress.RESAY`` from the one said
+        (as a stopping campaign's progress does): a timed inference misses what a trial adds to it."""
+        high = validation_seconds(seconds, to_run, trials, stages)[1]
+        if not said[0] / progress.RESAY <= high <= said[0] * progress.RESAY:
+            said[0] = high
+            say(f"re-estimated from {why}: " + expected_time(reference, x_val, to_run, trials, device, stages=stages,
+                                                              seconds=seconds, source=source))
+
     timings: dict[int, dict[str, Any]] = {}
-    if timed:
-        say(f"timing {len(timed)} candidates (batch {batch} and 1, 1 thread, interleaved until two timings "
-            f"of the same model agree within {cost.AGREEMENT:g}) ...")
-        timings = {b: cost.stable_latency({"__reference__": reference, **timed}, input_shape, b, threads=1)
-                   for b in dict.fromkeys((batch, 1))}
+    shown_timings: dict[int, dict[str, Any]] = {}
+    if choosable or shown:
+        say(f"timing {len(choosable) + len(shown)} candidates (batch {batch} and 1, 1 thread, interleaved until "
+            f"two timings of the same model agree within {cost.AGREEMENT:g}, at most "
+            f"{' + '.join(f'{s:g} s' for s in budgets.values())} of rounds"
+            + (f"; {_baselines_over(len(shown))} apart, in {SHOWN_LATENCY_SHARE:g} of that" if shown else "")
+            + ") ...")
+        timings = _time_group(reference, choosable, input_shape, budgets)
+        shown_timings = _time_group(reference, shown, input_shape,
+                                    {b: SHOWN_LATENCY_SHARE * s for b, s in budgets.items()})
         for rec in records:
-            if rec["name"] in timed:
-                rec["cost"] = cost.price(built[rec["name"]], reference, input_shape, batch, timings,
-                                         name=rec["name"], reference_name="__reference__")
+            name = rec["name"]
+            if name in choosable or name in shown:
+                rec["cost"] = cost.price(built[name], reference, input_shape, batch,
+                                         timings if name in choosable else shown_timings,
+                                         name=name, reference_name="__reference__")
                 rec["latency_ratio"] = rec["cost"]["latency_ratio"]
                 if max_latency is not None and rec["latency_ratio"] > max_latency:
                     rec["within_budget"] = False
+        spent = sum(t["seconds"] for group in (timings, shown_timings) for t in group.values())
+        say(f"timed in {spent:.0f} s: " + "; ".join(
+            f"batch {b}: {t['rounds']} rounds, {'agreed' if t['converged'] else 'stopped by ' + t['stopped_by']} "
+            f"(control pair {100 * t['agreement']:.1f}%)" for b, t in timings.items()))
     work = Path(work_dir) if work_dir is not None else None
     tmp = tempfile.TemporaryDirectory(prefix="ftcnn-protect-") if work is None else None
     try:
         root = work if work is not None else Path(tmp.name)  # type: ignore[union-attr]
         to_run = [r for r in records if r.get("built") and (r["within_budget"] or r["baseline"])]
-        say(expected_time(reference, x_val, to_run, trials, device))
-        for rec in records:
-            rec["validation"] = None
-            if not any(rec is r for r in to_run):
-                continue
-            say(f"campaign on validation: {rec['name']} (x{rec['macs_ratio']:.3f} MACs at batch {batch}) ...")
-            folder = root / "validation" / rec["name"]
-            summary = _campaign(built[rec["name"]], x_val, y_val, [ber], trials, role_seed(seed, "validation"),
-                                folder, device, confidence=confidence)
-            rec["validation_clean"] = summary["golden_accuracy"]
-            rec["validation"] = _point(summary, ber)
-            # what the paired choice compares: every candidate's trial i drew from the same generator
-            rec["validation"]["trial_accuracy"] = trial_accuracies(folder, ber, rec["validation"]["trials"])
+        if timings:
+            resay(per_inference, "the measured latency")
+
+        def measured(seconds: float, rec: Mapping[str, Any], per_trial: float) -> None:
+            resay(seconds, "a campaign", f"{rec['name']}'s campaign ({per_trial:.2g} s per trial, set-up included)")
+
+        _validate(to_run, records, built, x_val, y_val, ber, stages, root, seed, device, confidence, tolerance,
+                  batch, say, race, measured)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -634,8 +956,22 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
               "latency": {"batches": sorted({batch, 1}), "threads": 1, "method": "cost.stable_latency",
                           "agreement": cost.AGREEMENT,
                           "rounds": {str(b): t["rounds"] for b, t in timings.items()},
-                          "converged": {str(b): t["converged"] for b, t in timings.items()}}
+                          "converged": {str(b): t["converged"] for b, t in timings.items()},
+                          "stopped_by": {str(b): t["stopped_by"] for b, t in timings.items()},
+                          "seconds": {str(b): t["seconds"] for b, t in timings.items()},
+                          "max_seconds": {str(b): v for b, v in budgets.items()},
+                          # the baselines over budget, timed apart (with the reference) in a share of the budget
+                          "shown": {"names": sorted(shown), "max_seconds_share": SHOWN_LATENCY_SHARE,
+                                    "rounds": {str(b): t["rounds"] for b, t in shown_timings.items()},
+                                    "converged": {str(b): t["converged"] for b, t in shown_timings.items()},
+                                    "seconds": {str(b): t["seconds"] for b, t in shown_timings.items()}}
+                          if shown else None}
               if measure_latency else None,
+              "race": {"enabled": race, "stages": stages,
+                       "test": "betting confidence sequence (metrics.BettingCS) of the paired per-trial "
+                               "differences to the most accurate choosable candidate, (d + 1) / 2; stop when "
+                               "it lies below -tolerance", "confidence": confidence,
+                       "stopped": {r["name"]: r["raced"]["stopped_at"] for r in records if r.get("raced")}},
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
               "fault_model": "float32 bit flips in Conv2d/Linear parameters, BatchNorm parameters and statistics "
                              "(none left once folded), protection values and code words attacked",
@@ -720,15 +1056,17 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 batch: int = cost.DEFAULT_BATCH,
                 allow_builder: str | None = None, source: str | None = None,
                 log: Callable[[str], Any] | None = None, device: str = "cpu",
-                confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE) -> ProtectResult:
+                confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE,
+                race: bool = True) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
-    scores and campaigns on ``device``.
+    scores and campaigns on ``device``; ``race``: see :func:`protect`.
 
     Example (minutes of CPU, so not run as a doctest)::
 
             protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
     check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
+    rules.check("race", race, "race")
     out = Path(out)
     train_set, test_set = data_mod.load(data, "train"), data_mod.load(data, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
@@ -736,7 +1074,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                          work_dir=out / "campaigns", log=log, device=device, confidence=confidence,
-                         tolerance=tolerance)
+                         tolerance=tolerance, race=race)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
         write_result(result, out, data=data, source=source)
     return result
