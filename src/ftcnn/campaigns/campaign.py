@@ -165,8 +165,11 @@ def memory_report(model: nn.Module, memory: FaultSpace | F.ParameterMemory, conf
     how many there were, and every parameter and buffer no fault hits
     (``faults.memory_coverage``), by name and in bits. ``memory``: the fault space (or a
     parameter memory): its ``total_bits()`` and ``stored`` tensors."""
-    return {"attack_protection": config.attack_protection, "fault_target_bits": memory.total_bits(),
-            **F.memory_coverage(model, memory.stored)}
+    spared = getattr(memory, "spared", frozenset())
+    targets = [name for name in memory.stored if name not in spared]
+    bits = memory.total_bits() - sum(memory.stored[n].numel() * memory.stored[n].element_size() * 8 for n in spared)
+    return {"attack_protection": config.attack_protection, "fault_target_bits": bits,
+            **F.memory_coverage(model, targets)}
 
 
 def _writable(folder: Path) -> bool:

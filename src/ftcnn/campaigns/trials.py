@@ -216,6 +216,8 @@ class CampaignConfig:
         d = self.recorded()
         for key in ("trials", "ci_half_width", "confidence", "min_trials", "precision") + EXECUTION_FIELDS:
             d.pop(key)
+        if pairs_unattacked(self):  # protection values drawn, then spared (issue 21): not the old draws
+            d["unattacked_draws"] = "paired"
         return d
 
     def recorded(self) -> dict[str, Any]:
@@ -264,11 +266,21 @@ def draw_trial_faults(memory: F.ParameterMemory, config: CampaignConfig, point: 
     """The faults of a plain trial, or (``stratum`` set) of the stratum's ``trial``-th trial."""
     rng = fault_space.trial_rng(config.seed, point, trial, stratum)
     if stratum is not None:
-        return strata.draw_faults(memory, rng, point, stratum, bits=config.bits, mode=config.mode)
-    if config.by == "ber":
+        faults = strata.draw_faults(memory, rng, point, stratum, bits=config.bits, mode=config.mode)
+    elif config.by == "ber":
         rates = F.layer_rates(memory, point, dict(config.ber_per_layer)) if config.ber_per_layer else None
-        return F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode, rates=rates)
-    return F.draw_faults(memory, rng, count=int(point), bits=config.bits, mode=config.mode)
+        faults = F.draw_faults(memory, rng, ber=point, bits=config.bits, mode=config.mode, rates=rates)
+    else:
+        faults = F.draw_faults(memory, rng, count=int(point), bits=config.bits, mode=config.mode)
+    return F.spare(faults, memory.spared) if memory.spared else faults
+
+
+def pairs_unattacked(config: CampaignConfig) -> bool:
+    """Whether protection values left unattacked (``attack_protection=False``) are drawn and then
+    dropped (``faults.spare``), so that every other fault equals the attacked campaign's, trial by
+    trial: the ablation is paired. Only for rates in float32 memory: a fault count over a smaller
+    memory is another quantity, and int8 cannot store an unprofiled (infinite) bound even to spare it."""
+    return not config.attack_protection and config.by == "ber" and config.dtype == "float32"
 
 
 # --- a block of inputs per trial (``inputs_per_trial``) ------------------------------------------
@@ -361,6 +373,11 @@ class ParameterSpace:
     @property
     def catastrophic(self) -> strata.Sensitivity | None:
         return self.memory.catastrophic
+
+    @property
+    def spared(self) -> frozenset[str]:
+        """Targets drawn over but never faulted (``pairs_unattacked``)."""
+        return self.memory.spared
 
     def total_bits(self) -> int:
         return self.memory.total_bits()
@@ -569,8 +586,12 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
         model = copy.deepcopy(model)  # rounding to the format must not touch the caller's model
     if config.device is not None:
         model, inputs, labels = model.to(config.device), inputs.to(config.device), labels.to(config.device)
-    memory = F.parameter_memory(model, config.dtype, include_bn=config.include_bn,
-                                layers=config.layers, include_protection=config.attack_protection)
+    paired = pairs_unattacked(config)
+    memory = F.parameter_memory(model, config.dtype, include_bn=config.include_bn, layers=config.layers,
+                                include_protection=config.attack_protection or paired)
+    if paired:
+        kept = F.fault_targets(model, include_bn=config.include_bn, layers=config.layers, include_protection=False)
+        memory.spared = frozenset(name for name in memory.stored if name not in kept)
     if memory.total_bits() == 0:
         raise ValueError("model has no Conv2d/Linear parameters to inject faults into")
     if config.ber_per_layer:  # a layer that holds no fault target: one line before any trial

@@ -213,6 +213,9 @@ class ParameterMemory:
     # the (target group, bit) pairs catastrophic for this model (``strata.Sensitivity``), measured
     # for ``--precision`` campaigns; they define its catastrophic stratum (``strata.Layout.of``)
     catastrophic: Any = None
+    # targets the draws cover but whose faults are dropped (:func:`spare`): the ablation that leaves
+    # protection values unattacked keeps every other fault of the same draw (paired arms)
+    spared: frozenset[str] = frozenset()
 
     @property
     def bits_per_element(self) -> int:
@@ -231,6 +234,13 @@ class ParameterMemory:
 
     def total_bits(self) -> int:
         return sum(t.numel() for t in self.stored.values()) * self.bits_per_element
+
+    def attacked(self) -> list[str]:
+        """The targets faults actually reach: ``stored`` less the ``spared`` ones."""
+        return [name for name in self.stored if name not in self.spared]
+
+    def attacked_bits(self) -> int:
+        return sum(self.stored[n].numel() for n in self.attacked()) * self.bits_per_element
 
     def decode(self, name: str, where: torch.Tensor) -> None:
         """Write the stored values at flat ``where`` into the float parameter."""
@@ -391,6 +401,27 @@ class Faults:
     def as_list(self) -> list[tuple[str, int, int]]:
         return [(name, int(i), int(b)) for name, (idx, bits) in self.sites.items()
                 for i, b in zip(idx, bits)]
+
+
+def spare(faults: Faults, names: Iterable[str]) -> Faults:
+    """``faults`` without the sites in ``names``: the other sites, bits and drawn values unchanged.
+
+    Why: leaving some memory unattacked by drawing over a smaller memory would change every
+    other draw too, so two arms (protection values attacked or not) would differ by more than
+    those values' faults. Drawing over the whole memory and dropping theirs pairs the arms
+    trial by trial; per-tensor Binomial draws are independent, so the faults kept have exactly
+    the distribution of a draw over the smaller memory.
+
+    Example:
+        >>> f = targeted([("a", 0, 30), ("b", 1, 2)])
+        >>> spare(f, {"b"}).as_list()
+        [('a', 0, 30)]
+    """
+    gone = set(names)
+    if not gone & set(faults.sites):
+        return faults
+    values = None if faults.values is None else {n: v for n, v in faults.values.items() if n not in gone}
+    return Faults({n: s for n, s in faults.sites.items() if n not in gone}, faults.mode, values)
 
 
 def targeted(faults: Sequence[tuple[str, int, int]], mode: str = "flip",
