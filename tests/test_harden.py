@@ -473,7 +473,7 @@ def test_cli_harden_check_weights(tmp_path: Path) -> None:
 
 def test_cli_bound_copies_reach_the_checkpoint(tmp_path: Path) -> None:
     """`ftcnn harden --bound-copies N` stores every bound N times (all fault targets), recorded in the
-    checkpoint; the default is harden()'s; anything but 1, 2 or 3 is one line before any work."""
+    checkpoint; the default is harden()'s; anything but 1, 2, 3 or 5 is one line before any work."""
     model = checkpoint.build("lenet5", num_classes=10, in_channels=1, input_size=8, width=0.5)
     ftcnn.save(model, tmp_path / "m.pt", data="digits")
     values = {}
@@ -489,7 +489,7 @@ def test_cli_bound_copies_reach_the_checkpoint(tmp_path: Path) -> None:
     assert values[3] == 3 * values[1] and values[None] == H.DEFAULT_BOUND_COPIES * values[1]
     r = run_cli("harden", str(tmp_path / "m.pt"), "--ratio", "0", "--check-weights", "zero", "--bound-copies", "4",
                 "-o", str(tmp_path / "d.pt"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --bound-copies must be 1, 2 or 3 (got 4)"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --bound-copies must be 1, 2, 3 or 5 (got 4)"]
     assert not (tmp_path / "d.pt").exists()
 
 

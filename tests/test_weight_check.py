@@ -57,17 +57,57 @@ def test_fault_free_bit_exact_grouped_and_depthwise() -> None:
         assert checked and all(m.check == "zero" for m in checked)
 
 
-def test_bounds_are_exact_min_max_per_channel() -> None:
+def test_bounds_are_min_max_per_channel_widened_by_the_slack() -> None:
+    """Each bound is its channel's extreme moved outwards by BOUND_SLACK of its magnitude, in every copy."""
     model = model_28("lenet5")
     hm = H.harden(model, ratio=0.0, check_weights="zero")
+    s = H.BOUND_SLACK
     for name, layer in H.target_layers(model).items():
         checked = hm.get_submodule(name).original
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-        assert torch.equal(checked.weight_low.reshape(-1), w.amin(1))
-        assert torch.equal(checked.weight_high.reshape(-1), w.amax(1))
-        assert checked.bias_low.item() == layer.bias.min().item()
-        assert checked.bias_high.item() == layer.bias.max().item()
+        low, high = w.amin(1), w.amax(1)
+        assert torch.equal(checked.weight_low.reshape(-1), low - low.abs() * s)
+        assert torch.equal(checked.weight_high.reshape(-1), high + high.abs() * s)
+        assert (checked.weight_low.reshape(-1) < low).all() and (checked.weight_high.reshape(-1) > high).all()
+        for copy_ in checked.weight_low_copies:
+            assert torch.equal(copy_, checked.weight_low)
+        b_low, b_high = layer.bias.min(), layer.bias.max()
+        assert checked.bias_low.item() == (b_low - b_low.abs() * s).item()
+        assert checked.bias_high.item() == (b_high + b_high.abs() * s).item()
         assert checked.weight is not layer.weight  # harden copies the model
+
+
+def test_a_small_tightening_flip_in_most_copies_cuts_nothing() -> None:
+    """The failure the slack removes (ResNet-20, 1e-3): copies of a bound tightened by low mantissa
+    flips used to cut the channel's extreme weight; now outputs stay those of the fault-free model.
+    With the bounds exact (slack 0) the same flips change the output: the test can fail."""
+    model = model_28("lenet5")
+    x = torch.randn(8, 1, 28, 28)
+    layer = model.get_submodule("features.0")
+    channel = int(layer.weight.reshape(layer.weight.shape[0], -1).amin(1).argmin())
+    n = layer.weight.shape[0]
+
+    def faulty_output(slack: float) -> torch.Tensor:
+        old = H.BOUND_SLACK
+        H.BOUND_SLACK = slack
+        try:
+            hm = H.harden(model, ratio=0.0, check_weights="zero", bound_copies=5)
+        finally:
+            H.BOUND_SLACK = old
+        memory = F.parameter_memory(hm)
+        # set mantissa bits of the bound's magnitude: clearing one shrinks |low|, i.e. tightens it
+        word = int(hm.get_submodule("features.0").original.weight_low.reshape(-1)[channel].view(torch.int32))
+        bits = [b for b in range(18, 4, -1) if word >> b & 1][:3]
+        assert len(bits) == 3
+        flips = [("features.0.original.weight_low", channel, bits[0])] + \
+            [("features.0.original.weight_low_copies", k * n + channel, bits[k + 1]) for k in range(2)]
+        with F.injected(memory, F.targeted(flips)), torch.no_grad():
+            return hm(x)
+
+    with torch.no_grad():
+        clean = model(x)
+    assert torch.equal(faulty_output(H.BOUND_SLACK), clean)
+    assert not torch.equal(faulty_output(0.0), clean)
 
 
 # --- faults ------------------------------------------------------------------------------
@@ -92,7 +132,8 @@ def test_flipped_weight_is_neutralised() -> None:
             with torch.no_grad():
                 w = reference.get_submodule(layer_name).weight.reshape(-1)
                 flat = layer.weight.reshape(layer.weight.shape[0], -1)
-                w[index] = 0.0 if mode == "zero" else (flat[channel].max() if flipped > 0 else flat[channel].min())
+                edge = flat[channel].max() if flipped > 0 else flat[channel].min()
+                w[index] = 0.0 if mode == "zero" else H.widened(edge, "high" if flipped > 0 else "low")
                 assert torch.equal(faulty, reference(x)), (layer_name, mode)
             # unprotected: the same flip wrecks the output
             with F.injected(F.parameter_memory(model), F.targeted([(f"{layer_name}.weight", index, 30)])):

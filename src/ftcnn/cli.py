@@ -185,9 +185,9 @@ def _check_device(device: str) -> None:
 
 
 def _bound_copies(value: Optional[int]) -> Optional[int]:
-    """``harden --bound-copies``: 1, 2 or 3, checked as it is parsed (one line, before any work)."""
-    if value is not None and value not in (1, 2, 3):
-        raise ValueError(f"--bound-copies must be 1, 2 or 3 (got {value})")
+    """``harden --bound-copies``: 1, 2, 3 or 5, checked as it is parsed (one line, before any work)."""
+    if value is not None and value not in (1, 2, 3, 5):
+        raise ValueError(f"--bound-copies must be 1, 2, 3 or 5 (got {value})")
     return value
 
 
