@@ -442,3 +442,29 @@ def test_latency_timing_is_capped_and_the_baselines_over_budget_are_timed_apart(
     # the unprotected model IS the reference: its ratio is 1 by definition, not a second timing's noise
     assert result.record("none")["latency_ratio"] == 1.0
     assert result.record("full_tmr")["latency_ratio"] > 1 and result.record("restrict_zero_m0.1")["latency_ratio"]
+
+
+def test_validation_trials_evaluate_one_paired_block(lenet, digits, tmp_path, monkeypatch):
+    """``validation_inputs``: each validation campaign evaluates a seeded block of that many inputs per
+    trial, and every candidate gets the same block at trial i (its config is identical but for the
+    model): the choice stays paired. Recorded in the config; 0 is refused in one line."""
+    net, _ = lenet
+    x, y = digits[0].tensors
+    seen = []
+    real = P._campaign
+
+    def spy(model, xs, ys, bers, trials, seed, folder, device="cpu", inputs_per_trial=None, **kw):
+        seen.append((inputs_per_trial, seed, len(xs)))
+        return real(model, xs, ys, bers, trials, seed, folder, device, inputs_per_trial=inputs_per_trial, **kw)
+
+    monkeypatch.setattr(P, "_campaign", spy)
+    space = [c for c in P.candidates(restricts=[("zero", 0.1)], corrections=[], weight_checks=False, codes=False)
+             if c.name in ("none", "restrict_zero_m0.1")]
+    result = P.protect(net, x, y, ber=BER, max_macs=1.15, trials=4, space=space, measure_latency=False,
+                       validation_inputs=50, race=False, work_dir=tmp_path)
+    assert result.config["validation_inputs_per_trial"] == 50
+    assert len(seen) == 2 and len(set(seen)) == 1 and seen[0][0] == 50
+    summary = json.loads((tmp_path / "validation" / "none" / "summary.json").read_text())
+    assert summary["config"]["inputs_per_trial"] == 50
+    with pytest.raises(ValueError, match="validation_inputs"):
+        P.protect(net, x, y, ber=BER, trials=2, space=space, measure_latency=False, validation_inputs=0)

@@ -777,6 +777,7 @@ def protect(
     confidence: float = _option("confidence", "protect"),
     tolerance: float = _option("tolerance", "protect"),
     race: bool = _option("race", "protect", "--race/--no-race"),
+    validation_inputs: int = _option("validation_inputs", "protect"),
     threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
@@ -795,7 +796,7 @@ def protect(
                                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                                          allow_builder=model_spec, source=str(checkpoint_path),
                                          log=console.print, device=device, confidence=confidence,
-                                         tolerance=tolerance, race=race)
+                                         tolerance=tolerance, race=race, validation_inputs=validation_inputs)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
                       + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")

@@ -103,6 +103,11 @@ ALPHA = 0.05
 DEFAULT_CONFIDENCE = 1 - ALPHA  # the campaigns' intervals; the choice's one-sided test runs at 1 - confidence
 # points of validation accuracy a cheaper candidate may lose against the most accurate one, shown by test
 DEFAULT_TOLERANCE = rules.RULES["tolerance"].default
+# validation inputs per trial (a seeded block, the same for every candidate at trial i): at the BERs protect
+# chooses at, the spread between fault draws (5-15 points at 1e-3) dwarfs a 200-input block's sampling
+# error (~1.2 points at 97%), so a trial on 200 of the 800 inputs costs a quarter and loses little power
+# (issue 24: ResNet-20's validation campaigns took 24 of protect's 52 minutes)
+DEFAULT_VALIDATION_INPUTS = rules.RULES["validation_inputs"].default
 # stored-word codes tried behind the weight check (``ftcnn.protection.codes``): measured on LeNet-5 at BER 1e-3
 # (experiments/results/memory_codes.md) these two are the ones worth their memory; plain ``parity``
 # zeroes too many harmless mantissa flips and is only a baseline
@@ -588,7 +593,8 @@ def race_stops(running: Sequence[Mapping[str, Any]], trials: int, tolerance: flo
 def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], built: Mapping[str, nn.Module],
               x_val: torch.Tensor, y_val: torch.Tensor, ber: float, stages: Sequence[int], root: Path, seed: int,
               device: str, confidence: float, tolerance: float, batch: int, say: Callable[[str], Any],
-              race: bool, measured: Callable[[float, Mapping[str, Any], float], Any] | None = None) -> None:
+              race: bool, measured: Callable[[float, Mapping[str, Any], float], Any] | None = None,
+              inputs_per_trial: int | None = None) -> None:
     """The validation campaigns of ``to_run``, stage by stage (``stages``: the trial counts; one
     stage without racing): every candidate still running resumes its campaign folder to the
     stage's trials (trials are not part of a campaign's identity; trial ``i`` is the same
@@ -613,7 +619,8 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
                 + (f", trials {ran}-{n - 1}" if staged else "") + " ...")
             folder = root / "validation" / rec["name"]
             summary, seconds = progress.timed(_campaign, built[rec["name"]], x_val, y_val, [ber], n,
-                                              role_seed(seed, "validation"), folder, device, confidence=confidence)
+                                              role_seed(seed, "validation"), folder, device, confidence=confidence,
+                                              inputs_per_trial=inputs_per_trial)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
             # what the paired choice compares: every candidate's trial i drew from the same generator
@@ -763,7 +770,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             space: Sequence[Candidate] | None = None,
             work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
             device: str = "cpu", confidence: float = DEFAULT_CONFIDENCE,
-            tolerance: float = DEFAULT_TOLERANCE, race: bool = True) -> ProtectResult:
+            tolerance: float = DEFAULT_TOLERANCE, race: bool = True,
+            validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS) -> ProtectResult:
     """Search the protections of design §4 for the most robust one within a cost budget.
 
     Args:
@@ -798,6 +806,9 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         reference: the model costs are relative to (default: ``model``'s deployed form; the
             end-to-end pipeline passes the unpruned original, folded the same way).
         validation_fraction: share of the training data held out per class.
+        validation_inputs: validation inputs each trial evaluates, a seeded random block that is the
+            same for every candidate at trial ``i`` (so the choice stays paired); None or at least
+            the split's size: all of them. Default 200: a quarter of mnist5k's 800 per trial.
         calibration_size: fit inputs the ranges are profiled on.
         measure_latency: time every candidate (needed when ``max_latency`` is given), within
             ``latency_budgets`` seconds per batch; the baselines over budget apart from the rest.
@@ -822,6 +833,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
                  max_memory=max_memory)
     rules.check("confidence", confidence, "confidence")
     rules.check("tolerance", tolerance, "tolerance")
+    if validation_inputs is not None:
+        rules.check("validation_inputs", validation_inputs, "validation_inputs")
     rules.check("race", race, "race")
     alpha = round(1 - confidence, 12)  # the choice's one-sided test: 0.05 at the default 0.95
     say = log or (lambda *_: None)
@@ -881,8 +894,10 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         say(expected_timing(reference, input_shape, [choosable, shown], budgets,
                             {r["name"]: {batch: r["macs_ratio"], 1: r["cost"]["macs_ratio_batch1"]}
                              for r in records if r.get("built")}))
-    per_inference = inference_seconds(reference, x_val, device)
-    say(expected_time(reference, x_val, to_run, trials, device, stages=stages, seconds=per_inference))
+    block = None if validation_inputs is None or validation_inputs >= len(x_val) else int(validation_inputs)
+    x_trial = x_val if block is None else x_val[:block]  # what one trial evaluates: the estimates' unit
+    per_inference = inference_seconds(reference, x_trial, device)
+    say(expected_time(reference, x_trial, to_run, trials, device, stages=stages, seconds=per_inference))
     said = [validation_seconds(per_inference, to_run, trials, stages)[1]]  # the validation estimate last said
 
     def resay(seconds: float, why: str, source: str | None = None) -> None:
@@ -891,7 +906,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         high = validation_seconds(seconds, to_run, trials, stages)[1]
         if not said[0] / progress.RESAY <= high <= said[0] * progress.RESAY:
             said[0] = high
-            say(f"re-estimated from {why}: " + expected_time(reference, x_val, to_run, trials, device, stages=stages,
+            say(f"re-estimated from {why}: " + expected_time(reference, x_trial, to_run, trials, device, stages=stages,
                                                               seconds=seconds, source=source))
 
     timings: dict[int, dict[str, Any]] = {}
@@ -930,7 +945,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             resay(seconds, "a campaign", f"{rec['name']}'s campaign ({per_trial:.2g} s per trial, set-up included)")
 
         _validate(to_run, records, built, x_val, y_val, ber, stages, root, seed, device, confidence, tolerance,
-                  batch, say, race, measured)
+                  batch, say, race, measured, inputs_per_trial=block)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -947,6 +962,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     config = {"ber": ber, "max_macs": max_macs, "max_latency": max_latency, "max_memory": max_memory,
               "trials": trials, "seed": seed, "fold_bn": folding, "confidence": confidence,
               "validation_fraction": validation_fraction, "validation_size": len(x_val),
+              "validation_inputs_per_trial": block or len(x_val),
               "fit_size": len(x_fit), "calibration_size": len(calibration), "batch": batch,
               "choice": {"rule": "cheapest (MACs at batch, then latency) shown within tolerance of the most "
                                  "accurate, paired by trial", "test": "paired sign-flip of non-inferiority "
@@ -1057,9 +1073,9 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 allow_builder: str | None = None, source: str | None = None,
                 log: Callable[[str], Any] | None = None, device: str = "cpu",
                 confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE,
-                race: bool = True) -> ProtectResult:
+                race: bool = True, validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
-    scores and campaigns on ``device``; ``race``: see :func:`protect`.
+    scores and campaigns on ``device``; ``race``, ``validation_inputs``: see :func:`protect`.
 
     Example (minutes of CPU, so not run as a doctest)::
 
@@ -1067,6 +1083,8 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
     """
     check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
     rules.check("race", race, "race")
+    if validation_inputs is not None:
+        rules.check("validation_inputs", validation_inputs, "--validation-inputs")
     out = Path(out)
     train_set, test_set = data_mod.load(data, "train"), data_mod.load(data, "test")
     campaign.check_input_shape(model, test_set.tensors[0][:1])
@@ -1074,7 +1092,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                          work_dir=out / "campaigns", log=log, device=device, confidence=confidence,
-                         tolerance=tolerance, race=race)
+                         tolerance=tolerance, race=race, validation_inputs=validation_inputs)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns")
         write_result(result, out, data=data, source=source)
     return result
