@@ -1,106 +1,256 @@
 """Does the protection's own memory still cost accuracy once its bounds fail safe (issue 21)?
 
-    OMP_NUM_THREADS=1 python experiments/failsafe_bounds.py [--trials 1000] [--model /tmp/lenet5.pt]
+    OMP_NUM_THREADS=2 python experiments/failsafe_bounds.py [--trials 100] [--models lenet5 vgg11 resnet20]
 
-A LeNet-5 trained on mnist5k (``ftcnn train --model lenet5 --data mnist5k --epochs
-5 --seed 0``; trained the same way if ``--model`` is missing), hardened with the
-weight check and range restriction (both ``zero``, margin 0.1, ranges profiled
-on 1,000 training inputs, as experiments/limits_1e3.py does), storing every
-bound 1, 2 or 3 times (``harden(bound_copies=...)``: one copy; the looser of
-two; the median of three). Campaigns at BER 1e-3 on the test split, each trial
-on a random block of 100 test inputs, with the protection's values attacked
-(every stored copy, the default) and not attacked. The gap between the two says
-what the protection's own memory costs; the goal is <= 0.3 point.
+For each model of experiments/protect.py (LeNet-5, VGG-11 width 0.25, ResNet-20; mnist5k, seed 0,
+trained into ``--out`` with ``pipeline.train_or_load``, then BatchNorm folded: the deployed form),
+the protection protect.md chose at BER 1e-3 (``CHOSEN``, taken by name from
+``protect.candidates()``), its ranges profiled on the 1,000 calibration inputs protect uses (a
+seeded subset of the fit part of the 80/20 validation split of the training data). Every bound is
+stored 1, 2, 3 or 5 times (``harden(bound_copies=...)``). For each layout, two test-split campaigns
+at BER 1e-3 with the same seed (protect's test role seed), each trial on a random block of 200
+test inputs: the protection's values attacked, and not attacked. Not attacked, the faults are
+drawn over the whole memory and those landing in protection values dropped
+(``trials.pairs_unattacked``), so trial i of both arms shares every other fault: the gap is the
+mean of per-trial differences with ftcnn's paired interval (``paired.paired_test``). Goal: the
+whole interval within 0.3 point of zero.
+
+Campaign folders go under ``--out`` (``<model>/copies<k>_<attacked|spared>``): a rerun resumes
+them, and one with more ``--trials`` extends them. The page is generated (no number typed).
 """
 
 from __future__ import annotations
 
 import argparse
-import sqlite3
+import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from ftcnn import data, files, splits
+import ftcnn
+from ftcnn import data, files, readback, splits
+from ftcnn.campaigns import metrics, seeds
+from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
+from ftcnn.campaigns.paired import paired_test
 from ftcnn.flows import pipeline
 from ftcnn.protection import cost, hardening
+from ftcnn.protection import protect as P
 
-from _common import ci_text, commit  # experiments/_common.py (run as a script from the repo root)
-from ftcnn.campaigns.campaign import CampaignConfig, run_campaign
-from ftcnn.campaigns.paired import welch_test
+from _common import commit  # experiments/_common.py (run as a script from the repo root)
 
+DATA = "mnist5k"
 BER = 1e-3
-GOAL = 0.003  # the gap the issue allows, as a share
-LAYOUTS = {1: "one copy (before)", 2: "two copies, looser used", 3: "three copies, median used"}
+MODELS = {"lenet5": (1.0, 5), "vgg11": (0.25, 3), "resnet20": (1.0, 3)}  # name -> (width, training epochs)
+# what protect.md chose at BER 1e-3 for each model (experiments/results/protect.md)
+CHOSEN = {"lenet5": "weights_zero+restrict_zero_m0.1_p90", "vgg11": "weights_zero+restrict_clamp_m0.1",
+          "resnet20": "weights_zero+restrict_zero_m0.1_p90"}
+LAYOUTS = {1: "1 copy", 2: "2 copies, looser used", 3: "3 copies, median", 5: "5 copies, median"}
+GOAL = 0.003  # the gap the issue allows (share): the whole paired interval within +-GOAL
+INPUTS_PER_TRIAL = 200
+VALIDATION_FRACTION, CALIBRATION_SIZE = 0.2, 1000  # protect's defaults
 
 
-def trial_accuracies(folder: Path) -> list[float]:
-    """Every trial's accuracy of a finished one-point campaign, by trial number."""
-    with sqlite3.connect(folder / "results.sqlite") as db:
-        return [r[0] for r in db.execute("SELECT accuracy FROM trials ORDER BY trial")]
+def settings_of(name: str) -> dict[str, Any]:
+    """``harden`` keywords of the protection chosen for ``name``, as protect builds it."""
+    cand = next(c for c in P.candidates() if c.name == CHOSEN[name])
+    assert cand.settings is not None and not cand.duplicate
+    return dict(cand.settings)
+
+
+def trial_list(folder: Path, trials: int) -> list[float]:
+    """Per-trial accuracies 0..trials-1 of the finished campaign in ``folder``, by trial."""
+    got = P.trial_accuracies(folder, BER, trials)
+    if len(got) != trials:
+        raise RuntimeError(f"{folder}: {len(got)} of {trials} trials stored")
+    return [got[str(t)] for t in range(trials)]
+
+
+def arm(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and interval of one arm, by the campaigns' rule for a fixed number of trials."""
+    ci, method = metrics.fixed_n_ci(values)
+    return {"accuracy": float(np.mean(values)), "ci": ci, "ci_method": method}
+
+
+def run_model(name: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """Train or load, deploy, harden in every layout, run both arms of each; the rows of the page."""
+    width, epochs = MODELS[name]
+    start = time.time()
+    net = pipeline.train_or_load(args.out / name / "model.pt", name, DATA, epochs=epochs, width=width,
+                                 seed=args.seed).eval()
+    deployed, folding = P.deployed_form(net)
+    x_train, y_train = data.load(DATA, "train").tensors
+    x_test, y_test = data.load(DATA, "test").tensors
+    (x_fit, _), _ = splits.validation_split(x_train, y_train, VALIDATION_FRACTION, args.seed)
+    calibration = splits.calibration_subset(x_fit, CALIBRATION_SIZE, args.seed)
+    settings = settings_of(name)
+    base_bits = cost.memory_bits(deployed)
+    fault_seed = seeds.role_seed(args.seed, "test")
+    rows, clean, resumed = [], None, 0
+    # seconds each campaign folder's trials took, summed over the runs that computed them: a resumed
+    # rerun (e.g. after a change to this page) keeps what the measurement cost
+    timings_path = args.out / name / "campaign_seconds.json"
+    timings: dict[str, Any] = readback.read_json(timings_path, readback.SETTINGS) if timings_path.is_file() else {}
+    campaign_seconds = 0.0
+    for copies, label in LAYOUTS.items():
+        hard = hardening.harden(deployed, calibration=calibration, bound_copies=copies, **settings)
+        arms: dict[bool, list[float]] = {}
+        for attacked in (True, False):
+            folder = args.out / name / f"copies{copies}_{'attacked' if attacked else 'spared'}"
+            resumed += (folder / "summary.json").is_file()
+            before = len(P.trial_accuracies(folder, BER, args.trials))
+            config = CampaignConfig(bers=(BER,), trials=args.trials, seed=fault_seed,
+                                    inputs_per_trial=INPUTS_PER_TRIAL, attack_protection=attacked)
+            t0 = time.time()
+            summary = run_campaign(hard, x_test, y_test, config, folder, progress=False)
+            if before < args.trials:  # trials computed now: their time joins the campaign's record
+                spent = timings.get(folder.name, {"seconds": 0.0})
+                timings[folder.name] = {"seconds": spent["seconds"] + time.time() - t0, "trials": args.trials,
+                                        "threads": torch.get_num_threads()}
+                files.write_json(timings_path, timings)
+            campaign_seconds += timings.get(folder.name, {}).get("seconds", 0.0)
+            clean = summary["golden_accuracy"]
+            arms[attacked] = trial_list(folder, args.trials)
+            log(f"{name}: {label}, protection {'attacked' if attacked else 'not attacked'}: "
+                f"{100 * np.mean(arms[attacked]):.2f}% ({time.time() - t0:.0f} s)")
+        gap = paired_test(arms[False], arms[True])  # attacked - not attacked, trial by trial
+        diffs = np.asarray(arms[True]) - np.asarray(arms[False])
+        values = cost.protection_values(hard)
+        rows.append({"copies": copies, "label": label, "protection_values": values,
+                     "stored_values": cost.parameters(hard), "memory_ratio": cost.memory_bits(hard) / base_bits,
+                     "attacked": arm(arms[True]), "not_attacked": arm(arms[False]), "gap": gap,
+                     "worst": float(diffs.min()), "best": float(diffs.max()),
+                     "differing": int(np.count_nonzero(diffs)),
+                     "within": bool(max(abs(gap["ci"][0]), abs(gap["ci"][1])) <= GOAL)})
+    return {"name": name, "width": width, "epochs": epochs, "chosen": CHOSEN[name], "settings": settings,
+            "folded": folding["folded"], "clean": clean, "rows": rows, "seconds": time.time() - start,
+            "campaign_seconds": campaign_seconds,
+            "resumed": resumed, "fault_seed": fault_seed}
+
+
+def fewest_pairs_all_equal(limit: int = 1_000_000) -> int:
+    """The fewest pairs at which ``paired_test``'s interval of all-zero differences lies within
+    +-GOAL (bisection: the interval narrows as pairs are added)."""
+    def fits(n: int) -> bool:
+        low, high = paired_test([0.5] * n, [0.5] * n)["ci"]
+        return max(abs(low), abs(high)) <= GOAL
+    lo, hi = 1, 2
+    while not fits(hi):
+        lo, hi = hi, 2 * hi
+        if hi > limit:
+            return limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def acc(a: Mapping[str, Any]) -> str:
+    return f"{100 * a['accuracy']:.2f} [{100 * a['ci'][0]:.2f}, {100 * a['ci'][1]:.2f}]"
+
+
+def model_section(m: Mapping[str, Any], trials: int) -> list[str]:
+    setting_text = ", ".join(f"{k}={v!r}" for k, v in m["settings"].items())
+    lines = [f"## {m['name']} (width {m['width']:g}, {m['epochs']} epochs)", "",
+             f"Protection `{m['chosen']}` (`harden({setting_text}, bound_copies=k)`); BatchNorm folded: "
+             f"{'yes' if m['folded'] else 'none to fold'}; fault-free test accuracy of the protected deployed "
+             f"model {100 * m['clean']:.2f}%. {trials} trials per arm; the {2 * len(m['rows'])} campaigns took "
+             f"{m['campaign_seconds'] / 60:.1f} min in all (summed over the runs that computed their trials); "
+             f"this run spent {m['seconds'] / 60:.1f} min on the model ({m['resumed']} campaigns found begun "
+             "before it).", "",
+             "| bounds stored as | protection values (share of stored values) | memory x | attacked acc [95% CI] "
+             "| not attacked acc [95% CI] | gap, attacked - not (points) [95% CI] | worst trial (points) "
+             f"| trials that differ | whole CI within {100 * GOAL:.1f} point |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+        g = r["gap"]
+        default = " (default)" if r["copies"] == hardening.DEFAULT_BOUND_COPIES else ""
+        lines.append(f"| {r['label']}{default} | {r['protection_values']:,} "
+                     f"({100 * r['protection_values'] / r['stored_values']:.2f}%) | {r['memory_ratio']:.4f} | "
+                     f"{acc(r['attacked'])} | {acc(r['not_attacked'])} | "
+                     f"{pts(g['mean_difference'])} [{pts(g['ci'][0])}, {pts(g['ci'][1])}] | {pts(r['worst'])} | "
+                     f"{r['differing']} of {g['n']} | {'yes' if r['within'] else 'no'} |")
+    return lines + [""]
+
+
+def markdown(models: Sequence[Mapping[str, Any]], args: argparse.Namespace, seconds: float) -> str:
+    threads = torch.get_num_threads()
+    cmd = f"OMP_NUM_THREADS={threads} python experiments/failsafe_bounds.py --trials {args.trials}"
+    if [m["name"] for m in models] != list(MODELS):
+        cmd += " --models " + " ".join(m["name"] for m in models)
+    if args.seed != 0:
+        cmd += f" --seed {args.seed}"
+    floor = paired_test([0.5] * args.trials, [0.5] * args.trials)
+    all_equal = fewest_pairs_all_equal()
+    methods = sorted({r["gap"]["ci_method"] for m in models for r in m["rows"]})
+    lines = [
+        f"# Fail-safe protection memory: attacked vs not, paired by trial ({DATA}, BER {BER:g})", "",
+        "Generated by `experiments/failsafe_bounds.py`; every number below comes from its campaigns.", "",
+        f"Command: `{cmd}` (out folder `{args.out}`) on commit {commit()}; {seconds / 60:.1f} min wall time, "
+        f"{threads} torch threads; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"numpy {np.__version__}, ftcnn {ftcnn.__version__}.", "",
+        "Method: each model trained on mnist5k (seed 0) and deployed (BatchNorm folded), protected with the "
+        f"protection experiments/results/protect.md chose at BER {BER:g}, ranges profiled on the "
+        f"{CALIBRATION_SIZE:,} calibration inputs `protect` uses (fit part of its {VALIDATION_FRACTION:g} "
+        f"validation split), weight-check bounds widened by {hardening.BOUND_SLACK:g} of their magnitude, "
+        "every bound stored 1, 2, 3 or 5 times (`harden(bound_copies=k)`: one copy; the looser of two; "
+        f"the median of three or five). Test-split campaigns at BER {BER:g}, float32 bit flips in every "
+        f"stored value, fault seed {models[0]['fault_seed'] if models else '-'} (protect's test role) for "
+        f"both arms, each trial on a random block of {INPUTS_PER_TRIAL} of the test inputs (unbiased). "
+        "Not attacked: faults drawn over the same whole memory, those in protection values dropped, so trial "
+        "i of the two arms differs only by the faults in protection values. Accuracy in %: mean [95% CI]. "
+        "Gap: mean of the per-trial differences, attacked - not attacked, in points, with "
+        f"`paired.paired_test`'s interval ({', '.join(methods) or '-'}); worst trial: the most negative "
+        "difference. Protection values: bounds and their copies, range limits (attacked memory); share of "
+        "the protected model's stored values (parameters + protection values). Memory x: every stored bit "
+        "(`cost.memory_bits`) of the protected over the unprotected deployed model.", "",
+        f"At {args.trials} pairs the paired interval is {floor['ci_method']}: even with every difference "
+        f"zero it is [{pts(floor['ci'][0])}, {pts(floor['ci'][1])}] points. The {100 * GOAL:.1f}-point goal can "
+        f"be shown from {metrics.BOUNDED_CI_BELOW:,} pairs on when the differences vary (Student-t there), and "
+        f"from {all_equal:,} pairs on when they are all equal (the betting interval stays in use).", ""]
+    for m in models:
+        lines += model_section(m, args.trials)
+    lines += ["## Summary", ""]
+    for m in models:
+        lines.append(f"- {m['name']}: " + "; ".join(
+            f"{r['copies']} cop{'y' if r['copies'] == 1 else 'ies'} gap {pts(r['gap']['mean_difference'])} "
+            f"(worst {pts(r['worst'])}, trials that differ {r['differing']}), memory x{r['memory_ratio']:.4f}, "
+            f"within: {'yes' if r['within'] else 'no'}" for r in m["rows"]))
+    return "\n".join(lines + [""])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--model", type=Path, default=Path("/tmp/lenet5.pt"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/failsafe_bounds.md"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=100, help="trials per arm (campaign)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seed", type=int, default=0, help="training, split and fault seed (protect's)")
+    parser.add_argument("--out", type=Path, default=Path("runs/failsafe"),
+                        help="models and campaign folders (resumed by a rerun)")
+    parser.add_argument("--results", type=Path, default=Path("experiments/results/failsafe_bounds.md"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    net = pipeline.train_or_load(args.model, "lenet5", "mnist5k", epochs=5, seed=0)
-    train_x, _ = data.load("mnist5k", "train").tensors
-    x, y = data.load("mnist5k", "test").tensors
-    calibration = splits.calibration_subset(train_x, 1000, seed=0)
-    base_params = cost.parameters(net)
-    models = {copies: hardening.harden(net, ratio=0.0, check_weights="zero", restrict="zero", range_margin=0.1,
-                                       calibration=calibration, bound_copies=copies) for copies in LAYOUTS}
-    rows, start = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        def campaign(copies: int, attacked: bool) -> tuple[str, list[float], float]:
-            folder = Path(tmp) / f"{copies}-{attacked}"
-            config = CampaignConfig(bers=(BER,), trials=args.trials, seed=0, inputs_per_trial=100,
-                                    attack_protection=attacked)
-            summary = run_campaign(models[copies], x, y, config, folder, progress=False)
-            r = summary["results"][0]
-            return ci_text(r["accuracy_mean"], r["accuracy_ci"]), trial_accuracies(folder), summary["golden_accuracy"]
+    if args.trials < 2:
+        parser.error(f"--trials must be at least 2 (got {args.trials})")
+    if not args.results.parent.is_dir():
+        parser.error(f"--results folder {args.results.parent} does not exist")
+    began = time.time()
 
-        # not attacked, every layout computes the same values (tested bit for bit) on the same
-        # draws (the same weight memory and seed): one campaign stands for all three
-        unattacked, reference, clean = campaign(1, False)
-        for copies, label in LAYOUTS.items():
-            attacked, trials, _ = campaign(copies, True)
-            gap = welch_test(reference, trials)  # attacked - unattacked
-            method = gap["ci_method"]
-            memory = cost.protection_values(models[copies])
-            within = max(abs(gap["ci"][0]), abs(gap["ci"][1])) <= GOAL
-            rows.append(f"| {label} | {memory:,} ({100 * memory / base_params:.1f}%) | {attacked} | {unattacked} | "
-                        f"{ci_text(gap['mean_difference'], gap['ci'])} (p={gap['p_t']:.2g}) | "
-                        f"{'yes' if within else 'no'} |")
-            print(rows[-1], flush=True)
-    text = "\n".join([
-        "# Fail-safe protection memory (LeNet-5, mnist5k, BER 1e-3)", "",
-        f"Command: `OMP_NUM_THREADS=1 python experiments/failsafe_bounds.py --trials {args.trials} "
-        f"--model {args.model}` on commit {commit()} ({time.time() - start:.0f} s, 1 thread, "
-        f"Python {sys.version.split()[0]}, torch {torch.__version__}).", "",
-        f"Model: LeNet-5 trained on mnist5k (5 epochs, seed 0), clean test accuracy {100 * clean:.2f}%, "
-        "hardened with the weight check and range restriction (`zero`, margin 0.1, ranges from 1,000 "
-        "training inputs). Every bound stored 1, 2 or 3 times (`harden(bound_copies=...)`). "
-        f"BER {BER:g} on every bit of the float32 parameters and, when attacked, of every stored copy of "
-        f"every bound. {args.trials} trials per cell, each on a random block of 100 of the 1,000 test inputs "
-        "(unbiased). Accuracy in %: mean [95% CI]; the gap is attacked - not attacked in points, "
-        f"Welch's test (unpaired: the attacked memory is larger, so the draws differ; CI: {method}).", "",
-        "| bounds stored as | protection values (share of parameters) | bounds attacked | not attacked "
-        f"| gap (points) | whole gap CI within {100 * GOAL:.1f} point |",
-        "|---|---|---|---|---|---|", *rows, "",
-        "Not attacked, the three layouts compute the same values on the same draws (the same weight memory "
-        "and seed), so one campaign gives that column for all three. Default of `harden` (and so of "
-        f"`ftcnn harden`/`protect`): {hardening.DEFAULT_BOUND_COPIES} copies.", ""])
-    files.write_text(args.out, text)
+    def log(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} +{(time.time() - began) / 60:.1f} min] {text}", flush=True)
+
+    names = [n for n in MODELS if n in args.models]
+    done = [run_model(name, args, log) for name in names]
+    text = markdown(done, args, time.time() - began)
+    files.write_text(args.results, text)
     print(text)
+    log(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
