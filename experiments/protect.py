@@ -120,6 +120,7 @@ def run_cell(name: str, net: torch.nn.Module, ber: float, args: argparse.Namespa
                      "within_budget": rec["within_budget"], "validation": rec["validation"]})
     return {"settings": settings, "model": name, "ber": ber, "chosen": result.chosen, "reason": result.reason,
             "fold_bn": result.config["fold_bn"], "validation_size": result.config["validation_size"],
+            "validation_inputs_per_trial": result.config.get("validation_inputs_per_trial"),
             "test_role": "test", "test_fault_seed": seeds.role_seed(args.seed, "test"),
             "rows": rows, "ablation": {"attacked": test[result.chosen]["bers"][ber_tag(ber)],
                                        "not_attacked": spared["bers"][ber_tag(ber)]},
@@ -142,6 +143,15 @@ def command_of(args: argparse.Namespace, name: str, ber: float) -> str:
 
 
 # --- the page --------------------------------------------------------------------------------------
+
+def validation_inputs(cell: Mapping[str, Any]) -> str:
+    """What one validation trial evaluated: all of the split, or a seeded block of it (cells made before
+    ``protect``'s ``validation_inputs`` evaluated all of it)."""
+    block, size = cell.get("validation_inputs_per_trial"), cell["validation_size"]
+    if block is None or block >= size:
+        return f"all {size} validation inputs"
+    return f"a random block of {block} of the {size} validation inputs (the same block for every candidate)"
+
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -211,7 +221,7 @@ def model_section(name: str, cells: Sequence[Mapping[str, Any]]) -> list[str]:
         clean = rows["unprotected"]["clean"]
         lines += [f"### BER {cell['ber']:g}", "",
                   f"Command: `{cell['command']}` ({cell['seconds'] / 60:.0f} min). {s['trials']} validation trials "
-                  f"per candidate on {cell['validation_size']} inputs; {s['test_trials']} test trials per row"
+                  f"per candidate, each on {validation_inputs(cell)}; {s['test_trials']} test trials per row"
                   + (f", each on a random block of {blocks} test inputs" if blocks else ", all test inputs")
                   + f". BatchNorm folded: {'yes' if cell['fold_bn']['folded'] else 'none to fold'}. "
                   f"Clean test accuracy (deployed form): {pct(clean)}.", "",
