@@ -235,13 +235,6 @@ class ParameterMemory:
     def total_bits(self) -> int:
         return sum(t.numel() for t in self.stored.values()) * self.bits_per_element
 
-    def attacked(self) -> list[str]:
-        """The targets faults actually reach: ``stored`` less the ``spared`` ones."""
-        return [name for name in self.stored if name not in self.spared]
-
-    def attacked_bits(self) -> int:
-        return sum(self.stored[n].numel() for n in self.attacked()) * self.bits_per_element
-
     def decode(self, name: str, where: torch.Tensor) -> None:
         """Write the stored values at flat ``where`` into the float parameter."""
         if self.dtype == "float32":

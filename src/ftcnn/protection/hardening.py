@@ -92,14 +92,11 @@ flip that tightens it cuts its whole channel), so every bound is stored
 ``bound_copies`` times (default 5; ``name`` and ``name_copies``, all attacked)
 and resolved at use by :func:`fail_safe_bound`: the looser of two, or the
 median of three or five; weight-check bounds lie ``BOUND_SLACK`` (1/16) outside
-the values they bound (:func:`widened`). Measured on ResNet-20/mnist5k (BN folded,
-weight check + restriction on 90% of the parameters) at BER 1e-3, 100 trials of
-200 test inputs, paired (the same faults outside the protection's values):
-attacked minus not attacked, in points, with slack: two copies -0.99 +- 1.62
-(worst trial -80.5: one copy loosened by an exponent flip let a faulty weight
-through), three -1.13 +- 0.84 (worst -28: two copies of one triple tightened),
-five -0.00 +- 0.01; without slack five copies still lost -0.40 +- 0.56 (two
-copies tightened by mantissa flips cut a channel's extreme weight). The three
+the values they bound (:func:`widened`). Two copies fail when one flip loosens a
+copy (one faulty weight of that channel then passes), three when two copies of
+one triple move the same way, exact bounds when tightening flips of low mantissa
+bits cut a channel's extreme weight. Measured paired by trial at BER 1e-3 on
+LeNet-5, VGG-11 and ResNet-20 (mnist5k, BN folded) with every layout: the
 models' tables: experiments/results/failsafe_bounds.md. A checkpoint without the
 ``bound_copies`` field (saved before) loads with one copy, as it was saved.
 """
@@ -274,9 +271,10 @@ def fail_safe_bound(copies: Sequence[torch.Tensor], side: str) -> torch.Tensor:
 def median_of(stacked: torch.Tensor, side: str) -> torch.Tensor:
     """The median over the first dim of an odd number of stacked copies, NaN -> the open side
     first: five copies outvote two flips. Why five: at BER 1e-3 a ResNet-20 stores ~2,700
-    bound values per copy, and two copies of one triple moved the same way (a sign flip and a
-    shrinking exponent flip of a low bound) occurred in about one trial in ten and cut half a
-    channel (-26 points, measured); three of five coincide ~100x less often."""
+    bound values per copy, and two copies of one triple moving the same way (a sign flip and a
+    shrinking exponent flip of a low bound) is common enough to cut channels; three of five
+    rarely coincide (experiments/results/failsafe_bounds.md: three copies' worst ResNet-20 trial
+    lost 18.5 points, five copies' gap over 1,000 pairs is -0.01 point)."""
     fill = -math.inf if side == "low" else math.inf
     # the middle of a sort (ONNX TopK), not ``median`` (no ONNX op): the same value for an odd count
     return stacked.nan_to_num(fill, math.inf, -math.inf).sort(dim=0).values[stacked.shape[0] // 2]
@@ -291,9 +289,9 @@ def widened(bound: torch.Tensor, side: str) -> torch.Tensor:
 
     Why: a bound equal to its channel's extreme weight is cut by ANY flip that tightens it,
     the lowest mantissa bit included, and then zeroes that weight, the channel's largest
-    (measured on ResNet-20 at BER 1e-3, five copies and their median: two copies tightened,
-    one by mantissa bit 15, cut conv1's most negative weight of a channel: -25 points).
-    With 1/16 of slack no flip of mantissa bits 0-18 of a copy (a relative change below
+    (seen on ResNet-20 at BER 1e-3 with five copies: two copies tightened, one by mantissa
+    bit 15, cut conv1's most negative weight of a channel in one trial;
+    ``tests/test_weight_check.py`` shows the mechanism). With 1/16 of slack no flip of mantissa bits 0-18 of a copy (a relative change below
     2^-4) can cut a value; a value faulted to anywhere beyond 1.0625x its channel's extreme
     is still caught, and fault-free every value passes bit for bit as before.
 
