@@ -7,6 +7,7 @@ import torch
 import pytest
 from torch import nn
 
+from ftcnn.injection import fastpath
 from ftcnn.protection import cost
 from ftcnn.campaigns.distributed import using_threads
 
@@ -35,6 +36,17 @@ def _quick_latency() -> Iterator[None]:
     capped.__wrapped__ = real  # type: ignore[attr-defined]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cost, "stable_latency", capped)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shortcut_wherever_exact() -> Iterator[None]:
+    """Build the exact shortcut wherever its cuts could skip any work (``fastpath.SETUP_INFERENCES``
+    0): the tests of its exactness run campaigns of a few trials, where the default policy (build it
+    only where it pays for its set-up) runs the plain path. tests/test_fastpath.py tests the policy
+    with the real value."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastpath, "SETUP_INFERENCES", 0)
         yield
 
 

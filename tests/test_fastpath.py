@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -255,3 +254,34 @@ def test_hooks_on_traced_through_modules_turn_the_shortcut_off(tiny_data) -> Non
     with pytest.warns(UserWarning, match="hooks"):
         runner = C.prepare(model, x, y, C.CampaignConfig(bers=(1e-3,), trials=1))
     assert runner.fast is None
+
+
+def test_shortcut_built_only_where_its_cuts_pay_for_their_set_up(digits, tmp_path, monkeypatch) -> None:
+    """The default policy (``fastpath.SETUP_INFERENCES``, which conftest sets to 0 elsewhere): at a
+    rate where nearly every trial faults the first layer the cuts cannot pay for their set-up and
+    the plain path runs; at a low rate over many trials they do; the numbers are the same."""
+    monkeypatch.setattr(fastpath, "SETUP_INFERENCES", 4)
+    x, y = digits
+    model = _model("lenet5")
+    dense = C.CampaignConfig(bers=(1e-2,), trials=20, seed=3, batch_size=64)
+    sparse = C.CampaignConfig(bers=(1e-6,), trials=2000, seed=3, batch_size=64)
+    assert C.prepare(model, x, y, dense).fast is None
+    assert C.prepare(model, x, y, sparse).fast is not None
+    memory = C.prepare(model, x, y, dense).memory
+    ok, why = fastpath.pays(model, memory, x, [1e-2] * 20, len(x), 32)
+    assert not ok and "at most" in why
+    ran = C.run_campaign(model, x, y, dense, tmp_path / "policy", progress=False)["results"]
+    monkeypatch.setattr(fastpath, "SETUP_INFERENCES", 0)
+    assert C.prepare(model, x, y, dense).fast is not None
+    assert C.run_campaign(model, x, y, dense, tmp_path / "always", progress=False)["results"] == ran
+
+
+def test_expected_skip_counts_work_before_the_first_faulted_target() -> None:
+    # one target at node 2 (work 1 before it of 4): hit with certainty -> 1/4 of the work skipped
+    assert fastpath.expected_skip({"a": 2}, {"a": 1e9}, [0, 1, 1, 1, 1]) == pytest.approx(0.25)
+    # never hit: a fault-free trial, skipped without the shortcut -> nothing counted
+    assert fastpath.expected_skip({"a": 2}, {"a": 0.0}, [0, 1, 1, 1, 1]) == 0.0
+    # first target (node 1) hit half the time, else the one at node 4
+    half = float(-torch.log(torch.tensor(0.5)))
+    assert fastpath.expected_skip({"a": 1, "b": 4}, {"a": half, "b": 1e9}, [1, 1, 1, 1, 1]) == pytest.approx(
+        0.5 * 1 / 5 + 0.5 * 4 / 5)

@@ -613,6 +613,12 @@ def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor
     batch = config.batch_trials or fastpath.auto_batch_trials(model, inputs, config.batch_size)
     if not config.shortcut and batch == 1:
         return None, 1
+    if batch == 1 and config.by == "ber" and config.trials is not None and config.precision is None \
+            and not config.ber_per_layer:  # rates known up front: build the cuts only where they pay
+        rates = [float(ber) for ber in config.bers for _ in range(config.trials)]
+        if not fastpath.pays(model, memory, inputs, rates, config.inputs_per_trial or len(inputs),
+                             len(F.allowed_bits(memory, config.bits)))[0]:
+            return None, 1
     cache = config.cache_bytes if config.shortcut else 0
     fast = fastpath.build(model, memory, inputs, config.batch_size, golden_logits, cache)
     if batch > 1:
