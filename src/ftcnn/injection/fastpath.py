@@ -353,7 +353,7 @@ def expected_skip(first_use: Mapping[str, int], faults_per_target: Mapping[str, 
     fault counts as nothing skipped (``skip_fault_free`` skips it without the shortcut).
 
         >>> round(expected_skip({"a": 1, "b": 3}, {"a": 0.0, "b": 1e9}, [0, 1, 1, 1, 1]), 3)
-        0.75
+        0.5
     """
     total = float(sum(work)) or 1.0
     before = np.concatenate([[0.0], np.cumsum(np.asarray(work, dtype=np.float64))])
