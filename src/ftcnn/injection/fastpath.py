@@ -364,7 +364,7 @@ def expected_skip(first_use: Mapping[str, int], faults_per_target: Mapping[str, 
     survive, skipped = 1.0, 0.0
     for p in sorted(by_position):
         hit = 1.0 - float(np.exp(-by_position[p]))
-        skipped += survive * hit * before[min(p, len(before) - 1)] / total
+        skipped += survive * hit * float(before[min(p, len(before) - 1)]) / total
         survive *= 1.0 - hit
     return skipped
 
