@@ -32,10 +32,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ftcnn import data, files, progress, readback
-from ftcnn.campaigns import campaign, seeds
+from ftcnn.campaigns import campaign, seeds, store
 from ftcnn.flows import pipeline
 from ftcnn.protection import protect as P
 from ftcnn.splits import validation_split
+
+from _common import commit  # experiments/_common.py (run as a script from the repo root)
 
 MODELS = {"lenet5": (1.0, 5), "vgg11": (0.25, 3), "resnet20": (1.0, 3)}  # name -> (width, training epochs)
 DATA = "mnist5k"
@@ -44,6 +46,9 @@ BERS = (1e-4, 1e-3, 3e-3)
 MAX_DROP = {1e-4: 0.5, 1e-3: 1.5}
 MAX_MEMORY, MAX_MACS_B128, MAX_LATENCY_B128, MAX_LATENCY_B1 = 1.10, 1.15, 1.20, 1.5
 MAX_ABLATION_GAP = 0.3  # points between the protection's own memory attacked and not, at 1e-3
+# validation inputs per trial: pinned to what the stored cells ran with (``ftcnn protect``'s default is
+# now 100, issue 24), so the command a cell prints reproduces it
+VALIDATION_INPUTS = 200
 # table rows: label -> candidate (None: the one protect chose at that BER)
 ROWS: tuple[tuple[str, str | None], ...] = (
     ("unprotected", "none"), ("output TMR", "full_tmr"), ("weight TMR", "weight_tmr"), ("ECC", "ecc"),
@@ -97,7 +102,7 @@ def run_cell(name: str, net: torch.nn.Module, ber: float, args: argparse.Namespa
     start = time.time()
     result = P.protect(net, *train_set.tensors, ber=ber, max_macs=args.max_macs, max_latency=args.max_latency,
                        max_memory=args.max_memory, trials=args.trials, seed=args.seed,
-                       work_dir=folder / f"validation_t{args.trials}", log=log)
+                       work_dir=folder / f"validation_t{args.trials}", log=log, validation_inputs=VALIDATION_INPUTS)
     test_trials = settings["test_trials"]
     names = list(dict.fromkeys(result.chosen if cand is None else cand for _, cand in ROWS))
     test_dir = folder / f"test_t{test_trials}_b{args.test_inputs_per_trial or 'all'}"
@@ -124,7 +129,8 @@ def run_cell(name: str, net: torch.nn.Module, ber: float, args: argparse.Namespa
             "test_role": "test", "test_fault_seed": seeds.role_seed(args.seed, "test"),
             "rows": rows, "ablation": {"attacked": test[result.chosen]["bers"][ber_tag(ber)],
                                        "not_attacked": spared["bers"][ber_tag(ber)]},
-            "seconds": time.time() - start, "command": command_of(args, name, ber)}
+            "seconds": time.time() - start, "command": command_of(args, name, ber), "commit": commit(),
+            "versions": store.versions()}
 
 
 def command_of(args: argparse.Namespace, name: str, ber: float) -> str:
@@ -174,20 +180,24 @@ def check(value: float | None, limit: float, what: str) -> tuple[bool | None, st
     return ok, f"{what} x{value:.3f} {'<=' if ok else '>'} x{limit:g}"
 
 
-def verdict(cell: Mapping[str, Any]) -> tuple[bool | None, str]:
-    """One sentence, from the numbers, on the chosen protection against the goal, ECC and the ablation."""
+def verdict(cell: Mapping[str, Any]) -> tuple[bool | None, str, list[str]]:
+    """One sentence, from the numbers, on the chosen protection against the goal, ECC and the ablation;
+    and the goals it misses (their words), for the summary."""
     rows = {r["row"]: r for r in cell["rows"]}
     chosen, none, ecc = rows["chosen"], rows["unprotected"], rows["ECC"]
     clean, ber = none["clean"], cell["ber"]
     drop = 100 * (clean - chosen["accuracy"])
     parts: list[str] = []
     oks: list[bool | None] = []
+    missed: list[str] = []
     limit = next((v for b, v in MAX_DROP.items() if math.isclose(b, ber)), None)
     if limit is None:
         parts.append(f"drop {drop:.2f} points from clean (reported, no goal at this BER)")
     else:
         oks.append(drop <= limit)
         parts.append(f"drop {drop:.2f} points {'<=' if drop <= limit else '>'} {limit:g}")
+        if drop > limit:
+            missed.append(parts[-1])
     for value, lim, what in ((chosen["memory_ratio"], MAX_MEMORY, "memory"),
                              (chosen["macs_ratio_b128"], MAX_MACS_B128, "MACs at b128"),
                              (chosen["latency_ratio_b128"], MAX_LATENCY_B128, "latency at b128"),
@@ -195,6 +205,8 @@ def verdict(cell: Mapping[str, Any]) -> tuple[bool | None, str]:
         ok, words = check(value, lim, what)
         oks.append(ok)
         parts.append(words)
+        if ok is False:
+            missed.append(words)
     met = None if any(o is None for o in oks) else all(oks)
     state = {True: "meets the goal", False: "misses the goal", None: "cannot be judged on every goal"}[met]
     ecc_gap = 100 * (chosen["accuracy"] - ecc["accuracy"])
@@ -207,20 +219,22 @@ def verdict(cell: Mapping[str, Any]) -> tuple[bool | None, str]:
         ab_words += f" ({'<=' if abs(ab_gap) <= MAX_ABLATION_GAP else '>'} {MAX_ABLATION_GAP:g} goal)"
     text = (f"At BER {ber:g} the chosen `{cell['chosen']}` {state}: {'; '.join(parts)}. Against ECC "
             f"({pct(ecc['accuracy'])}): {ecc_gap:+.2f} points at {share}; {ab_words}.")
-    return met, text
+    return met, text, missed
 
 
 def model_section(name: str, cells: Sequence[Mapping[str, Any]]) -> list[str]:
     width, _ = MODELS[name]
     lines = [f"## {name} (width {width:g})", ""]
-    verdicts: list[tuple[bool | None, str]] = []
+    verdicts: list[tuple[bool | None, str, list[str]]] = []
     for cell in cells:
         s = cell["settings"]
         blocks = s["test_inputs_per_trial"]
         rows = {r["row"]: r for r in cell["rows"]}
         clean = rows["unprotected"]["clean"]
         lines += [f"### BER {cell['ber']:g}", "",
-                  f"Command: `{cell['command']}` ({cell['seconds'] / 60:.0f} min). {s['trials']} validation trials "
+                  f"Command: `{cell['command']}` ({cell['seconds'] / 60:.0f} min, "
+                  f"{'commit ' + cell['commit'] if cell.get('commit') else 'commit not recorded'}). "
+                  f"{s['trials']} validation trials "
                   f"per candidate, each on {validation_inputs(cell)}; {s['test_trials']} test trials per row"
                   + (f", each on a random block of {blocks} test inputs" if blocks else ", all test inputs")
                   + f". BatchNorm folded: {'yes' if cell['fold_bn']['folded'] else 'none to fold'}. "
@@ -238,7 +252,7 @@ def model_section(name: str, cells: Sequence[Mapping[str, Any]]) -> list[str]:
                   f"attacked {acc_ci(ab['attacked'])}, not attacked {acc_ci(ab['not_attacked'])}.", "",
                   f"Choice: {cell['reason']}.", ""]
         verdicts.append(verdict(cell))
-    lines += ["### Verdict", ""] + [f"- {text}" for _, text in verdicts] + [""]
+    lines += ["### Verdict", ""] + [f"- {text}" for _, text, _ in verdicts] + [""]
     return lines
 
 
@@ -261,7 +275,7 @@ def markdown(cells: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
              "at batch 128 (once-per-forward work such as weight checks and decoding shared by the batch) and "
              "at batch 1; latency on the CPU, 1 thread, all candidates timed interleaved until two timings of "
              "the same model agree. Baselines: output TMR (the paper's: every layer triplicated, median vote), "
-             "weight TMR (two stored copies, bitwise majority), ECC (SEC-DED on 64-bit words), parity per "
+             "weight TMR (every weight stored three times, bitwise majority at use), ECC (SEC-DED on 64-bit words), parity per "
              "weight (a failed check zeroes it), bounds alone (weights outside their channel's bounds zeroed).",
              ""]
     summary: list[str] = []
@@ -269,9 +283,10 @@ def markdown(cells: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         if not cells.get(name):
             continue
         lines += model_section(name, cells[name])
-        met = [verdict(c)[0] for c in cells[name]]
+        judged = [verdict(c) for c in cells[name]]
         summary.append(f"- {name}: goal met at " + ", ".join(
-            f"{c['ber']:g} {'yes' if m else 'no' if m is False else '?'}" for c, m in zip(cells[name], met)))
+            f"{c['ber']:g} {'yes' if m else '?' if m is None else 'no (' + '; '.join(missed) + ')'}"
+            for c, (m, _, missed) in zip(cells[name], judged)))
     missing = [f"{n} at {b:g}" for n in MODELS for b in BERS
                if not any(math.isclose(c["ber"], b) for c in cells.get(n, []))]
     lines += ["## Summary", ""] + summary + ([f"- not run yet: {', '.join(missing)}"] if missing else []) + [""]

@@ -468,3 +468,23 @@ def test_validation_trials_evaluate_one_paired_block(lenet, digits, tmp_path, mo
     assert summary["config"]["inputs_per_trial"] == 50
     with pytest.raises(ValueError, match="validation_inputs"):
         P.protect(net, x, y, ber=BER, trials=2, space=space, measure_latency=False, validation_inputs=0)
+
+
+def test_test_campaigns_evaluate_blocks_of_test_inputs(lenet, tmp_path, monkeypatch):
+    """``test_inputs`` (``--test-inputs``): protect_run's test campaigns evaluate a seeded block of
+    that many test inputs per trial, recorded with each test entry and in the campaign's config;
+    None evaluates every test input; 0 is refused in one line."""
+    net, _ = lenet
+    space = [c for c in P.candidates(restricts=[("zero", 0.1)], corrections=[], weight_checks=False, codes=False)
+             if c.name in ("none", "restrict_zero_m0.1")]
+    real = P.protect
+    monkeypatch.setattr(P, "protect", lambda *a, **kw: real(*a, **{**kw, "space": space, "measure_latency": False}))
+    result = P.protect_run(net, "digits", tmp_path / "blocks", ber=BER, trials=3, test_inputs=40)
+    entry = result.test[result.chosen]
+    assert entry["inputs_per_trial"] == 40 and entry["trials"] == 3
+    summaries = list((tmp_path / "blocks" / "campaigns" / "test").rglob("summary.json"))
+    assert summaries and all(json.loads(s.read_text())["config"]["inputs_per_trial"] == 40 for s in summaries)
+    whole = P.protect_run(net, "digits", tmp_path / "whole", ber=BER, trials=3, test_inputs=None)
+    assert whole.test[whole.chosen]["inputs_per_trial"] == len(data.load("digits", "test"))
+    with pytest.raises(ValueError, match="test-inputs"):
+        P.protect_run(net, "digits", tmp_path / "refused", ber=BER, trials=3, test_inputs=0)

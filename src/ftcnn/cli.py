@@ -756,7 +756,8 @@ def _print_protection(result, title: str) -> None:
     for name, t in (result.test or {}).items():
         at = ", ".join(f"{p['accuracy']:.2%} [{p['accuracy_ci'][0]:.2%}, {p['accuracy_ci'][1]:.2%}] at BER {b}"
                        for b, p in t["bers"].items())
-        console.print(f"test split, {name}: clean {t['clean']:.2%}; {at}")
+        block = f" ({t['trials']} trials, each on {t['inputs_per_trial']} test inputs)" if t.get("trials") else ""
+        console.print(f"test split, {name}: clean {t['clean']:.2%}; {at}{block}")
 
 
 @app.command()
@@ -778,6 +779,7 @@ def protect(
     tolerance: float = _option("tolerance", "protect"),
     race: bool = _option("race", "protect", "--race/--no-race"),
     validation_inputs: int = _option("validation_inputs", "protect"),
+    test_inputs: int = _option("test_inputs", "protect"),
     threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
@@ -796,7 +798,8 @@ def protect(
                                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                                          allow_builder=model_spec, source=str(checkpoint_path),
                                          log=console.print, device=device, confidence=confidence,
-                                         tolerance=tolerance, race=race, validation_inputs=validation_inputs)
+                                         tolerance=tolerance, race=race, validation_inputs=validation_inputs,
+                                         test_inputs=test_inputs)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
                       + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")

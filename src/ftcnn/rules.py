@@ -217,11 +217,15 @@ RULES: dict[str, Rule] = {
                        "level of every reported CI",
                        per_command={"analyze": (None, "fi: Leveugle confidence of the fault sample (default 0.95)",
                                                 "it sizes analyze's fault sample, not a reported CI")}),
-    "validation_inputs": Rule(Interval(True, 1, None), 200,
+    "validation_inputs": Rule(Interval(True, 1, None), 100,
                               "validation inputs each candidate's trial evaluates in protect: a seeded random "
                               "block, the same for every candidate at trial i (paired); an unbiased estimate of "
                               "the trial's accuracy on all of them at a fraction of the cost (0 is refused; a "
                               "number >= the split's size: all)"),
+    "test_inputs": Rule(Interval(True, 1, None), 200,
+                        "test inputs each trial of protect's test campaigns evaluates: a seeded random block "
+                        "(an unbiased estimate of the trial's accuracy on the whole test split; at 100 trials the "
+                        "interval is set by the trials, not the block); a number >= the split's size: all"),
     "tolerance": Rule(Interval(False, 0.0, 100.0, "left", hint=": points of accuracy, e.g. 0.25"), 0.25,
                       "points of validation accuracy a cheaper protection may lose against the most accurate one: "
                       "it is chosen only when a paired test shows it within them (else the most accurate is kept)"),
