@@ -488,3 +488,19 @@ def test_test_campaigns_evaluate_blocks_of_test_inputs(lenet, tmp_path, monkeypa
     assert whole.test[whole.chosen]["inputs_per_trial"] == len(data.load("digits", "test"))
     with pytest.raises(ValueError, match="test-inputs"):
         P.protect_run(net, "digits", tmp_path / "refused", ber=BER, trials=3, test_inputs=0)
+
+
+def test_the_estimate_counts_the_golden_inference_of_the_whole_split(lenet, digits, tmp_path):
+    """Trials on blocks: the estimate's unit is one block's inference, and each campaign's set-up
+    (the golden inference of the whole validation split) is ``SETUP_INFERENCES`` x split / block
+    of them, not ``SETUP_INFERENCES`` (which understated ResNet-20's validation about 2x)."""
+    net, _ = lenet
+    x, y = digits[0].tensors
+    space = [c for c in P.candidates(restricts=[("zero", 0.1)], corrections=[], weight_checks=False, codes=False)
+             if c.name in ("none", "restrict_zero_m0.1")]
+    said: list[str] = []
+    result = P.protect(net, x, y, ber=BER, max_macs=1.15, trials=4, space=space, measure_latency=False,
+                       validation_inputs=50, race=False, work_dir=tmp_path, log=said.append)
+    setup = P.SETUP_INFERENCES * result.config["validation_size"] / 50
+    assert setup > P.SETUP_INFERENCES
+    assert any(f"{setup:g} more per campaign set-up" in s for s in said), said

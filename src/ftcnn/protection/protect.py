@@ -130,7 +130,8 @@ SHOWN_LATENCY_SHARE = 0.25
 # differ by the full -1 are the fewest that show a mean difference below 0); each later stage doubles it
 RACE_FIRST_SHARE = 0.25
 RACE_MIN_TRIALS = 10
-# a campaign's set-up (golden inference, the shortcut's trace and caches) in inferences of its inputs: each
+# a campaign's set-up (golden inference, the shortcut's trace and caches) in inferences of ALL its inputs (a
+# trial on a block pays the golden inference of the whole split: the estimates scale it by split / block): each
 # racing stage resumes every candidate still running and pays it again (measured on a ResNet-20, 800
 # inputs, 1 thread: 5.4 s against 1.8 s per inference on 2 idle cores; resumed, 10 s against 2.0 s at load
 # 3.6). Why not keep each candidate's prepared campaign between stages: up to 1 GB of golden activations
@@ -476,10 +477,10 @@ def inference_seconds(reference: nn.Module, x_val: torch.Tensor, device: str = "
 
 
 def validation_seconds(seconds: float, records: Sequence[Mapping[str, Any]], trials: int,
-                       stages: Sequence[int] | None = None) -> tuple[float, float]:
+                       stages: Sequence[int] | None = None, setup: float = SETUP_INFERENCES) -> tuple[float, float]:
     """(low, high) seconds of the validation campaigns from ``seconds`` per inference of the
-    reference: per candidate its cost ratio x (its trials + ``SETUP_INFERENCES`` per campaign
-    run or resumed). Without racing (one stage) both are every candidate's ``trials``. Raced:
+    reference (of what one trial evaluates): per candidate its cost ratio x (its trials + ``setup``
+    such inferences per campaign run or resumed). Without racing (one stage) both are every candidate's ``trials``. Raced:
     the baselines over budget stop after the first stage, the choosable ones run to the end at
     most (high) or, at best, all but one stop there (low).
 
@@ -492,17 +493,17 @@ def validation_seconds(seconds: float, records: Sequence[Mapping[str, Any]], tri
     stages = list(stages or [trials])
     ratios = [_cost_ratio(r) for r in records]
     if len(stages) == 1:
-        return (seconds * (trials + SETUP_INFERENCES) * sum(ratios),) * 2  # type: ignore[return-value]
+        return (seconds * (trials + setup) * sum(ratios),) * 2  # type: ignore[return-value]
     first, resumes = stages[0], len(stages) - 1
     going = [q for q, r in zip(ratios, records) if r["within_budget"]]
-    per_candidate = seconds * ((trials - first) + SETUP_INFERENCES * resumes)
-    start = seconds * (first + SETUP_INFERENCES) * sum(ratios)
+    per_candidate = seconds * ((trials - first) + setup * resumes)
+    start = seconds * (first + setup) * sum(ratios)
     return start + per_candidate * min(going, default=0.0), start + per_candidate * sum(going)
 
 
 def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[Mapping[str, Any]], trials: int,
                   device: str = "cpu", *, stages: Sequence[int] | None = None,
-                  seconds: float | None = None, source: str | None = None) -> str:
+                  seconds: float | None = None, source: str | None = None, setup: float = SETUP_INFERENCES) -> str:
     """What the validation campaigns will cost, said before they start (issue 14): one timed
     inference of ``reference`` over ``x_val`` (or ``seconds``) x each candidate's cost ratio
     (:func:`_cost_ratio`) x its trials and set-ups. Raced (``stages``, issue 24): a range, from every choosable
@@ -511,10 +512,10 @@ def expected_time(reference: nn.Module, x_val: torch.Tensor, records: Sequence[M
     came from when not from the timed inference (the first campaign, re-estimating)."""
     if seconds is None:
         seconds = inference_seconds(reference, x_val, device)
-    low, high = validation_seconds(seconds, records, trials, stages)
+    low, high = validation_seconds(seconds, records, trials, stages, setup)
     detail = (f"{len(records)} candidates x {trials} trials of {len(x_val)} inputs, from "
               f"{source or f'one timed inference ({seconds:.2g} s)'} x each candidate's cost ratio, "
-              f"{SETUP_INFERENCES:g} more per campaign set-up")
+              f"{setup:g} more per campaign set-up")
     if not stages or len(stages) == 1:
         return progress.expected(high, "validation campaigns", detail + "; shortcuts cut it")
     over = sum(not r["within_budget"] for r in records)
@@ -597,7 +598,7 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
               x_val: torch.Tensor, y_val: torch.Tensor, ber: float, stages: Sequence[int], root: Path, seed: int,
               device: str, confidence: float, tolerance: float, batch: int, say: Callable[[str], Any],
               race: bool, measured: Callable[[float, Mapping[str, Any], float], Any] | None = None,
-              inputs_per_trial: int | None = None) -> None:
+              inputs_per_trial: int | None = None, setup: float = SETUP_INFERENCES) -> None:
     """The validation campaigns of ``to_run``, stage by stage (``stages``: the trial counts; one
     stage without racing): every candidate still running resumes its campaign folder to the
     stage's trials (trials are not part of a campaign's identity; trial ``i`` is the same
@@ -605,7 +606,7 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
     ``validation`` (and ``raced`` when ``race``: None, or where and why it stopped).
     ``measured``: called once, after the second campaign (the first pays the process's one-time
     warm-up: 1.8 s against 0.2 s for a LeNet-5 campaign), with its seconds per reference inference
-    (its seconds / ((trials + ``SETUP_INFERENCES``) x its cost ratio)), its record and its seconds
+    (its seconds / ((trials + ``setup``) x its cost ratio)), its record and its seconds
     per trial: what the estimate is checked against."""
     for rec in records:
         rec["validation"] = None
@@ -630,7 +631,7 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
             rec["validation"]["trial_accuracy"] = trial_accuracies(folder, ber, rec["validation"]["trials"])
             rates[rec["name"]] = seconds / (n - ran)
             if measured is not None and k == 0 and len(rates) == 2:  # the first paid the process's warm-up
-                measured(seconds / ((n + SETUP_INFERENCES) * _cost_ratio(rec)), rec, seconds / n)
+                measured(seconds / ((n + setup) * _cost_ratio(rec)), rec, seconds / n)
         if k == len(stages) - 1:
             break
         stops = race_stops(running, n, tolerance, confidence)
@@ -900,17 +901,18 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     block = None if validation_inputs is None or validation_inputs >= len(x_val) else int(validation_inputs)
     x_trial = x_val if block is None else x_val[:block]  # what one trial evaluates: the estimates' unit
     per_inference = inference_seconds(reference, x_trial, device)
-    say(expected_time(reference, x_trial, to_run, trials, device, stages=stages, seconds=per_inference))
-    said = [validation_seconds(per_inference, to_run, trials, stages)[1]]  # the validation estimate last said
+    setup = SETUP_INFERENCES * len(x_val) / len(x_trial)  # the golden inference is of the whole split
+    say(expected_time(reference, x_trial, to_run, trials, device, stages=stages, seconds=per_inference, setup=setup))
+    said = [validation_seconds(per_inference, to_run, trials, stages, setup)[1]]  # the validation estimate last said
 
     def resay(seconds: float, why: str, source: str | None = None) -> None:
         """Say the validation estimate again when it moved by more than ``progress.RESAY`` from the one said
         (as a stopping campaign's progress does): a timed inference misses what a trial adds to it."""
-        high = validation_seconds(seconds, to_run, trials, stages)[1]
+        high = validation_seconds(seconds, to_run, trials, stages, setup)[1]
         if not said[0] / progress.RESAY <= high <= said[0] * progress.RESAY:
             said[0] = high
             say(f"re-estimated from {why}: " + expected_time(reference, x_trial, to_run, trials, device, stages=stages,
-                                                              seconds=seconds, source=source))
+                                                              seconds=seconds, source=source, setup=setup))
 
     timings: dict[int, dict[str, Any]] = {}
     shown_timings: dict[int, dict[str, Any]] = {}
@@ -948,7 +950,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             resay(seconds, "a campaign", f"{rec['name']}'s campaign ({per_trial:.2g} s per trial, set-up included)")
 
         _validate(to_run, records, built, x_val, y_val, ber, stages, root, seed, device, confidence, tolerance,
-                  batch, say, race, measured, inputs_per_trial=block)
+                  batch, say, race, measured, inputs_per_trial=block, setup=setup)
     finally:
         if tmp is not None:
             tmp.cleanup()
