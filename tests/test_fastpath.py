@@ -268,7 +268,7 @@ def test_shortcut_built_only_where_its_cuts_pay_for_their_set_up(digits, tmp_pat
     assert C.prepare(model, x, y, dense).fast is None
     assert C.prepare(model, x, y, sparse).fast is not None
     memory = C.prepare(model, x, y, dense).memory
-    ok, why = fastpath.pays(model, memory, x, [1e-2] * 20, len(x), 32)
+    ok, why = fastpath.pays(model, memory, x, {1e-2: 20}, len(x), 32)
     assert not ok and "at most" in why
     ran = C.run_campaign(model, x, y, dense, tmp_path / "policy", progress=False)["results"]
     monkeypatch.setattr(fastpath, "SETUP_INFERENCES", 0)

@@ -615,8 +615,10 @@ def _fast_path(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor
         return None, 1
     if batch == 1 and config.by == "ber" and config.trials is not None and config.precision is None \
             and not config.ber_per_layer:  # rates known up front: build the cuts only where they pay
-        rates = [float(ber) for ber in config.bers for _ in range(config.trials)]
-        if not fastpath.pays(model, memory, inputs, rates, config.inputs_per_trial or len(inputs),
+        trials_at: dict[float, int] = {}
+        for ber in config.bers:
+            trials_at[float(ber)] = trials_at.get(float(ber), 0) + config.trials
+        if not fastpath.pays(model, memory, inputs, trials_at, config.inputs_per_trial or len(inputs),
                              len(F.allowed_bits(memory, config.bits)))[0]:
             return None, 1
     cache = config.cache_bytes if config.shortcut else 0

@@ -369,12 +369,12 @@ def expected_skip(first_use: Mapping[str, int], faults_per_target: Mapping[str, 
     return skipped
 
 
-def pays(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor, faults_per_bit: Sequence[float],
+def pays(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor, trials_at: Mapping[float, int],
          trial_inputs: int, bits_per_element: int) -> tuple[bool, str]:
-    """Whether building the parameter shortcut pays for a campaign whose trials draw each bit with
-    the rates ``faults_per_bit`` (one per trial to run; ``bits_per_element`` of each value can be
-    hit) and evaluate ``trial_inputs`` of the ``len(inputs)`` inputs: the work its cuts can skip at
-    most (:func:`expected_skip`) against its set-up (``SETUP_INFERENCES``), and why. Untraceable
+    """Whether building the parameter shortcut pays for a campaign that runs ``trials_at[rate]``
+    trials drawing each bit at ``rate`` (``bits_per_element`` of each value can be hit), each on
+    ``trial_inputs`` of the ``len(inputs)`` inputs: the work its cuts can skip at most
+    (:func:`expected_skip`) against its set-up (``SETUP_INFERENCES``), and why. Untraceable
     models: True (``build`` says why it falls back). Only speed depends on it, never a number."""
     traced = graph.trace(model, "shortcut")
     if traced is None or len(inputs) == 0:
@@ -383,8 +383,8 @@ def pays(model: nn.Module, memory: F.ParameterMemory, inputs: torch.Tensor, faul
     work = node_work(traced, inputs)
     share = trial_inputs / len(inputs)
     drawn = {n: t.numel() * bits_per_element for n, t in memory.stored.items() if n not in memory.spared}
-    saved = sum(share * expected_skip(first, {n: rate * b for n, b in drawn.items()}, work)
-                for rate in faults_per_bit)
+    saved = sum(trials * share * expected_skip(first, {n: rate * b for n, b in drawn.items()}, work)
+                for rate, trials in trials_at.items())
     return saved > SETUP_INFERENCES, (f"the cuts could skip at most {saved:.2f} inferences of every input "
                                        f"against {SETUP_INFERENCES} to build them")
 

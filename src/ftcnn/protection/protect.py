@@ -473,6 +473,16 @@ def _cost_ratio(rec: Mapping[str, Any]) -> float:
     return max(1.0, latency if latency is not None else rec["macs_ratio"])
 
 
+def block_size(inputs: int | None, available: int) -> int | None:
+    """Inputs per trial for a campaign's ``inputs_per_trial``: None (every input) when ``inputs``
+    is None or covers all ``available``.
+
+        >>> block_size(100, 800), block_size(800, 800), block_size(None, 800)
+        (100, None, None)
+    """
+    return None if inputs is None or inputs >= available else int(inputs)
+
+
 def inference_seconds(reference: nn.Module, x_val: torch.Tensor, device: str = "cpu") -> float:
     """Seconds of one timed inference of ``reference`` over ``x_val`` on ``device``."""
     reference.eval()
@@ -902,7 +912,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         say(expected_timing(reference, input_shape, [choosable, shown], budgets,
                             {r["name"]: {batch: r["macs_ratio"], 1: r["cost"]["macs_ratio_batch1"]}
                              for r in records if r.get("built")}))
-    block = None if validation_inputs is None or validation_inputs >= len(x_val) else int(validation_inputs)
+    block = block_size(validation_inputs, len(x_val))
     x_trial = x_val if block is None else x_val[:block]  # what one trial evaluates: the estimates' unit
     per_inference = inference_seconds(reference, x_trial, device)
     setup = SETUP_INFERENCES * len(x_val) / len(x_trial)  # the golden inference is of the whole split
@@ -1109,7 +1119,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                          work_dir=out / "campaigns", log=log, device=device, confidence=confidence,
                          tolerance=tolerance, race=race, validation_inputs=validation_inputs)
-        block = None if test_inputs is None or test_inputs >= len(test_set) else int(test_inputs)
-        evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns", inputs_per_trial=block)
+        evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns",
+                      inputs_per_trial=block_size(test_inputs, len(test_set)))
         write_result(result, out, data=data, source=source)
     return result
