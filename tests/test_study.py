@@ -18,8 +18,8 @@ from ftcnn.campaigns.seeds import role_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(models=("lenet5",), data="digits", seeds=(0, 1), bers=(1e-3,), trials=5, epochs=1, finetune_epochs=1,
-            latency_rounds=5, prune_grid=(0.4, 0.6))
+TINY = dict(models=("lenet5",), data="digits", seeds=(0, 1), bers=(1e-3,), activation_bers=(1e-4,), trials=5,
+            epochs=1, finetune_epochs=1, latency_rounds=5, prune_grid=(0.4, 0.6))
 
 
 class Killed(RuntimeError):
@@ -28,7 +28,7 @@ class Killed(RuntimeError):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, one_thread) -> dict:
-    """A tiny study killed after two of its six cells, then rerun: what each run computed."""
+    """A tiny study killed after two of its ten cells, then rerun: what each run computed."""
     root = tmp_path_factory.mktemp("study")
     config = study.StudyConfig(**TINY)
     computed: list[str] = []
@@ -60,17 +60,17 @@ def resumed(tmp_path_factory, one_thread) -> dict:
 
 def test_a_killed_study_loses_nothing_and_a_rerun_computes_only_the_rest(resumed) -> None:
     cells = [c.label for c in study.plan(resumed["config"])]
-    assert len(cells) == 6  # per seed: two claims at one BER, and the latency claim
+    assert len(cells) == 10  # per seed: two claims at one rate of each fault target, and the latency claim
     assert resumed["first"] == cells[:2]            # stored as they completed, before the kill
     assert resumed["second"] == cells[2:]           # the rerun skipped them
     assert resumed["third"] == []                   # a finished study computes nothing
-    assert resumed["result"]["reused_cells"] == 2 and resumed["result"]["computed_cells"] == 4
+    assert resumed["result"]["reused_cells"] == 2 and resumed["result"]["computed_cells"] == 8
     assert resumed["again"]["claims"] == resumed["result"]["claims"]  # the same numbers from the stored cells
     # what the study cost is said on its page even when every cell was reused: each cell keeps its own time
     again = resumed["again"]
-    assert again["timed_cells"] == again["cells"] == 6 and again["computed_cells"] == 0
+    assert again["timed_cells"] == again["cells"] == 10 and again["computed_cells"] == 0
     assert again["cell_seconds"] == pytest.approx(resumed["result"]["cell_seconds"]) and again["cell_seconds"] > 0
-    assert f"Compute time of the cells: {again['cell_seconds']:.0f} s in all (6 of 6 cells timed" in \
+    assert f"Compute time of the cells: {again['cell_seconds']:.0f} s in all (10 of 10 cells timed" in \
         (resumed["root"] / "results" / "study.md").read_text()
 
 
@@ -79,18 +79,46 @@ def test_every_claim_is_tested_per_ber_and_seed_with_the_test_roles_faults(resum
     assert [c["name"] for c in result["claims"]] == ["hardening_vs_tmr", "vulnerability_vs_l1_pruning",
                                                      "pruning_pays_for_hardening"]
     for claim in result["claims"][:2]:
-        assert {(r["model"], r["seed"], r["ber"]) for r in claim["cells"]} == {("lenet5", 0, 1e-3), ("lenet5", 1, 1e-3)}
+        assert {(r["model"], r["seed"], r["target"], r["ber"]) for r in claim["cells"]} == {
+            ("lenet5", seed, target, rate) for seed in (0, 1)
+            for target, rate in (("parameters", 1e-3), ("activations", 1e-4))}
         for r in claim["cells"]:
             assert r["trials"] == 5 and r["verdict"] in (study.SUPPORTED, study.REFUTED, study.NO_POWER)
             assert 0.0 <= r["p_support_holm"] <= 1.0 and r["p_support_holm"] >= r["p_support"]
             low, high = r["difference_ci"]
             assert low < high  # never of zero width
-        assert [r["of"] for r in claim["across_seeds"]] == [2]
-    # both arms of a claim drew their faults from the test role's stream, not the validation seed
+        # one Holm family per claim: both fault targets' cells (4 of them), so m = 4
+        assert min(r["p_support_holm"] for r in claim["cells"]) >= min(r["p_support"] for r in claim["cells"])
+        assert [(r["target"], r["ber"], r["of"]) for r in claim["across_seeds"]] == [
+            ("parameters", 1e-3, 2), ("activations", 1e-4, 2)]
+    # both arms of a claim drew their faults from the test role's stream, not the validation seed, and each
+    # fault target's campaign attacked what it names
     for variant in ("harden_min", "tmr_full"):
-        summary = json.loads((root / "run" / "lenet5" / "seed1" / "campaigns" / variant / "ber_1e-3" /
-                              "summary.json").read_text())
-        assert summary["seed"] == role_seed(1, "test") != 1
+        for where, target in (("ber_1e-3", "parameters"), ("activations_ber_1e-4", "activations")):
+            summary = json.loads((root / "run" / "lenet5" / "seed1" / "campaigns" / variant / where /
+                                  "summary.json").read_text())
+            assert summary["seed"] == role_seed(1, "test") != 1
+            assert summary["config"].get("target", "parameters") == target
+
+
+def test_an_activation_cell_matches_an_independent_computation_of_its_trials(resumed) -> None:
+    """An activation cell's per-trial accuracies are those of ``activations.run_trial`` (no runner,
+    no shortcut, no store: the plain draw-hook-evaluate path) on the stored arm and the test split, with
+    the test role's seed, trial by trial."""
+    from ftcnn.campaigns import activations, campaign
+
+    root, config = resumed["root"], resumed["config"]
+    cell = next(c for c in study.plan(config) if c.target == "activations" and c.seed == 1)
+    stored = json.loads(cell.path(root / "run").read_text())
+    x, y = campaign.stack_dataset(data.load("digits", "test"))
+    for side, variant in (("arm", cell.claim.arm), ("reference", cell.claim.reference)):
+        net = checkpoint.load(root / "run" / "lenet5" / "seed1" / "models" / f"{variant}.pt").eval()
+        assert fingerprint.model_digest(net) == stored["model_digests"][side]
+        for trial in range(config.trials):
+            found = activations.run_trial(net, x, y, ber=cell.ber, seed=role_seed(1, "test"), trial=trial)
+            assert found["accuracy"] == pytest.approx(stored["accuracy"][side][trial], abs=1e-12), (side, trial)
+    # the faults did something: not every trial of both arms is the clean accuracy
+    assert any(a != stored["clean"][s] for s in ("arm", "reference") for a in stored["accuracy"][s])
 
 
 def test_resilience_is_the_drop_from_each_models_own_clean_accuracy(resumed) -> None:
@@ -104,7 +132,7 @@ def test_every_number_in_the_prose_appears_in_the_generated_tables(resumed) -> N
     text = (resumed["root"] / "results" / "study.md").read_text()
     tables, _, prose = text.partition(study.VERDICTS_HEADING)
     sentences = [line for line in prose.splitlines() if line.startswith("- ")]
-    assert len(sentences) == 3  # one per claim, model and BER (latency: per model)
+    assert len(sentences) == 5  # one per claim, model, fault target and rate (latency: per model)
     number = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])")
     table_cells = {cell.strip() for line in tables.splitlines() if line.startswith("|")
                    for cell in re.split(r"[|\[\];,]", line)} | \
@@ -293,9 +321,16 @@ def test_claim_3s_cell_key_holds_the_grid_and_tolerance_and_claims_1_and_2_keep_
     latency = next(c for c in cells if c.claim.kind == study.LATENCY)
     assert keys[latency]["prune_grid"] == [0.4, 0.6] and keys[latency]["accuracy_tolerance"] == 0.003
     faults = next(c for c in cells if c.claim.name == "hardening_vs_tmr")
+    # a parameter cell's key is the one it was first stored under (the reported study's cells resume);
+    # an activation cell's adds what its faults hit, so the two never share a key or a file
     assert set(keys[faults]) == {"format", "model", "width", "epochs", "seed", "data", "train data", "test data",
                                  "harden_ratio", "prune_ratio", "finetune_epochs", "claim", "arm", "reference",
                                  "ber", "trials", "fault seed"}
+    datapath = next(c for c in cells if c.claim.name == "hardening_vs_tmr" and c.target == "activations")
+    assert keys[datapath] == {**{k: v for k, v in keys[faults].items() if k != "ber"}, "ber": 1e-4,
+                              "target": "activations", "activation_mode": "transient"}
+    assert faults.path(Path("r")).name == "ber_1e-3.json" and datapath.path(Path("r")).name == \
+        "activations_ber_1e-4.json"
 
 
 def test_a_cell_without_a_ratio_is_no_member_of_the_holm_family() -> None:

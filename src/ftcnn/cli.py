@@ -51,9 +51,10 @@ console = progress.console()  # full-width tables, no escape codes, when not a t
 
 # options that take several values after one flag, as in `--ber 1e-6 1e-5`
 MULTI_VALUE_OPTIONS = {"--ber", "--count", "--bits", "--layers", "--keep", "--protect", "--layer-ratio",
-                       "--ber-per-layer", "--models", "--seeds"}
+                       "--ber-per-layer", "--models", "--seeds", "--activation-ber", "--targets", "--prune-grid"}
 # ...of them, those whose values are names (not numbers)
-NAME_VALUE_OPTIONS = {"--layers", "--keep", "--protect", "--layer-ratio", "--ber-per-layer", "--models"}
+NAME_VALUE_OPTIONS = {"--layers", "--keep", "--protect", "--layer-ratio", "--ber-per-layer", "--models",
+                      "--targets"}
 
 # `--margin` meant three things (issue 11); its old spelling is accepted for one release
 MARGIN_RENAMED = {"inject": "--ci-half-width", "analyze": "--sample-margin", "harden": "--range-margin",

@@ -69,6 +69,15 @@ MODEL_SETUP = {"lenet5": (1.0, 5), "vgg11": (0.25, 3), "resnet20": (0.5, 3)}
 DEFAULT_MODELS = ("lenet5", "vgg11", "resnet20")
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_BERS = (1e-6, 1e-5, 1e-4)
+# what faults hit (``CampaignConfig.target``, the one name across CLI, API and JSON): the weight memory, and
+# transient flips in every Conv2d/Linear output (the datapath), each at its own rates. Why both: output-level
+# TMR exists to mask compute faults and a weight check cannot see them, so claims tested under memory faults
+# alone favour one side (issue 22, item 8)
+TARGETS = ("parameters", "activations")
+# activation rates per bit of every layer output per inference: three decades that take the unprotected
+# models from a fraction of a point to tens of points lost (LeNet-5 holds 0.21 M output bits per input,
+# VGG-11 w0.25 0.97 M, ResNet-20 w0.5 2.5 M; datapath.md's pilot on LeNet-5: 1e-7 -0.06, 1e-6 -0.44, 1e-5 -4.48)
+DEFAULT_ACTIVATION_BERS = (1e-7, 1e-6, 1e-5)
 CELL_FORMAT = 1  # bump when a cell's content changes meaning: older cells are recomputed
 
 SUPPORTED, REFUTED, NO_POWER, DISAGREE = ("supported", "refuted", "inconclusive (no power)",
@@ -168,6 +177,8 @@ class StudyConfig:
     latency_batch: int = 1
     prune_grid: tuple[float, ...] = DEFAULT_PRUNE_GRID  # claim 3: ratios searched (largest kept wins)
     validation_fraction: float = 0.2     # claim 3: share of each class of the training data to choose on
+    targets: tuple[str, ...] = TARGETS   # claims 1 and 2 are tested under each: memory, then datapath faults
+    activation_bers: tuple[float, ...] = DEFAULT_ACTIVATION_BERS  # the rates of activation faults
     device: str = "cpu"                  # where training, scores and campaigns run (latency: the CPU)
 
     def __post_init__(self) -> None:
@@ -213,12 +224,27 @@ class StudyConfig:
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{flag} must lie in (0, 1) (got {value:g})")
         check_grid(self.prune_grid)
+        if not self.targets:
+            raise ValueError("--targets needs at least one fault target")
+        for target in self.targets:
+            if target not in TARGETS:
+                raise ValueError(f"unknown fault target {str(target)[:40]!r}; choose from {', '.join(TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("--targets names a target twice")
+        check_limit("points", self.activation_bers, "--activation-ber")
+        for ber in self.activation_bers:
+            if not (isinstance(ber, (int, float)) and 0.0 < ber <= 1.0):
+                raise ValueError(f"--activation-ber {ber} must lie in (0, 1]: a claim at rate 0 has nothing to test")
         data.info(self.data)  # an unknown data set or a missing folder: one line before any work
 
     def setup(self, model: str) -> tuple[float, int]:
         """(width, training epochs) of ``model`` in this study."""
         width, epochs = MODEL_SETUP.get(model, (1.0, 5))
         return width, self.epochs or epochs
+
+    def rates(self, target: str) -> tuple[float, ...]:
+        """The fault rates claims are tested at under ``target``."""
+        return self.bers if target == "parameters" else self.activation_bers
 
     def compare_config(self, seed: int) -> compare.CompareConfig:
         """The comparison settings the variants of ``seed`` are built with (its scores, fine-tune, ranges)."""
@@ -257,24 +283,32 @@ LATENCY_CELL_SCHEMA = readback.Obj(required={
 
 @dataclass(frozen=True)
 class Cell:
-    """One test: a claim on one model, one training seed, one BER."""
+    """One test: a claim on one model, one training seed, one fault target and rate."""
 
     model: str
     seed: int
     claim: Claim
     ber: float | None  # None: a latency claim's cell
+    target: str = "parameters"  # what the faults hit (``TARGETS``); parameter cells keep their first paths
 
     @property
     def where(self) -> str:
-        return "latency" if self.ber is None else f"ber_{paired.fmt_ber(self.ber)}"
+        if self.ber is None:
+            return "latency"
+        return ("" if self.target == "parameters" else f"{self.target}_") + f"ber_{paired.fmt_ber(self.ber)}"
 
     @property
     def label(self) -> str:
         return f"{self.model} seed {self.seed} {self.claim.name} " + (
-            "latency" if self.ber is None else f"BER {paired.fmt_ber(self.ber)}")
+            "latency" if self.ber is None else f"{rate_name(self.target)} {paired.fmt_ber(self.ber)}")
 
     def path(self, root: Path) -> Path:
         return root / "cells" / self.model / f"seed{self.seed}" / self.claim.name / f"{self.where}.json"
+
+
+def rate_name(target: str) -> str:
+    """How tables and sentences name a rate under ``target``: a memory BER or an activation BER."""
+    return "BER" if target == "parameters" else "activation BER"
 
 
 def cell_key(cell: Cell, config: StudyConfig, digests: Mapping[str, str]) -> dict[str, Any]:
@@ -292,7 +326,10 @@ def cell_key(cell: Cell, config: StudyConfig, digests: Mapping[str, str]) -> dic
                 "prune_grid": sorted(config.prune_grid), "accuracy_tolerance": config.accuracy_tolerance,
                 "validation_fraction": config.validation_fraction, "validation": VALIDATION_RULE,
                 "search": SEARCH_RULE}
-    return {**key, "ber": cell.ber, "trials": config.trials, "fault seed": role_seed(cell.seed, "test")}
+    key = {**key, "ber": cell.ber, "trials": config.trials, "fault seed": role_seed(cell.seed, "test")}
+    if cell.target != "parameters":  # parameter cells keep the key they were first stored under
+        key.update(target=cell.target, activation_mode="transient")
+    return key
 
 
 def check_search(stored: Mapping[str, Any], path: Path) -> None:
@@ -366,7 +403,7 @@ def compute_cell(cell: Cell, nets: Mapping[str, nn.Module], net_digests: Mapping
             raise ValueError(f"{cell.label}: a latency claim's cell needs its pruning-ratio search")
         return latency_cell(cell, nets, net_digests, x, y, config, search)
     cfg = CampaignConfig(bers=(cell.ber,), trials=config.trials, seed=role_seed(cell.seed, "test"),
-                         device=config.device)
+                         device=config.device, target=cell.target)
     out: dict[str, Any] = {"clean": {}, "accuracy": {}, "critical_sdc": {}, "model_digests": {}}
     for side, variant in (("arm", cell.claim.arm), ("reference", cell.claim.reference)):
         folder = root / cell.model / f"seed{cell.seed}" / "campaigns" / variant / cell.where
@@ -610,15 +647,16 @@ def analyse(cells: Sequence[Cell], stored: Mapping[Cell, Mapping[str, Any]], con
         for cell in (c for c in cells if c.claim == claim):
             numbers = (latency_statistics(stored[cell], config) if claim.kind == LATENCY else
                        cell_statistics(stored[cell], margin, config))
-            rows.append({"model": cell.model, "seed": cell.seed, "ber": cell.ber, **numbers,
+            rows.append({"model": cell.model, "seed": cell.seed, "target": cell.target, "ber": cell.ber, **numbers,
                          "model_digests": dict(stored[cell]["model_digests"])})
         verdicts(rows, margin, config.alpha)
         summary = []
-        for model in config.models:
-            for ber in ((None,) if claim.kind == LATENCY else config.bers):
-                group = [r for r in rows if r["model"] == model and r["ber"] == ber]
-                if group:
-                    summary.append({"model": model, "ber": ber, **across_seeds(group)})
+        for target in (("parameters",) if claim.kind == LATENCY else config.targets):
+            for model in config.models:
+                for ber in ((None,) if claim.kind == LATENCY else config.rates(target)):
+                    group = [r for r in rows if r["model"] == model and r["ber"] == ber and r["target"] == target]
+                    if group:
+                        summary.append({"model": model, "target": target, "ber": ber, **across_seeds(group)})
         out.append({"name": claim.name, "title": claim.title, "kind": claim.kind, "arm": claim.arm,
                     "reference": claim.reference, "margin": margin, "statement": statement(claim, margin, config),
                     "cells": rows, "across_seeds": summary})
@@ -670,7 +708,8 @@ def verdict_sentence(claim: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     if claim["kind"] == LATENCY:
         return (f"- {claim['title']}, {row['model']}: {holds}; the arm's latency changes by "
                 f"{points(row['mean_difference'])}% on average{spread}.")
-    return (f"- {claim['title']}, {row['model']} at BER {paired.fmt_ber(row['ber'])}: {holds}; the arm's "
+    return (f"- {claim['title']}, {row['model']} at {rate_name(row['target'])} {paired.fmt_ber(row['ber'])}: "
+            f"{holds}; the arm's "
             f"drop minus the reference's is {points(row['mean_difference'])} points on average{spread}.")
 
 
@@ -679,9 +718,15 @@ def markdown(result: Mapping[str, Any]) -> str:
     cfg = result["config"]
     lines = ["# Study: the paper's claims as tests (generated by `ftcnn study`; do not edit)", "",
              f"Data {cfg['data']}; models {', '.join(cfg['models'])}; training seeds "
-             f"{', '.join(str(s) for s in cfg['seeds'])}; {cfg['trials']} trials per variant and BER on the "
+             f"{', '.join(str(s) for s in cfg['seeds'])}; {cfg['trials']} trials per variant and rate on the "
              "whole test split, faults from the test role's stream (`seeds.role_seed(seed, \"test\")`), the same "
-             "draws for both arms of a claim. Resilience: drop from each model's own clean accuracy. Difference: "
+             "draws for both arms of a claim. Fault targets: " + "; ".join(
+                 f"{t} ({rate_name(t)} " + ", ".join(paired.fmt_ber(b) for b in
+                                                      (cfg["bers"] if t == "parameters" else cfg["activation_bers"]))
+                 + ")" for t in cfg["targets"]) + " (`CampaignConfig.target`: parameters flip every stored bit once "
+             "per trial, every protection's added values included; activations flip each bit of every Conv2d/Linear "
+             "output independently at each inference, output TMR's replicas each on their own, the vote and any "
+             "restriction fault-free). Resilience: drop from each model's own clean accuracy. Difference: "
              "the arm's drop minus the reference's, in accuracy points, paired by trial, with its "
              f"{cfg['confidence']:.0%} interval (betting below {result['bounded_ci_below']} trials). Tests: one-sided "
              "paired sign-flip permutation tests of the mean difference against the claim's margin, "
@@ -696,18 +741,22 @@ def markdown(result: Mapping[str, Any]) -> str:
         if claim["kind"] == LATENCY:
             lines += latency_table(claim, cfg)
             continue
-        lines += ["| model | BER | seed | clean arm | clean ref. | acc. arm [CI] | acc. ref. [CI] | crit. SDC arm | "
-                  "crit. SDC ref. | difference [CI] | p for (Holm) | p against (Holm) | verdict |",
-                  "|---" * 13 + "|"]
-        for r in claim["cells"]:
-            lines.append(
-                f"| {r['model']} | {paired.fmt_ber(r['ber'])} | {r['seed']} | {share(r['clean_arm'])} | "
-                f"{share(r['clean_reference'])} | {share(r['accuracy_arm'])} {interval(r['accuracy_arm_ci'], share)} | "
-                f"{share(r['accuracy_reference'])} {interval(r['accuracy_reference_ci'], share)} | "
-                f"{share(r['critical_sdc_arm'])} | {share(r['critical_sdc_reference'])} | "
-                f"{points(r['mean_difference'])} {interval(r['difference_ci'])} | {pvalue(r['p_support_holm'])} | "
-                f"{pvalue(r['p_refute_holm'])} | {r['verdict']} |")
-        lines += across_seeds_table(claim)
+        for target in cfg["targets"]:
+            rate = rate_name(target)
+            lines += [f"### {TARGET_TITLES[target]}", "",
+                      f"| model | {rate} | seed | clean arm | clean ref. | acc. arm [CI] | acc. ref. [CI] | "
+                      "crit. SDC arm | crit. SDC ref. | difference [CI] | p for (Holm) | p against (Holm) | verdict |",
+                      "|---" * 13 + "|"]
+            for r in (r for r in claim["cells"] if r["target"] == target):
+                lines.append(
+                    f"| {r['model']} | {paired.fmt_ber(r['ber'])} | {r['seed']} | {share(r['clean_arm'])} | "
+                    f"{share(r['clean_reference'])} | {share(r['accuracy_arm'])} "
+                    f"{interval(r['accuracy_arm_ci'], share)} | "
+                    f"{share(r['accuracy_reference'])} {interval(r['accuracy_reference_ci'], share)} | "
+                    f"{share(r['critical_sdc_arm'])} | {share(r['critical_sdc_reference'])} | "
+                    f"{points(r['mean_difference'])} {interval(r['difference_ci'])} | {pvalue(r['p_support_holm'])} | "
+                    f"{pvalue(r['p_refute_holm'])} | {r['verdict']} |")
+            lines += across_seeds_table(claim, target)
     lines += [VERDICTS_HEADING, ""]
     for claim in result["claims"]:
         lines += [verdict_sentence(claim, r) for r in claim["across_seeds"]]
@@ -721,10 +770,15 @@ def markdown(result: Mapping[str, Any]) -> str:
 VERDICTS_HEADING = "## Verdicts (generated from the tables above)"
 
 
-def across_seeds_table(claim: Mapping[str, Any]) -> list[str]:
+TARGET_TITLES = {"parameters": "Memory faults (every stored bit: weights, BatchNorm, what protections add)",
+                 "activations": "Datapath faults (transient flips in every Conv2d/Linear output, each inference)"}
+
+
+def across_seeds_table(claim: Mapping[str, Any], target: str = "parameters") -> list[str]:
     lines = ["", "Across seeds:", "",
-             "| model | BER | mean difference | spread | seeds' CIs | holds in | verdict |", "|---" * 7 + "|"]
-    for r in claim["across_seeds"]:
+             f"| model | {rate_name(target)} | mean difference | spread | seeds' CIs | holds in | verdict |",
+             "|---" * 7 + "|"]
+    for r in (r for r in claim["across_seeds"] if r["target"] == target):
         cis = "; ".join(interval(ci) for ci in r["seed_cis"])
         lines.append(f"| {r['model']} | {paired.fmt_ber(r['ber'])} | {points(r['mean_difference'])} | "
                      f"{share(r['spread'])} | {cis} | {r['holding']} of {r['of']} | {r['verdict']} |")
@@ -771,17 +825,21 @@ def latency_table(claim: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]
 
 
 def verdict_table(result: Mapping[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(claim, model, BER, mean difference, spread, verdict) rows: what the command prints."""
-    return [(c["title"], r["model"], paired.fmt_ber(r["ber"]), points(r["mean_difference"]), share(r["spread"]),
-             r["verdict"]) for c in result["claims"] for r in c["across_seeds"]]
+    """(claim, model, target, rate, mean difference, spread, verdict) rows: what the command prints."""
+    return [(c["title"], r["model"], "–" if r["ber"] is None else r["target"], paired.fmt_ber(r["ber"]),
+             points(r["mean_difference"]), share(r["spread"]), r["verdict"])
+            for c in result["claims"] for r in c["across_seeds"]]
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 def plan(config: StudyConfig) -> list[Cell]:
-    """Every cell, in the order they are computed (a model's seeds together: its variants load once)."""
-    return [Cell(model, seed, claim, ber) for model in config.models for seed in config.seeds
-            for claim, _ in claims(config) for ber in ((None,) if claim.kind == LATENCY else config.bers)]
+    """Every cell, in the order they are computed (a model's seeds together: its variants load once;
+    within a claim, the parameter cells, then the activation cells)."""
+    return [Cell(model, seed, claim, ber, target) for model in config.models for seed in config.seeds
+            for claim, _ in claims(config)
+            for target in (("parameters",) if claim.kind == LATENCY else config.targets)
+            for ber in ((None,) if claim.kind == LATENCY else config.rates(target))]
 
 
 def values_per_arm(cell: Cell, config: StudyConfig) -> int:
@@ -888,8 +946,10 @@ def run_study(config: StudyConfig, out_dir: str | Path, results_dir: str | Path 
             if found is not None:
                 stored[c] = found
         todo = [c for c in cells if c not in stored]
-        _log(f"{len(cells)} cells ({len(config.models)} model(s) x {len(config.seeds)} seed(s) x (claims per BER "
-             f"x {len(config.bers)} BER(s) + latency claims)): {len(stored)} done earlier, skipped; "
+        rates = sum(len(config.rates(t)) for t in config.targets)
+        _log(f"{len(cells)} cells ({len(config.models)} model(s) x {len(config.seeds)} seed(s) x (claims per rate "
+             f"x {rates} rate(s) of {len(config.targets)} fault target(s) + latency claims)): {len(stored)} done "
+             "earlier, skipped; "
              f"{len(todo)} to compute")
         if todo:
             _log(upfront_estimate(config, x, len(train_set), todo))
@@ -918,7 +978,9 @@ def run_study(config: StudyConfig, out_dir: str | Path, results_dir: str | Path 
                         bar.update(1)
         result = {
             "kind": "study", "config": {**asdict(config), "models": list(config.models), "seeds": list(config.seeds),
-                                        "bers": list(config.bers), "prune_grid": sorted(config.prune_grid)},
+                                        "bers": list(config.bers), "prune_grid": sorted(config.prune_grid),
+                                        "targets": list(config.targets),
+                                        "activation_bers": list(config.activation_bers)},
             "versions": campaign.versions(),
             "seeds": {"training": list(config.seeds),
                       "faults (test role)": {str(s): role_seed(s, "test") for s in config.seeds}},
