@@ -568,6 +568,9 @@ def inject(
     target: str = _option("target", "inject"),
     activation_mode: str = typer.Option("transient", help="with --target activations: transient (each "
                                         "value, each inference) or permanent (same sites for every input)"),
+    activation_ber: Optional[float] = typer.Option(None, "--activation-ber", help="with --target both: the rate "
+                                                   "of transient flips per bit of every Conv2d/Linear output per "
+                                                   "inference, in every trial beside the swept --ber"),
     ber_per_layer: List[str] = typer.Option([], "--ber-per-layer", help="NAME=RATE ...: these layers "
                                             "(modules) take this rate at every point, parameters or activations "
                                             "(MRFI's per-layer rates)"),
@@ -597,6 +600,8 @@ def inject(
     Example: ftcnn inject lenet5.pt --data mnist5k --ber 1e-6 1e-5 1e-4 --trials 100 --seed 0 -o runs/inj
 
     Activation faults: ftcnn inject lenet5.pt --target activations --ber 1e-5 1e-4 -o runs/act
+
+    Both at once: ftcnn inject lenet5.pt --target both --ber 1e-5 1e-4 --activation-ber 1e-6 -o runs/both
 
     One reviewable file: ftcnn inject --config examples/campaign.toml (flags given override its keys)
 

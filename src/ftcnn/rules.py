@@ -173,7 +173,7 @@ class Rule:
 
 BATCH_HELP = ("deployment batch: every cost is quoted at it and budgets apply there (work done once per "
               "forward, like weight checks, is shared by the batch); latency at batch 1 is shown beside it")
-TARGETS = ("parameters", "activations")
+TARGETS = ("parameters", "activations", "both")
 CRITERIA = ("vulnerability", "l1")
 RATE = Interval(False, 0.0, 1.0)
 # the commands whose campaigns have a stopping rule ("auto", --precision); the others compare
@@ -249,7 +249,8 @@ RULES: dict[str, Rule] = {
     "report_ber": Rule(RATE, None, "BER of the overview table and overhead plot (default: the point 3/4 up the "
                        "sweep's nonzero BERs, where protections differ most)"),
     "target": Rule(Options(TARGETS, "fault targets"), "parameters",
-                   "what faults hit: parameters (weight memory) or activations (layer outputs)",
+                   "what faults hit: parameters (weight memory), activations (layer outputs) or both "
+                   "(parameter faults at --ber plus activation faults at --activation-ber in every trial)",
                    per_command={"compare": ("parameters", "what faults hit: parameters (weight memory) or "
                                             "activations (transient flips in every Conv2d/Linear output, a "
                                             "protection's copies included; bit sensitivity: one flip per inference)",

@@ -232,6 +232,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "activation_mode": _choice(*ACTIVATION_MODES),
     "ber_per_layer": _ber_per_layer,
     "per_input": _boolean,                  # --per-input: activation counts per input image
+    "activation_ber": _number,              # target both: the activation rate beside the swept ber
 }
 
 # keys that mean something only for parameter faults (their memory, their blocks of inputs)
@@ -302,7 +303,16 @@ def _check_together(cfg: dict[str, Any]) -> None:
     if "precision" in cfg and "ber_per_layer" in cfg:
         raise _fail("precision", "needs one rate for every layer (the strata weights come from one "
                     "binomial); drop [ber_per_layer]")
-    if target == "parameters":
+    if target != "both" and "activation_ber" in cfg:
+        raise _fail("activation_ber", "is the datapath rate of target = \"both\"; elsewhere give ber = [...]")
+    if target == "both":  # parameter faults at ber plus activation faults at activation_ber, every trial
+        if "ber" not in cfg or "activation_ber" not in cfg:
+            raise CampaignFileError("campaign file: target both needs ber = [...] (parameter rates) and "
+                                    "activation_ber = RATE")
+        for key in ACTIVATION_ONLY + ("inputs_per_trial", "ber_per_layer"):
+            if key in cfg:
+                raise _fail(key, "does not apply to target = \"both\"")
+    elif target == "parameters":
         if "ber" not in cfg and "count" not in cfg:
             raise CampaignFileError("campaign file: give fault rates (ber = [...]) or fault counts (count = [...])")
         for key in ACTIVATION_ONLY:

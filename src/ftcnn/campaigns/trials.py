@@ -96,6 +96,9 @@ class CampaignConfig:
     target: str = "parameters"
     activation_mode: str = "transient"
     ber_per_layer: tuple[tuple[str, float], ...] = ()
+    # target "both" (``ftcnn.campaigns.combined``): the activation rate of every trial, beside the swept
+    # parameter BER (the campaign's points); None for the other targets
+    activation_ber: float | None = None
     # inputs each trial evaluates (None: all): a seeded random block of the split per trial, an
     # unbiased estimate of the trial's accuracy on all of it at a fraction of the cost (design §2)
     inputs_per_trial: int | None = None
@@ -147,7 +150,7 @@ class CampaignConfig:
 
     def _check_target(self) -> None:
         if self.include_bn is None:
-            object.__setattr__(self, "include_bn", self.target == "parameters")
+            object.__setattr__(self, "include_bn", self.target in ("parameters", "both"))
         if isinstance(self.ber_per_layer, Mapping):  # {layer: rate} from the API: pairs, in name order
             object.__setattr__(self, "ber_per_layer", tuple(sorted(self.ber_per_layer.items())))
         elif isinstance(self.ber_per_layer, (list, tuple)):
@@ -175,6 +178,12 @@ class CampaignConfig:
         if self.precision is not None and self.ber_per_layer:
             raise ValueError("--precision needs one rate for every layer (the strata weights come from one "
                              "binomial); drop --ber-per-layer or use --trials")
+        if self.target == "both":
+            self._check_both()
+            return
+        if self.activation_ber is not None:
+            raise ValueError("--activation-ber is the datapath rate of target both; with target "
+                             f"{self.target} give the rates with --ber")
         if self.target == "parameters":
             if self.activation_mode != "transient":
                 raise ValueError("the activation mode applies to activation faults only (target \"activations\")")
@@ -193,6 +202,28 @@ class CampaignConfig:
                              "--activation-mode permanent")
         if self.mode not in ACTIVATION_KINDS:
             raise ValueError(f"activation faults take modes {', '.join(ACTIVATION_KINDS)}, not {self.mode}")
+
+    def _check_both(self) -> None:
+        """Target both: parameter faults at the swept BERs plus transient activation flips at
+        ``activation_ber`` in every trial (``ftcnn.campaigns.combined``)."""
+        rate = self.activation_ber
+        if rate is None or isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+            raise ValueError(f"target both needs --activation-ber in (0, 1] (got {rate!r})")
+        if not self.bers:
+            raise ValueError("target both sweeps parameter BERs (--ber), not fault counts")
+        if self.precision is not None:
+            raise ValueError("--precision stratifies one fault target; give --trials for target both")
+        if self.ber_per_layer:
+            raise ValueError("target both takes one parameter rate per point and one activation rate; "
+                             "drop --ber-per-layer")
+        if self.activation_mode != "transient" or self.per_input:
+            raise ValueError("target both adds transient activation faults (no --activation-mode permanent, "
+                             "no --per-input)")
+        if self.mode != "flip":
+            raise ValueError("target both takes bit flips (transient activation faults are flips)")
+        if self.dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"target both needs a format layers compute in ({', '.join(ACTIVATION_DTYPES)}), "
+                             f"not {self.dtype}")
 
     def for_model(self, model: nn.Module) -> CampaignConfig:
         """This configuration as it applies to ``model``: ``include_bn`` is False when the model
@@ -230,6 +261,8 @@ class CampaignConfig:
             d.pop("inputs_per_trial")
         if not self.per_input:  # counts per trial, as before the option existed
             d.pop("per_input")
+        if self.activation_ber is None:  # every target but both, as before the option existed
+            d.pop("activation_ber")
         if self.target == TARGET_DEFAULTS["target"]:  # parameter campaigns keep only what they set
             for key, default in TARGET_DEFAULTS.items():
                 if key == "target" or d[key] == default:  # a per-layer table is recorded (issue 23)

@@ -112,6 +112,9 @@ class CompareConfig:
     def __post_init__(self, margin: float | None = None) -> None:
         take_old_margin(self, margin, "range_margin")
         rules.check("target", self.target)
+        if self.target == "both":  # its sweep has one axis: the combined row is inject's and protect's
+            raise ValueError("compare sweeps one fault target (parameters or activations); for both at once "
+                             "use ftcnn inject --target both --activation-ber RATE, or ftcnn protect --target both")
         rules.check("points", self.bers, "bers")
         rules.check("trials", self.trials)
         rules.check("bit_trials", self.bit_trials)
