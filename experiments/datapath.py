@@ -30,7 +30,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import re
 import sys
@@ -143,17 +142,11 @@ def build_rows(folder: Path, cell: Mapping[str, Any], front: Mapping[str, Any], 
 
 
 def aligned_names(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` computing the same thing with every Conv2d/Linear ``X`` moved to
-    ``X.original`` (a ``hardening.Hardened`` wrapper with nothing added: ``forward`` is the layer's).
-    Why: activation draws are keyed by layer name, and every protected row holds its layers there,
-    so the unprotected row then draws the very faults they draw (common random numbers)."""
-    out = copy.deepcopy(model)
-    for name, layer in hardening.target_layers(out).items():
-        parent, _, child = name.rpartition(".")
-        if not child:
-            raise Refused("a model that is itself one Conv2d/Linear cannot be aligned")
-        setattr(out.get_submodule(parent) if parent else out, child, hardening.Hardened(layer))
-    return out.eval()
+    """``hardening.aligned_names`` (the library's; a model it cannot align is a refusal here)."""
+    try:
+        return hardening.aligned_names(model)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
 
 
 # --- campaigns ------------------------------------------------------------------------------------

@@ -786,6 +786,10 @@ def protect(
     race: bool = _option("race", "protect", "--race/--no-race"),
     validation_inputs: int = _option("validation_inputs", "protect"),
     test_inputs: int = _option("test_inputs", "protect"),
+    target: str = _option("target", "protect"),
+    activation_ber: Optional[float] = typer.Option(None, "--activation-ber", help="with --target both: the rate "
+                                                   "of transient flips per bit of every Conv2d/Linear output per "
+                                                   "inference, in every trial beside the memory's --ber"),
     threads: Optional[int] = _option("threads", "protect"),
     device: str = typer.Option("cpu", help=DEVICE_HELP + "; candidates are costed and timed on the CPU"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder"),
@@ -795,9 +799,12 @@ def protect(
     Writes protected.pt, front.json (every candidate, the Pareto front, the choice and why) and front.png.
 
     Example: ftcnn protect lenet5.pt --data mnist5k --ber 1e-4 --max-macs 1.15 --max-latency 1.2 -o runs/protect
+
+    Chosen for memory and datapath faults at once: ... --target both --ber 1e-4 --activation-ber 1e-6
     """
     _check_device(device)
     protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
+    faults = protect_mod.FaultModel(target, activation_ber)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
@@ -805,10 +812,12 @@ def protect(
                                          allow_builder=model_spec, source=str(checkpoint_path),
                                          log=console.print, device=device, confidence=confidence,
                                          tolerance=tolerance, race=race, validation_inputs=validation_inputs,
-                                         test_inputs=test_inputs)
+                                         test_inputs=test_inputs, faults=faults)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
-                      + (f", x{max_memory:g} memory" if max_memory is not None else "") + f" (BER {ber:g})")
+                      + (f", x{max_memory:g} memory" if max_memory is not None else "")
+                      + (f" (BER {ber:g})" if target == "parameters" else f" (activation BER {ber:g})"
+                         if target == "activations" else f" (BER {ber:g}, activation BER {activation_ber:g})"))
     console.print(f"results: {output}/front.json, {output}/front.png, model {output}/protected.pt")
 
 

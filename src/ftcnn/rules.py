@@ -254,7 +254,12 @@ RULES: dict[str, Rule] = {
                    per_command={"compare": ("parameters", "what faults hit: parameters (weight memory) or "
                                             "activations (transient flips in every Conv2d/Linear output, a "
                                             "protection's copies included; bit sensitivity: one flip per inference)",
-                                            "compare also attacks what each protection adds")}),
+                                            "compare also attacks what each protection adds"),
+                                "protect": ("parameters", "what the candidates are ranked under: parameters "
+                                            "(every stored bit at --ber), activations (transient flips in every "
+                                            "Conv2d/Linear output at --ber) or both (the memory at --ber plus "
+                                            "outputs at --activation-ber in every trial)",
+                                            "a protection is chosen for the faults its user expects")}),
     "criterion": Rule(Options(CRITERIA, "pruning criteria"), "vulnerability",
                       "pruning criterion: vulnerability (lowest score goes; the paper's) or l1 (baseline)"),
     "range_margin": Rule(Interval(False, 0.0, None), 0.0,
@@ -294,6 +299,8 @@ PER_COMMAND_MEANING: dict[str, str] = {
     "--correction": "harden lists every correction; pipeline names the hardening step",
     "--bits": "inject: the attacked bits; analyze: fi's bits; compare: the bit-sensitivity chart's",
     "--limit": "analyze: inputs scored; inject: test inputs evaluated",
+    "--activation-ber": "inject/protect: with --target both, the datapath rate in every trial beside --ber; "
+                        "study: the activation rates claims 1 and 2 are tested at",
     "--device": "the same devices everywhere; commands that time latency or cost candidates say they do so on the CPU",
     "--width": "train: the model's width; compare: with --model only",
 }

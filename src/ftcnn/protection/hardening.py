@@ -976,6 +976,21 @@ def target_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {layer.name: layer.module for layer in graph.layers(model) if layer.name}
 
 
+def aligned_names(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` computing the same thing with every Conv2d/Linear ``X`` moved to
+    ``X.original`` (a :class:`Hardened` wrapper with nothing added: ``forward`` is the layer's).
+    Why: activation fault draws are keyed by layer name, and every protected model holds its layers
+    there, so the unprotected model then draws the very faults they draw (common random numbers:
+    ``protect`` under activation faults, ``experiments/datapath.py``)."""
+    out = copy.deepcopy(model)
+    for name, layer in target_layers(out).items():
+        parent, _, child = name.rpartition(".")
+        if not child:
+            raise ValueError("a model that is itself one Conv2d/Linear cannot be aligned")
+        setattr(out.get_submodule(parent) if parent else out, child, Hardened(layer))
+    return out.eval()
+
+
 def check_scores(layers: Mapping[str, nn.Module], scores: Mapping[str, Sequence[float]]
                  ) -> dict[str, np.ndarray]:
     """Scores as arrays, one per layer, checked against the model.

@@ -90,6 +90,7 @@ from ftcnn import rules
 from ftcnn.campaigns.metrics import BettingCS
 from ftcnn.campaigns.paired import paired_test, sign_flip_test
 from ftcnn.campaigns.seeds import role_seed, role_seeds
+from ftcnn.campaigns.trials import input_order
 from ftcnn.splits import calibration_subset, validation_split
 
 # (restriction mode, range margin) pairs tried; margin 0 profiles tight ranges
@@ -352,12 +353,14 @@ def within_budget(rec: Mapping[str, Any], max_macs: float, max_memory: float | N
 
 def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] | None,
            calibration: torch.Tensor, base_macs: float, max_macs: float, input_shape: tuple[int, ...],
-           batch: int) -> tuple[nn.Module | None, dict[str, Any]]:
+           batch: int, faults: FaultModel | None = None) -> tuple[nn.Module | None, dict[str, Any]]:
     """The candidate's model and its final settings; for duplication, the largest share of
     the leftover MAC budget that fits (None when nothing fits). ``base_macs``: the
-    reference's MACs per input at ``batch`` (``cost.macs_at_batch``), as every count here."""
+    reference's MACs per input at ``batch`` (``cost.macs_at_batch``), as every count here.
+    Under activation faults the unprotected model holds its layers where protected ones do
+    (``hardening.aligned_names``: the same computation), so all draw the same faults per trial."""
     if cand.settings is None:
-        return model, {}
+        return (model if faults is None or faults.target == "parameters" else hardening.aligned_names(model)), {}
     if not cand.duplicate:
         return hardening.harden(model, calibration=calibration, **cand.settings), dict(cand.settings)
     rest = {k: v for k, v in cand.settings.items() if k != "correction"}
@@ -379,14 +382,72 @@ def _build(model: nn.Module, cand: Candidate, scores: Mapping[str, np.ndarray] |
 
 def _campaign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bers: Sequence[float], trials: int,
               seed: int, folder: Path, device: str = "cpu", inputs_per_trial: int | None = None,
-              attack_protection: bool = True, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+              attack_protection: bool = True, confidence: float = DEFAULT_CONFIDENCE,
+              faults: FaultModel | None = None) -> dict[str, Any]:
     """A campaign on ``device``; the model is given back where it was. ``attack_protection=False``
-    leaves the values protections add (bounds, code words) out of the fault space: the ablation."""
+    leaves the values protections add (bounds, code words) out of the fault space: the ablation.
+    ``faults``: what the faults hit (default: parameters); activation faults are drawn per input, so
+    there a trial evaluates every input of a fixed seeded subset of ``inputs_per_trial`` of them
+    (:meth:`FaultModel.subset`) instead of a random block per trial."""
+    faults = faults or FaultModel()
+    if faults.target != "parameters" and inputs_per_trial is not None and inputs_per_trial < len(x):
+        x, y = faults.subset(x, y, inputs_per_trial, seed)
+        inputs_per_trial = None
     config = campaign.CampaignConfig(bers=tuple(bers), trials=trials, seed=seed, device=device,
                                      inputs_per_trial=inputs_per_trial, attack_protection=attack_protection,
-                                     confidence=confidence)
+                                     confidence=confidence, **faults.campaign_settings())
     with train.on_device(model, device):
         return campaign.run_campaign(model, x, y, config, folder, progress=False)
+
+
+@dataclass(frozen=True)
+class FaultModel:
+    """What protect's campaigns attack (issue 22, item 8): ``target`` as ``CampaignConfig`` names it
+    (parameters: the memory at the BER; activations: transient flips in every Conv2d/Linear output at
+    the BER; both: the memory at the BER plus the outputs at ``activation_ber`` in every trial). The
+    search ranks candidates under it, so a protection is chosen for the faults its user expects:
+    under activation faults a weight check or a code protects nothing, restriction and output TMR do.
+
+    Example:
+        >>> FaultModel("both", 1e-6).campaign_settings()
+        {'target': 'both', 'activation_ber': 1e-06}
+        >>> FaultModel().campaign_settings()
+        {}
+    """
+
+    target: str = "parameters"
+    activation_ber: float | None = None
+
+    def __post_init__(self) -> None:
+        rules.check("target", self.target, "--target")
+        if (self.target == "both") != (self.activation_ber is not None):
+            raise ValueError("--activation-ber is the datapath rate of --target both: give it with both, "
+                             "and only then")
+        if self.activation_ber is not None:
+            rules.check("protect_ber", self.activation_ber, "--activation-ber")
+
+    def campaign_settings(self) -> dict[str, Any]:
+        """CampaignConfig keywords: none for parameters (identities, folders and numbers unchanged)."""
+        if self.target == "parameters":
+            return {}
+        return {"target": self.target, **({"activation_ber": self.activation_ber} if self.activation_ber else {})}
+
+    @staticmethod
+    def subset(x: torch.Tensor, y: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded random subset of ``size`` inputs, the same for every candidate (paired)."""
+        order = torch.as_tensor(input_order(seed, len(x))[:size])
+        return x[order], y[order]
+
+    def describe(self, ber: float) -> str:
+        memory = ("float32 bit flips in Conv2d/Linear parameters, BatchNorm parameters and statistics (none left "
+                  f"once folded), protection values and code words attacked, at BER {ber:g}")
+        datapath = ("transient float32 bit flips in every Conv2d/Linear output (copies included; votes and "
+                    "restrictions fault-free), per value per inference, at {:g}")
+        if self.target == "parameters":
+            return memory
+        if self.target == "activations":
+            return datapath.format(ber)
+        return memory + "; plus " + datapath.format(self.activation_ber) + " in every trial"
 
 
 def latency_budgets(batch: int) -> dict[int, float]:
@@ -612,7 +673,8 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
               x_val: torch.Tensor, y_val: torch.Tensor, ber: float, stages: Sequence[int], root: Path, seed: int,
               device: str, confidence: float, tolerance: float, batch: int, say: Callable[[str], Any],
               race: bool, measured: Callable[[float, Mapping[str, Any], float], Any] | None = None,
-              inputs_per_trial: int | None = None, setup: float = SETUP_INFERENCES) -> None:
+              inputs_per_trial: int | None = None, setup: float = SETUP_INFERENCES,
+              faults: FaultModel | None = None) -> None:
     """The validation campaigns of ``to_run``, stage by stage (``stages``: the trial counts; one
     stage without racing): every candidate still running resumes its campaign folder to the
     stage's trials (trials are not part of a campaign's identity; trial ``i`` is the same
@@ -638,7 +700,7 @@ def _validate(to_run: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]
             folder = root / "validation" / rec["name"]
             summary, seconds = progress.timed(_campaign, built[rec["name"]], x_val, y_val, [ber], n,
                                               role_seed(seed, "validation"), folder, device, confidence=confidence,
-                                              inputs_per_trial=inputs_per_trial)
+                                              inputs_per_trial=inputs_per_trial, faults=faults)
             rec["validation_clean"] = summary["golden_accuracy"]
             rec["validation"] = _point(summary, ber)
             # what the paired choice compares: every candidate's trial i drew from the same generator
@@ -789,7 +851,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             work_dir: str | Path | None = None, log: Callable[[str], Any] | None = None,
             device: str = "cpu", confidence: float = DEFAULT_CONFIDENCE,
             tolerance: float = DEFAULT_TOLERANCE, race: bool = True,
-            validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS) -> ProtectResult:
+            validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS,
+            faults: FaultModel | None = None) -> ProtectResult:
     """Search the protections of design §4 for the most robust one within a cost budget.
 
     Args:
@@ -826,7 +889,10 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
         validation_fraction: share of the training data held out per class.
         validation_inputs: validation inputs each trial evaluates, a seeded random block that is the
             same for every candidate at trial ``i`` (so the choice stays paired); None or at least
-            the split's size: all of them. Default 100: an eighth of mnist5k's 800 per trial.
+            the split's size: all of them. Default 100: an eighth of mnist5k's 800 per trial. Under
+            activation faults (drawn per input) a fixed seeded subset of that size.
+        faults: what the campaigns attack (:class:`FaultModel`; default parameters): ``ber`` is the
+            memory BER, or with target activations the activation rate; recorded in ``config``.
         calibration_size: fit inputs the ranges are profiled on.
         measure_latency: time every candidate (needed when ``max_latency`` is given), within
             ``latency_budgets`` seconds per batch; the baselines over budget apart from the rest.
@@ -854,6 +920,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     if validation_inputs is not None:
         rules.check("validation_inputs", validation_inputs, "validation_inputs")
     rules.check("race", race, "race")
+    faults = faults or FaultModel()
     alpha = round(1 - confidence, 12)  # the choice's one-sided test: 0.05 at the default 0.95
     say = log or (lambda *_: None)
     model, folding = deployed_form(model)
@@ -882,7 +949,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
     built: dict[str, nn.Module] = {}
     for cand in space:
         net, settings = _build(model, cand, ranked, calibration, ref_cost["macs_at_batch"], max_macs,
-                               input_shape, batch)
+                               input_shape, batch, faults)
         rec: dict[str, Any] = {"name": cand.name, "family": cand.family, "settings": settings,
                                "baseline": cand.baseline}
         if net is None:
@@ -964,7 +1031,7 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
             resay(seconds, "a campaign", f"{rec['name']}'s campaign ({per_trial:.2g} s per trial, set-up included)")
 
         _validate(to_run, records, built, x_val, y_val, ber, stages, root, seed, device, confidence, tolerance,
-                  batch, say, race, measured, inputs_per_trial=block, setup=setup)
+                  batch, say, race, measured, inputs_per_trial=block, setup=setup, faults=faults)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -1008,8 +1075,8 @@ def protect(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, b
                                "it lies below -tolerance", "confidence": confidence,
                        "stopped": {r["name"]: r["raced"]["stopped_at"] for r in records if r.get("raced")}},
               "reference": ref_cost, "weight_checks_available": weight_checks_available(),
-              "fault_model": "float32 bit flips in Conv2d/Linear parameters, BatchNorm parameters and statistics "
-                             "(none left once folded), protection values and code words attacked",
+              "fault_model": faults.describe(ber), "target": faults.target,
+              "activation_ber": faults.activation_ber,
               "fault_seeds": role_seeds(seed),  # each role's campaign seed: disjoint fault draws (ftcnn.campaigns.seeds)
               "device": device}
     models = {n: m for n, m in built.items() if next(r for r in records if r["name"] == n)["validation"]}
@@ -1049,7 +1116,7 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
             key = name if attack_protection else f"{name}{UNATTACKED_PROTECTION}"
             summary = _campaign(result.models[name], x_test, y_test, bers, trials, fault_seed,
                                 root / role / key, cfg.get("device", "cpu"), inputs_per_trial, attack_protection,
-                                cfg.get("confidence", DEFAULT_CONFIDENCE))
+                                cfg.get("confidence", DEFAULT_CONFIDENCE), fault_model(cfg))
             out[key] = {"clean": summary["golden_accuracy"], "role": role, "fault_seed": fault_seed,
                         "attack_protection": attack_protection, "trials": trials,
                         "inputs_per_trial": min(inputs_per_trial or len(x_test), len(x_test)),
@@ -1059,6 +1126,11 @@ def evaluate_test(result: ProtectResult, x_test: torch.Tensor, y_test: torch.Ten
             tmp.cleanup()
     result.test = out
     return out
+
+
+def fault_model(config: Mapping[str, Any]) -> FaultModel:
+    """The fault model a result was chosen under (its ``config``; parameters for results made before)."""
+    return FaultModel(config.get("target", "parameters"), config.get("activation_ber"))
 
 
 def front_json(result: ProtectResult) -> str:
@@ -1094,7 +1166,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 log: Callable[[str], Any] | None = None, device: str = "cpu",
                 confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE,
                 race: bool = True, validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS,
-                test_inputs: int | None = DEFAULT_TEST_INPUTS) -> ProtectResult:
+                test_inputs: int | None = DEFAULT_TEST_INPUTS, faults: FaultModel | None = None) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
     scores and campaigns on ``device``; ``race``, ``validation_inputs``: see :func:`protect`;
     ``test_inputs``: the test campaigns' block per trial (None: every test input). Why blocks: on
@@ -1118,7 +1190,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
         result = protect(model, *train_set.tensors, ber=ber, max_macs=max_macs, max_latency=max_latency,
                          max_memory=max_memory, trials=trials, seed=seed, batch=batch,
                          work_dir=out / "campaigns", log=log, device=device, confidence=confidence,
-                         tolerance=tolerance, race=race, validation_inputs=validation_inputs)
+                         tolerance=tolerance, race=race, validation_inputs=validation_inputs, faults=faults)
         evaluate_test(result, *test_set.tensors, work_dir=out / "campaigns",
                       inputs_per_trial=block_size(test_inputs, len(test_set)))
         write_result(result, out, data=data, source=source)
