@@ -217,6 +217,26 @@ def evaluate(rows: Sequence[tuple[str, str, nn.Module]], x: torch.Tensor, y: tor
     return out
 
 
+def evaluate_combined(rows: Sequence[tuple[str, str, nn.Module]], x: torch.Tensor, y: torch.Tensor, ber: float,
+                      rate: float, trials: int, seed: int, folder: Path, threads: int | None,
+                      log: Log = print) -> dict[str, Any]:
+    """Every row under both fault models at once (``CampaignConfig(target="both")``): the memory at the
+    cell's BER and the datapath at ``rate`` in every trial, the same seed for all rows (trial i of a row
+    holds its parameter campaign's trial-i faults and its activation campaign's): label -> numbers."""
+    config = campaign.CampaignConfig(bers=(ber,), trials=trials, seed=seed, target="both", activation_ber=rate,
+                                     threads=threads)
+    out: dict[str, Any] = {}
+    for label, _, model in rows:
+        where = folder / slug(label)
+        s = campaign.run_campaign(model, x, y, config, where, progress=False)
+        r = s["results"][0]
+        out[label] = {"accuracy": r["accuracy_mean"], "accuracy_ci": list(r["accuracy_ci"]), "trials": r["trials"],
+                      "ci_method": r["ci_method"], "per_trial": P.trial_accuracies(where, r["ber"], trials),
+                      "trial_seconds": trial_seconds(where)}
+        log(f"  {label} under both: {100 * r['accuracy_mean']:.2f}%")
+    return out
+
+
 TRIAL_SECONDS = readback.ListOf(readback.Row((readback.NONNEG,)))
 
 
@@ -241,9 +261,11 @@ def paired_to(base: Mapping[str, float], other: Mapping[str, float]) -> dict[str
 
 def model_result(name: str, cell: Mapping[str, Any], rates: Sequence[float], why: str,
                  pilot_points: Sequence[Mapping[str, Any]], runs: Mapping[str, Any], ber: float,
-                 settings: Mapping[str, Any]) -> dict[str, Any]:
+                 settings: Mapping[str, Any], combined: Mapping[str, Any] | None = None,
+                 combined_rate: float | None = None) -> dict[str, Any]:
     """What the page needs for one model, JSON-able: per row the cell's memory-fault numbers
-    beside the activation ones and the paired difference to the unprotected row."""
+    beside the activation ones and (``combined``) both at once, each with the paired difference
+    to the unprotected row."""
     base = runs["unprotected"]
     rows = []
     for mem in cell["rows"]:
@@ -259,7 +281,12 @@ def model_result(name: str, cell: Mapping[str, Any], rates: Sequence[float], why
                      "memory": {"accuracy": mem["accuracy"], "accuracy_ci": mem["accuracy_ci"], "clean": mem["clean"],
                                 "trials": mem.get("trials")},
                      "activations": acts})
+        if combined is not None:
+            both = dict(combined[mem["row"]])
+            trials = both.pop("per_trial")
+            rows[-1]["combined"] = {**both, "paired": paired_to(combined["unprotected"]["per_trial"], trials)}
     return {"model": name, "ber": ber, "chosen": cell["chosen"], "rates": [tag(r) for r in rates],
+            "combined_rate": None if combined_rate is None else tag(combined_rate),
             "rates_why": why, "pilot": list(pilot_points), "rows": rows, "settings": dict(settings),
             "memory_settings": cell["settings"], "fold_bn": cell.get("fold_bn", {}).get("folded")}
 
@@ -337,6 +364,17 @@ def verdicts(res: Mapping[str, Any]) -> list[str]:
                    f"{pct(rows[best_act]['activations'][top]['accuracy'])}): "
                    + ("the ranking flips with the fault model, so a comparison under one of them alone favours "
                       "one side." if flips else "the same ranking under both."))
+    if res.get("combined_rate") is not None:
+        ranked = sorted(res["rows"], key=lambda r: -r["combined"]["accuracy"])
+        best = ranked[0]
+        parts = [f"Both at once (memory BER {res['ber']:g} + activation BER {res['combined_rate']}): the most accurate "
+                 f"row is {best['row']} ({pct(best['combined']['accuracy'])})"]
+        for label in ("output TMR", "chosen"):
+            if label in rows and rows[label] is not best:
+                d = rows[label]["combined"]["paired"]
+                parts.append(f"{label}: {pct(rows[label]['combined']['accuracy'])}, {effect(d)} against the "
+                             f"unprotected model ({diff_ci(d)})")
+        out.append("; ".join(parts) + ".")
     return out
 
 
@@ -356,11 +394,17 @@ def model_section(res: Mapping[str, Any]) -> list[str]:
              + f". Command: `{s['command']}` ({s['threads']} thread). Trial time (stored per trial, so resumed "
              f"runs count what was spent; set-up not included): "
              + ", ".join(f"{r['row']} {r['trial_seconds']:.0f} s" for r in res["rows"])
+             + ("" if res.get("combined_rate") is None else "; under both: " + ", ".join(
+                 f"{r['row']} {r['combined']['trial_seconds']:.0f} s" for r in res["rows"]))
              + f", pilot {sum(p.get('trial_seconds', 0.0) for p in res['pilot']):.0f} s.", ""]
     head = "| row | candidate | memory 1e-4 acc [95% CI] |"
     rule = "|---|---|---|"
     for rate in res["rates"]:
         head += f" act {rate} acc [95% CI] | drop | vs unprotected (paired) |"
+        rule += "---|---|---|"
+    both = res.get("combined_rate")
+    if both is not None:
+        head += f" both: memory {res['ber']:g} + act {both} acc [95% CI] | drop | vs unprotected (paired) |"
         rule += "---|---|---|"
     lines += [head.replace("1e-4", f"{res['ber']:g}"), rule]
     for r in res["rows"]:
@@ -369,6 +413,10 @@ def model_section(res: Mapping[str, Any]) -> list[str]:
             a = r["activations"][rate]
             vs = "-" if r["row"] == "unprotected" else diff_ci(a["paired"])
             line += f" {acc_ci(a)} | {100 * (clean - a['accuracy']):.2f} | {vs} |"
+        if both is not None:
+            c = r["combined"]
+            vs = "-" if r["row"] == "unprotected" else diff_ci(c["paired"])
+            line += f" {acc_ci(c)} | {100 * (clean - c['accuracy']):.2f} | {vs} |"
         lines.append(line)
     lines += ["", "### Verdict", ""] + [f"- {v}" for v in verdicts(res)] + [""]
     return lines
@@ -443,10 +491,16 @@ def run_model(name: str, folder: Path, args: argparse.Namespace, log: Log) -> di
     log(f"{name}: {len(rows)} rows at activation BER {', '.join(map(tag, rates))}, {args.trials} trials ...")
     runs = evaluate(rows, x_test, y_test, rates, args.trials, test_seed,
                     work / f"test_{'_'.join(map(tag, rates))}_t{args.trials}", args.threads, log)
+    combined, combined_rate = None, None
+    if args.combined:  # the middle activation rate beside the cell's memory BER, in every trial
+        combined_rate = rates[len(rates) // 2]
+        log(f"{name}: {len(rows)} rows under both (memory {tag(args.ber)} + activation {tag(combined_rate)}) ...")
+        combined = evaluate_combined(rows, x_test, y_test, args.ber, combined_rate, args.trials, test_seed,
+                                     work / f"both_{tag(combined_rate)}_t{args.trials}", args.threads, log)
     settings = {"trials": args.trials, "pilot_trials": args.pilot_trials, "test_inputs": len(x_test),
                 "test_fault_seed": test_seed, "data": dname, "seconds": time.time() - start,
                 "threads": args.threads, "command": command_of(args, name)}
-    return model_result(name, cell, rates, why, pilot_points, runs, args.ber, settings)
+    return model_result(name, cell, rates, why, pilot_points, runs, args.ber, settings, combined, combined_rate)
 
 
 def command_of(args: argparse.Namespace, name: str) -> str:
@@ -457,6 +511,8 @@ def command_of(args: argparse.Namespace, name: str) -> str:
         cmd += f" --pilot-trials {args.pilot_trials}"
     if args.act_bers:
         cmd += " --act-bers " + " ".join(map(tag, args.act_bers))
+    if not args.combined:
+        cmd += " --no-combined"
     if not math.isclose(args.ber, DEFAULT_BER):
         cmd += f" --ber {tag(args.ber)}"
     return cmd
@@ -478,6 +534,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pilot-trials", type=int, default=PILOT_TRIALS)
     parser.add_argument("--act-bers", nargs="+", type=float, default=None, help="skip the pilot: these rates")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the campaigns")
+    parser.add_argument("--no-combined", dest="combined", action="store_false",
+                        help="skip the rows under both fault models at once")
     parser.add_argument("--out", type=Path, default=Path("runs/exp_datapath"))
     parser.add_argument("--results", type=Path, default=Path("experiments/results/datapath.md"))
     args = parser.parse_args(argv)

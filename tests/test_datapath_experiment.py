@@ -105,7 +105,8 @@ def test_table_has_every_row_in_the_cells_order(run):
     assert "## tiny" in run["page"] and "### Verdict" in run["page"]
     for label, cand in ROWS:
         assert table[label].split(" | ")[1] == cand
-        assert table[label].count("[") == 1 + 2 * len(RATES) - (len(RATES) if label == "unprotected" else 0)
+        # memory, each rate (with its paired difference), and both at once (with its paired difference)
+        assert table[label].count("[") == 1 + 2 * (len(RATES) + 1) - (len(RATES) + 1 if label == "unprotected" else 0)
 
 
 def test_rows_share_seed_and_fault_draws(run):
@@ -158,6 +159,24 @@ def test_page_numbers_are_the_summaries(run):
             if label != "unprotected":
                 lo, hi = t["ci"]
                 assert f"{100 * t['mean_difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" in line
+
+
+def test_the_combined_column_attacks_memory_and_datapath_at_once(run):
+    """Each row under both fault models: the memory at the cell's BER plus the middle activation rate in
+    every trial, the test role's seed; its numbers on the page are the campaign's summary; the
+    verdict names the most accurate row under both."""
+    rate = RATES[len(RATES) // 2]
+    work = run["work"].parent / f"both_{rate}_t{TRIALS}"
+    table = _table_lines(run["page"])
+    assert f"both: memory 0.0001 + act {rate}" in run["page"]
+    for label, _ in ROWS:
+        summary = json.loads((work / D.slug(label) / "summary.json").read_text())
+        assert summary["config"]["target"] == "both" and summary["config"]["activation_ber"] == float(rate)
+        assert summary["seed"] == seeds.role_seed(0, "test")
+        [point] = summary["results"]
+        acc, (lo, hi) = point["accuracy_mean"], point["accuracy_ci"]
+        assert f"{100 * acc:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]" in table[label]
+    assert "Both at once (memory BER 0.0001 + activation BER" in run["page"]
 
 
 def test_weight_side_rows_change_nothing_in_the_datapath(run):
