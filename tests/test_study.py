@@ -428,6 +428,11 @@ def test_across_seeds_a_verdict_is_stated_only_when_every_seed_holds_it() -> Non
     (("--alpha", "0"), "--alpha"),
     (("--latency-rounds", "1"), "--latency-rounds"),
     (("--data", "nosuchset"), "nosuchset"),
+    (("--targets", "memory"), "unknown fault target 'memory'; choose from parameters, activations"),
+    (("--targets", "both"), "unknown fault target 'both'"),
+    (("--targets", "activations", "activations"), "--targets names a target twice"),
+    (("--activation-ber", "0"), "--activation-ber 0"),
+    (("--activation-ber", "1e-6", "2"), "--activation-ber"),
 ])
 def test_bad_options_are_one_line_refusals(monkeypatch, capsys, tmp_path: Path, args, match) -> None:
     r = cli_in_process(monkeypatch, capsys, "study", "--data", "digits", *args, "-o", str(tmp_path / "s"))

@@ -829,6 +829,12 @@ def study(
     data: str = typer.Option("mnist5k", help="data set: mnist5k, digits, cifar10:PATH, imagefolder:PATH, npz:PATH"),
     seeds: List[int] = typer.Option([], "--seeds", help="training seeds (default: 0 1 2; a verdict needs >= 3)"),
     ber: List[float] = _option("ber", "study"),
+    targets: List[str] = typer.Option([], "--targets", help="fault targets claims 1 and 2 are tested under, each "
+                                      "at its own rates: parameters (--ber) and activations (--activation-ber) "
+                                      "(default: both)"),
+    activation_ber: List[float] = typer.Option([], "--activation-ber", help="rates of transient flips per bit "
+                                               "of every Conv2d/Linear output per inference (default: 1e-7 1e-6 "
+                                               "1e-5)"),
     trials: str = _trials_option("study"),
     epochs: Optional[int] = typer.Option(None, help="training epochs (default: each model's own)"),
     finetune_epochs: int = _option("finetune_epochs", "study"),
@@ -858,7 +864,8 @@ def study(
     _check_device(device)
     config = study_mod.StudyConfig(
         **({"models": tuple(models)} if models else {}), data=data, **({"seeds": tuple(seeds)} if seeds else {}),
-        **({"bers": tuple(ber)} if ber else {}), trials=trials, epochs=epochs, finetune_epochs=finetune_epochs,
+        **({"bers": tuple(ber)} if ber else {}), **({"targets": tuple(targets)} if targets else {}),
+        **({"activation_bers": tuple(activation_ber)} if activation_ber else {}), trials=trials, epochs=epochs, finetune_epochs=finetune_epochs,
         prune_ratio=prune_ratio, tmr_margin=tmr_margin, alpha=alpha, latency_rounds=latency_rounds, device=device,
         **({"prune_grid": tuple(prune_grid)} if prune_grid else {}), validation_fraction=validation_fraction,
         accuracy_tolerance=accuracy_tolerance)
@@ -867,7 +874,7 @@ def study(
         result = study_mod.run_study(config, output, results)
     table = Table(title="verdicts (mean difference: the arm's accuracy drop minus the reference's, in points; "
                   "latency: the arm's change, in %)")
-    for col in ("claim", "model", "BER", "mean difference", "spread", "verdict"):
+    for col in ("claim", "model", "target", "rate", "mean difference", "spread", "verdict"):
         table.add_column(col)
     for row in study_mod.verdict_table(result):
         table.add_row(*row)
