@@ -1,5 +1,6 @@
 """Regenerate ``experiments/results/study.md`` and ``study.json`` (issue 22): ``ftcnn study`` with the
-reported settings (three models, seeds 0 1 2, BERs 1e-6 1e-5 1e-4, 100 trials), resumable.
+reported settings (three models, seeds 0 1 2; memory faults at BERs 1e-6 1e-5 1e-4 and activation faults
+at 1e-7 1e-6 1e-5; 100 trials), resumable.
 
 Extra arguments go to ``ftcnn study`` and override these (e.g. ``--data cifar10:PATH``, ``--models lenet5``).
 

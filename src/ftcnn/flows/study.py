@@ -8,6 +8,11 @@ carried every verdict before (issue 22, items 2, 4, 5, 7). ``ftcnn study`` regen
   variants and piece cache) and runs one fixed-size campaign per variant and BER, its faults drawn
   from the test role's stream (``seeds.role_seed(seed, "test")``), the same for both arms of a
   claim, so trial ``i`` of the two arms shares its random numbers (common random numbers);
+- claims 1 and 2 are tested under each fault target of ``targets`` (``CampaignConfig.target``): memory
+  faults (every stored bit, at ``bers``) and datapath faults (transient flips in every Conv2d/Linear
+  output per inference, at ``activation_bers``), since output TMR exists to mask compute faults and a
+  weight check cannot see them (issue 22, item 8); each (target, rate) is its own cell, and a claim's
+  Holm family holds the cells of both targets;
 - resilience is the drop from each model's OWN clean accuracy (a pruned model that lost clean
   points is not rewarded for it): per trial, ``d_i = drop_arm_i - drop_reference_i``;
 - a claim states ``mean(d) < margin``; each cell (model, seed, BER) gets two one-sided paired
