@@ -61,11 +61,11 @@ import torch
 from torch import nn
 
 from ftcnn import data, files, fingerprint, models, progress, readback
-from ftcnn.campaigns import campaign, paired, store
+from ftcnn.campaigns import activations, campaign, paired, store
 from ftcnn.flows import compare, pipeline
 from ftcnn.protection import cost
 from ftcnn.campaigns.campaign import CampaignConfig
-from ftcnn.campaigns.metrics import BOUNDED_CI_BELOW, fixed_n_ci, mean_ci
+from ftcnn.campaigns.metrics import BOUNDED_CI_BELOW, Golden, fixed_n_ci, golden_predictions, mean_ci
 from ftcnn.campaigns.seeds import role_seed
 from ftcnn.campaigns.trials import check_limit
 
@@ -882,18 +882,41 @@ def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, roo
     return nets, digests, found
 
 
+def activation_trial_seconds(net: nn.Module, x: torch.Tensor, logits: torch.Tensor, rate: float) -> float:
+    """Seconds of one activation trial of ``net`` at ``rate`` on ``x`` (``logits``: its clean ones):
+    drawing the faults and the hooks cost on top of the forward (measured: an activation cell of
+    VGG-11 took 1.5x what one clean inference per trial said), so activation cells are estimated
+    from such a trial, not from the inference."""
+    y = logits.argmax(1)
+    golden = Golden(y, golden_predictions(logits))
+    _, seconds = progress.timed(activations.run_trial, net, x, y, golden, ber=rate, trial=0)
+    return seconds
+
+
 def estimate(nets: Mapping[str, nn.Module], x: torch.Tensor, todo: Sequence[Cell], config: StudyConfig) -> str:
-    """The campaigns' cost of ``todo`` (one model and seed), from one timed clean inference per variant:
-    an upper bound (fault-free trials and the shortcut skip work)."""
-    seconds_per_trial = {}
+    """The campaigns' cost of ``todo`` (one model and seed): parameter cells from one timed clean
+    inference per variant, activation cells from one timed activation trial per variant and rate
+    (:func:`activation_trial_seconds`). An upper bound of the parameter cells (fault-free trials and
+    the shortcut skip work); for activation cells, what one trial took."""
+    inference: dict[str, float] = {}
+    logits: dict[str, torch.Tensor] = {}
     for name, net in nets.items():
-        _, seconds = progress.timed(campaign.predict, net, x)
-        seconds_per_trial[name] = seconds
+        logits[name], inference[name] = progress.timed(campaign.predict, net, x)
     todo = [c for c in todo if c.claim.kind == FAULTS]  # timings cost seconds, not campaigns
-    seconds = sum((seconds_per_trial[c.claim.arm] + seconds_per_trial[c.claim.reference]) * config.trials
-                  for c in todo)
+    act: dict[tuple[str, float], float] = {}
+    for c in todo:
+        if c.target != "parameters":
+            for name in (c.claim.arm, c.claim.reference):
+                if (name, c.ber) not in act:
+                    act[name, c.ber] = activation_trial_seconds(nets[name], x, logits[name], c.ber)
+
+    def per_trial(name: str, cell: Cell) -> float:
+        return inference[name] if cell.target == "parameters" else act[name, cell.ber]
+
+    seconds = sum((per_trial(c.claim.arm, c) + per_trial(c.claim.reference, c)) * config.trials for c in todo)
     return progress.expected(seconds, "campaigns", f"{len(todo)} cells x 2 arms x {config.trials} trials of "
-                             f"{len(x)} inputs, from one timed inference per variant")
+                             f"{len(x)} inputs, from one timed inference per variant"
+                             + (" and one timed activation trial per variant and rate" if act else ""))
 
 
 # a variant's forward relative to its model's, for the up-front estimate (MACs: a copy of the top share of
@@ -909,8 +932,9 @@ def upfront_estimate(config: StudyConfig, x: torch.Tensor, train_size: int, todo
     split per model (untrained: the same cost), scaled by each variant's forward (``_forward_factors``)
     and the trials, plus training and fine-tuning (a backward pass taken as twice a forward), claim 3's
     search included as if it tried every ratio of the grid (a model pruned by ``r`` costs about
-    ``(1 - r)**2`` of the unpruned one's epoch). An upper bound of the campaigns: fault-free trials and
-    the shortcut skip work."""
+    ``(1 - r)**2`` of the unpruned one's epoch); an activation cell's trials scaled by one timed
+    activation trial of the model at its rate over its inference (drawing and hooks cost on top). An
+    upper bound of the parameter campaigns: fault-free trials and the shortcut skip work."""
     info = data.info(config.data)
     factors = _forward_factors(config)
     seconds = 0.0
@@ -918,9 +942,12 @@ def upfront_estimate(config: StudyConfig, x: torch.Tensor, train_size: int, todo
         width, epochs = config.setup(model)
         net = models.build(model, num_classes=info.num_classes, in_channels=info.in_channels,
                            input_size=info.input_size, width=width).eval()
-        _, inference = progress.timed(campaign.predict, net, x)
+        logits, inference = progress.timed(campaign.predict, net, x)
         mine = [c for c in todo if c.model == model]
+        overhead = {rate: activation_trial_seconds(net, x, logits, rate) / max(inference, 1e-9)
+                    for rate in {c.ber for c in mine if c.claim.kind == FAULTS and c.target != "parameters"}}
         seconds += sum((factors[c.claim.arm] + factors[c.claim.reference]) * config.trials * inference
+                       * (1.0 if c.target == "parameters" else max(1.0, overhead[c.ber]))
                        for c in mine if c.claim.kind == FAULTS)
         seeds = len({c.seed for c in mine})
         per_epoch = 3 * inference * train_size / max(len(x), 1)
