@@ -155,6 +155,24 @@ def check_grid(grid: Sequence[float]) -> None:
         raise ValueError("--prune-grid names a ratio twice")
 
 
+def _check_names(names: Sequence[str], known: Sequence[str], flag: str, what: str) -> None:
+    """At least one name, each known, none twice: else one line saying which.
+
+    Example:
+        >>> _check_names(("parameters", "memory"), TARGETS, "--targets", "fault target")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown fault target 'memory'; choose from parameters, activations
+    """
+    if not names:
+        raise ValueError(f"{flag} needs at least one {what}")
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {str(name)[:40]!r}; choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{flag} names a{'n' if what[0] in 'aeiou' else ''} {what.split()[-1]} twice")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study computes. A cell's key holds the fields its numbers depend on (``cell_key``);
@@ -187,14 +205,7 @@ class StudyConfig:
     device: str = "cpu"                  # where training, scores and campaigns run (latency: the CPU)
 
     def __post_init__(self) -> None:
-        known = models.model_names()
-        if not self.models:
-            raise ValueError("--models needs at least one model")
-        for name in self.models:
-            if name not in known:
-                raise ValueError(f"unknown model {name[:40]!r}; choose from {', '.join(known)}")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError("--models names a model twice")
+        _check_names(self.models, models.model_names(), "--models", "model")
         if not self.seeds:
             raise ValueError("--seeds needs at least one training seed")
         for seed in self.seeds:
@@ -229,13 +240,7 @@ class StudyConfig:
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{flag} must lie in (0, 1) (got {value:g})")
         check_grid(self.prune_grid)
-        if not self.targets:
-            raise ValueError("--targets needs at least one fault target")
-        for target in self.targets:
-            if target not in TARGETS:
-                raise ValueError(f"unknown fault target {str(target)[:40]!r}; choose from {', '.join(TARGETS)}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("--targets names a target twice")
+        _check_names(self.targets, TARGETS, "--targets", "fault target")
         check_limit("points", self.activation_bers, "--activation-ber")
         for ber in self.activation_bers:
             if not (isinstance(ber, (int, float)) and 0.0 < ber <= 1.0):
