@@ -45,10 +45,10 @@ def config(**kw) -> CampaignConfig:
 
 def test_a_combined_trial_holds_both_campaigns_faults_of_the_same_trial() -> None:
     x, y = data()
-    runner = activations.campaign_runner(small_cnn(), x, y, config())
+    runner = combined.campaign_runner(small_cnn(), x, y, config())
     assert isinstance(runner, combined.CombinedRunner)
-    parameters = activations.campaign_runner(small_cnn(), x, y, CampaignConfig(bers=(BER,), trials=TRIALS, seed=SEED))
-    datapath = activations.campaign_runner(small_cnn(), x, y, combined.as_activation_config(config()))
+    parameters = combined.campaign_runner(small_cnn(), x, y, CampaignConfig(bers=(BER,), trials=TRIALS, seed=SEED))
+    datapath = combined.campaign_runner(small_cnn(), x, y, combined.as_activation_config(config()))
     for trial in range(TRIALS):
         both = runner.space.draw(BER, trial)
         assert both.parameters.as_list() == parameters.space.draw(BER, trial).as_list()
@@ -61,7 +61,7 @@ def test_a_combined_trial_matches_an_independent_computation() -> None:
     activation trial (``activations.run_trial``: no runner, no shortcut) on that faulty model."""
     x, y = data()
     cfg = config()
-    with_faults = activations.campaign_runner(small_cnn(), x, y, cfg)
+    with_faults = combined.campaign_runner(small_cnn(), x, y, cfg)
     for trial in range(TRIALS):
         _, metrics = with_faults.run(BER, trial)
         net = small_cnn()
@@ -100,8 +100,8 @@ def test_the_correction_bounds_are_attacked_under_both() -> None:
     parameters (every stored bit is memory)."""
     x, y = data()
     hard = hardening.harden(small_cnn(), calibration=x[:32], ratio=0.0, check_weights="zero")
-    runner = activations.campaign_runner(hard, x, y, config())
-    parameters = activations.campaign_runner(hard, x, y, CampaignConfig(bers=(BER,), seed=SEED))
+    runner = combined.campaign_runner(hard, x, y, config())
+    parameters = combined.campaign_runner(hard, x, y, CampaignConfig(bers=(BER,), seed=SEED))
     assert set(runner.space.stored) == set(parameters.space.stored)
     assert any("bound" in name or "low" in name or "high" in name for name in runner.space.stored), \
         sorted(runner.space.stored)

@@ -803,8 +803,8 @@ def protect(
     Chosen for memory and datapath faults at once: ... --target both --ber 1e-4 --activation-ber 1e-6
     """
     _check_device(device)
-    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
-    faults = protect_mod.FaultModel(target, activation_ber)
+    protect_mod.check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory,
+                             target=target, activation_ber=activation_ber)
     net, spec = _loaded(checkpoint_path, model_spec, data, threads)
     with _inputs(net, spec, normalize, device):
         result = protect_mod.protect_run(net, spec, output, ber=ber, max_macs=max_macs, max_latency=max_latency,
@@ -812,7 +812,7 @@ def protect(
                                          allow_builder=model_spec, source=str(checkpoint_path),
                                          log=console.print, device=device, confidence=confidence,
                                          tolerance=tolerance, race=race, validation_inputs=validation_inputs,
-                                         test_inputs=test_inputs, faults=faults)
+                                         test_inputs=test_inputs, target=target, activation_ber=activation_ber)
     _print_protection(result, f"protections within x{max_macs:g} MACs"
                       + (f", x{max_latency:g} latency" if max_latency else "") + f" at batch {batch}"
                       + (f", x{max_memory:g} memory" if max_memory is not None else "")

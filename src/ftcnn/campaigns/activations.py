@@ -839,11 +839,9 @@ def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     target = getattr(config, "target", "parameters")
     if target == "parameters":
         return prepare_parameters(model, inputs, labels, config)
-    if target == "both":  # memory and datapath faults in one trial (combined sits above this module)
-        from ftcnn.campaigns import combined
-        return combined.prepare(model, inputs, labels, config)
-    if target != "activations":
-        raise ValueError(f"unknown fault target {target!r}; choose from parameters, activations, both")
+    if target != "activations":  # "both" is combined.campaign_runner's (combined sits above this module)
+        raise ValueError(f"unknown fault target {target!r} here; choose from parameters, activations "
+                         "(both: ftcnn.campaigns.combined.campaign_runner)")
     # the rest of the settings were checked by CampaignConfig (precision, include_bn, dtype)
     return prepare(model, inputs, labels, layers=config.layers,
                    mode=getattr(config, "activation_mode", "transient"), kind=config.mode, bits=config.bits,

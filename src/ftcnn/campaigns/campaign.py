@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ftcnn import files, progress as progress_mod, readback
-from ftcnn.campaigns import activations, distributed, stopping
+from ftcnn.campaigns import combined, distributed, stopping
 from ftcnn.injection import faults as F
 from ftcnn.campaigns.distributed import Executor
 from ftcnn.injection.fault_space import FaultSpace
@@ -89,12 +89,12 @@ def run_campaign(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             return finished
         setup = None  # seconds of the set-up (its golden inference included), when timed here
         if runner is None and config.parallel:  # the driver only needs the memory map and golden
-            runner, setup = progress_mod.timed(activations.campaign_runner, model, inputs, labels,
+            runner, setup = progress_mod.timed(combined.campaign_runner, model, inputs, labels,
                                                replace(config, shortcut=False, batch_trials=1))
         with distributed.using_threads(config.threads if not config.parallel else None):
             # trials.prepare for parameter faults, activations.prepare for activation faults
             if runner is None:
-                runner, setup = progress_mod.timed(activations.campaign_runner, model, inputs, labels, config)
+                runner, setup = progress_mod.timed(combined.campaign_runner, model, inputs, labels, config)
             budget = trial_budget(config, runner.space)
             if announce is not None and setup is not None:
                 done = [done_trials(db, p) for p in config.points]

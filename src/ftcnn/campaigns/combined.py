@@ -147,6 +147,14 @@ def prepare(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config
                           skip_fault_free=config.skip_fault_free, golden_output=logits)
 
 
+def campaign_runner(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config: Any) -> Runner:
+    """The trial runner of any campaign, by ``config.target``: :func:`prepare` for both, else
+    ``activations.campaign_runner`` (parameters or activations). What campaign and its executors call."""
+    if getattr(config, "target", "parameters") == "both":
+        return prepare(model, inputs, labels, config)
+    return activations.campaign_runner(model, inputs, labels, config)
+
+
 def as_activation_config(config: Any) -> Any:
     """The activation campaign whose trials a combined campaign's activation faults equal."""
     return replace(config, target="activations", bers=(config.activation_ber,), activation_ber=None,

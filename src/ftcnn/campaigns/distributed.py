@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from ftcnn.campaigns import activations, parallelism
+from ftcnn.campaigns import combined, parallelism
 from ftcnn.campaigns.parallelism import worker_threads
 from ftcnn.campaigns.trials import CampaignConfig, Runner, TrialResult, check_limit, cores
 
@@ -143,7 +143,7 @@ def _init_worker(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     global _RUNNER
     torch.set_num_threads(threads)
     model, inputs, labels = copy.deepcopy(model), inputs.clone(), labels.clone()
-    _RUNNER = activations.campaign_runner(model, inputs, labels, _worker_config(config))
+    _RUNNER = combined.campaign_runner(model, inputs, labels, _worker_config(config))
 
 
 def _init_from_bytes(payload: bytes, threads: int) -> None:

@@ -299,8 +299,9 @@ class ProtectResult:
 
 def check_budget(max_macs: float, max_latency: float | None = None, ber: float | None = None,
                  trials: int | None = None, *, batch: int = cost.DEFAULT_BATCH, at_least_one: bool = True,
-                 max_memory: float | None = None) -> None:
-    """One-line errors for budgets and campaign settings, before any work (``harden``,
+                 max_memory: float | None = None, target: str = "parameters",
+                 activation_ber: float | None = None) -> None:
+    """One-line errors for budgets and campaign settings (the fault model's too), before any work (``harden``,
     ``protect`` and ``pipeline`` share it: one budget convention, a ratio at ``batch``).
 
     ``at_least_one``: a budget relative to the model itself cannot lie below 1 (nothing
@@ -328,6 +329,7 @@ def check_budget(max_macs: float, max_latency: float | None = None, ber: float |
     if trials is not None:
         rules.check("trials", trials)
     cost.check_batch(batch)
+    FaultModel(target, activation_ber)
 
 
 def deployed_form(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
@@ -1166,7 +1168,8 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 log: Callable[[str], Any] | None = None, device: str = "cpu",
                 confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE,
                 race: bool = True, validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS,
-                test_inputs: int | None = DEFAULT_TEST_INPUTS, faults: FaultModel | None = None) -> ProtectResult:
+                test_inputs: int | None = DEFAULT_TEST_INPUTS, faults: FaultModel | None = None,
+                target: str = "parameters", activation_ber: float | None = None) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
     scores and campaigns on ``device``; ``race``, ``validation_inputs``: see :func:`protect`;
     ``test_inputs``: the test campaigns' block per trial (None: every test input). Why blocks: on
@@ -1178,6 +1181,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
             protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
     check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
+    faults = faults or FaultModel(target, activation_ber)  # ``target``/``activation_ber``: the CLI's spelling
     rules.check("race", race, "race")
     if validation_inputs is not None:
         rules.check("validation_inputs", validation_inputs, "--validation-inputs")
