@@ -7,7 +7,6 @@ bad settings are one-line refusals."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 
 import pytest
@@ -137,4 +136,3 @@ def test_a_campaign_file_sets_both_and_refuses_a_stray_rate(tmp_path) -> None:
     missing.write_text('target = "both"\nber = [1e-4]\n')
     with pytest.raises(campaign_file.CampaignFileError, match="activation_ber"):
         campaign_file.load_campaign_file(missing)
-    json.dumps(cfg)  # plain values

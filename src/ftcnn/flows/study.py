@@ -889,9 +889,9 @@ def build_arms(model: str, seed: int, needed: set[str], config: StudyConfig, roo
 
 def activation_trial_seconds(net: nn.Module, x: torch.Tensor, logits: torch.Tensor, rate: float) -> float:
     """Seconds of one activation trial of ``net`` at ``rate`` on ``x`` (``logits``: its clean ones):
-    drawing the faults and the hooks cost on top of the forward (measured: an activation cell of
-    VGG-11 took 1.5x what one clean inference per trial said), so activation cells are estimated
-    from such a trial, not from the inference."""
+    drawing the faults and the hooks cost on top of the forward (an activation cell of VGG-11 ran
+    past what one clean inference per trial said), so activation cells are estimated from such a
+    trial, not from the inference."""
     y = logits.argmax(1)
     golden = Golden(y, golden_predictions(logits))
     _, seconds = progress.timed(activations.run_trial, net, x, y, golden, ber=rate, trial=0)

@@ -1168,8 +1168,8 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
                 log: Callable[[str], Any] | None = None, device: str = "cpu",
                 confidence: float = DEFAULT_CONFIDENCE, tolerance: float = DEFAULT_TOLERANCE,
                 race: bool = True, validation_inputs: int | None = DEFAULT_VALIDATION_INPUTS,
-                test_inputs: int | None = DEFAULT_TEST_INPUTS, faults: FaultModel | None = None,
-                target: str = "parameters", activation_ber: float | None = None) -> ProtectResult:
+                test_inputs: int | None = DEFAULT_TEST_INPUTS, target: str = "parameters",
+                activation_ber: float | None = None) -> ProtectResult:
     """``ftcnn protect``: search on ``data``'s training split, report on its test split, write ``out``;
     scores and campaigns on ``device``; ``race``, ``validation_inputs``: see :func:`protect`;
     ``test_inputs``: the test campaigns' block per trial (None: every test input). Why blocks: on
@@ -1181,7 +1181,7 @@ def protect_run(model: nn.Module, data: str, out: str | Path, *, ber: float = 1e
             protect_run(ftcnn.load("lenet5.pt"), "mnist5k", "runs/protect", ber=1e-4, max_macs=1.15)
     """
     check_budget(max_macs, max_latency, ber, trials, batch=batch, max_memory=max_memory)
-    faults = faults or FaultModel(target, activation_ber)  # ``target``/``activation_ber``: the CLI's spelling
+    faults = FaultModel(target, activation_ber)  # what the campaigns attack (:class:`FaultModel`)
     rules.check("race", race, "race")
     if validation_inputs is not None:
         rules.check("validation_inputs", validation_inputs, "--validation-inputs")
